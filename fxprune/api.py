@@ -1,0 +1,183 @@
+"""The public API: ``analyze``, ``prune`` and their result types.
+
+``prune`` is a pipeline of named, timed passes (capture, channel-deps, a
+scoring pass, select, rewrite); ``pipeline=`` accepts the same pipeline as text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._util import as_tuple
+from .capture import trace
+from .channels import ChannelGroups
+from .errors import ConfigError
+from .passes_base import AnalysisPass, Pass, Pipeline, PruneState, parse_pipeline, register_pass
+
+
+@register_pass
+@dataclass(frozen=True)
+class Capture(Pass):
+    """Trace ``state.model`` on ``state.example_inputs`` into ``state.gm``."""
+
+    name = "capture"
+    leaf_modules: tuple = ()
+    concrete_args: Any = None
+
+    def run(self, state: PruneState) -> PruneState:
+        gm = trace(state.model, state.example_inputs, leaf_modules=self.leaf_modules,
+                   concrete_args=self.concrete_args)
+        return state.replace(gm=gm, frontend="symbolic_trace")
+
+
+@dataclass(frozen=True, eq=False)
+class PruneResult:
+    """The outcome of :func:`prune`: the new module and how it was made."""
+
+    module: torch.fx.GraphModule
+    report: Any
+    groups: ChannelGroups
+    plan: Any
+    scores: Any
+    timings: tuple[tuple[str, float], ...]
+    pipeline: str
+    frontend: str = "symbolic_trace"
+
+    def __repr__(self) -> str:
+        return (f"PruneResult(removed {self.plan.n_removed} of {self.groups.n_classes} channel "
+                f"classes, front end {self.frontend}, pipeline {self.pipeline!r})")
+
+
+def _names(model: nn.Module, items: Iterable, option: str) -> tuple[str, ...]:
+    """Module objects or qualified names to qualified names, checked against ``model``."""
+    by_id = {id(m): n for n, m in model.named_modules()}
+    by_id.update({id(p): n for n, p in model.named_parameters()})
+    known = set(by_id.values())
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            if item not in known:
+                raise ConfigError(f"{option}: {item!r} is not a module or parameter of "
+                                  f"{type(model).__name__}; use a name from model.named_modules()")
+            out.append(item)
+        elif id(item) in by_id:
+            out.append(by_id[id(item)])
+        else:
+            raise ConfigError(f"{option}: the {type(item).__name__} passed is not part of "
+                              f"{type(model).__name__}; pass a submodule of the model or its name")
+    return tuple(out)
+
+
+def _scoring_pass(importance: Any) -> Pass:
+    from passes.score_magnitude import ScoreMagnitude
+
+    if isinstance(importance, Pass):
+        return importance
+    table = {"l1": ScoreMagnitude(p=1.0), "l2": ScoreMagnitude(p=2.0),
+             "magnitude": ScoreMagnitude(p=2.0)}
+    if isinstance(importance, str) and importance.lower() in table:
+        return table[importance.lower()]
+    raise ConfigError(f"unknown importance {importance!r}; use 'l1', 'l2' or a scoring pass object")
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def analyze(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
+            concrete_args: Mapping | None = None, policy: str = "inner") -> ChannelGroups:
+    """Capture ``model`` and compute its channel groups.
+
+    Examples
+    --------
+    >>> import torch, fxprune
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    >>> groups = fxprune.analyze(net, torch.randn(1, 3, 16, 16))
+    >>> [g.size for g in groups.prunable]
+    [8]
+    """
+    from passes.channel_deps import ChannelDeps
+
+    _check_model(model)
+    state = PruneState(model=model, example_inputs=as_tuple(example_inputs))
+    pipe = Pipeline((Capture(tuple(leaf_modules), concrete_args), ChannelDeps(policy=policy)))
+    return pipe.run(state).groups
+
+
+def prune(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5,
+          ratios: Mapping | None = None, ignore: Iterable = (), round_to: int = 1,
+          importance: Any = "l2", global_ranking: bool = False, max_ratio: float = 1.0,
+          policy: str = "inner", pipeline: str | Pipeline | None = None,
+          leaf_modules: Iterable = (), concrete_args: Mapping | None = None,
+          report: bool = True) -> PruneResult:
+    """Prune ``model`` structurally and return a new, smaller GraphModule.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Never modified.
+    example_inputs : Tensor or tuple
+        Positional example inputs; they fix the shapes the analysis sees.
+    ratio : float in [0, 1)
+        Fraction of channels removed from each prunable group.
+    ratios : mapping of module (or qualified name) to ratio
+        Ratio for the group holding that module's output channels.
+    ignore : modules or qualified names whose output channels stay.
+    round_to : kept channel counts become multiples of this.
+    importance : 'l1', 'l2' or a scoring pass object.
+    global_ranking : rank channels across groups (each group capped at ``max_ratio``).
+    pipeline : text or Pipeline run after capture instead of the default passes.
+
+    Examples
+    --------
+    >>> import torch, fxprune
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    >>> r = fxprune.prune(net, torch.randn(1, 3, 16, 16), ratio=0.5)
+    >>> r.module.get_submodule("0").out_channels
+    4
+    """
+    from passes.channel_deps import ChannelDeps
+    from passes.rewrite import Rewrite
+    from passes.select import Select, check_ratio
+
+    _check_model(model)
+    check_ratio(ratio)
+    inputs = as_tuple(example_inputs)
+    ratio_items = tuple(zip(_names(model, (ratios or {}).keys(), "ratios"), (ratios or {}).values()))
+    ignored = _names(model, ignore, "ignore")
+    if pipeline is None:
+        body = Pipeline((ChannelDeps(policy=policy), _scoring_pass(importance),
+                         Select(ratio=ratio, ratios=ratio_items, ignore=ignored, round_to=round_to,
+                                global_ranking=global_ranking, max_ratio=max_ratio),
+                         Rewrite()))
+    else:
+        body = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
+    capture = Capture(tuple(leaf_modules), concrete_args)
+    passes = body.passes if any(isinstance(p, Capture) for p in body.passes) else (capture, *body.passes)
+    pipe = Pipeline(tuple(passes))
+    state = pipe.run(PruneState(model=model, example_inputs=inputs))
+    if state.module is None or state.plan is None:
+        raise ConfigError(f"pipeline {pipe} produced no pruned module; it must end with "
+                          f"select and rewrite")
+    rep = _report(model, state, inputs) if report else None
+    return PruneResult(state.module, rep, state.groups, state.plan, state.scores, state.timings,
+                       str(pipe), state.frontend)
+
+
+def _report(model, state: PruneState, inputs: tuple):
+    from .report import PruneReport, measure
+
+    groups, plan = state.groups, state.plan
+    channels = sum(g.size for g in groups.groups)
+    return PruneReport(before=measure(model, inputs), after=measure(state.module, inputs),
+                       channels_before=channels, channels_after=channels - plan.n_removed,
+                       groups_pruned=len(plan.removed_per_group), timings=state.timings)
+
+
+__all__ = ["AnalysisPass", "Capture", "PruneResult", "analyze", "prune"]

@@ -1,0 +1,206 @@
+"""Capture: a model and example inputs become a torch.fx GraphModule whose
+every node carries its shape (``fxprune.meta``).
+
+Shapes are computed under a FakeTensorMode (no real FLOPs, no activations
+allocated) and, when an op does not support fake tensors, with the real
+example inputs instead.
+"""
+
+from __future__ import annotations
+
+import linecache
+import sys
+import traceback
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from ._util import as_tuple
+from .errors import InputError, TraceError
+from .meta import set_meta
+
+
+class _Tracer(torch.fx.Tracer):
+    """A symbolic tracer with extra leaf modules that remembers the module stack,
+    so a failure can name the module being traced."""
+
+    def __init__(self, leaf_modules: Iterable = ()):
+        super().__init__()
+        self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+        self._leaf_ids = {id(m) for m in leaf_modules if isinstance(m, nn.Module)}
+        self._fxp_stack: list[tuple[str, str]] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if (self._leaf_types and isinstance(m, self._leaf_types)) or qualname in self._leaf_names \
+                or id(m) in self._leaf_ids:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        self._fxp_stack.append((qualname, type(m).__name__))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self._fxp_stack.pop()
+
+
+def _user_frame(tb) -> str:
+    """The innermost traceback frame outside torch itself, as 'file:line: code'."""
+    where = ""
+    for frame in traceback.extract_tb(tb):
+        fname = frame.filename.replace("\\", "/")
+        if "/torch/" in fname or "/fxprune/" in fname:
+            continue
+        code = frame.line or linecache.getline(frame.filename, frame.lineno).strip()
+        where = f"{frame.filename}:{frame.lineno}: {code}"
+    return where
+
+
+def _trace_hint(exc: BaseException) -> str:
+    msg = str(exc)
+    if "control flow" in msg or "iteration" in msg or "bool" in msg:
+        return ("the model branches or loops on a traced value; pass concrete_args={'name': value} "
+                "for inputs that select a branch, or mark the module as a leaf with leaf_modules=[...]")
+    return "mark the offending module as a leaf with leaf_modules=[ModuleType or 'qualified.name'] " \
+           "(its channels will be pinned) or pass concrete_args for non-tensor inputs"
+
+
+def symbolic_trace(model: nn.Module, *, leaf_modules: Iterable = (),
+                   concrete_args: dict[str, Any] | None = None) -> torch.fx.GraphModule:
+    """Symbolically trace ``model``; raise :class:`TraceError` naming the module and line on failure."""
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as exc:  # torch.fx raises many exception types; we re-type them here
+        stack = tracer._fxp_stack
+        in_module = f" in module '{stack[-1][0]}' ({stack[-1][1]})" if stack else ""
+        where = _user_frame(sys.exc_info()[2])
+        at = f" at {where}" if where else ""
+        raise TraceError(
+            f"could not trace {type(model).__name__}{in_module}{at}: {type(exc).__name__}: {exc}. "
+            f"Fix: {_trace_hint(exc)}."
+        ) from exc
+    name = type(model).__name__
+    return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+class _MetaProp(torch.fx.Interpreter):
+    """Runs the graph once and stores each node's shape description."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise _NodeFailure(n, exc) from exc
+        set_meta(n, result)
+        return result
+
+
+class _NodeFailure(Exception):
+    def __init__(self, node: torch.fx.Node, exc: BaseException):
+        super().__init__(str(exc))
+        self.node = node
+        self.exc = exc
+
+
+def _lift_parameter_placeholders(gm: torch.fx.GraphModule, inputs: tuple) -> tuple:
+    """Placeholders fed with ``nn.Parameter`` values (a torch.compile graph) become get_attr
+    constants of the GraphModule, so they are sliceable like any other parameter."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(inputs):
+        return inputs
+    kept = []
+    for i, (node, value) in enumerate(zip(placeholders, inputs)):
+        if isinstance(value, nn.Parameter):
+            name = f"_lifted_param_{i}"
+            gm.register_parameter(name, value)
+            with gm.graph.inserting_before(node):
+                attr = gm.graph.get_attr(name)
+            node.replace_all_uses_with(attr)
+            attr.meta.update(node.meta)
+            gm.graph.erase_node(node)
+        else:
+            kept.append(value)
+    gm.recompile()
+    return tuple(kept)
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, inputs: tuple, *, fake: bool = True) -> str:
+    """Store the shape of every node of ``gm`` run on ``inputs``; return 'fake' or 'real'."""
+    n_ph = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    if n_ph != len(inputs):
+        raise InputError(f"the model takes {n_ph} positional input(s) but {len(inputs)} example "
+                         f"input(s) were given; pass a tuple with one example per input")
+    modes = ["fake", "real"] if fake else ["real"]
+    last: _NodeFailure | None = None
+    for mode in modes:
+        try:
+            with torch.no_grad():
+                if mode == "fake":
+                    from torch._subclasses.fake_tensor import FakeTensorMode
+                    fmode = FakeTensorMode(allow_non_fake_inputs=True)
+                    fin = tuple(fmode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs)
+                    with fmode:
+                        _MetaProp(gm).run(*fin)
+                else:
+                    _MetaProp(gm).run(*inputs)
+            return mode
+        except _NodeFailure as failure:
+            last = failure
+    assert last is not None
+    node = last.node
+    raise InputError(
+        f"the example inputs do not fit the model: running node {node.format_node()} failed with "
+        f"{type(last.exc).__name__}: {last.exc}. Fix: pass example inputs of the shape and dtype "
+        f"the model expects (got {[tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in inputs]})"
+    ) from last.exc
+
+
+def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
+          concrete_args: dict[str, Any] | None = None) -> torch.fx.GraphModule:
+    """Capture ``model`` as a GraphModule with shape metadata on every node.
+
+    Parameters
+    ----------
+    model : nn.Module or torch.fx.GraphModule
+        The network. A GraphModule is used as it is (copied, never modified);
+        placeholders fed with ``nn.Parameter`` values become sliceable constants.
+    example_inputs : Tensor or tuple
+        Positional example inputs.
+    leaf_modules : iterable of module types, qualified names or module objects
+        Modules to keep opaque (they are pinned unless a rule knows them).
+    concrete_args : dict, optional
+        Passed to ``torch.fx.Tracer.trace`` to specialize non-tensor inputs.
+
+    Examples
+    --------
+    >>> import torch
+    >>> gm = trace(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), torch.randn(1, 3, 8, 8))
+    >>> from fxprune.meta import tensor_meta
+    >>> tensor_meta(list(gm.graph.nodes)[1]).shape
+    (1, 4, 6, 6)
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"expected an nn.Module or GraphModule, got {type(model).__name__}")
+    inputs = as_tuple(example_inputs)
+    if isinstance(model, torch.fx.GraphModule):
+        gm = torch.fx.GraphModule(model, _copy_graph(model.graph), type(model).__name__)
+        inputs = _lift_parameter_placeholders(gm, inputs)
+    else:
+        gm = symbolic_trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    propagate_shapes(gm, inputs)
+    return gm
+
+
+def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    new = torch.fx.Graph()
+    out = new.graph_copy(graph, {})
+    new.output(out)
+    return new

@@ -1,0 +1,185 @@
+"""Channel labels: the decision variables of structural pruning.
+
+Every channel position of every tensor in the graph carries an integer label.
+A *label tensor* ``L`` is an int64 tensor broadcastable to the value's shape
+(dims where the label does not depend on the index have size 1). Labels are
+unioned into equivalence classes by a union-find; removing a class removes
+every tensor position, weight row and weight column that carries one of its
+labels.
+
+Label 0 is ``CONST``: positions that hold constants (padding, model inputs,
+values no rule understands). Its class is pinned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CONST = 0
+_MAX_REASONS = 4
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a block of fresh labels came from (a node or a parameter)."""
+
+    what: str
+    node: str | None = None
+
+
+class LabelSpace:
+    """A union-find over labels with families and per-class annotations.
+
+    Examples
+    --------
+    >>> s = LabelSpace()
+    >>> a = s.fresh((3,), Family("a")); b = s.fresh((3,), Family("b"))
+    >>> s.union(a, b)
+    >>> bool((s.roots(a) == s.roots(b)).all())
+    True
+    """
+
+    def __init__(self) -> None:
+        self.parent: list[int] = [CONST]
+        self.family_of: list[int] = [0]
+        self.families: list[Family] = [Family("constant")]
+        self.pinned: dict[int, list[str]] = {CONST: ["constant"]}
+        self.inexact: dict[int, list[str]] = {}
+
+    # -- construction ---------------------------------------------------
+    def fresh(self, shape, family: Family) -> torch.Tensor:
+        """A tensor of ``shape`` filled with new labels of a new family."""
+        n = 1
+        for s in shape:
+            n *= int(s)
+        start = len(self.parent)
+        fam = len(self.families)
+        self.families.append(family)
+        self.parent.extend(range(start, start + n))
+        self.family_of.extend([fam] * n)
+        return torch.arange(start, start + n, dtype=torch.int64).reshape(tuple(shape))
+
+    def __len__(self) -> int:
+        return len(self.parent)
+
+    # -- union-find -----------------------------------------------------
+    def find(self, x: int) -> int:
+        parent = self.parent
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def _link(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if rb == CONST or (ra != CONST and rb < ra):
+            ra, rb = rb, ra  # keep CONST (or the older label) as the root
+        self.parent[rb] = ra
+        for notes in (self.pinned, self.inexact):
+            moved = notes.pop(rb, None)
+            if moved:
+                mine = notes.setdefault(ra, [])
+                mine.extend(r for r in moved if r not in mine)
+                del mine[_MAX_REASONS:]
+
+    def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Union labels of ``a`` and ``b`` position by position (with broadcasting)."""
+        a, b = torch.broadcast_tensors(a, b)
+        pairs = torch.stack([a.reshape(-1), b.reshape(-1)], 1)
+        pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+        if pairs.numel() == 0:
+            return
+        for x, y in torch.unique(pairs, dim=0).tolist():
+            self._link(x, y)
+
+    def roots(self, labels: torch.Tensor) -> torch.Tensor:
+        """The class root of every label in ``labels`` (same shape)."""
+        uniq, inv = torch.unique(labels, return_inverse=True)
+        r = torch.tensor([self.find(x) for x in uniq.tolist()], dtype=torch.int64)
+        return r[inv]
+
+    # -- annotations ----------------------------------------------------
+    def _annotate(self, notes: dict[int, list[str]], labels: torch.Tensor, reason: str) -> None:
+        for root in torch.unique(self.roots(labels)).tolist():
+            mine = notes.setdefault(root, [])
+            if reason not in mine and len(mine) < _MAX_REASONS:
+                mine.append(reason)
+
+    def pin(self, labels: torch.Tensor, reason: str) -> None:
+        """Mark the classes of ``labels`` as never removable, with a reason."""
+        self._annotate(self.pinned, labels, reason)
+
+    def mark_inexact(self, labels: torch.Tensor, reason: str) -> None:
+        """Mark the classes of ``labels`` as touched by a value-mixing op."""
+        self._annotate(self.inexact, labels, reason)
+
+
+# -- label-tensor helpers ---------------------------------------------------
+def const_like(ndim: int) -> torch.Tensor:
+    """A label tensor of ``ndim`` dims, all CONST."""
+    return torch.full((1,) * ndim, CONST, dtype=torch.int64)
+
+
+def constant_along(k: torch.Tensor, dim: int) -> bool:
+    """True when ``k`` does not change along ``dim``."""
+    if k.shape[dim] <= 1:
+        return True
+    return bool((k == k.narrow(dim, 0, 1)).all())
+
+
+def varying_dims(k: torch.Tensor) -> list[int]:
+    """Dims along which a class tensor changes."""
+    return [d for d in range(k.ndim) if not constant_along(k, d)]
+
+
+def _distinct_along(k: torch.Tensor, dim: int) -> int:
+    index = [0] * k.ndim
+    index[dim] = slice(None)
+    return int(torch.unique(k[tuple(index)]).numel())
+
+
+def choose_channel_dim(k: torch.Tensor, dims: list[int], policy: str = "inner") -> int:
+    """Which of several varying dims stays the channel dim.
+
+    ``inner`` keeps the dim with the most distinct classes (ties: the last),
+    ``outer`` the first varying dim (whole blocks such as heads go together).
+    """
+    if policy == "outer":
+        return dims[0]
+    best = max(dims, key=lambda d: (_distinct_along(k, d), d))
+    return best
+
+
+def normalize(space: LabelSpace, labels: torch.Tensor, policy: str = "inner") -> torch.Tensor:
+    """Make a label tensor *separable*: after this its classes change along at most one
+    dim, and every other dim is compressed to size 1.
+
+    A tensor whose classes change along two dims (a channel dim split into
+    (groups, width) by a view, a grouped conv weight) can only be pruned to a
+    dense rectangle if removal follows one of them; the classes along the other
+    dims are unioned.
+    """
+    k = space.roots(labels)
+    dims = varying_dims(k)
+    if len(dims) > 1:
+        keep = choose_channel_dim(k, dims, policy)
+        rows = k.movedim(keep, 0).reshape(k.shape[keep], -1)
+        space.union(rows, rows[:, :1])
+        dims = [keep]
+    out = labels
+    for d in range(labels.ndim):
+        if d not in dims and out.shape[d] > 1:
+            out = out.narrow(d, 0, 1)
+    return out.contiguous()
+
+
+def channel_dim(labels: torch.Tensor) -> int | None:
+    """The one dim of a normalized label tensor with size > 1, or None."""
+    for d, s in enumerate(labels.shape):
+        if s > 1:
+            return d
+    return None

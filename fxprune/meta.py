@@ -1,0 +1,69 @@
+"""The one place where fxprune's node.meta keys are defined and read.
+
+Capture stores an immutable :class:`TensorMeta` (or a tuple of them, or a
+plain Python value such as an ``int`` from ``x.size(1)``) under a single key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.fx
+
+META_KEY = "fxprune_meta"
+
+
+class TensorMeta(NamedTuple):
+    """Shape and dtype of one tensor value in the graph."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def describe(value: Any) -> Any:
+    """Turn a runtime value into what capture stores: TensorMeta for tensors,
+    tuples of those for tuples, Python scalars and sizes as they are, None otherwise."""
+    if isinstance(value, torch.Tensor):
+        return TensorMeta(tuple(int(s) for s in value.shape), value.dtype)
+    if isinstance(value, torch.Size):
+        return tuple(int(s) for s in value)
+    if isinstance(value, (tuple, list)):
+        return tuple(describe(v) for v in value)
+    if isinstance(value, (int, float, bool, str)) or value is None:
+        return value
+    if isinstance(value, torch.dtype | torch.device):
+        return value
+    return None
+
+
+def set_meta(node: torch.fx.Node, value: Any) -> None:
+    node.meta[META_KEY] = describe(value)
+
+
+def has_meta(node: torch.fx.Node) -> bool:
+    return META_KEY in node.meta
+
+
+def get_meta(node: torch.fx.Node) -> Any:
+    """The stored description of ``node``'s value (TensorMeta, tuple, scalar or None)."""
+    return node.meta.get(META_KEY)
+
+
+def tensor_meta(node: Any) -> TensorMeta | None:
+    """TensorMeta of ``node`` when it is a graph node producing one tensor, else None."""
+    if isinstance(node, torch.fx.Node):
+        m = node.meta.get(META_KEY)
+        if isinstance(m, TensorMeta):
+            return m
+    return None
+
+
+def is_multi(node: Any) -> bool:
+    """True when ``node`` produces a tuple of values (``torch.max(x, dim)``, ``split``)."""
+    m = node.meta.get(META_KEY) if isinstance(node, torch.fx.Node) else None
+    return isinstance(m, tuple) and not isinstance(m, TensorMeta)

@@ -1,0 +1,252 @@
+"""What op rules see: the analysis context (labels in, labels out, unions,
+pins, parameter alignments) and the rewrite context (old and new shapes,
+kept indices)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+
+from ..errors import AnalysisError
+from ..labels import CONST, Family, LabelSpace, channel_dim, const_like, normalize
+from ..meta import TensorMeta, get_meta, tensor_meta
+
+
+def _is_param(gm: torch.nn.Module, path: str, t: torch.Tensor) -> bool:
+    return isinstance(t, torch.nn.Parameter)
+
+
+def get_tensor(root: torch.nn.Module, path: str) -> torch.Tensor:
+    """The tensor attribute at a dotted ``path`` of ``root``."""
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class AnalysisContext:
+    """The state of the channel-dependency analysis, and the API op rules use."""
+
+    def __init__(self, gm: torch.fx.GraphModule, space: LabelSpace, policy: str = "inner"):
+        self.gm = gm
+        self.space = space
+        self.policy = policy
+        self.labels_of: dict[torch.fx.Node, Any] = {}
+        self.alignments: list[tuple[str, torch.Tensor, str, str]] = []
+        self.consumers: list[tuple[str, int]] = []
+        self.barriers: list[str] = []
+        self._tensor_paths: dict[int, list[str]] = {}
+        self._first_alignment: dict[tuple[int, int], torch.Tensor] = {}
+        self.node: torch.fx.Node | None = None
+
+    # -- reading the graph ----------------------------------------------
+    @property
+    def module(self) -> torch.nn.Module:
+        """The submodule a ``call_module`` node calls."""
+        return self.gm.get_submodule(self.node.target)
+
+    def meta(self, x: Any) -> TensorMeta:
+        m = tensor_meta(x)
+        if m is None:
+            raise AnalysisError(f"node {x} of {self.where()} carries no tensor shape")
+        return m
+
+    def is_tensor(self, x: Any) -> bool:
+        return tensor_meta(x) is not None
+
+    def value(self, x: Any) -> Any:
+        """Concrete value of a non-tensor argument (ints from ``x.size()`` included)."""
+        if isinstance(x, torch.fx.Node):
+            return get_meta(x)
+        if isinstance(x, (list, tuple)):
+            return type(x)(self.value(v) for v in x)
+        if isinstance(x, dict):
+            return {k: self.value(v) for k, v in x.items()}
+        return x
+
+    def arg(self, i: int, name: str, default: Any = None) -> Any:
+        """Positional-or-keyword argument ``i``/``name`` of the current node."""
+        n = self.node
+        if len(n.args) > i:
+            return n.args[i]
+        return n.kwargs.get(name, default)
+
+    def where(self) -> str:
+        return self.node.format_node() if self.node is not None else "<graph>"
+
+    # -- labels -----------------------------------------------------------
+    def labels(self, x: Any) -> torch.Tensor | None:
+        """Label tensor of argument ``x`` (None for non-tensors and Python scalars)."""
+        if not isinstance(x, torch.fx.Node):
+            return None
+        if x.op == "get_attr" and x not in self.labels_of:
+            self.labels_of[x] = self._attr_labels(x)
+        got = self.labels_of.get(x)
+        return got if isinstance(got, torch.Tensor) else None
+
+    def tuple_labels(self, x: Any) -> tuple | None:
+        got = self.labels_of.get(x) if isinstance(x, torch.fx.Node) else None
+        return got if isinstance(got, tuple) else None
+
+    def _attr_labels(self, node: torch.fx.Node) -> Any:
+        t = get_tensor(self.gm, node.target)
+        if not isinstance(t, torch.Tensor):
+            return None
+        if _is_param(self.gm, node.target, t) and t.ndim > 0:
+            labels = self.space.fresh(t.shape, Family(f"parameter {node.target}", node.name))
+            self.align(node.target, labels, "free")
+            return normalize(self.space, labels, self.policy)
+        return const_like(t.ndim)
+
+    def full(self, x: Any) -> torch.Tensor:
+        """Label tensor of ``x`` expanded to its actual shape."""
+        labels = self.labels(x)
+        shape = self.meta(x).shape
+        if labels is None:
+            labels = const_like(len(shape))
+        return labels.expand(shape)
+
+    def fresh(self, shape, what: str) -> torch.Tensor:
+        return self.space.fresh(shape, Family(what, self.node.name if self.node is not None else None))
+
+    def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.space.union(a, b)
+
+    def pin(self, labels: torch.Tensor | None, reason: str) -> None:
+        if labels is not None:
+            self.space.pin(labels, reason)
+
+    def inexact(self, labels: torch.Tensor | None, reason: str) -> None:
+        if labels is not None:
+            self.space.mark_inexact(labels, reason)
+
+    def classes(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.space.roots(labels)
+
+    def vector(self, x: Any, dim: int) -> torch.Tensor:
+        """The labels along ``dim`` of tensor ``x`` as a 1-d vector of its actual size:
+        positions that share an index along ``dim`` are unioned (they meet in one weight
+        column)."""
+        shape = self.meta(x).shape
+        dim = dim % len(shape)
+        labels = self.labels(x)
+        if labels is None:
+            return torch.full((shape[dim],), CONST, dtype=torch.int64)
+        moved = labels.movedim(dim, 0)
+        rows = moved.reshape(moved.shape[0], -1)
+        if rows.shape[1] > 1:
+            self.union(rows, rows[:, :1])
+        return rows[:, 0].expand(shape[dim]).contiguous()
+
+    def along(self, vector: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
+        """Shape a 1-d label vector as a label tensor of ``ndim`` dims varying along ``dim``."""
+        shape = [1] * ndim
+        shape[dim % ndim] = vector.numel()
+        return vector.reshape(shape)
+
+    # -- parameters --------------------------------------------------------
+    def tensor(self, path: str) -> torch.Tensor:
+        return get_tensor(self.gm, path)
+
+    def attr_path(self, x: Any) -> str | None:
+        """The attribute path when argument ``x`` is a ``get_attr`` node, else None."""
+        if isinstance(x, torch.fx.Node) and x.op == "get_attr":
+            return x.target
+        return None
+
+    def align(self, path: str, labels: torch.Tensor, role: str) -> None:
+        """Record that the tensor at ``path`` is sliced by ``labels`` (broadcastable to its
+        shape). A tensor reached twice (tied weights) has its alignments unioned."""
+        t = self.tensor(path)
+        if labels.ndim != t.ndim:
+            raise AnalysisError(f"{self.where()}: alignment of {path} has {labels.ndim} dims, "
+                                f"the tensor {t.ndim}")
+        labels = normalize(self.space, labels, self.policy)
+        dim = channel_dim(labels)
+        key = (id(t), -1 if dim is None else dim)
+        first = self._first_alignment.get(key)
+        if first is not None and first.shape == labels.shape:
+            self.union(first, labels)
+        else:
+            self._first_alignment[key] = labels
+        self.alignments.append((path, labels, role, self.node.name if self.node is not None else ""))
+
+    def consume(self, argpos: int) -> None:
+        """The current op contracts over the labelled positions of its input ``argpos``:
+        the oracle zeroes removed channels there."""
+        self.consumers.append((self.node.name, argpos))
+
+    def barrier(self, reason: str) -> None:
+        """Pin every tensor input of the current node and record why."""
+        for inp in self.node.all_input_nodes:
+            self.pin(self.labels(inp), reason)
+            tl = self.tuple_labels(inp)
+            for labels in tl or ():
+                if isinstance(labels, torch.Tensor):
+                    self.pin(labels, reason)
+        self.barriers.append(reason)
+
+    def const_output(self) -> Any:
+        """CONST labels shaped like the current node's output (a tensor or a tuple)."""
+        return _const_for(get_meta(self.node))
+
+
+def _const_for(meta: Any) -> Any:
+    if isinstance(meta, TensorMeta):
+        return const_like(meta.ndim)
+    if isinstance(meta, tuple):
+        return tuple(_const_for(m) for m in meta)
+    return None
+
+
+class RewriteContext:
+    """What a rule's rewrite hook sees: shapes before and after, kept indices,
+    the copied node and (for modules) the rebuilt module."""
+
+    def __init__(self, groups: Any, kept: torch.Tensor):
+        self.groups = groups
+        self.kept = kept
+        self.modules: dict[str, torch.nn.Module] = {}
+
+    def kept_index(self, labels: torch.Tensor | None) -> tuple[int, torch.Tensor] | None:
+        """(dim, kept indices) of a normalized label tensor, or None when nothing there goes."""
+        if labels is None:
+            return None
+        dim = channel_dim(labels)
+        if dim is None:
+            return None
+        mask = self.kept[self.groups.class_of[labels.reshape(-1)]]
+        if bool(mask.all()):
+            return None
+        return dim, mask.nonzero().reshape(-1)
+
+    def node_labels(self, node: torch.fx.Node, index: int | None = None) -> torch.Tensor | None:
+        got = self.groups.node_labels.get(node.name)
+        if index is not None and isinstance(got, tuple):
+            got = got[index]
+        return got if isinstance(got, torch.Tensor) else None
+
+    def old_shape(self, node: torch.fx.Node, index: int | None = None) -> tuple[int, ...]:
+        meta = get_meta(node)
+        if index is not None:
+            meta = meta[index]
+        return tuple(meta.shape)
+
+    def new_shape(self, node: torch.fx.Node, index: int | None = None) -> tuple[int, ...]:
+        shape = list(self.old_shape(node, index))
+        got = self.kept_index(self.node_labels(node, index))
+        if got is not None:
+            dim, idx = got
+            shape[dim] = idx.numel()
+        return tuple(shape)
+
+    def kept_along(self, node: torch.fx.Node, dim: int, index: int | None = None) -> torch.Tensor | None:
+        """Kept indices of ``node``'s value along ``dim`` (None: all kept)."""
+        got = self.kept_index(self.node_labels(node, index))
+        if got is None:
+            return None
+        d, idx = got
+        ndim = len(self.old_shape(node, index))
+        return idx if d == dim % ndim else None

@@ -1,0 +1,136 @@
+"""Convolutions (1d/2d/3d, transposed, grouped, depthwise) and linear layers, in
+both dialects: ``call_module`` and functional calls whose weights come from
+``get_attr``.
+
+A convolution consumes its input channels (weight columns) and produces fresh
+output channels (weight rows). Depthwise convolutions (``groups == C_in``)
+carry their input's channels through instead. Grouped convolutions keep equal
+group widths by removing the same local channels from every group.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import register
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_F_CONV = (F.conv1d, F.conv2d, F.conv3d)
+_F_CONV_T = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+
+
+def _conv_parts(ctx, node):
+    """(input node, weight path, bias path or None, groups, transposed) for either dialect."""
+    if node.op == "call_module":
+        m = ctx.module
+        bias = f"{node.target}.bias" if m.bias is not None else None
+        return node.args[0], f"{node.target}.weight", bias, m.groups, isinstance(m, _CONV_T)
+    transposed = node.target in _F_CONV_T
+    weight = ctx.attr_path(ctx.arg(1, "weight"))
+    bias_arg = ctx.arg(2, "bias")
+    bias = ctx.attr_path(bias_arg)
+    if weight is None or (bias_arg is not None and bias is None):
+        raise ValueError("weight and bias must be parameters of the module (get_attr)")
+    groups = ctx.value(ctx.arg(7 if transposed else 6, "groups", 1))
+    return ctx.arg(0, "input"), weight, bias, groups, transposed
+
+
+def conv(ctx, node):
+    x, weight, bias, groups, transposed = _conv_parts(ctx, node)
+    w = ctx.tensor(weight)
+    out_ndim = ctx.meta(node).ndim
+    cdim = 1 if ctx.meta(x).ndim == w.ndim else 0  # batched or unbatched input
+    wn = w.ndim
+    in_vec = ctx.vector(x, cdim)
+    c_in = in_vec.numel()
+    c_out = w.shape[1] * groups if transposed else w.shape[0]
+    ctx.consume(0)
+    if groups > 1 and groups == c_in:
+        out_vec = in_vec.repeat_interleave(c_out // c_in)
+        if transposed:  # weight (C_in, mult, k...)
+            ctx.align(weight, ctx.along(in_vec, 0, wn), "channel")
+        else:  # weight (C_out, 1, k...)
+            ctx.align(weight, ctx.along(out_vec, 0, wn), "channel")
+    else:
+        out_vec = ctx.fresh((c_out,), f"{node.name} output channels")
+        in_blocks = in_vec.reshape(groups, -1)
+        out_blocks = out_vec.reshape(groups, -1)
+        if groups > 1:  # equal group widths: the same local channels go in every group
+            ctx.union(in_blocks, in_blocks[:1])
+            ctx.union(out_blocks, out_blocks[:1])
+        if transposed:  # weight (C_in, C_out / g, k...)
+            ctx.align(weight, ctx.along(in_vec, 0, wn), "in")
+            ctx.align(weight, ctx.along(out_blocks[0], 1, wn), "out")
+        else:  # weight (C_out, C_in / g, k...)
+            ctx.align(weight, ctx.along(out_vec, 0, wn), "out")
+            ctx.align(weight, ctx.along(in_blocks[0], 1, wn), "in")
+    if bias is not None:
+        ctx.align(bias, out_vec, "out" if not (groups > 1 and groups == c_in) else "channel")
+    return ctx.along(out_vec, cdim, out_ndim)
+
+
+def _new_groups(r, old, x, groups, c_in_old) -> int:
+    if groups > 1 and groups == c_in_old:
+        cdim = 1 if len(r.old_shape(x)) == len(r.old_shape(old)) else 0
+        return r.new_shape(x)[cdim]
+    return groups
+
+
+def rewrite_conv(r, old, new):
+    x = old.args[0] if old.args else old.kwargs["input"]
+    cdim = 1 if len(r.old_shape(x)) == len(r.old_shape(old)) else 0
+    c_in_old = r.old_shape(x)[cdim]
+    if old.op == "call_module":
+        m = r.module(old)
+        m.groups = _new_groups(r, old, x, m.groups, c_in_old)
+        m.in_channels = r.new_shape(x)[cdim]
+        m.out_channels = r.new_shape(old)[cdim]
+        return
+    transposed = old.target in _F_CONV_T
+    pos = 7 if transposed else 6
+    groups = old.args[pos] if len(old.args) > pos else old.kwargs.get("groups", 1)
+    new_groups = _new_groups(r, old, x, groups, c_in_old)
+    if new_groups != groups:
+        if len(new.args) > pos:
+            args = list(new.args)
+            args[pos] = new_groups
+            new.args = tuple(args)
+        else:
+            new.kwargs = {**new.kwargs, "groups": new_groups}
+
+
+register(*_CONV, *_CONV_T, *_F_CONV, *_F_CONV_T, rewrite=rewrite_conv)(conv)
+
+
+def linear(ctx, node):
+    """y = x W^T + b: input features are weight columns, output features fresh rows."""
+    if node.op == "call_module":
+        x, weight = node.args[0], f"{node.target}.weight"
+        bias = f"{node.target}.bias" if ctx.module.bias is not None else None
+    else:
+        x = ctx.arg(0, "input")
+        weight = ctx.attr_path(ctx.arg(1, "weight"))
+        bias_arg = ctx.arg(2, "bias")
+        bias = ctx.attr_path(bias_arg)
+        if weight is None or (bias_arg is not None and bias is None):
+            raise ValueError("weight and bias must be parameters of the module (get_attr)")
+    w = ctx.tensor(weight)
+    in_vec = ctx.vector(x, -1)
+    ctx.consume(0)
+    out_vec = ctx.fresh((w.shape[0],), f"{node.name} output features")
+    ctx.align(weight, ctx.along(out_vec, 0, 2), "out")
+    ctx.align(weight, ctx.along(in_vec, 1, 2), "in")
+    if bias is not None:
+        ctx.align(bias, out_vec, "out")
+    return ctx.along(out_vec, -1, ctx.meta(node).ndim)
+
+
+def rewrite_linear(r, old, new):
+    if old.op == "call_module":
+        m = r.module(old)
+        m.out_features, m.in_features = m.weight.shape
+
+
+register(nn.Linear, F.linear, rewrite=rewrite_linear)(linear)

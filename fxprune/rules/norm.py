@@ -1,0 +1,142 @@
+"""Normalization layers: batch, instance, group and layer norm, as modules and as
+functional calls.
+
+Batch and instance norm act per channel (exact). Layer norm over a pruned dim
+and group norm with several channels per group mix channels: their groups are
+marked inexact. Group norm keeps its group count by removing the same local
+channels from every group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import register
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+       nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def _channel_tensors(ctx, node, names_positions):
+    """Attribute paths of per-channel tensors (module attributes or get_attr args)."""
+    paths = []
+    if node.op == "call_module":
+        for name, _ in names_positions:
+            if getattr(ctx.module, name, None) is not None:
+                paths.append(f"{node.target}.{name}")
+        return paths
+    for name, pos in names_positions:
+        a = ctx.arg(pos, name)
+        if a is None:
+            continue
+        path = ctx.attr_path(a)
+        if path is None:
+            raise ValueError(f"{name} must be a parameter or buffer of the module (get_attr)")
+        paths.append(path)
+    return paths
+
+
+def batch_norm(ctx, node):
+    """Per-channel affine (and statistics) along dim 1."""
+    x = node.args[0] if node.args else node.kwargs["input"]
+    names = [("running_mean", 1), ("running_var", 2), ("weight", 3), ("bias", 4)]
+    cdim = 1 if ctx.meta(x).ndim > 1 else 0
+    vec = ctx.vector(x, cdim)
+    for path in _channel_tensors(ctx, node, names):
+        ctx.align(path, vec, "channel")
+    return ctx.labels(x) if ctx.labels(x) is not None else ctx.along(vec, cdim, ctx.meta(x).ndim)
+
+
+def rewrite_batch_norm(r, old, new):
+    if old.op == "call_module":
+        x = old.args[0]
+        r.module(old).num_features = r.new_shape(x)[1 if len(r.old_shape(x)) > 1 else 0]
+
+
+register(*_BN, F.batch_norm, F.instance_norm, rewrite=rewrite_batch_norm)(batch_norm)
+
+
+def layer_norm(ctx, node):
+    """Normalizes over the last ``len(normalized_shape)`` dims, with per-position affine."""
+    x = node.args[0] if node.args else node.kwargs["input"]
+    if node.op == "call_module":
+        nd = len(ctx.module.normalized_shape)
+    else:
+        nd = len(ctx.value(ctx.arg(1, "normalized_shape")))
+    labels = ctx.labels(x)
+    ndim = ctx.meta(x).ndim
+    if labels is None:
+        return None
+    if any(labels.shape[d] > 1 for d in range(ndim - nd, ndim)):
+        ctx.inexact(labels, f"{node.name}: layer norm over the channel dim")
+    lead = tuple(0 for _ in range(ndim - nd))
+    param_labels = labels[lead] if lead else labels
+    if any(labels.shape[d] > 1 for d in range(ndim - nd)):
+        # channels vary along a leading dim: the affine params see every class there
+        param_labels = torch.zeros((1,) * nd, dtype=torch.int64)  # CONST: not sliced
+    for path in _channel_tensors(ctx, node, [("weight", 2), ("bias", 3)]):
+        ctx.align(path, param_labels, "channel")
+    return labels
+
+
+def rewrite_layer_norm(r, old, new):
+    x = old.args[0] if old.args else old.kwargs["input"]
+    if old.op == "call_module":
+        m = r.module(old)
+        nd = len(m.normalized_shape)
+        m.normalized_shape = tuple(r.new_shape(x)[-nd:])
+        return
+    shape_arg = old.args[1] if len(old.args) > 1 else old.kwargs["normalized_shape"]
+    nd = len(shape_arg)
+    new_shape = list(r.new_shape(x)[-nd:])
+    if len(new.args) > 1:
+        new.args = (new.args[0], new_shape, *new.args[2:])
+    else:
+        new.kwargs = {**new.kwargs, "normalized_shape": new_shape}
+
+
+register(nn.LayerNorm, F.layer_norm, rewrite=rewrite_layer_norm)(layer_norm)
+
+
+def group_norm(ctx, node):
+    """Statistics per group of channels along dim 1; per-channel affine."""
+    x = node.args[0] if node.args else node.kwargs["input"]
+    if node.op == "call_module":
+        num_groups = ctx.module.num_groups
+    else:
+        num_groups = ctx.value(ctx.arg(1, "num_groups"))
+    vec = ctx.vector(x, 1)
+    blocks = vec.reshape(num_groups, -1)
+    if blocks.shape[1] > 1:
+        if ctx.policy == "outer":  # remove whole groups: statistics of the others stay exact
+            ctx.union(blocks, blocks[:, :1])
+        else:
+            ctx.union(blocks, blocks[:1])
+            ctx.inexact(vec, f"{node.name}: group norm statistics mix the channels of a group")
+    for path in _channel_tensors(ctx, node, [("weight", 2), ("bias", 3)]):
+        ctx.align(path, vec, "channel")
+    return ctx.labels(x)
+
+
+def rewrite_group_norm(r, old, new):
+    x = old.args[0] if old.args else old.kwargs["input"]
+    c_old, c_new = r.old_shape(x)[1], r.new_shape(x)[1]
+    if old.op == "call_module":
+        m = r.module(old)
+        per = c_old // m.num_groups
+        if per == 1 or r.groups.policy == "outer":
+            m.num_groups = c_new // per
+        m.num_channels = c_new
+        return
+    groups = old.args[1] if len(old.args) > 1 else old.kwargs["num_groups"]
+    per = c_old // groups
+    if per == 1 or r.groups.policy == "outer":
+        if len(new.args) > 1:
+            new.args = (new.args[0], c_new // per, *new.args[2:])
+        else:
+            new.kwargs = {**new.kwargs, "num_groups": c_new // per}
+
+
+register(nn.GroupNorm, F.group_norm, rewrite=rewrite_group_norm)(group_norm)

@@ -1,0 +1,148 @@
+"""Pointwise ops: arithmetic with broadcasting, activations, dropout/identity,
+dtype conversions, and softmax-like ops that mix values along one dim.
+
+Aligned positions of the inputs get the same class. An input that broadcasts
+along a dim where another input's channels vary (a ``(B, 1, H, W)`` spatial
+attention map times a ``(B, C, H, W)`` feature map) is not aligned with those
+channels: its own channels are pinned instead.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..labels import const_like
+from .registry import register
+
+
+def tensor_args(ctx, node) -> list:
+    found = []
+
+    def walk(a):
+        if isinstance(a, (list, tuple)):
+            for v in a:
+                walk(v)
+        elif isinstance(a, dict):
+            for v in a.values():
+                walk(v)
+        elif ctx.is_tensor(a):
+            found.append(a)
+
+    walk(node.args)
+    walk(node.kwargs)
+    return found
+
+
+def _right_align(labels: torch.Tensor, ndim: int) -> torch.Tensor:
+    return labels.reshape((1,) * (ndim - labels.ndim) + tuple(labels.shape))
+
+
+def broadcast_union(ctx, node, inputs) -> torch.Tensor:
+    """Union aligned positions of ``inputs`` (graph nodes) and return the output labels."""
+    out_shape = ctx.meta(node).shape
+    ndim = len(out_shape)
+    entries = []
+    for a in inputs:
+        shape = (1,) * (ndim - ctx.meta(a).ndim) + tuple(ctx.meta(a).shape)
+        labels = _right_align(ctx.labels(a) if ctx.labels(a) is not None else const_like(len(shape) - (ndim - ctx.meta(a).ndim)), ndim)
+        entries.append((a, labels, shape))
+    varying = {d for _, labels, _ in entries for d in range(ndim) if labels.shape[d] > 1}
+    aligned = []
+    for a, labels, shape in entries:
+        if all(shape[d] == out_shape[d] for d in varying):
+            aligned.append(labels)
+        else:
+            ctx.pin(labels, f"{node.name}: broadcast across channels of another operand")
+    if not aligned:
+        return const_like(ndim)
+    first = aligned[0]
+    for other in aligned[1:]:
+        ctx.union(first, other)
+    return torch.broadcast_tensors(*aligned)[0].contiguous() if len(aligned) > 1 else first
+
+
+def pointwise(ctx, node):
+    """Elementwise op over every tensor argument."""
+    return broadcast_union(ctx, node, tensor_args(ctx, node))
+
+
+def first_input(ctx, node):
+    """The value of the first argument passes through unchanged (identity-like ops)."""
+    x = node.args[0] if node.args else next(iter(node.kwargs.values()))
+    return ctx.labels(x) if ctx.labels(x) is not None else const_like(ctx.meta(node).ndim)
+
+
+def _softmax_dim(ctx, node):
+    if node.op == "call_module":
+        return ctx.module.dim
+    return ctx.value(ctx.arg(1, "dim"))
+
+
+def mixing_along_dim(ctx, node):
+    """softmax-like: pointwise in shape, but each value depends on its whole row along ``dim``."""
+    x = node.args[0] if node.args else node.kwargs["input"]
+    labels = ctx.labels(x)
+    dim = _softmax_dim(ctx, node)
+    if labels is not None and dim is not None:
+        d = dim % labels.ndim
+        if labels.shape[d] > 1:
+            ctx.inexact(labels, f"{node.name}: normalizes across channels (dim {dim})")
+    elif labels is not None and dim is None:
+        ctx.inexact(labels, f"{node.name}: implicit-dim softmax")
+    return labels if labels is not None else const_like(ctx.meta(node).ndim)
+
+
+_ARITH = [operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
+          operator.neg, operator.pow, operator.mod, operator.iadd, operator.isub, operator.imul,
+          operator.itruediv, operator.abs, operator.eq, operator.ne, operator.lt, operator.le,
+          operator.gt, operator.ge, operator.and_, operator.or_, operator.invert]
+_TORCH = ["add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "neg",
+          "abs", "exp", "log", "log1p", "sqrt", "rsqrt", "pow", "square", "sin", "cos", "tanh",
+          "sigmoid", "relu", "clamp", "clip", "maximum", "minimum", "where", "erf", "reciprocal",
+          "sign", "floor", "ceil", "round", "lerp", "addcmul", "addcdiv", "masked_fill",
+          "nan_to_num", "hardswish", "relu_", "sigmoid_", "selu", "celu", "exp2", "expm1",
+          "logical_and", "logical_or", "logical_not", "eq", "ne", "lt", "le", "gt", "ge",
+          "clamp_min", "clamp_max", "fmod", "remainder", "mish", "silu"]
+_FUNCTIONAL = ["relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish",
+               "hardswish", "hardsigmoid", "hardtanh", "sigmoid", "tanh", "softplus", "softsign",
+               "tanhshrink", "logsigmoid", "threshold", "hardshrink", "softshrink",
+               "relu_", "elu_", "leaky_relu_", "hardtanh_", "rrelu"]
+_METHODS = ["add", "sub", "mul", "div", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "pow",
+            "sigmoid", "tanh", "relu", "clamp", "clip", "add_", "sub_", "mul_", "div_", "relu_",
+            "sigmoid_", "clamp_", "masked_fill", "masked_fill_", "square", "reciprocal", "erf",
+            "__add__", "__mul__", "__sub__", "__truediv__", "__radd__", "__rmul__", "where",
+            "hardswish", "sin", "cos", "exp_", "pow_", "maximum", "minimum", "lerp", "sign",
+            "floor", "ceil", "round", "eq", "ne", "lt", "le", "gt", "ge", "fill_", "zero_",
+            "addcmul", "clamp_min", "clamp_max", "logical_not", "silu"]
+_ACT_MODULES = [nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+                nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh,
+                nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Threshold,
+                nn.Hardshrink, nn.Softshrink, nn.RReLU]
+
+register(*_ARITH, *[getattr(torch, n, None) for n in dict.fromkeys(_TORCH)],
+         *[getattr(F, n, None) for n in dict.fromkeys(_FUNCTIONAL)
+           if getattr(F, n, None) is not None and getattr(F, n, None) is not getattr(torch, n, None)],
+         *dict.fromkeys(_METHODS), *_ACT_MODULES)(pointwise)
+
+
+def _stochastic_depth_targets():
+    try:
+        import torchvision.ops as tv_ops
+    except Exception:  # torchvision is optional
+        return []
+    return [tv_ops.StochasticDepth, tv_ops.stochastic_depth]
+
+
+register(nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+         nn.FeatureAlphaDropout, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+         torch.clone, torch.detach, "contiguous", "clone", "detach", "to", "float", "half",
+         "double", "bfloat16", "type", "type_as", "cpu", "cuda", "requires_grad_",
+         *_stochastic_depth_targets())(first_input)
+
+register(nn.Softmax, nn.LogSoftmax, nn.Softmin, F.softmax, F.log_softmax, F.softmin,
+         torch.softmax, torch.log_softmax, torch.cumsum, torch.cumprod, "softmax", "log_softmax",
+         "cumsum", "cumprod")(mixing_along_dim)

@@ -1,0 +1,194 @@
+"""Reductions, pooling and other spatial ops, padding, and size queries.
+
+A reduction over a dim the channels do not vary along passes the labels
+through. A sum over the channel dim contracts them (the oracle masks its
+input); a mean, max, norm or variance over it mixes them (inexact). Spatial ops
+(pooling, interpolation) must not touch the channel dim; when they do, the
+channels are pinned.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..labels import channel_dim, const_like
+from ..meta import is_multi
+from .registry import register
+
+_SUM_LIKE = {"sum", "nansum"}
+
+
+def _name(node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def reduce(ctx, node):
+    x = node.args[0] if node.args else node.kwargs["input"]
+    ndim = ctx.meta(x).ndim
+    labels = ctx.labels(x)
+    labels = labels if labels is not None else const_like(ndim)
+    name = _name(node)
+    if name in ("max", "min") and len(node.args) > 1 and ctx.is_tensor(node.args[1]):
+        from .pointwise import pointwise
+        return pointwise(ctx, node)  # elementwise max(x, y)
+    dim_pos = 2 if name == "norm" else 1
+    dim = ctx.value(ctx.arg(dim_pos, "dim", None))
+    if name in ("max", "min", "median") and not isinstance(dim, (int, list, tuple)):
+        dim = None  # max(x, other) would be pointwise; max(x) reduces all
+    keepdim = bool(ctx.value(ctx.arg(dim_pos + 1, "keepdim", False)))
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        dims = set(range(ndim))
+    else:
+        dims = {d % ndim for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
+    cd = channel_dim(labels)
+    out_ndim = ndim if keepdim else ndim - len(dims)
+    if cd is not None and cd in dims:
+        if name in _SUM_LIKE:
+            ctx.consume(0)
+        else:
+            ctx.inexact(labels, f"{node.name}: {name} over the channel dim")
+        out = const_like(out_ndim)
+    else:
+        out = labels
+        for d in sorted(dims, reverse=True):
+            out = out.narrow(d, 0, 1)
+            if not keepdim:
+                out = out.squeeze(d)
+    return (out, out) if is_multi(node) else out
+
+
+_REDUCTIONS = ["sum", "nansum", "mean", "nanmean", "amax", "amin", "max", "min", "std", "var",
+               "norm", "logsumexp", "prod", "median", "all", "any"]
+register(*[getattr(torch, n) for n in _REDUCTIONS], *_REDUCTIONS)(reduce)
+
+
+def _spatial_rank(node, module) -> int | None:
+    name = type(module).__name__ if module is not None else _name(node)
+    for k in (1, 2, 3):
+        if f"{k}d" in name:
+            return k
+    return None
+
+
+def spatial(ctx, node):
+    """Pooling and resampling: act on the trailing spatial dims, channel-wise."""
+    x = node.args[0] if node.args else node.kwargs["input"]
+    labels = ctx.labels(x)
+    ndim = ctx.meta(x).ndim
+    k = _spatial_rank(node, ctx.module if node.op == "call_module" else None)
+    k = ndim - 2 if k is None else k
+    if labels is None:
+        return const_like(ctx.meta(node).ndim) if ctx.is_tensor(node) else None
+    cd = channel_dim(labels)
+    if cd is not None and cd >= ndim - k:
+        ctx.pin(labels, f"{node.name}: spatial op over a channel dim")
+        labels = const_like(ndim)
+    return (labels, labels) if is_multi(node) else labels
+
+
+_POOL_MODULES = [nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d,
+                 nn.LPPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+                 nn.FractionalMaxPool2d]
+_POOL_FUNCTIONS = ["max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d",
+                   "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+                   "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool1d",
+                   "lp_pool2d", "interpolate", "upsample", "upsample_nearest", "upsample_bilinear",
+                   "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices"]
+_fs = []
+for n in _POOL_FUNCTIONS:
+    for owner in (F, torch):
+        f = getattr(owner, n, None)
+        if f is not None and f not in _fs:
+            _fs.append(f)
+register(*_POOL_MODULES, *_fs)(spatial)
+
+
+def pad(ctx, node):
+    """Constant padding of the channel dim adds CONST channels; other dims pass through."""
+    x = node.args[0] if node.args else node.kwargs["input"]
+    labels = ctx.labels(x)
+    ndim = ctx.meta(x).ndim
+    if node.op == "call_module":
+        m = ctx.module
+        amounts = list(m.padding) if isinstance(m.padding, (tuple, list)) else [m.padding] * (2 * (ndim - 2))
+        mode = "constant" if "Constant" in type(m).__name__ or "Zero" in type(m).__name__ else "other"
+    else:
+        amounts = list(ctx.value(ctx.arg(1, "pad")))
+        mode = ctx.value(ctx.arg(2, "mode", "constant"))
+    if labels is None:
+        return const_like(ndim)
+    cd = channel_dim(labels)
+    touched = {ndim - 1 - i for i in range(len(amounts) // 2) if amounts[2 * i] or amounts[2 * i + 1]}
+    if cd is None or cd not in touched:
+        return labels
+    if mode != "constant":
+        ctx.pin(labels, f"{node.name}: {mode} padding of a channel dim")
+        return const_like(ndim)
+    i = ndim - 1 - cd
+    only = [0] * (2 * i) + amounts[2 * i:2 * i + 2]
+    return F.pad(labels, only, value=0)  # value 0 is the CONST label
+
+
+register(F.pad, nn.ZeroPad1d if hasattr(nn, "ZeroPad1d") else None, nn.ZeroPad2d,
+         getattr(nn, "ZeroPad3d", None), nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+         nn.ReflectionPad1d, nn.ReflectionPad2d, getattr(nn, "ReflectionPad3d", None),
+         nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
+         getattr(nn, "CircularPad1d", None), getattr(nn, "CircularPad2d", None),
+         getattr(nn, "CircularPad3d", None))(pad)
+
+
+# -- size queries ----------------------------------------------------------------
+_SHAPE_SINKS = {"view", "reshape", "expand", "split", "chunk", "narrow", "unflatten", "new_zeros",
+                "new_ones", "new_empty", "new_full", "repeat", "tile", "flatten", "permute",
+                "transpose", "size", "_assert", "eq", "ne"}
+
+
+def _feeds_only_shapes(node: torch.fx.Node, seen=None) -> bool:
+    """True when every use of an int derived from a size ends up as a shape argument."""
+    seen = seen if seen is not None else set()
+    for user in node.users:
+        if user in seen:
+            continue
+        seen.add(user)
+        name = _name(user)
+        if user.op == "call_function" and user.target in (operator.getitem, operator.floordiv,
+                                                          operator.mul, operator.add, operator.sub,
+                                                          operator.mod, builtins.int):
+            if not _feeds_only_shapes(user, seen):
+                return False
+        elif name in _SHAPE_SINKS or user.op == "call_function" and user.target in (
+                torch.reshape, torch.split, torch.zeros, torch.ones, torch.empty, torch.full,
+                torch.arange, torch.narrow, torch.unflatten, torch._assert):
+            continue
+        else:
+            return False
+    return True
+
+
+def size_query(ctx, node):
+    """x.size(), x.shape, x.dim(), x.numel(): no labels; using a channel count as a
+    *value* (not a shape) changes results when channels go, so it marks them inexact."""
+    x = node.args[0]
+    if node.op == "call_function" and node.target is builtins.getattr and node.args[1] not in ("shape",):
+        return None
+    labels = ctx.labels(x)
+    if labels is None or channel_dim(labels) is None:
+        return None
+    if node.target == "size" and len(node.args) > 1:
+        if ctx.value(node.args[1]) % labels.ndim != channel_dim(labels):
+            return None
+    if not _feeds_only_shapes(node):
+        ctx.inexact(labels, f"{node.name}: the channel count is used as a value")
+    return None
+
+
+register("size", "dim", "numel", torch.numel, builtins.getattr, builtins.len)(size_query)

@@ -1,0 +1,95 @@
+"""The op-rule registry: op semantics as data.
+
+A rule is keyed by what a node calls: a ``call_function`` target (a Python
+callable or an ATen ``OpOverload``/``OpOverloadPacket``, so a ``torch.export``
+graph uses the same table), a module type for ``call_module`` (exact type: a
+subclass with its own ``forward`` is not guessed at), or a method name for
+``call_method``. Registering a key twice is an error. A node with no rule gets
+the conservative barrier in the analysis (its channels are pinned, the reason
+recorded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one op relates channel labels (``analyze``) and, optionally, how its
+    copied node or module is updated once channels are removed (``rewrite``)."""
+
+    name: str
+    analyze: Callable[..., Any]
+    rewrite: Callable[..., None] | None = None
+
+
+_FUNCTIONS: dict[Any, Rule] = {}
+_MODULES: dict[type, Rule] = {}
+_METHODS: dict[str, Rule] = {}
+
+
+def _table_for(key: Any) -> dict:
+    if isinstance(key, str):
+        return _METHODS
+    if isinstance(key, type) and issubclass(key, torch.nn.Module):
+        return _MODULES
+    if callable(key) or isinstance(key, torch._ops.OpOverloadPacket):
+        return _FUNCTIONS
+    raise TypeError(f"cannot register a rule for {key!r}: not a method name, module type or callable")
+
+
+def register(*keys: Any, rewrite: Callable[..., None] | None = None) -> Callable:
+    """Decorator: register ``fn`` as the analysis rule for each key.
+
+    Keys that do not exist in this torch build (``None``) are skipped.
+    """
+
+    def deco(fn: Callable) -> Callable:
+        rule = Rule(fn.__name__, fn, rewrite)
+        for key in keys:
+            if key is None:
+                continue
+            table = _table_for(key)
+            if key in table:
+                raise ValueError(f"a rule for {key!r} is already registered ({table[key].name}); "
+                                 f"each op has exactly one rule")
+            table[key] = rule
+        return fn
+
+    return deco
+
+
+def lookup(node: torch.fx.Node, root: torch.nn.Module) -> Rule | None:
+    """The rule for ``node`` or None (placeholders, get_attr and output are the engine's)."""
+    if node.op == "call_function":
+        rule = _FUNCTIONS.get(node.target)
+        if rule is None and isinstance(node.target, torch._ops.OpOverload):
+            rule = _FUNCTIONS.get(node.target.overloadpacket)
+        return rule
+    if node.op == "call_method":
+        return _METHODS.get(node.target)
+    if node.op == "call_module":
+        return _MODULES.get(type(root.get_submodule(node.target)))
+    return None
+
+
+def describe_target(node: torch.fx.Node, root: torch.nn.Module) -> str:
+    """A short human name for what ``node`` calls."""
+    if node.op == "call_module":
+        return f"module {type(root.get_submodule(node.target)).__name__}"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    target = node.target
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
+    mod = getattr(target, "__module__", None)
+    return f"{mod}.{name}" if mod and not str(name).startswith(mod) else str(name)
+
+
+def known_keys() -> int:
+    return len(_FUNCTIONS) + len(_MODULES) + len(_METHODS)

@@ -1,0 +1,261 @@
+"""Index and shape ops: the output's labels are a rearrangement of the input's.
+
+The rule runs the very same op on the integer label tensors (expanded to the
+real shapes where the op needs them), so view, reshape, flatten, permute, cat,
+split, pixel_shuffle and friends are right by construction. Rewrite hooks
+recompute the shape constants the plan changes (view sizes, split sizes, slice
+bounds).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..labels import const_like
+from .registry import register
+
+
+def _concrete(ctx, a, *, full: bool = True):
+    if isinstance(a, torch.fx.Node):
+        if ctx.is_tensor(a):
+            return ctx.full(a) if full else ctx.labels(a)
+        return ctx.value(a)
+    if isinstance(a, (list, tuple)):
+        return type(a)(_concrete(ctx, v, full=full) for v in a)
+    if isinstance(a, slice):
+        return slice(_concrete(ctx, a.start), _concrete(ctx, a.stop), _concrete(ctx, a.step))
+    if isinstance(a, dict):
+        return {k: _concrete(ctx, v, full=full) for k, v in a.items()}
+    return a
+
+
+def _call(ctx, node, args, kwargs):
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "call_module":
+        return ctx.module(*args, **kwargs)
+    return node.target(*args, **kwargs)
+
+
+def _as_labels(out):
+    if isinstance(out, (list, tuple)):
+        return tuple(_as_labels(o) for o in out)
+    return out
+
+
+def relabel(ctx, node):
+    """Run the node's own op on the label tensors."""
+    args = _concrete(ctx, node.args)
+    kwargs = _concrete(ctx, node.kwargs)
+    return _as_labels(_call(ctx, node, args, kwargs))
+
+
+def _dim_arg(ctx, node, pos, name, default=0):
+    if node.op == "call_module":
+        return default
+    return ctx.value(ctx.arg(pos, name, default))
+
+
+def unbind(ctx, node):
+    """unbind over a labelled dim would change the number of outputs: pin that dim."""
+    out = relabel(ctx, node)
+    x = node.args[0]
+    dim = _dim_arg(ctx, node, 1, "dim", 0)
+    labels = ctx.labels(x)
+    if labels is not None and labels.shape[dim % labels.ndim] > 1:
+        ctx.pin(labels, f"{node.name}: unbind over a channel dim")
+    return out
+
+
+def roll(ctx, node):
+    out = relabel(ctx, node)
+    labels = ctx.labels(node.args[0])
+    if labels is not None and labels.ndim and max(labels.shape) > 1:
+        ctx.pin(labels, f"{node.name}: roll may shift along a channel dim")
+    return out
+
+
+# -- getitem ---------------------------------------------------------------------
+def _index_dims(index, ndim):
+    """Map each entry of an index tuple to the input dim it consumes (None for newaxis)."""
+    index = index if isinstance(index, tuple) else (index,)
+    n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
+    dims, d = [], 0
+    for i in index:
+        if i is Ellipsis:
+            d += ndim - n_real
+            dims.append(None)
+        elif i is None:
+            dims.append(None)
+        else:
+            dims.append(d)
+            d += 1
+    return index, dims
+
+
+def getitem(ctx, node):
+    x, index = node.args
+    tl = ctx.tuple_labels(x)
+    if tl is not None:
+        return tl[ctx.value(index)]
+    if not ctx.is_tensor(x):
+        return None
+    labels = ctx.labels(x)
+    value = _concrete(ctx, index, full=False)
+    idx, dims = _index_dims(value, ctx.meta(x).ndim)
+    if any(isinstance(i, (torch.Tensor, list)) for i in idx):
+        raise ValueError("advanced (tensor) indexing is not analysed")
+    fast = []
+    for i, d in zip(idx, dims):
+        if d is None:
+            fast.append(i)
+            continue
+        if labels.shape[d] > 1:
+            if isinstance(i, int):
+                ctx.pin(labels, f"{node.name}: integer index into a channel dim")
+            elif isinstance(i, slice) and i.step not in (None, 1):
+                ctx.pin(labels, f"{node.name}: strided slice of a channel dim")
+            fast.append(i)
+        else:  # compressed dim: the label does not depend on the index
+            fast.append(0 if isinstance(i, int) else slice(None))
+    out = labels[tuple(fast)]
+    # slicing a compressed dim keeps size 1; shape check happens in the engine
+    return out
+
+
+def rewrite_getitem(r, old, new):
+    x, index = old.args
+    if not isinstance(x, torch.fx.Node) or r.node_labels(x) is None:
+        return
+    got = r.kept_index(r.node_labels(x))
+    if got is None:
+        return
+    cdim, kept = got
+    size = r.old_shape(x)[cdim]
+    idx, dims = _index_dims(index, len(r.old_shape(x)))
+    new_idx = list(idx)
+    for k, (i, d) in enumerate(zip(idx, dims)):
+        if d == cdim and isinstance(i, slice):
+            start, stop, _ = i.indices(size)
+            new_idx[k] = slice(int((kept < start).sum()) if i.start is not None else None,
+                               int((kept < stop).sum()) if i.stop is not None else None, i.step)
+    new.args = (new.args[0], tuple(new_idx) if isinstance(index, tuple) else new_idx[0])
+
+
+register(operator.getitem, "__getitem__", rewrite=rewrite_getitem)(getitem)
+
+
+# -- cat / stack: expand only the dims that matter -------------------------------------
+def cat(ctx, node):
+    tensors = ctx.arg(0, "tensors")
+    dim = ctx.value(ctx.arg(1, "dim", 0))
+    ndim = ctx.meta(node).ndim
+    d = dim % ndim if node.target not in (torch.stack,) else None
+    ls = [ctx.labels(t) if ctx.labels(t) is not None else const_like(ctx.meta(t).ndim) for t in tensors]
+    if d is None:
+        return torch.stack([l.expand(ctx.meta(t).shape) for l, t in zip(ls, tensors)], dim)
+    need = {k for l in ls for k in range(l.ndim) if l.shape[k] > 1} | {d}
+    parts = []
+    for l, t in zip(ls, tensors):
+        shape = ctx.meta(t).shape
+        parts.append(l.expand(tuple(s if k in need else 1 for k, s in enumerate(shape))))
+    return torch.cat(parts, d)
+
+
+register(torch.cat, torch.concat, getattr(torch, "concatenate", None), torch.stack)(cat)
+
+
+# -- view / reshape family -------------------------------------------------------------
+def _shape_args(args):
+    """The shape given to view/reshape/expand as a list, and how it was passed."""
+    if len(args) == 1 and isinstance(args[0], (list, tuple, torch.Size)):
+        return list(args[0]), True
+    return list(args), False
+
+
+def rewrite_sizes(r, old, new):
+    """view/reshape/expand: integer sizes of changed output dims become the new sizes."""
+    old_out, new_out = r.old_shape(old), r.new_shape(old)
+    if old_out == new_out:
+        return
+    sizes, packed = _shape_args(new.args[1:])  # the input is args[0] in both dialects
+    if old.op == "call_function" and "shape" in old.kwargs:
+        sizes, packed = list(new.kwargs["shape"]), True
+    for k, (a, b) in enumerate(zip(old_out, new_out)):
+        if a != b and k < len(sizes) and isinstance(sizes[k], int) and sizes[k] != -1:
+            sizes[k] = b
+    if old.op == "call_function" and "shape" in old.kwargs:
+        new.kwargs = {**new.kwargs, "shape": sizes}
+    else:
+        new.args = (new.args[0], *([sizes] if packed else sizes))
+
+
+register("view", "reshape", "expand", torch.reshape, rewrite=rewrite_sizes)(relabel)
+
+
+def rewrite_unflatten(r, old, new):
+    old_out, new_out = r.old_shape(old), r.new_shape(old)
+    if old_out == new_out:
+        return
+    if old.op == "call_module":
+        m = r.module(old)
+        d = m.dim % len(old_out)
+        m.unflattened_size = tuple(new_out[d:d + len(m.unflattened_size)])
+        return
+    dim = old.args[1] if len(old.args) > 1 else old.kwargs["dim"]
+    sizes = old.args[2] if len(old.args) > 2 else old.kwargs["sizes"]
+    d = dim % len(old_out)
+    new_sizes = [new_out[d + k] if isinstance(s, int) and s != -1 else s for k, s in enumerate(sizes)]
+    new.args = (new.args[0], dim, new_sizes)
+    new.kwargs = {k: v for k, v in new.kwargs.items() if k not in ("dim", "sizes")}
+
+
+register("unflatten", torch.unflatten, nn.Unflatten, rewrite=rewrite_unflatten)(relabel)
+
+
+def rewrite_split(r, old, new):
+    """split/chunk with a changed dim becomes split with explicit new sizes."""
+    x = old.args[0]
+    dim = old.args[2] if len(old.args) > 2 else old.kwargs.get("dim", 0)
+    n_out = len(r.groups.node_labels[old.name])
+    d = dim % len(r.old_shape(x))
+    if r.old_shape(x)[d] == r.new_shape(x)[d]:
+        return
+    sizes = [r.new_shape(old, i)[d] for i in range(n_out)]
+    new.op, new.target = "call_function", torch.split
+    new.args = (new.args[0], sizes, dim)
+    new.kwargs = {}
+
+
+register("split", "chunk", "split_with_sizes", torch.split, torch.chunk, rewrite=rewrite_split)(relabel)
+
+
+def rewrite_narrow(r, old, new):
+    x = old.args[0]
+    dim, start, length = (list(old.args[1:4]) + [None] * 3)[:3]
+    got = r.kept_index(r.node_labels(x))
+    if got is None or got[0] != dim % len(r.old_shape(x)):
+        return
+    kept = got[1]
+    new.args = (new.args[0], dim, int((kept < start).sum()), r.new_shape(old)[got[0]])
+
+
+register("narrow", torch.narrow, rewrite=rewrite_narrow)(relabel)
+
+register("unbind", torch.unbind)(unbind)
+register("roll", torch.roll)(roll)
+
+register("flatten", "permute", "transpose", "t", "squeeze", "unsqueeze", "movedim", "moveaxis",
+         "swapaxes", "swapdims", "flip", "repeat", "repeat_interleave", "tile", "view_as",
+         "reshape_as", "expand_as", "mT",
+         torch.flatten, torch.permute, torch.transpose, torch.t, torch.squeeze, torch.unsqueeze,
+         torch.movedim, torch.moveaxis, torch.swapaxes, torch.swapdims, torch.flip,
+         torch.repeat_interleave, torch.tile, torch.pixel_shuffle, torch.pixel_unshuffle,
+         torch.channel_shuffle, getattr(F, "channel_shuffle", None) if getattr(F, "channel_shuffle", None)
+         is not torch.channel_shuffle else None,
+         nn.Flatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)(relabel)

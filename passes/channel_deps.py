@@ -1,0 +1,220 @@
+"""channel-deps: the channel-dependency analysis.
+
+Walks the graph once in topological order. Each node's rule (``fxprune.rules``)
+relates the label tensors of its inputs and output; the union-find of
+``fxprune.labels`` turns those relations into channel classes, and the classes
+linked through shared label sources become :class:`ChannelGroup` s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+
+from fxprune import rules  # noqa: F401  (fills the registry)
+from fxprune.channels import Alignment, ChannelGroup, ChannelGroups, Member
+from fxprune.errors import AnalysisError
+from fxprune.labels import CONST, LabelSpace, const_like, normalize
+from fxprune.meta import TensorMeta, get_meta, has_meta
+from fxprune.passes_base import AnalysisPass, PruneState, register_pass
+from fxprune.rules.context import AnalysisContext
+from fxprune.rules.registry import describe_target, lookup
+
+
+# -- helpers -------------------------------------------------------------------
+def _check(ctx: AnalysisContext, labels: Any, meta: Any) -> Any:
+    """Normalize a rule's output labels and check they fit the node's shape."""
+    if isinstance(meta, TensorMeta):
+        if not isinstance(labels, torch.Tensor):
+            raise AnalysisError(f"rule for {ctx.where()} returned {type(labels).__name__} "
+                                f"for a tensor output")
+        if labels.ndim != meta.ndim or any(l not in (1, s) for l, s in zip(labels.shape, meta.shape)):
+            raise AnalysisError(f"rule for {ctx.where()} returned labels of shape {tuple(labels.shape)} "
+                                f"for a value of shape {meta.shape}")
+        return normalize(ctx.space, labels, ctx.policy)
+    if isinstance(meta, tuple):
+        if not isinstance(labels, tuple) or len(labels) != len(meta):
+            labels = (None,) * len(meta) if labels is None else labels
+        return tuple(_check(ctx, l, m) for l, m in zip(labels, meta))
+    return None
+
+
+def _pin_outputs(ctx: AnalysisContext, node: torch.fx.Node) -> None:
+    for inp in node.all_input_nodes:
+        ctx.pin(ctx.labels(inp), "model output")
+        for labels in ctx.tuple_labels(inp) or ():
+            if isinstance(labels, torch.Tensor):
+                ctx.pin(labels, "model output")
+
+
+def _visit(ctx: AnalysisContext, node: torch.fx.Node) -> None:
+    ctx.node = node
+    meta = get_meta(node)
+    if node.op == "placeholder":
+        ctx.labels_of[node] = _check(ctx, ctx.const_output(), meta)
+        return
+    if node.op == "get_attr":
+        ctx.labels(node)  # lazily labelled: parameters fresh, buffers CONST
+        return
+    if node.op == "output":
+        _pin_outputs(ctx, node)
+        return
+    if not has_meta(node):
+        raise AnalysisError(f"{node.format_node()} has no shape; capture with fxprune.trace first")
+    rule = lookup(node, ctx.gm)
+    if rule is None:
+        out = _no_rule(ctx, node)
+    else:
+        try:
+            out = rule.analyze(ctx, node)
+        except AnalysisError:
+            raise
+        except Exception as exc:  # a rule that cannot handle its arguments is a barrier, loudly
+            reason = (f"{node.name}: rule {rule.name} could not analyse {describe_target(node, ctx.gm)} "
+                      f"({type(exc).__name__}: {exc})")
+            ctx.barrier(reason)
+            out = ctx.const_output()
+    ctx.labels_of[node] = _check(ctx, out, meta)
+
+
+def _no_rule(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
+    meta = get_meta(node)
+    tensor_in = any(isinstance(get_meta(i), (TensorMeta, tuple)) for i in node.all_input_nodes)
+    if not tensor_in and not isinstance(meta, (TensorMeta, tuple)):
+        return None  # pure Python arithmetic on sizes: nothing to relate
+    ctx.barrier(f"{node.name}: no rule for {describe_target(node, ctx.gm)}")
+    return ctx.const_output()
+
+
+# -- finalization ----------------------------------------------------------------
+def _dense_classes(space: LabelSpace) -> tuple[torch.Tensor, int]:
+    roots = torch.tensor([space.find(i) for i in range(len(space))], dtype=torch.int64)
+    uniq, class_of = torch.unique(roots, return_inverse=True)
+    return class_of, int(uniq.numel())
+
+
+def _class_flags(space: LabelSpace, class_of: torch.Tensor, n: int, notes: dict) -> tuple[torch.Tensor, dict]:
+    flags = torch.zeros(n, dtype=torch.bool)
+    reasons: dict[int, list[str]] = {}
+    for root, why in notes.items():
+        c = int(class_of[space.find(root)])
+        flags[c] = True
+        reasons.setdefault(c, []).extend(why)
+    return flags, reasons
+
+
+def _family_components(space: LabelSpace, class_of: torch.Tensor, n: int) -> torch.Tensor:
+    """Group id of every class: classes are linked when they share a label family
+    (labels created together, e.g. one conv's output channels)."""
+    fam = torch.tensor(space.family_of, dtype=torch.int64)
+    pairs = torch.unique(torch.stack([class_of, fam], 1), dim=0)
+    pairs = pairs[pairs[:, 1] != 0]  # the CONST family links nothing
+    parent = list(range(n))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    first_class: dict[int, int] = {}
+    for c, f in pairs.tolist():
+        other = first_class.setdefault(f, c)
+        ra, rb = find(c), find(other)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return torch.tensor([find(c) for c in range(n)], dtype=torch.int64)
+
+
+def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inexact_why):
+    comp = _family_components(space, class_of, n)
+    const_class = int(class_of[CONST])
+    fam = torch.tensor(space.family_of, dtype=torch.int64)
+    # classes in first-appearance order of their labels (source order)
+    order: dict[int, list[int]] = {}
+    seen = torch.zeros(n, dtype=torch.bool)
+    first_label = torch.full((n,), len(space), dtype=torch.int64)
+    first_label.scatter_reduce_(0, class_of, torch.arange(len(space)), "amin")
+    for c in torch.argsort(first_label).tolist():
+        if c == const_class or seen[c]:
+            continue
+        seen[c] = True
+        order.setdefault(int(comp[c]), []).append(c)
+    members: dict[int, list[Member]] = {}
+    for a in alignments:
+        cls = torch.unique(class_of[a.labels.reshape(-1)])
+        for root in torch.unique(comp[cls]).tolist():
+            if cls.numel() == 1 and int(cls[0]) == const_class:
+                continue
+            members.setdefault(root, []).append(Member(a.path, a.dim, a.role))
+    groups = []
+    group_of_class = torch.full((n,), -1, dtype=torch.int64)
+    for gid, (root, classes) in enumerate(order.items()):
+        cls_t = torch.tensor(classes)
+        group_of_class[cls_t] = gid
+        prunable = tuple(c for c in classes if not pinned[c])
+        fams = torch.unique(fam[torch.isin(class_of, cls_t)]).tolist()
+        sources = tuple(space.families[f].what for f in fams if f != 0)
+        why_pin = tuple(dict.fromkeys(r for c in classes for r in pin_why.get(c, ())))[:4]
+        why_inexact = tuple(dict.fromkeys(r for c in classes for r in inexact_why.get(c, ())))[:4]
+        groups.append(ChannelGroup(
+            id=gid, classes=tuple(classes), prunable=prunable,
+            members=tuple(dict.fromkeys(members.get(root, []))), sources=sources,
+            exact=not bool(inexact[cls_t].any()), inexact_reasons=why_inexact, pinned_reasons=why_pin))
+    return tuple(groups), group_of_class
+
+
+def _segments(labels_of: dict, class_of: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Distinct class sets along the channel dim of every tensor: each must keep one."""
+    seen = set()
+    out = []
+    for labels in labels_of.values():
+        for l in (labels if isinstance(labels, tuple) else (labels,)):
+            if isinstance(l, torch.Tensor) and l.numel() > 1:
+                cls = torch.unique(class_of[l.reshape(-1)])
+                key = tuple(cls.tolist())
+                if key not in seen:
+                    seen.add(key)
+                    out.append(cls)
+    return tuple(out)
+
+
+def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
+                     frontend: str = "symbolic_trace") -> ChannelGroups:
+    """Compute the channel groups of a captured graph (every node needs shape meta).
+
+    ``policy`` decides which dim stays prunable when a view splits a channel dim
+    into two (``inner``: the inner dim, e.g. head_dim; ``outer``: whole blocks).
+    """
+    space = LabelSpace()
+    ctx = AnalysisContext(gm, space, policy)
+    for node in gm.graph.nodes:
+        _visit(ctx, node)
+    class_of, n = _dense_classes(space)
+    pinned, pin_why = _class_flags(space, class_of, n, space.pinned)
+    inexact, inexact_why = _class_flags(space, class_of, n, space.inexact)
+    alignments = tuple(Alignment(p, l, r, nd) for p, l, r, nd in ctx.alignments)
+    groups, group_of_class = _build_groups(space, class_of, n, alignments, pinned, pin_why,
+                                           inexact, inexact_why)
+    node_labels = {node.name: labels for node, labels in ctx.labels_of.items()}
+    return ChannelGroups(
+        gm=gm, class_of=class_of, n_classes=n, class_pinned=pinned, class_inexact=inexact,
+        node_labels=node_labels, alignments=alignments, consumers=tuple(ctx.consumers),
+        groups=groups, group_of_class=group_of_class, barriers=tuple(ctx.barriers),
+        policy=policy, frontend=frontend, segments=_segments(ctx.labels_of, class_of))
+
+
+@register_pass
+@dataclass(frozen=True)
+class ChannelDeps(AnalysisPass):
+    """Channel-dependency analysis: ``state.groups``."""
+
+    name = "channel-deps"
+    policy: str = "inner"
+
+    def run(self, state: PruneState) -> PruneState:
+        return state.replace(groups=analyze_channels(state.gm, policy=self.policy,
+                                                     frontend=state.frontend))

@@ -1,0 +1,138 @@
+"""rewrite: emit a new, smaller GraphModule from the analysis and a plan.
+
+The graph is copied node by node; every parameter and buffer aligned with
+channel labels is sliced to the kept channels; modules are rebuilt around the
+sliced tensors; each rule's rewrite hook recomputes the shape constants and
+module attributes the plan changes. The input GraphModule and the user's
+modules are never modified: every tensor of the result is a fresh copy.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from fxprune.channels import ChannelGroups
+from fxprune.errors import RewriteError
+from fxprune.meta import META_KEY
+from fxprune.passes_base import PruneState, TransformPass, register_pass
+from fxprune.rules.context import RewriteContext, get_tensor
+from fxprune.rules.registry import lookup
+
+
+# -- pure helpers ---------------------------------------------------------------
+def _intersect(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    if a is None:
+        return b
+    return a[torch.isin(a, b)]
+
+
+def slice_plan(groups: ChannelGroups, rctx: RewriteContext) -> dict[int, dict[int, torch.Tensor]]:
+    """For every aligned tensor (by identity): dim -> kept indices."""
+    plan: dict[int, dict[int, torch.Tensor]] = {}
+    for a in groups.alignments:
+        t = get_tensor(groups.gm, a.path)
+        got = rctx.kept_index(a.labels)
+        dims = plan.setdefault(id(t), {})
+        if got is not None:
+            dim, idx = got
+            dims[dim] = _intersect(dims.get(dim), idx)
+    return plan
+
+
+def sliced_copy(t: torch.Tensor, dims: dict[int, torch.Tensor] | None) -> torch.Tensor:
+    out = t.detach()
+    for dim, idx in sorted((dims or {}).items()):
+        if idx.numel() == 0:
+            raise RewriteError(f"the plan removes every slice of a tensor of shape {tuple(t.shape)} "
+                               f"along dim {dim}")
+        out = out.index_select(dim, idx.to(out.device))
+    out = out.clone() if out is t or out.data_ptr() == t.data_ptr() else out
+    if isinstance(t, torch.nn.Parameter):
+        return torch.nn.Parameter(out, requires_grad=t.requires_grad)
+    return out
+
+
+class _Rebuilder:
+    """Builds new modules and attribute tensors, sharing one copy per original tensor
+    (tied weights stay tied)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, plan: dict[int, dict[int, torch.Tensor]]):
+        self.gm = gm
+        self.plan = plan
+        self.tensors: dict[int, torch.Tensor] = {}
+        self.modules: dict[str, torch.nn.Module] = {}
+
+    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        got = self.tensors.get(id(t))
+        if got is None:
+            got = self.tensors[id(t)] = sliced_copy(t, self.plan.get(id(t)))
+        return got
+
+    def module(self, target: str) -> torch.nn.Module:
+        got = self.modules.get(target)
+        if got is not None:
+            return got
+        old = self.gm.get_submodule(target)
+        if next(old.children(), None) is not None:
+            new = copy.deepcopy(old)  # an opaque leaf with children: copied whole, never sliced
+        else:
+            new = copy.copy(old)
+            for key, value in list(vars(old).items()):
+                if isinstance(value, dict):  # hooks and the like: the copy gets its own dicts
+                    new.__dict__[key] = copy.copy(value)
+            new._parameters = {k: (None if v is None else self.tensor(v)) for k, v in old._parameters.items()}
+            new._buffers = {k: (None if v is None else self.tensor(v)) for k, v in old._buffers.items()}
+            new._modules = {}
+        self.modules[target] = new
+        return new
+
+
+def rewrite_graph(groups: ChannelGroups, kept: torch.Tensor) -> torch.fx.GraphModule:
+    """The pruned GraphModule for the classes ``kept`` (a bool per class)."""
+    gm = groups.gm
+    rctx = RewriteContext(groups, kept)
+    rebuild = _Rebuilder(gm, slice_plan(groups, rctx))
+    rctx.module = lambda old: rebuild.module(old.target)
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    root: dict[str, object] = {}
+    for old in gm.graph.nodes:
+        new = graph.node_copy(old, lambda n: env[n])
+        new.meta.pop(META_KEY, None)
+        env[old] = new
+        if old.op == "call_module":
+            root[old.target] = rebuild.module(old.target)
+        elif old.op == "get_attr":
+            value = get_tensor(gm, old.target)
+            root[old.target] = rebuild.tensor(value) if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+        rule = lookup(old, gm)
+        if rule is not None and rule.rewrite is not None:
+            try:
+                rule.rewrite(rctx, old, new)
+            except RewriteError:
+                raise
+            except Exception as exc:
+                raise RewriteError(f"rewriting {old.format_node()} with rule {rule.name} failed: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+    try:
+        graph.lint()
+    except Exception as exc:
+        raise RewriteError(f"the rewritten graph is malformed: {exc}") from exc
+    out = torch.fx.GraphModule(root, graph, type(gm).__name__.replace("GraphModule", "") + "Pruned")
+    out.train(gm.training)
+    return out
+
+
+@register_pass
+@dataclass(frozen=True)
+class Rewrite(TransformPass):
+    """Emit the pruned GraphModule (``state.module``)."""
+
+    name = "rewrite"
+
+    def run(self, state: PruneState) -> PruneState:
+        return state.replace(module=rewrite_graph(state.groups, state.plan.kept))
