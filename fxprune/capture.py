@@ -1,9 +1,9 @@
 """Capture: a model and example inputs become a torch.fx GraphModule whose
 every node carries its shape (``fxprune.meta``).
 
-Shapes are computed under a FakeTensorMode (no real FLOPs, no activations
-allocated) and, when an op does not support fake tensors, with the real
-example inputs instead.
+Shapes are computed on the ``meta`` device (no real FLOPs, no activations
+allocated); when an op does not support meta tensors, under a FakeTensorMode;
+and only as a last resort with the real example inputs.
 """
 
 from __future__ import annotations
@@ -90,7 +90,32 @@ def symbolic_trace(model: nn.Module, *, leaf_modules: Iterable = (),
 
 
 class _MetaProp(torch.fx.Interpreter):
-    """Runs the graph once and stores each node's shape description."""
+    """Runs the graph once and stores each node's shape description.
+
+    With ``on_meta`` every parameter, buffer and input is swapped for a tensor on
+    the ``meta`` device (shapes only, no storage, no FLOPs); the user's modules
+    are called through ``torch.func.functional_call`` so they are not touched.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, on_meta: bool = False):
+        super().__init__(gm)
+        self.on_meta = on_meta
+        self._meta_state: dict[str, dict[str, torch.Tensor]] = {}
+
+    def call_module(self, target, args, kwargs):
+        if not self.on_meta:
+            return super().call_module(target, args, kwargs)
+        mod = self.fetch_attr(target)
+        state = self._meta_state.get(target)
+        if state is None:
+            state = {k: _to_meta(v) for k, v in (*mod.named_parameters(), *mod.named_buffers())}
+            self._meta_state[target] = state
+        from torch.func import functional_call
+        return functional_call(mod, state, tuple(args), dict(kwargs))
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        return _to_meta(value) if self.on_meta else value
 
     def run_node(self, n: torch.fx.Node) -> Any:
         try:
@@ -101,6 +126,12 @@ class _MetaProp(torch.fx.Interpreter):
             raise _NodeFailure(n, exc) from exc
         set_meta(n, result)
         return result
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.device.type != "meta":
+        return torch.empty_like(value, device="meta")
+    return value
 
 
 class _NodeFailure(Exception):
@@ -133,17 +164,20 @@ def _lift_parameter_placeholders(gm: torch.fx.GraphModule, inputs: tuple) -> tup
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, inputs: tuple, *, fake: bool = True) -> str:
-    """Store the shape of every node of ``gm`` run on ``inputs``; return 'fake' or 'real'."""
+    """Store the shape of every node of ``gm`` run on ``inputs``; return the mode that
+    worked: 'meta' (shapes only), 'fake' (FakeTensorMode) or 'real' (the example inputs)."""
     n_ph = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
     if n_ph != len(inputs):
         raise InputError(f"the model takes {n_ph} positional input(s) but {len(inputs)} example "
                          f"input(s) were given; pass a tuple with one example per input")
-    modes = ["fake", "real"] if fake else ["real"]
+    modes = ["meta", "fake", "real"] if fake else ["real"]
     last: _NodeFailure | None = None
     for mode in modes:
         try:
             with torch.no_grad():
-                if mode == "fake":
+                if mode == "meta":
+                    _MetaProp(gm, on_meta=True).run(*(_to_meta(t) for t in inputs))
+                elif mode == "fake":
                     from torch._subclasses.fake_tensor import FakeTensorMode
                     fmode = FakeTensorMode(allow_non_fake_inputs=True)
                     fin = tuple(fmode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs)

@@ -33,8 +33,9 @@ def member_norms(groups: ChannelGroups, p: float):
         dim = a.dim
         if dim is None:
             continue
-        t = get_tensor(groups.gm, a.path).detach().to(torch.float64)
-        mass = t.abs().pow(p).movedim(dim, 0).reshape(t.shape[dim], -1).sum(1)
+        t = get_tensor(groups.gm, a.path).detach()
+        rows = t.movedim(dim, 0).reshape(t.shape[dim], -1)
+        mass = torch.linalg.vector_norm(rows, ord=p, dim=1, dtype=torch.float64).pow(p)
         cls = groups.class_of[a.labels.reshape(-1)]
         uniq, inv = torch.unique(cls, return_inverse=True)
         per_class = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, mass)

@@ -67,6 +67,8 @@ def broadcast_union(ctx, node, inputs) -> torch.Tensor:
 
 def pointwise(ctx, node):
     """Elementwise op over every tensor argument."""
+    if not ctx.is_tensor(node):
+        return None  # arithmetic on sizes and other Python values
     return broadcast_union(ctx, node, tensor_args(ctx, node))
 
 

@@ -23,7 +23,7 @@ from .registry import register
 def _concrete(ctx, a, *, full: bool = True):
     if isinstance(a, torch.fx.Node):
         if ctx.is_tensor(a):
-            return ctx.full(a) if full else ctx.labels(a)
+            return ctx.full(a).contiguous() if full else ctx.labels(a)
         return ctx.value(a)
     if isinstance(a, (list, tuple)):
         return type(a)(_concrete(ctx, v, full=full) for v in a)
