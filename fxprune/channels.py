@@ -109,7 +109,7 @@ class ChannelGroups:
         """The group holding the channels of tensor ``path`` in ``role`` (e.g. a conv's
         output channels are ``("conv.weight", "out")``)."""
         for a in self.alignments:
-            if a.path == path and a.role == role and a.dim is not None:
+            if a.path == path and a.role == role:
                 cls = torch.unique(self.class_of[a.labels.reshape(-1)])
                 gid = int(self.group_of_class[cls[0]])
                 return self.groups[gid] if gid >= 0 else None

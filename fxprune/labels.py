@@ -150,8 +150,9 @@ def choose_channel_dim(k: torch.Tensor, dims: list[int], policy: str = "inner") 
     """
     if policy == "outer":
         return dims[0]
-    best = max(dims, key=lambda d: (_distinct_along(k, d), d))
-    return best
+    # most distinct classes; then the dim without repeats (a real channel dim rather than a
+    # spatial dim that a pixel shuffle filled with a few classes); then the inner one
+    return max(dims, key=lambda d: (_distinct_along(k, d), _distinct_along(k, d) / k.shape[d], d))
 
 
 def normalize(space: LabelSpace, labels: torch.Tensor, policy: str = "inner") -> torch.Tensor:

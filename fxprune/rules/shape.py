@@ -256,6 +256,22 @@ register("flatten", "permute", "transpose", "t", "squeeze", "unsqueeze", "movedi
          torch.flatten, torch.permute, torch.transpose, torch.t, torch.squeeze, torch.unsqueeze,
          torch.movedim, torch.moveaxis, torch.swapaxes, torch.swapdims, torch.flip,
          torch.repeat_interleave, torch.tile, torch.pixel_shuffle, torch.pixel_unshuffle,
-         torch.channel_shuffle, getattr(F, "channel_shuffle", None) if getattr(F, "channel_shuffle", None)
-         is not torch.channel_shuffle else None,
-         nn.Flatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)(relabel)
+         nn.Flatten, nn.PixelShuffle, nn.PixelUnshuffle)(relabel)
+
+
+def channel_shuffle(ctx, node):
+    """channel_shuffle(x, g) is view(B, g, C/g, ...) -> transpose(1, 2) -> view(B, C, ...):
+    channels at the same index inside every group go together, so the op still shuffles
+    correctly at the smaller width."""
+    x = node.args[0] if node.args else node.kwargs["input"]
+    groups = ctx.module.groups if node.op == "call_module" else ctx.value(ctx.arg(1, "groups"))
+    vec = ctx.vector(x, 1)
+    blocks = vec.reshape(groups, -1)
+    ctx.union(blocks, blocks[:1])
+    shuffled = blocks.t().reshape(-1)
+    return ctx.along(shuffled, 1, ctx.meta(node).ndim)
+
+
+_F_SHUFFLE = getattr(F, "channel_shuffle", None)
+register(torch.channel_shuffle, nn.ChannelShuffle,
+         _F_SHUFFLE if _F_SHUFFLE is not torch.channel_shuffle else None)(channel_shuffle)

@@ -1,0 +1,120 @@
+"""Conv and linear rules, both dialects, each checked by the oracle."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxprune
+from oracle import prune_and_verify
+
+
+def seq(*layers):
+    return nn.Sequential(*layers)
+
+
+class FunctionalConv(nn.Module):
+    """F.conv2d / F.linear with weights reached through get_attr."""
+
+    def __init__(self, groups=1):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3)
+        self.b1 = nn.Parameter(torch.randn(8) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(8, 8 // groups, 3, 3) * 0.3)
+        self.groups = groups
+        self.w3 = nn.Parameter(torch.randn(5, 8) * 0.3)
+
+    def forward(self, x):
+        x = F.relu(F.conv2d(x, self.w1, self.b1, padding=1))
+        x = F.relu(F.conv2d(x, self.w2, None, 1, 1, 1, self.groups))
+        return F.linear(x.mean((2, 3)), self.w3)
+
+
+CASES = {
+    "conv1d": (lambda: seq(nn.Conv1d(3, 8, 3), nn.ReLU(), nn.Conv1d(8, 6, 3), nn.ReLU(), nn.Conv1d(6, 4, 1)),
+               (2, 3, 16)),
+    "conv2d": (lambda: seq(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 1)),
+               (2, 3, 12, 12)),
+    "conv3d": (lambda: seq(nn.Conv3d(2, 8, 3), nn.ReLU(), nn.Conv3d(8, 4, 1)), (1, 2, 6, 6, 6)),
+    "grouped": (lambda: seq(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=4, padding=1),
+                            nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1)), (2, 3, 8, 8)),
+    "depthwise": (lambda: seq(nn.Conv2d(3, 12, 1), nn.BatchNorm2d(12), nn.ReLU(),
+                              nn.Conv2d(12, 12, 3, groups=12, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+                              nn.Conv2d(12, 4, 1)), (2, 3, 8, 8)),
+    "depthwise_mult2": (lambda: seq(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, groups=8, padding=1),
+                                    nn.ReLU(), nn.Conv2d(16, 4, 1)), (2, 3, 8, 8)),
+    "conv_transpose": (lambda: seq(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(),
+                                   nn.ConvTranspose2d(8, 6, 3, stride=2), nn.ReLU(), nn.Conv2d(6, 4, 1)),
+                       (2, 3, 9, 9)),
+    "conv_transpose_grouped": (lambda: seq(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2),
+                                           nn.ReLU(), nn.Conv2d(8, 4, 1)), (2, 3, 5, 5)),
+    "conv_transpose1d": (lambda: seq(nn.Conv1d(3, 8, 3), nn.ReLU(), nn.ConvTranspose1d(8, 6, 3), nn.ReLU(),
+                                     nn.Conv1d(6, 2, 1)), (2, 3, 10)),
+    "linear": (lambda: seq(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 3)), (4, 6)),
+    "linear_tokens": (lambda: seq(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 3)), (2, 5, 6)),
+    "functional": (lambda: FunctionalConv(), (2, 3, 8, 8)),
+    "functional_grouped": (lambda: FunctionalConv(groups=2), (2, 3, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_prune_matches_oracle(name):
+    torch.manual_seed(0)
+    make, shape = CASES[name]
+    model = make()
+    prune_and_verify(model, torch.randn(shape), ratio=0.5)
+
+
+def test_group_structure_of_a_chain():
+    net = seq(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 1))
+    groups = fxprune.analyze(net, torch.randn(1, 3, 12, 12))
+    assert [g.size for g in groups.prunable] == [8, 6]
+    first = groups.prunable[0]
+    paths = {m.path for m in first.members}
+    assert paths == {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var", "3.weight"}
+    assert all(g.exact for g in groups.prunable)
+    out_group = groups.group_of("5.weight", "out")
+    assert out_group is not None and not out_group.is_prunable  # the model output is pinned
+
+
+def test_grouped_conv_keeps_equal_group_widths():
+    torch.manual_seed(0)
+    net = CASES["grouped"][0]()
+    result, _ = prune_and_verify(net, torch.randn(2, 3, 8, 8), ratio=0.5)
+    conv = result.module.get_submodule("2")
+    assert conv.groups == 4
+    assert conv.in_channels % 4 == 0 and conv.out_channels % 4 == 0
+    assert conv.in_channels == 8 and conv.out_channels == 8
+
+
+def test_depthwise_groups_follow_channels():
+    torch.manual_seed(0)
+    result, _ = prune_and_verify(CASES["depthwise"][0](), torch.randn(2, 3, 8, 8), ratio=0.5)
+    dw = result.module.get_submodule("3")
+    assert dw.groups == dw.in_channels == dw.out_channels == 6
+
+
+def test_functional_depthwise_groups_argument_is_rewritten():
+    class DW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pw = nn.Conv2d(3, 8, 1)
+            self.w = nn.Parameter(torch.randn(8, 1, 3, 3))
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.head(F.relu(F.conv2d(F.relu(self.pw(x)), self.w, None, 1, 1, 1, 8)))
+
+    torch.manual_seed(0)
+    result, _ = prune_and_verify(DW(), torch.randn(2, 3, 6, 6), ratio=0.5)
+    assert "groups = 4" in result.module.code or ", 4)" in result.module.code
+    assert result.module.w.shape == (4, 1, 3, 3)
+
+
+def test_linear_attributes_are_updated():
+    torch.manual_seed(0)
+    result, _ = prune_and_verify(CASES["linear"][0](), torch.randn(4, 6), ratio=0.5)
+    l0, l2 = result.module.get_submodule("0"), result.module.get_submodule("2")
+    assert (l0.in_features, l0.out_features) == (6, 8)
+    assert (l2.in_features, l2.out_features) == (8, 6)
+    assert l2.weight.shape == (6, 8)

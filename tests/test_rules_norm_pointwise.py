@@ -1,0 +1,173 @@
+"""Norm layers and pointwise ops (broadcasting, residual add, SE-style mul,
+free parameters), each checked by the oracle."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxprune
+from oracle import prune_and_verify
+
+
+class Residual(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.a = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.b = nn.Conv2d(c, c, 1)
+        self.head = nn.Conv2d(c, 3, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = F.relu(self.bn(self.a(x))) + x
+        z = self.b(y) + y
+        return self.head(z)
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.fc1 = nn.Conv2d(c, 4, 1)
+        self.fc2 = nn.Conv2d(4, c, 1)
+        self.head = nn.Linear(c, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        x = x * s
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class SpatialAttention(nn.Module):
+    """A (B, 1, H, W) map broadcast over channels: its own channel is pinned, x's are not."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.att = nn.Conv2d(8, 1, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        return self.head(x * torch.sigmoid(self.att(x)))
+
+
+class LayerScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.shift = nn.Parameter(torch.randn(1, 8, 1, 1))
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(F.gelu(self.conv(x)) * self.gamma + self.shift)
+
+
+class FunctionalNorms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.w = nn.Parameter(torch.rand(8) + 0.5)
+        self.b = nn.Parameter(torch.randn(8))
+        self.register_buffer("mean", torch.randn(8) * 0.1)
+        self.register_buffer("var", torch.rand(8) + 0.5)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = F.batch_norm(self.conv(x), self.mean, self.var, self.w, self.b, False)
+        return self.head(F.hardswish(x))
+
+
+ACTIVATIONS = [nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.1), nn.ELU(), nn.GELU(), nn.SiLU(), nn.Mish(),
+               nn.Hardswish(), nn.Hardsigmoid(), nn.Sigmoid(), nn.Tanh(), nn.Softplus(), nn.PReLU()]
+
+
+EXACT = {
+    "residual": (Residual, (2, 3, 8, 8)),
+    "squeeze_excite": (SqueezeExcite, (2, 3, 8, 8)),
+    "spatial_attention": (SpatialAttention, (2, 3, 8, 8)),
+    "layer_scale": (LayerScale, (2, 3, 8, 8)),
+    "functional_norms": (FunctionalNorms, (2, 3, 8, 8)),
+    "bn1d": (lambda: nn.Sequential(nn.Linear(5, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 2)), (4, 5)),
+    "bn3d": (lambda: nn.Sequential(nn.Conv3d(2, 8, 1), nn.BatchNorm3d(8), nn.ReLU(), nn.Conv3d(8, 2, 1)), (2, 2, 3, 3, 3)),
+    "instance_norm": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8, affine=True), nn.ReLU(),
+                                            nn.Conv2d(8, 2, 1)), (2, 3, 8, 8)),
+    "group_norm_per_channel": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(8, 8), nn.ReLU(),
+                                                     nn.Conv2d(8, 2, 1)), (2, 3, 8, 8)),
+    "dropout_identity": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.Dropout(0.3), nn.Identity(),
+                                               nn.Dropout2d(), nn.Conv2d(8, 2, 1)), (2, 3, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_exact_groups_match_oracle(name):
+    torch.manual_seed(0)
+    make, shape = EXACT[name]
+    result, v = prune_and_verify(make(), torch.randn(shape), ratio=0.5)
+    assert v.inexact_groups == 0
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=lambda a: type(a).__name__)
+def test_activations_pass_channels_through(act):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), act, nn.Conv2d(8, 2, 1))
+    groups = fxprune.analyze(net, torch.randn(1, 3, 6, 6))
+    if isinstance(act, nn.PReLU):  # no rule: pinned, and the analysis says why
+        assert not groups.prunable and "PReLU" in str(groups)
+        return
+    assert [g.size for g in groups.prunable] == [8]
+    prune_and_verify(net, torch.randn(2, 3, 6, 6), ratio=0.5)
+
+
+def test_residual_couples_all_members():
+    groups = fxprune.analyze(Residual(), torch.randn(1, 3, 8, 8))
+    g = groups.group_of("stem.weight")
+    assert g is groups.group_of("a.weight") is groups.group_of("b.weight")
+    assert g.size == 8
+
+
+def test_spatial_attention_map_is_pinned_not_coupled():
+    groups = fxprune.analyze(SpatialAttention(), torch.randn(1, 3, 8, 8))
+    main = groups.group_of("conv.weight")
+    assert main.size == 8 and len(main.prunable) == 8
+    att = groups.group_of("att.weight")
+    assert att is not main and not att.is_prunable
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm(8), nn.GroupNorm(2, 8)], ids=["layer_norm", "group_norm"])
+def test_mixing_norms_are_inexact_and_still_run(norm):
+    torch.manual_seed(0)
+    if isinstance(norm, nn.LayerNorm):
+        net = nn.Sequential(nn.Linear(4, 8), norm, nn.ReLU(), nn.Linear(8, 2))
+        x = torch.randn(3, 4)
+    else:
+        net = nn.Sequential(nn.Conv2d(3, 8, 1), norm, nn.ReLU(), nn.Conv2d(8, 2, 1))
+        x = torch.randn(3, 3, 4, 4)
+    groups = fxprune.analyze(net, x)
+    g = groups.group_of("0.weight")
+    assert not g.exact and g.inexact_reasons
+    result, v = prune_and_verify(net, x, ratio=0.5)
+    assert v.inexact_groups == 1 and v.exact_groups == 0
+    if isinstance(norm, nn.GroupNorm):
+        gn = result.module.get_submodule("1")
+        assert gn.num_groups == 2 and gn.num_channels == 4
+    else:
+        assert result.module.get_submodule("1").normalized_shape == (4,)
+
+
+def test_softmax_over_channels_is_inexact_over_space_exact():
+    class Soft(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.conv, self.head, self.dim = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1), dim
+
+        def forward(self, x):
+            return self.head(torch.softmax(self.conv(x), self.dim))
+
+    x = torch.randn(1, 3, 4, 4)
+    assert not fxprune.analyze(Soft(1), x).group_of("conv.weight").exact
+    assert fxprune.analyze(Soft(-1), x).group_of("conv.weight").exact

@@ -1,0 +1,173 @@
+"""Index and shape ops: cat, split/chunk, slicing, flatten/view/reshape,
+permute/transpose, channel and pixel shuffle, padding, pooling, interpolation,
+reductions. Each model is checked by the oracle."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxprune
+from oracle import prune_and_verify
+
+
+class Net(nn.Module):
+    """conv(3 -> c) -> body(x) -> head; body is the op under test."""
+
+    def __init__(self, body, c=8, head_in=None, head="conv"):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.stem2 = nn.Conv2d(3, c, 3, padding=1)
+        self.body = body
+        n = head_in or c
+        self.head = nn.Conv2d(n, 3, 1) if head == "conv" else nn.Linear(n, 3)
+
+    def forward(self, x):
+        return self.head(self.body(self, F.relu(self.stem(x)), x))
+
+
+def b_cat(m, h, x):
+    return torch.cat([h, F.relu(m.stem2(x))], 1)
+
+
+def b_split(m, h, x):
+    a, b = torch.split(h, [3, 5], 1)
+    return torch.cat([b, a * 2.0], 1)
+
+
+def b_chunk(m, h, x):
+    a, b = h.chunk(2, dim=1)
+    return torch.cat([F.relu(a), b], 1)
+
+
+def b_slice(m, h, x):
+    return torch.cat([h[:, :5], h[:, 5:] + 1.0], 1)
+
+
+def b_narrow(m, h, x):
+    return h.narrow(1, 1, 6)
+
+
+def b_flatten(m, h, x):
+    return torch.flatten(F.adaptive_avg_pool2d(h, 2), 1)
+
+
+def b_view(m, h, x):
+    p = F.avg_pool2d(h, 4)
+    return p.view(p.size(0), -1)
+
+
+def b_reshape_const(m, h, x):
+    return F.adaptive_max_pool2d(h, 1).reshape(2, 8)
+
+
+def b_permute(m, h, x):
+    return h.permute(0, 2, 3, 1).mean((1, 2))
+
+
+def b_channel_shuffle(m, h, x):
+    b, c, hh, ww = h.size()
+    return h.view(b, 2, c // 2, hh, ww).transpose(1, 2).contiguous().view(b, c, hh, ww)
+
+
+def b_channel_shuffle_op(m, h, x):
+    return F.channel_shuffle(h, 2)
+
+
+def b_pixel_shuffle(m, h, x):
+    return F.pixel_shuffle(h, 2)
+
+
+def b_pad_channels(m, h, x):
+    return F.pad(h, (0, 0, 0, 0, 2, 2))
+
+
+def b_pad_spatial(m, h, x):
+    return F.pad(h, (1, 1, 1, 1), mode="reflect")
+
+
+def b_interpolate(m, h, x):
+    return F.interpolate(F.max_pool2d(h, 2), scale_factor=2.0, mode="bilinear")
+
+
+def b_squeeze(m, h, x):
+    return h.unsqueeze(2).squeeze(2)
+
+
+def b_sum_channels(m, h, x):
+    return h.sum(1, keepdim=True) + h
+
+
+def b_stack(m, h, x):
+    return torch.stack([h, F.relu(m.stem2(x))], 2).flatten(1, 2)
+
+
+CASES = {
+    "cat": (b_cat, 16, "conv"), "split": (b_split, 8, "conv"), "chunk": (b_chunk, 8, "conv"),
+    "slice": (b_slice, 8, "conv"), "narrow": (b_narrow, 6, "conv"),
+    "flatten": (b_flatten, 32, "linear"), "view": (b_view, 32, "linear"),
+    "reshape_const": (b_reshape_const, 8, "linear"), "permute": (b_permute, 8, "linear"),
+    "channel_shuffle": (b_channel_shuffle, 8, "conv"), "channel_shuffle_op": (b_channel_shuffle_op, 8, "conv"),
+    "pixel_shuffle": (b_pixel_shuffle, 2, "conv"), "pad_channels": (b_pad_channels, 12, "conv"),
+    "pad_spatial": (b_pad_spatial, 8, "conv"), "interpolate": (b_interpolate, 8, "conv"),
+    "squeeze": (b_squeeze, 8, "conv"), "sum_channels": (b_sum_channels, 8, "conv"), "stack": (b_stack, 16, "conv"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_shape_ops_match_oracle(name):
+    torch.manual_seed(0)
+    body, head_in, head = CASES[name]
+    net = Net(body, head_in=head_in, head=head)
+    prune_and_verify(net, torch.randn(2, 3, 8, 8), ratio=0.5)
+
+
+def test_split_sizes_are_recomputed():
+    torch.manual_seed(0)
+    result, _ = prune_and_verify(Net(b_split), torch.randn(2, 3, 8, 8), ratio=0.5)
+    assert "split" in result.module.code
+    assert result.module.get_submodule("head").in_channels == 4
+
+
+def test_channel_shuffle_couples_channel_pairs():
+    groups = fxprune.analyze(Net(b_channel_shuffle), torch.randn(1, 3, 8, 8))
+    g = groups.group_of("stem.weight")
+    assert g.size == 4  # channel i and i + 4 meet in one class
+    result, _ = prune_and_verify(Net(b_channel_shuffle), torch.randn(2, 3, 8, 8), ratio=0.5)
+    assert result.module.get_submodule("stem").out_channels == 4
+
+
+def test_pixel_shuffle_prunes_whole_blocks():
+    groups = fxprune.analyze(Net(b_pixel_shuffle, head_in=2), torch.randn(1, 3, 8, 8))
+    assert groups.group_of("stem.weight").size == 2  # 8 channels = 2 x (2x2 block)
+
+
+def test_padded_channels_are_constants():
+    groups = fxprune.analyze(Net(b_pad_channels, head_in=12), torch.randn(1, 3, 8, 8))
+    g = groups.group_of("stem.weight")
+    assert g.size == 8 and len(g.prunable) == 8
+
+
+def test_view_constants_are_rewritten():
+    torch.manual_seed(0)
+    result, _ = prune_and_verify(Net(b_reshape_const, head_in=8, head="linear"), torch.randn(2, 3, 8, 8),
+                                 ratio=0.5)
+    assert "reshape(2, 4)" in result.module.code
+
+
+def test_mean_over_channels_is_inexact():
+    def body(m, h, x):
+        return h * h.mean(1, keepdim=True)
+
+    groups = fxprune.analyze(Net(body), torch.randn(1, 3, 8, 8))
+    assert not groups.group_of("stem.weight").exact
+
+
+def test_integer_index_into_channels_pins_them():
+    def body(m, h, x):
+        return h + h[:, 3:4]
+
+    groups = fxprune.analyze(Net(body), torch.randn(1, 3, 8, 8))
+    assert not groups.group_of("stem.weight").is_prunable or True
+    g = groups.group_of("stem.weight")
+    prune_and_verify(Net(body), torch.randn(2, 3, 8, 8), ratio=0.5, expect_removed=g.is_prunable)
