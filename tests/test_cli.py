@@ -1,0 +1,145 @@
+"""Tests of the fxprune command line (fxprune.cli.main and python -m fxprune)."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fxprune
+import fxprune.io
+from fxprune.cli import main
+
+needs_core = pytest.mark.skipif(not hasattr(fxprune, "prune"), reason="core API not landed yet")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_has_examples(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    assert "fxprune prune --ratio 0.5 --out pruned_resnet56" in out
+    for command in ("prune", "analyze", "models"):
+        assert command in out
+
+
+def test_prune_help(capsys):
+    code, out, _ = run(capsys, "prune", "--help")
+    assert code == 0
+    for option in ("--ratio", "--importance", "--input-shape", "--out", "--global-ranking",
+                   "--round-to", "--ignore", "--pipeline", "--seed", "--no-verify"):
+        assert option in out
+    assert "plain PyTorch" in out
+
+
+def test_models_lists_builtins(capsys):
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("resnet")}
+    assert list(lines) == ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
+    assert "856K" in lines["resnet56"] and "1,3,32,32" in lines["resnet56"]
+
+
+@pytest.mark.parametrize("argv,stderr", [
+    ([], r"required: COMMAND"),
+    (["prune"], r"required: --out"),
+    (["prune", "--out", "o", "--ratio", "1.5"], r"--ratio: '1.5' is not a ratio in \[0, 1\)"),
+    (["prune", "--out", "o", "--ratio", "half"], r"--ratio: 'half' is not a ratio"),
+    (["prune", "--out", "o", "--input-shape", "1,3,x"], r"--input-shape: '1,3,x' is not a shape"),
+    (["prune", "--out", "o", "--input-shape", "1,0,4"], r"is not a shape"),
+    (["prune", "--out", "o", "--round-to", "0"], r"--round-to: '0' is not a positive integer"),
+    (["analyze", "--seed", "x"], r"--seed: invalid int value"),
+    (["frobnicate"], r"invalid choice: 'frobnicate'"),
+])
+def test_usage_errors_exit_2(capsys, argv, stderr):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert re.search(stderr, err), err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["prune", "resnet57", "--out", "{tmp}/o"], r"error: unknown model 'resnet57'.*resnet56"),
+    (["analyze", "torchvision:not_a_net"], r"error: torchvision has no model 'not_a_net'"),
+    (["analyze", "no_such_pkg_zz:make"], r"error: cannot import 'no_such_pkg_zz'"),
+    (["prune", "--out", "{tmp}/file.txt"], r"error: .*file\.txt is a file"),
+    (["prune", "--out", "{tmp}/busy"], r"error: .*busy is a non-empty folder"),
+])
+def test_fxprune_errors_exit_2_without_traceback(capsys, tmp_path, argv, message):
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep").write_text("x")
+    code, out, err = run(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert code == 2
+    assert re.search(message, err), err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+@needs_core
+def test_prune_resnet20(capsys, tmp_path):
+    out_dir = tmp_path / "r20"
+    code, out, err = run(capsys, "prune", "resnet20", "--ratio", "0.25", "--out", str(out_dir))
+    assert code == 0, err
+    assert "model: resnet20 (CifarResNet), input 1x3x32x32, seed 0" in out
+    assert "verify: max relative error" in out
+    table = [line.split() for line in out.splitlines()]
+    assert ["before", "after", "ratio"] in table
+    params = next(row for row in table if row and row[0] == "params")
+    assert params[1] == "272K" and float(params[3]) < 1.0
+    assert f"saved: {out_dir}/" in out
+    model = fxprune.io.load(out_dir)
+    with torch.no_grad():
+        y = model(torch.randn(1, 3, 32, 32))
+    assert y.shape == (1, 10)
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["after"]["params"] < report["before"]["params"] == 272474
+
+
+@needs_core
+def test_prune_options_and_overwrite(capsys, tmp_path):
+    out_dir = tmp_path / "r20"
+    argv = ["prune", "resnet20", "--ratio", "0.5", "--round-to", "4", "--global-ranking",
+            "--ignore", "fc", "--importance", "l1", "--seed", "3", "--no-verify",
+            "--input-shape", "2,3,32,32", "--out", str(out_dir)]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "verify:" not in out
+    code, out, err = run(capsys, *argv)  # writing over an earlier output is fine
+    assert code == 0, err
+    manifest = json.loads((out_dir / "fxprune.json").read_text())
+    assert manifest["input_shapes"] == [[2, 3, 32, 32]]
+    model = fxprune.io.load(out_dir)
+    widths = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w % 4 == 0 for w in widths)
+
+
+@needs_core
+@pytest.mark.parametrize("argv,message", [
+    (["--importance", "bogus"], r"error: unknown importance 'bogus'"),
+    (["--ignore", "no.such.layer"], r"error: ignore: 'no.such.layer' is not a module"),
+    (["--pipeline", "no-such-pass"], r"error: .*no-such-pass"),
+])
+def test_core_errors_exit_2(capsys, tmp_path, argv, message):
+    code, out, err = run(capsys, "prune", "resnet20", "--out", str(tmp_path / "o"), *argv)
+    assert code == 2
+    assert re.search(message, err), err
+
+
+@needs_core
+def test_analyze(capsys):
+    code, out, err = run(capsys, "analyze", "resnet20")
+    assert code == 0, err
+    assert out.startswith("model: resnet20 (CifarResNet), input 1x3x32x32")
+    assert len(out.splitlines()) > 2
+
+
+def test_python_dash_m(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fxprune", "models"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resnet110" in proc.stdout
