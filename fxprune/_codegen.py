@@ -101,6 +101,10 @@ class _Writer:
             return f"{mod}.{qual}"
         return qual
 
+    def src(self, obj) -> str:
+        """Source text for a function or class found in a module attribute."""
+        return self.ref(obj, "attribute value")
+
     def constructor(self, module: torch.nn.Module) -> str | None:
         """A checked ``cls(args)`` call for a torch class, or None."""
         cls = type(module)
@@ -132,8 +136,8 @@ class _Writer:
                         continue
                     elif not same(value, p.default):
                         args.append((p.name, value))
-                text = ", ".join(literal(v) if k is None else f"{k}={literal(v)}"
-                                 for k, v in args)
+                text = ", ".join(literal(v, self.src) if k is None else
+                                 f"{k}={literal(v, self.src)}" for k, v in args)
                 # on the meta device: no init time, and the caller's RNG is untouched
                 with torch.random.fork_rng(devices=[]), torch.device("meta"):
                     candidate = cls(*[v for k, v in args if k is None],
@@ -154,12 +158,12 @@ class _Writer:
                 attrs[key] = None
                 continue
             try:
-                literal(value)
+                literal(value, self.src)
             except Unsupported:
                 raise SaveError(f"module {path!r} ({type(module).__name__}) has attribute "
                                 f"{key!r} of type {type(value).__name__}, which cannot be "
-                                "written as source; only plain Python values and tensors "
-                                "can be saved") from None
+                                "written as source; only plain Python values, tensors and "
+                                "importable functions or classes can be saved") from None
             attrs[key] = value
         params = {k: None if v is None else (tuple(v.shape), v.dtype, v.requires_grad)
                   for k, v in module._parameters.items()}
@@ -167,7 +171,8 @@ class _Writer:
                                               k not in module._non_persistent_buffers_set)
                    for k, v in module._buffers.items()}
         cls = self.ref(type(module), "module class")
-        return f"_blank({cls}, {literal(attrs)}, {literal(params)}, {literal(buffers)})"
+        return (f"_blank({cls}, {literal(attrs, self.src)}, {literal(params)}, "
+                f"{literal(buffers)})")
 
 
 def _same_spec(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -8,6 +8,7 @@ torch and the modules that define the model's classes.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -19,14 +20,17 @@ class Unsupported(Exception):
     """A value has no literal source form."""
 
 
-def literal(value) -> str:
+def literal(value, ref=None) -> str:
     """Return Python source that evaluates to `value` (with ``torch`` in scope).
+
+    `ref`, if given, writes a function or class as source (an import path).
 
     Raises
     ------
     Unsupported
         If `value` (or an element of it) is not a plain Python value, a
-        ``torch.dtype``, ``torch.device`` or ``torch.Size``.
+        ``torch.dtype``, ``torch.device``, ``torch.Size``, or (with `ref`) a
+        function or class.
 
     Examples
     --------
@@ -46,16 +50,20 @@ def literal(value) -> str:
     if isinstance(value, torch.Size):
         return f"torch.Size({literal(list(value))})"
     if type(value) is tuple:
-        inner = ", ".join(literal(v) for v in value)
+        inner = ", ".join(literal(v, ref) for v in value)
         return f"({inner},)" if len(value) == 1 else f"({inner})"
     if type(value) is list:
-        return "[" + ", ".join(literal(v) for v in value) + "]"
+        return "[" + ", ".join(literal(v, ref) for v in value) + "]"
     if type(value) is dict:
-        return "{" + ", ".join(f"{literal(k)}: {literal(v)}" for k, v in value.items()) + "}"
+        items = (f"{literal(k, ref)}: {literal(v, ref)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
     if type(value) in (set, frozenset):
-        items = sorted((literal(v) for v in value))
+        items = sorted((literal(v, ref) for v in value))
         body = "{" + ", ".join(items) + "}" if items else "()"
         return f"{type(value).__name__}({body})"
+    if ref is not None and (inspect.isfunction(value) or inspect.isbuiltin(value)
+                            or isinstance(value, type)):
+        return ref(value)
     raise Unsupported(type(value).__name__)
 
 

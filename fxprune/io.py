@@ -113,16 +113,23 @@ def _graph_module(obj: Any) -> torch.fx.GraphModule:
 
 
 def _check_round_trip(gm: torch.fx.GraphModule, path: Path, inputs: tuple) -> None:
-    """Load the folder back and require bit-identical outputs on `inputs`."""
+    """Load the folder back and require identical outputs on `inputs` (bit-exact on CPU)."""
     if gm.training:
         return  # dropout and batch statistics make train-mode outputs differ run to run
     device = next((t.device for t in gm.state_dict().values()), torch.device("cpu"))
     loaded = load(path, device=device)
     with torch.no_grad():
         expected, got = tree_leaves(gm(*inputs)), tree_leaves(loaded(*inputs))
-    same = len(expected) == len(got) and all(
-        torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
-        for a, b in zip(expected, got))
+
+    def equal(a, b) -> bool:
+        if not isinstance(a, torch.Tensor):
+            return a == b
+        if a.device.type == "cpu":
+            return torch.equal(a, b)
+        # accelerator kernels may pick another algorithm for the second module
+        return a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    same = len(expected) == len(got) and all(equal(a, b) for a, b in zip(expected, got))
     if not same:
         raise SaveError(f"the model loaded back from {path} gives different outputs than "
                         "the saved one; please report this as an fxprune bug")

@@ -3,6 +3,7 @@
 import fractions
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -205,6 +206,21 @@ def test_generic_rebuild_of_non_torch_leaf_and_float64(tmp_path):
     assert outputs_equal(model, gm, torch.randn(2, 3, 8, 8).double())
 
 
+def test_transformer_leaves_with_function_attributes(tmp_path):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, activation="gelu",
+                                       batch_first=True)
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(8, 16), layer).eval())
+    x = torch.randn(2, 5, 8)
+    path = save(gm, tmp_path / "tel", example_inputs=x)
+    source = (path / "module.py").read_text()
+    assert re.search(r"_blank\(torch.nn.TransformerEncoderLayer, .*'activation': torch\.\S*gelu",
+                     source)  # a function-valued attribute, written as its import path
+    assert "torch.nn.MultiheadAttention(16, 4, dropout=0.1, kdim=16, vdim=16, batch_first=True)" \
+        in source
+    assert outputs_equal(load(path), gm, x)
+
+
 def test_save_leaves_rng_alone(small_gm, tmp_path):
     state = torch.get_rng_state()
     save(small_gm, tmp_path / "rng")
@@ -351,3 +367,12 @@ def test_load_a_file_instead_of_folder(saved):
     path, _ = saved
     with pytest.raises(LoadError, match=r"module\.py is not a folder.*not a file inside it"):
         load(path / "module.py")
+
+
+def test_doctests():
+    import doctest
+
+    import fxprune._pysource
+
+    result = doctest.testmod(fxprune._pysource)
+    assert result.attempted > 0 and result.failed == 0

@@ -144,3 +144,12 @@ def test_resolve_model_errors(spec, match, factory_module):
 ])
 def test_default_input_shape(spec, shape):
     assert default_input_shape(spec) == shape
+
+
+def test_doctests():
+    import doctest
+
+    import fxprune.models
+
+    result = doctest.testmod(fxprune.models)
+    assert result.attempted > 0 and result.failed == 0

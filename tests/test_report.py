@@ -198,3 +198,14 @@ def test_report_is_frozen():
 def test_as_tuple(value, expected_len):
     out = as_tuple(value)
     assert isinstance(out, tuple) and len(out) == expected_len
+
+
+def test_doctests():
+    import doctest
+
+    import fxprune._util
+    import fxprune.report
+
+    for module in (fxprune.report, fxprune._util):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
