@@ -173,7 +173,7 @@ def _segments(labels_of: dict, class_of: torch.Tensor) -> tuple[torch.Tensor, ..
     out = []
     for labels in labels_of.values():
         for l in (labels if isinstance(labels, tuple) else (labels,)):
-            if isinstance(l, torch.Tensor) and l.numel() > 1:
+            if isinstance(l, torch.Tensor):
                 cls = torch.unique(class_of[l.reshape(-1)])
                 key = tuple(cls.tolist())
                 if key not in seen:

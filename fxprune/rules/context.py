@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from ..errors import AnalysisError
+from ..errors import AnalysisError, RewriteError
 from ..labels import CONST, Family, LabelSpace, channel_dim, const_like, normalize
 from ..meta import TensorMeta, get_meta, tensor_meta
 
@@ -215,9 +215,12 @@ class RewriteContext:
         if labels is None:
             return None
         dim = channel_dim(labels)
-        if dim is None:
-            return None
         mask = self.kept[self.groups.class_of[labels.reshape(-1)]]
+        if dim is None:
+            if not bool(mask.all()):
+                raise RewriteError("the plan removes the only channel class of a tensor; "
+                                   "select must keep at least one channel of every tensor")
+            return None
         if bool(mask.all()):
             return None
         return dim, mask.nonzero().reshape(-1)
