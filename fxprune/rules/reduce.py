@@ -178,8 +178,13 @@ def size_query(ctx, node):
     """x.size(), x.shape, x.dim(), x.numel(): no labels; using a channel count as a
     *value* (not a shape) changes results when channels go, so it marks them inexact."""
     x = node.args[0]
-    if node.op == "call_function" and node.target is builtins.getattr and node.args[1] not in ("shape",):
-        return None
+    if node.op == "call_function" and node.target is builtins.getattr and node.args[1] != "shape":
+        if not ctx.is_tensor(node):
+            return None  # dtype, device, ...
+        if node.args[1] in ("T", "mT", "H", "mH"):
+            from .shape import relabel
+            return relabel(ctx, node)
+        return ctx.labels(x)  # .real, .imag, .data: same positions
     labels = ctx.labels(x)
     if labels is None or channel_dim(labels) is None:
         return None
