@@ -71,6 +71,19 @@ def _importable(obj, what: str) -> tuple[str, str]:
     return mod, qual
 
 
+def _by_attributes(mod: str, qual: str):
+    """What ``import mod`` followed by the expression ``mod.qual`` evaluates to."""
+    importlib.import_module(mod)
+    parts = mod.split(".") + qual.split(".")
+    target = importlib.import_module(parts[0])
+    try:
+        for part in parts[1:]:
+            target = getattr(target, part)
+    except AttributeError:
+        return None
+    return target
+
+
 @dataclass
 class Emitted:
     """The generated source and the tensors ``weights.pt`` must hold."""
@@ -90,16 +103,26 @@ class _Writer:
         self.init: list[str] = []
         self.ties: list[str] = []
         self.extra: dict[str, torch.Tensor] = {}
+        self.aliases: dict[tuple[str, str], str] = {}
 
     def ref(self, obj, what: str) -> str:
         """Source text that names class or function `obj`."""
         mod, qual = _importable(obj, what)
         if mod.startswith("torch.nn") and getattr(torch.nn, qual, None) is obj:
             return f"torch.nn.{qual}"
-        if mod != "builtins":
+        if mod == "builtins":
+            return qual
+        if _by_attributes(mod, qual) is obj:
             self.imports.add(mod)
             return f"{mod}.{qual}"
-        return qual
+        # a package attribute shadows the submodule (torchvision.ops.stochastic_depth
+        # is a function): import the name from its module instead
+        head, _, rest = qual.partition(".")
+        alias = self.aliases.get((mod, head))
+        if alias is None:
+            alias = f"_imp_{head}" + (f"_{len(self.aliases)}" if self.aliases else "")
+            self.aliases[(mod, head)] = alias
+        return f"{alias}.{rest}" if rest else alias
 
     def src(self, obj) -> str:
         """Source text for a function or class found in a module attribute."""
@@ -328,7 +351,8 @@ def emit_module(gm: torch.fx.GraphModule) -> Emitted:
     for path, module in gm.named_modules():
         if path and module.training != gm.training and type(module) is not torch.nn.Module:
             lines.append(f"self.get_submodule({path!r}).training = {module.training}")
-    taken = {b.split(" = ")[0] for b in w.bindings} | {i.split()[-1] for i in w.imports}
+    taken = ({b.split(" = ")[0] for b in w.bindings} | {i.split()[-1] for i in w.imports}
+             | set(w.aliases.values()))
     cls = _class_name(gm, taken | RESERVED)
     # fx may put statements before ``def forward`` (torch.fx.wrap calls): module level
     src = code.src.strip().splitlines()
@@ -337,7 +361,8 @@ def emit_module(gm: torch.fx.GraphModule) -> Emitted:
     forward = "\n".join(("    " + line).rstrip() for line in src[start:])
     source = TEMPLATE.format(
         cls=cls, torch_version=torch.__version__,
-        imports="\n".join(f"import {i}" for i in sorted(w.imports)),
+        imports="\n".join([f"import {i}" for i in sorted(w.imports)] + [
+            f"from {mod} import {head} as {alias}" for (mod, head), alias in w.aliases.items()]),
         bindings="".join(f"{b}\n" for b in w.bindings + prologue),
         init="\n".join(" " * 8 + line for line in lines), forward=forward,
         ties="\n".join(" " * 8 + line for line in w.ties or ["pass"]),

@@ -221,6 +221,20 @@ def test_transformer_leaves_with_function_attributes(tmp_path):
     assert outputs_equal(load(path), gm, x)
 
 
+def test_function_whose_module_is_shadowed(tmp_path):
+    # StochasticDepth calls a torch.fx.wrap'ed function of the module
+    # torchvision.ops.stochastic_depth, but torchvision.ops.stochastic_depth is
+    # that function, so the expression ...stochastic_depth.stochastic_depth fails
+    root = nn.Sequential(nn.Conv2d(3, 4, 1), torchvision.ops.StochasticDepth(0.2, "row"))
+    gm = torch.fx.symbolic_trace(root.eval())
+    x = torch.randn(2, 3, 4, 4)
+    path = save(gm, tmp_path / "sd", example_inputs=x)
+    source = (path / "module.py").read_text()
+    assert ("from torchvision.ops.stochastic_depth import stochastic_depth as "
+            "_imp_stochastic_depth") in source
+    assert outputs_equal(load(path), gm, x)
+
+
 def test_save_leaves_rng_alone(small_gm, tmp_path):
     state = torch.get_rng_state()
     save(small_gm, tmp_path / "rng")
