@@ -13,7 +13,6 @@ define the classes and functions it uses, never fxprune.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import keyword
 import re
@@ -22,20 +21,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fxprune._pysource import TEMPLATE, Unsupported, literal, same
-from fxprune.errors import FxpruneError
+from fxprune._pysource import (FORBIDDEN_PACKAGES, TEMPLATE, SaveError, Unsupported,
+                               by_attributes, importable, literal, same)
 
 __all__ = ["SaveError", "Emitted", "emit_module"]
-
-
-class SaveError(FxpruneError, ValueError):
-    """A model cannot be written as a folder that loads without fxprune."""
 
 
 # Attributes every nn.Module has; the rest of ``vars(module)`` is its own state.
 _INTERNALS = frozenset(vars(torch.nn.Module())) | {"training"}
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_FORBIDDEN_PACKAGES = ("fxprune", "passes", "__main__")
 RESERVED = frozenset({"os", "torch", "load", "WEIGHTS", "_HERE", "_put",
                       "_blank", "_tie", "_assign", "_tie_weights"})
 
@@ -47,41 +41,6 @@ def _spec(module: torch.nn.Module) -> tuple:
     state = {k: v for k, v in vars(module).items() if k not in _INTERNALS}
     return (type(module), state, tensors(module._parameters), tensors(module._buffers),
             set(module._non_persistent_buffers_set))
-
-
-def _importable(obj, what: str) -> tuple[str, str]:
-    """Return ``(module, qualname)`` under which `obj` imports; raise SaveError if none."""
-    mod, qual = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
-    if not mod or not qual or "<" in qual:
-        raise SaveError(f"{what} {obj!r} is defined inside a function and cannot be "
-                        "imported when the saved folder loads; define it at module level")
-    if mod.split(".")[0] in _FORBIDDEN_PACKAGES:
-        raise SaveError(f"{what} {mod}.{qual} lives in {mod!r}, which a saved folder "
-                        "cannot import; use a class or function from an importable "
-                        "module other than fxprune")
-    try:
-        target = importlib.import_module(mod)
-        for part in qual.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError):
-        target = None
-    if target is not obj:
-        raise SaveError(f"{what} {obj!r} is not reachable as {mod}.{qual}; "
-                        "define it at module level of an importable module")
-    return mod, qual
-
-
-def _by_attributes(mod: str, qual: str):
-    """What ``import mod`` followed by the expression ``mod.qual`` evaluates to."""
-    importlib.import_module(mod)
-    parts = mod.split(".") + qual.split(".")
-    target = importlib.import_module(parts[0])
-    try:
-        for part in parts[1:]:
-            target = getattr(target, part)
-    except AttributeError:
-        return None
-    return target
 
 
 @dataclass
@@ -107,12 +66,12 @@ class _Writer:
 
     def ref(self, obj, what: str) -> str:
         """Source text that names class or function `obj`."""
-        mod, qual = _importable(obj, what)
+        mod, qual = importable(obj, what)
         if mod.startswith("torch.nn") and getattr(torch.nn, qual, None) is obj:
             return f"torch.nn.{qual}"
         if mod == "builtins":
             return qual
-        if _by_attributes(mod, qual) is obj:
+        if by_attributes(mod, qual) is obj:
             self.imports.add(mod)
             return f"{mod}.{qual}"
         # a package attribute shadows the submodule (torchvision.ops.stochastic_depth
@@ -260,7 +219,7 @@ def _bind_globals(w: _Writer, globals_: dict, src: str) -> None:
         if not re.search(rf"\b{re.escape(name)}\b", src):
             continue
         if isinstance(obj, types.ModuleType):
-            if obj.__name__.split(".")[0] in _FORBIDDEN_PACKAGES:
+            if obj.__name__.split(".")[0] in FORBIDDEN_PACKAGES:
                 raise SaveError(f"the forward code uses module {obj.__name__!r}, which a "
                                 "saved folder cannot import")
             if name == obj.__name__:
@@ -303,7 +262,8 @@ def _root_tensors(w: _Writer, gm: torch.fx.GraphModule) -> None:
         except AttributeError:
             raise SaveError(f"{node.format_node()} reads {node.target!r}, which the module "
                             "does not have; run graph.lint() and fix the graph") from None
-        if leaf in owner._parameters or leaf in owner._buffers or isinstance(value, torch.nn.Module):
+        if (leaf in owner._parameters or leaf in owner._buffers
+                or isinstance(value, torch.nn.Module)):
             continue
         if not isinstance(value, torch.Tensor):
             raise SaveError(f"{node.format_node()} reads a {type(value).__name__}; only "

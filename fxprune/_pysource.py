@@ -1,19 +1,34 @@
 """Python-source helpers for saving models: literals and the module template.
 
 :func:`literal` writes a plain Python value as source; :func:`same` is the
-exact equality the save path checks rebuilt modules with; :data:`TEMPLATE`
-is the text of a saved folder's ``module.py``, which must import nothing but
-torch and the modules that define the model's classes.
+exact equality the save path checks rebuilt modules with; :func:`importable`
+finds the import path of a class or function (never one inside fxprune);
+:data:`TEMPLATE` is the text of a saved folder's ``module.py``, which must
+import nothing but torch and the modules that define the model's classes.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 
 import torch
 
-__all__ = ["Unsupported", "literal", "same", "TEMPLATE"]
+from fxprune.errors import FxpruneError
+
+__all__ = ["SaveError", "Unsupported", "literal", "same", "importable", "by_attributes",
+           "TEMPLATE"]
+
+
+class SaveError(FxpruneError, ValueError):
+    """A model cannot be written as a folder that loads without fxprune.
+
+    (Defined here until it moves to :mod:`fxprune.errors`.)
+    """
+
+
+FORBIDDEN_PACKAGES = ("fxprune", "passes", "__main__")
 
 
 class Unsupported(Exception):
@@ -80,6 +95,41 @@ def same(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         return a.shape == b.shape and a.dtype == b.dtype
     return a == b
+
+
+def importable(obj, what: str) -> tuple[str, str]:
+    """Return ``(module, qualname)`` under which `obj` imports; raise SaveError if none."""
+    mod, qual = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not mod or not qual or "<" in qual:
+        raise SaveError(f"{what} {obj!r} is defined inside a function and cannot be "
+                        "imported when the saved folder loads; define it at module level")
+    if mod.split(".")[0] in FORBIDDEN_PACKAGES:
+        raise SaveError(f"{what} {mod}.{qual} lives in {mod!r}, which a saved folder "
+                        "cannot import; use a class or function from an importable "
+                        "module other than fxprune")
+    try:
+        target = importlib.import_module(mod)
+        for part in qual.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError):
+        target = None
+    if target is not obj:
+        raise SaveError(f"{what} {obj!r} is not reachable as {mod}.{qual}; "
+                        "define it at module level of an importable module")
+    return mod, qual
+
+
+def by_attributes(mod: str, qual: str):
+    """What ``import mod`` followed by the expression ``mod.qual`` evaluates to."""
+    importlib.import_module(mod)
+    parts = mod.split(".") + qual.split(".")
+    target = importlib.import_module(parts[0])
+    try:
+        for part in parts[1:]:
+            target = getattr(target, part)
+    except AttributeError:
+        return None
+    return target
 
 
 TEMPLATE = '''"""{cls}: a model saved by fxprune (torch {torch_version}).

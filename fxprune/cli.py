@@ -35,7 +35,8 @@ examples:
   fxprune prune --ratio 0.5 --out pruned_resnet56
   fxprune prune resnet110 --ratio 0.6 --global-ranking --out r110
   fxprune prune torchvision:vgg16_bn --ratio 0.5 --round-to 8 --ignore classifier.6 --out vgg
-  fxprune prune resnet20 --pipeline "channel-deps,score-magnitude{p=1},select{ratio=0.4},rewrite" --out r20
+  fxprune prune resnet20 --out r20 \
+      --pipeline "channel-deps,score-magnitude{p=1},select{ratio=0.4},rewrite"
 
 the output folder loads with fxprune.load(DIR), or with plain PyTorch:
   import sys; sys.path.insert(0, "PARENT_OF_DIR"); import DIR; model = DIR.load()

@@ -57,7 +57,8 @@ def test_num_classes_and_stages():
     model = resnet56(num_classes=100)
     assert model.fc.out_features == 100
     assert [len(s) for s in (model.layer1, model.layer2, model.layer3)] == [9, 9, 9]
-    assert [s[0].conv1.out_channels for s in (model.layer1, model.layer2, model.layer3)] == [16, 32, 64]
+    stages = (model.layer1, model.layer2, model.layer3)
+    assert [s[0].conv1.out_channels for s in stages] == [16, 32, 64]
 
 
 def test_shortcuts_option_b():
