@@ -133,38 +133,51 @@ def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inex
     comp = _family_components(space, class_of, n)
     const_class = int(class_of[CONST])
     fam = torch.tensor(space.family_of, dtype=torch.int64)
-    # classes in first-appearance order of their labels (source order)
-    order: dict[int, list[int]] = {}
-    seen = torch.zeros(n, dtype=torch.bool)
+    # group ids in order of first appearance; classes in source order inside a group
     first_label = torch.full((n,), len(space), dtype=torch.int64)
     first_label.scatter_reduce_(0, class_of, torch.arange(len(space)), "amin")
+    comp_list = comp.tolist()
+    gid_of_root: dict[int, int] = {}
+    classes_of: list[list[int]] = []
     for c in torch.argsort(first_label).tolist():
-        if c == const_class or seen[c]:
+        if c == const_class:
             continue
-        seen[c] = True
-        order.setdefault(int(comp[c]), []).append(c)
+        gid = gid_of_root.setdefault(comp_list[c], len(gid_of_root))
+        if gid == len(classes_of):
+            classes_of.append([])
+        classes_of[gid].append(c)
+    group_of_class = torch.full((n,), -1, dtype=torch.int64)
+    for gid, classes in enumerate(classes_of):
+        group_of_class[torch.tensor(classes)] = gid
     members: dict[int, list[Member]] = {}
     for a in alignments:
         cls = torch.unique(class_of[a.labels.reshape(-1)])
-        for root in torch.unique(comp[cls]).tolist():
-            if cls.numel() == 1 and int(cls[0]) == const_class:
-                continue
-            members.setdefault(root, []).append(Member(a.path, a.dim, a.role))
-    groups = []
-    group_of_class = torch.full((n,), -1, dtype=torch.int64)
-    for gid, (root, classes) in enumerate(order.items()):
-        cls_t = torch.tensor(classes)
-        group_of_class[cls_t] = gid
-        prunable = tuple(c for c in classes if not pinned[c])
-        fams = torch.unique(fam[torch.isin(class_of, cls_t)]).tolist()
-        sources = tuple(space.families[f].what for f in fams if f != 0)
-        why_pin = tuple(dict.fromkeys(r for c in classes for r in pin_why.get(c, ())))[:4]
-        why_inexact = tuple(dict.fromkeys(r for c in classes for r in inexact_why.get(c, ())))[:4]
-        groups.append(ChannelGroup(
-            id=gid, classes=tuple(classes), prunable=prunable,
-            members=tuple(dict.fromkeys(members.get(root, []))), sources=sources,
-            exact=not bool(inexact[cls_t].any()), inexact_reasons=why_inexact, pinned_reasons=why_pin))
-    return tuple(groups), group_of_class
+        for gid in torch.unique(group_of_class[cls]).tolist():
+            if gid >= 0:
+                members.setdefault(gid, []).append(Member(a.path, a.dim, a.role))
+    sources: dict[int, list[str]] = {}
+    pairs = torch.unique(torch.stack([group_of_class[class_of], fam], 1), dim=0)
+    for gid, f in pairs.tolist():
+        if gid >= 0 and f != 0:
+            sources.setdefault(gid, []).append(space.families[f].what)
+    group_inexact = torch.zeros(len(classes_of), dtype=torch.bool)
+    has = group_of_class >= 0
+    group_inexact.index_put_((group_of_class[has],), inexact[has], accumulate=True)
+    reasons_pin: dict[int, list[str]] = {}
+    reasons_inexact: dict[int, list[str]] = {}
+    for table, notes in ((pin_why, reasons_pin), (inexact_why, reasons_inexact)):
+        for c, why in table.items():
+            gid = int(group_of_class[c])
+            if gid >= 0:
+                mine = notes.setdefault(gid, [])
+                mine.extend(r for r in why if r not in mine)
+    pinned_list = pinned.tolist()
+    groups = tuple(ChannelGroup(
+        id=gid, classes=tuple(classes), prunable=tuple(c for c in classes if not pinned_list[c]),
+        members=tuple(dict.fromkeys(members.get(gid, []))), sources=tuple(sources.get(gid, ())),
+        exact=not bool(group_inexact[gid]), inexact_reasons=tuple(reasons_inexact.get(gid, ())[:4]),
+        pinned_reasons=tuple(reasons_pin.get(gid, ())[:4])) for gid, classes in enumerate(classes_of))
+    return groups, group_of_class
 
 
 def _segments(labels_of: dict, class_of: torch.Tensor) -> tuple[torch.Tensor, ...]:

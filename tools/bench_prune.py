@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Time each phase of fxprune.prune (capture, channel-deps, scoring, select,
+rewrite) on torchvision models and on synthetic deep networks, and optionally
+Torch-Pruning's graph build + step() at the same ratio in the same run.
+
+    python tools/bench_prune.py                       # default models + synthetic 100/1k/10k nodes
+    python tools/bench_prune.py --models resnet50 --vs-torch-pruning
+    python tools/bench_prune.py --synthetic 100 1000 --repeat 3
+
+Numbers are wall-clock seconds, best of --repeat runs (machines are noisy:
+compare the ratios printed side by side, not absolute times across runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxprune
+
+DEFAULT_MODELS = ["resnet50", "mobilenet_v3_large", "densenet121", "efficientnet_b0",
+                  "regnet_y_400mf", "convnext_tiny"]
+PHASES = ["capture", "channel-deps", "score-magnitude", "select", "rewrite"]
+
+
+class DeepChain(nn.Module):
+    """A synthetic deep residual network of conv-bn-relu-add blocks (about 4 graph nodes each)."""
+
+    def __init__(self, blocks: int, width: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1, bias=False) for _ in range(blocks))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(blocks))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for conv, bn in zip(self.convs, self.bns):
+            x = x + F.relu(bn(conv(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def _best(fn, repeat):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def bench_fxprune(model, x, ratio, repeat):
+    runs = []
+    for _ in range(repeat):
+        r = fxprune.prune(model, x, ratio=ratio, report=False)
+        runs.append(dict(r.timings))
+    best = min(runs, key=lambda t: sum(t.values()))
+    nodes = len(r.groups.gm.graph.nodes)
+    return best, nodes, r
+
+
+def bench_torch_pruning(model, x, ratio, repeat):
+    import torch_pruning as tp
+
+    def run():
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        ignored = [mod for mod in m.modules() if isinstance(mod, nn.Linear) and mod.out_features in (10, 1000)]
+        pruner = tp.pruner.MagnitudePruner(m, x, importance=tp.importance.MagnitudeImportance(p=2),
+                                           pruning_ratio=ratio, ignored_layers=ignored)
+        t1 = time.perf_counter()
+        pruner.step()
+        t2 = time.perf_counter()
+        assert m(x).shape == model(x).shape
+        return t1 - t0, t2 - t1
+
+    times = [run() for _ in range(repeat)]
+    return min(times, key=sum)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=DEFAULT_MODELS, help="torchvision model names")
+    ap.add_argument("--synthetic", nargs="*", type=int, default=[100, 1000, 10000],
+                    help="approximate node counts of synthetic deep networks")
+    ap.add_argument("--size", type=int, default=224, help="input resolution for torchvision models")
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--vs-torch-pruning", action="store_true",
+                    help="also time Torch-Pruning (if installed) at the same ratio")
+    args = ap.parse_args(argv)
+    import torchvision
+
+    cases = [(name, lambda n=name: torchvision.models.get_model(n, weights=None).eval(),
+              torch.randn(1, 3, args.size, args.size)) for name in args.models]
+    cases += [(f"synthetic-{n}", lambda n=n: DeepChain(max(1, n // 4)).eval(), torch.randn(1, 3, 8, 8))
+              for n in args.synthetic]
+    head = f"{'model':<22}{'nodes':>7}" + "".join(f"{p:>16}" for p in PHASES) + f"{'total':>9}{'us/node':>9}"
+    if args.vs_torch_pruning:
+        head += f"{'TP build':>10}{'TP step':>9}{'TP total':>10}{'speedup':>9}"
+    print(head)
+    print("-" * len(head))
+    for name, make, x in cases:
+        model = make()
+        times, nodes, _ = bench_fxprune(model, x, args.ratio, args.repeat)
+        total = sum(times.values())
+        row = f"{name:<22}{nodes:>7}" + "".join(f"{times.get(p, 0.0):>16.3f}" for p in PHASES)
+        row += f"{total:>9.3f}{1e6 * total / nodes:>9.0f}"
+        if args.vs_torch_pruning:
+            try:
+                build, step = bench_torch_pruning(model, x, args.ratio, args.repeat)
+                row += f"{build:>10.3f}{step:>9.3f}{build + step:>10.3f}{(build + step) / total:>8.1f}x"
+            except ImportError:
+                row += f"{'(torch-pruning not installed)':>38}"
+            except Exception as exc:  # report, do not hide, a peer's failure
+                row += f"   TP failed: {type(exc).__name__}: {str(exc)[:60]}"
+        print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
