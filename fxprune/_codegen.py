@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fxprune._pysource import (FORBIDDEN_PACKAGES, TEMPLATE, SaveError, Unsupported,
+from fxprune.errors import SaveError
+from fxprune._pysource import (FORBIDDEN_PACKAGES, TEMPLATE, Unsupported,
                                by_attributes, importable, literal, same)
 
 __all__ = ["SaveError", "Emitted", "emit_module"]

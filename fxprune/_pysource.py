@@ -15,17 +15,13 @@ import math
 
 import torch
 
-from fxprune.errors import FxpruneError
+from fxprune.errors import SaveError
+
 
 __all__ = ["SaveError", "Unsupported", "literal", "same", "importable", "by_attributes",
            "TEMPLATE"]
 
 
-class SaveError(FxpruneError, ValueError):
-    """A model cannot be written as a folder that loads without fxprune.
-
-    (Defined here until it moves to :mod:`fxprune.errors`.)
-    """
 
 
 FORBIDDEN_PACKAGES = ("fxprune", "passes", "__main__")

@@ -17,6 +17,7 @@ from ._util import as_tuple
 from .capture import trace
 from .channels import ChannelGroups
 from .errors import ConfigError
+from .meta import graph_inputs
 from .passes_base import AnalysisPass, Pass, Pipeline, PruneState, parse_pipeline, register_pass
 
 
@@ -175,7 +176,8 @@ def _report(model, state: PruneState, inputs: tuple):
 
     groups, plan = state.groups, state.plan
     channels = sum(g.size for g in groups.groups)
-    return PruneReport(before=measure(model, inputs), after=measure(state.module, inputs),
+    return PruneReport(before=measure(model, inputs),
+                       after=measure(state.module, graph_inputs(state.gm, inputs)),
                        channels_before=channels, channels_after=channels - plan.n_removed,
                        groups_pruned=len(plan.removed_per_group), timings=state.timings)
 

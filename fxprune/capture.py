@@ -20,7 +20,7 @@ from torch import nn
 
 from ._util import as_tuple
 from .errors import InputError, TraceError
-from .meta import set_meta
+from .meta import LIFTED_KEY, set_meta
 
 
 class _Tracer(torch.fx.Tracer):
@@ -85,8 +85,28 @@ def symbolic_trace(model: nn.Module, *, leaf_modules: Iterable = (),
             f"could not trace {type(model).__name__}{in_module}{at}: {type(exc).__name__}: {exc}. "
             f"Fix: {_trace_hint(exc)}."
         ) from exc
+    if concrete_args:
+        _inline_concrete_args(graph, model, concrete_args)
     name = type(model).__name__
     return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+def _inline_concrete_args(graph: torch.fx.Graph, model: nn.Module, concrete_args: dict) -> None:
+    """Placeholders of specialized arguments become constants: the graph takes only the
+    remaining inputs."""
+    import inspect
+
+    names = list(inspect.signature(model.forward).parameters)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for name, node in zip(names, placeholders):
+        if name not in concrete_args:
+            continue
+        value = concrete_args[name]
+        for user in list(node.users):
+            swap = lambda a: value if a is node else a  # noqa: E731
+            user.args = torch.fx.node.map_aggregate(user.args, swap)
+            user.kwargs = torch.fx.node.map_aggregate(user.kwargs, swap)
+        graph.erase_node(node)
 
 
 class _MetaProp(torch.fx.Interpreter):
@@ -147,7 +167,7 @@ def _lift_parameter_placeholders(gm: torch.fx.GraphModule, inputs: tuple) -> tup
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(inputs):
         return inputs
-    kept = []
+    kept, lifted = [], []
     for i, (node, value) in enumerate(zip(placeholders, inputs)):
         if isinstance(value, nn.Parameter):
             name = f"_lifted_param_{i}"
@@ -157,9 +177,11 @@ def _lift_parameter_placeholders(gm: torch.fx.GraphModule, inputs: tuple) -> tup
             node.replace_all_uses_with(attr)
             attr.meta.update(node.meta)
             gm.graph.erase_node(node)
+            lifted.append(i)
         else:
             kept.append(value)
     gm.recompile()
+    gm.meta[LIFTED_KEY] = tuple(lifted)
     return tuple(kept)
 
 

@@ -40,6 +40,10 @@ class DegenerateReferenceError(VerificationError):
     """The reference output is too small or constant for a comparison to prove anything."""
 
 
+class SaveError(FxpruneError, ValueError):
+    """A model cannot be written as a folder that loads without fxprune."""
+
+
 class LoadError(FxpruneError):
     """A saved model folder is missing files or is corrupt."""
 

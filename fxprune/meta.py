@@ -12,6 +12,7 @@ import torch
 import torch.fx
 
 META_KEY = "fxprune_meta"
+LIFTED_KEY = "fxprune_lifted_inputs"
 
 
 class TensorMeta(NamedTuple):
@@ -67,3 +68,10 @@ def is_multi(node: Any) -> bool:
     """True when ``node`` produces a tuple of values (``torch.max(x, dim)``, ``split``)."""
     m = node.meta.get(META_KEY) if isinstance(node, torch.fx.Node) else None
     return isinstance(m, tuple) and not isinstance(m, TensorMeta)
+
+
+def graph_inputs(gm: torch.fx.GraphModule, inputs: tuple) -> tuple:
+    """The positional inputs ``gm`` takes, given the inputs of the model it was captured
+    from: capture lifts inputs that are ``nn.Parameter`` s into the graph as constants."""
+    lifted = set(getattr(gm, "meta", {}).get(LIFTED_KEY, ()))
+    return tuple(v for i, v in enumerate(inputs) if i not in lifted)

@@ -20,6 +20,7 @@ import torch.fx
 
 from ._util import as_tuple
 from .errors import DegenerateReferenceError, VerificationError
+from .meta import graph_inputs
 
 
 @dataclass(frozen=True)
@@ -134,10 +135,11 @@ def verify(model: torch.nn.Module, result, example_inputs: Any, *, rtol: float =
     """
     from passes.rewrite import rewrite_graph
 
-    inputs = as_tuple(example_inputs)
     groups, plan = result.groups, result.plan
+    model_inputs = as_tuple(example_inputs)
+    inputs = graph_inputs(groups.gm, model_inputs)
     with torch.no_grad():
-        original = _flat(model(*inputs))
+        original = _flat(model(*model_inputs))
         traced = _flat(groups.gm(*inputs))
     scale = _scale(original, min_scale)
     capture_err = _compare(traced, original, "captured graph vs model") / scale

@@ -17,7 +17,7 @@ import torch.fx
 from fxprune import rules  # noqa: F401  (fills the registry)
 from fxprune.channels import Alignment, ChannelGroup, ChannelGroups, Member
 from fxprune.errors import AnalysisError
-from fxprune.labels import CONST, LabelSpace, const_like, normalize
+from fxprune.labels import CONST, LabelSpace, normalize
 from fxprune.meta import TensorMeta, get_meta, has_meta
 from fxprune.passes_base import AnalysisPass, PruneState, register_pass
 from fxprune.rules.context import AnalysisContext

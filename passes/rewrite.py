@@ -124,6 +124,7 @@ def rewrite_graph(groups: ChannelGroups, kept: torch.Tensor) -> torch.fx.GraphMo
         raise RewriteError(f"the rewritten graph is malformed: {exc}") from exc
     out = torch.fx.GraphModule(root, graph, type(gm).__name__.replace("GraphModule", "") + "Pruned")
     out.train(gm.training)
+    out.meta.update(gm.meta)
     return out
 
 

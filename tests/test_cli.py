@@ -12,7 +12,6 @@ import fxprune
 import fxprune.io
 from fxprune.cli import main
 
-needs_core = pytest.mark.skipif(not hasattr(fxprune, "prune"), reason="core API not landed yet")
 
 
 def run(capsys, *argv):
@@ -80,7 +79,6 @@ def test_fxprune_errors_exit_2_without_traceback(capsys, tmp_path, argv, message
     assert "Traceback" not in err and err.count("\n") == 1
 
 
-@needs_core
 def test_prune_resnet20(capsys, tmp_path):
     out_dir = tmp_path / "r20"
     code, out, err = run(capsys, "prune", "resnet20", "--ratio", "0.25", "--out", str(out_dir))
@@ -100,7 +98,6 @@ def test_prune_resnet20(capsys, tmp_path):
     assert report["after"]["params"] < report["before"]["params"] == 272474
 
 
-@needs_core
 def test_prune_options_and_overwrite(capsys, tmp_path):
     out_dir = tmp_path / "r20"
     argv = ["prune", "resnet20", "--ratio", "0.5", "--round-to", "4", "--global-ranking",
@@ -118,7 +115,6 @@ def test_prune_options_and_overwrite(capsys, tmp_path):
     assert all(w % 4 == 0 for w in widths)
 
 
-@needs_core
 @pytest.mark.parametrize("argv,message", [
     (["--importance", "bogus"], r"error: unknown importance 'bogus'"),
     (["--ignore", "no.such.layer"], r"error: ignore: 'no.such.layer' is not a module"),
@@ -130,7 +126,6 @@ def test_core_errors_exit_2(capsys, tmp_path, argv, message):
     assert re.search(message, err), err
 
 
-@needs_core
 def test_analyze(capsys):
     code, out, err = run(capsys, "analyze", "resnet20")
     assert code == 0, err

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torchvision
 
-import fxprune
 from oracle import prune_and_verify
 
 TRANSFORMERS = {"maxvit_t", "swin_b", "swin_s", "swin_t", "swin_v2_b", "swin_v2_s", "swin_v2_t",

@@ -1,0 +1,103 @@
+"""Capture: shapes on every node, GraphModule input, parameters as placeholders,
+leaf modules, concrete_args."""
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+import fxprune
+from fxprune.meta import get_meta, tensor_meta
+from healthy import make_healthy
+from oracle import assert_untouched, prune_and_verify, snapshot
+
+
+def net():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+
+
+def test_every_node_has_a_shape_without_running_real_flops():
+    gm = fxprune.trace(net(), torch.randn(2, 3, 8, 8))
+    shapes = {n.name: tensor_meta(n).shape for n in gm.graph.nodes if n.op != "output"}
+    assert shapes == {"input_1": (2, 3, 8, 8), "_0": (2, 8, 6, 6), "_1": (2, 8, 6, 6), "_2": (2, 8, 6, 6),
+                      "_3": (2, 288), "_4": (2, 4)}
+
+
+def test_graphmodule_input_is_used_and_not_modified():
+    torch.manual_seed(0)
+    gm = torch.fx.symbolic_trace(net())
+    make_healthy(gm, (2, 3, 8, 8))
+    code = gm.code
+    before = snapshot(gm)
+    result, _ = prune_and_verify(gm, torch.randn(2, 3, 8, 8), ratio=0.5, healthy=False)
+    assert gm.code == code
+    assert_untouched(gm, before)
+    assert result.module.get_submodule("4").in_features == 4 * 36
+
+
+def test_parameters_arriving_as_placeholders_are_sliceable():
+    """A torch.compile-style graph: weights are inputs whose example values are Parameters."""
+    graph = torch.fx.Graph()
+    x, w1, w2 = graph.placeholder("x"), graph.placeholder("w1"), graph.placeholder("w2")
+    h = graph.call_function(F.relu, (graph.call_function(F.conv2d, (x, w1)),))
+    graph.output(graph.call_function(F.conv2d, (h, w2)))
+    gm = torch.fx.GraphModule(nn.Module(), graph)
+    torch.manual_seed(0)
+    p1, p2 = nn.Parameter(torch.randn(8, 3, 3, 3)), nn.Parameter(torch.randn(2, 8, 1, 1))
+    inputs = (torch.randn(2, 3, 6, 6), p1, p2)
+    groups = fxprune.analyze(gm, inputs)
+    assert [g.size for g in groups.prunable] == [8]
+    result = fxprune.prune(gm, inputs, ratio=0.5)
+    lifted = [n for n in result.module.graph.nodes if n.op == "get_attr"]
+    assert len(lifted) == 2
+    placeholders = [n for n in result.module.graph.nodes if n.op == "placeholder"]
+    assert len(placeholders) == 1
+    x0 = inputs[0]
+    kept = result.plan.kept[groups.class_of[groups.node_labels["relu"].reshape(-1)]]
+    with torch.no_grad():
+        expect = F.conv2d(F.relu(F.conv2d(x0, p1[kept])), p2[:, kept])
+        assert torch.allclose(result.module(x0), expect, atol=1e-5)
+    assert p1.shape == (8, 3, 3, 3)
+
+
+class Opaque(nn.Module):
+    def forward(self, x):
+        return x.flip(1) * 2.0
+
+
+class WithOpaque(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.op, self.b, self.c = nn.Conv2d(3, 8, 1), Opaque(), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.c(F.relu(self.b(self.op(F.relu(self.a(x))))))
+
+
+def test_leaf_modules_are_pinned_with_a_reason():
+    x = torch.randn(1, 3, 4, 4)
+    traced_through = fxprune.analyze(WithOpaque(), x)
+    assert traced_through.group_of("a.weight").is_prunable  # flip is understood
+    as_leaf = fxprune.analyze(WithOpaque(), x, leaf_modules=[Opaque])
+    assert not as_leaf.group_of("a.weight").is_prunable
+    assert as_leaf.group_of("b.weight").is_prunable
+    assert "no rule for module Opaque" in str(as_leaf)
+    by_name = fxprune.analyze(WithOpaque(), x, leaf_modules=["op"])
+    assert not by_name.group_of("a.weight").is_prunable
+
+
+def test_concrete_args_specialize_a_branch():
+    class Switch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x, double=False):
+            h = F.relu(self.a(x))
+            if double:
+                h = h * 2
+            return self.b(h)
+
+    gm = fxprune.trace(Switch(), torch.randn(1, 3, 4, 4), concrete_args={"double": True})
+    assert any(n.target is getattr(__import__("operator"), "mul") for n in gm.graph.nodes)
+    assert get_meta(next(n for n in gm.graph.nodes if n.name == "b")).shape == (1, 2, 4, 4)
