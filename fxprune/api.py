@@ -6,6 +6,7 @@ scoring pass, select, rewrite); ``pipeline=`` accepts the same pipeline as text.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,26 +15,11 @@ import torch
 from torch import nn
 
 from ._util import as_tuple
-from .capture import trace
+from .capture import Capture
 from .channels import ChannelGroups
 from .errors import ConfigError
 from .meta import graph_inputs
-from .passes_base import AnalysisPass, Pass, Pipeline, PruneState, parse_pipeline, register_pass
-
-
-@register_pass
-@dataclass(frozen=True)
-class Capture(Pass):
-    """Trace ``state.model`` on ``state.example_inputs`` into ``state.gm``."""
-
-    name = "capture"
-    leaf_modules: tuple = ()
-    concrete_args: Any = None
-
-    def run(self, state: PruneState) -> PruneState:
-        gm = trace(state.model, state.example_inputs, leaf_modules=self.leaf_modules,
-                   concrete_args=self.concrete_args)
-        return state.replace(gm=gm, frontend="symbolic_trace")
+from .passes_base import AnalysisPass, Pass, Pipeline, PruneState, known_passes, make_pass, parse_pipeline
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,16 +60,29 @@ def _names(model: nn.Module, items: Iterable, option: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _scoring_pass(importance: Any) -> Pass:
+def _scoring_pass(importance: Any, data: Any = None, loss_fn: Any = None) -> Pass:
+    """``importance`` as a scoring pass: 'l1', 'l2', a registered scoring pass name without
+    its ``score-`` prefix ('bn-scale', 'taylor', ...), or a pass object. Data-driven passes
+    (those with ``data``/``loss_fn`` options) receive ``data`` and ``loss_fn``."""
     from passes.score_magnitude import ScoreMagnitude
 
     if isinstance(importance, Pass):
-        return importance
-    table = {"l1": ScoreMagnitude(p=1.0), "l2": ScoreMagnitude(p=2.0),
-             "magnitude": ScoreMagnitude(p=2.0)}
-    if isinstance(importance, str) and importance.lower() in table:
-        return table[importance.lower()]
-    raise ConfigError(f"unknown importance {importance!r}; use 'l1', 'l2' or a scoring pass object")
+        chosen = importance
+    elif isinstance(importance, str) and importance.lower() in ("l1", "l2"):
+        chosen = ScoreMagnitude(p=1.0 if importance.lower() == "l1" else 2.0)
+    elif isinstance(importance, str) and f"score-{importance.lower()}" in known_passes():
+        chosen = make_pass(f"score-{importance.lower()}", {})
+    else:
+        names = ["l1", "l2"] + [p[len("score-"):] for p in known_passes() if p.startswith("score-")]
+        raise ConfigError(f"unknown importance {importance!r}; use one of {', '.join(names)} "
+                          f"or a scoring pass object")
+    fields = {f.name for f in dataclasses.fields(chosen)}
+    extra = {k: v for k, v in (("data", data), ("loss_fn", loss_fn)) if v is not None}
+    unused = sorted(set(extra) - fields)
+    if unused:
+        raise ConfigError(f"importance {chosen.name!r} does not use {' or '.join(unused)}; "
+                          f"pass it only to data-driven criteria")
+    return dataclasses.replace(chosen, **extra) if extra else chosen
 
 
 def _check_model(model: Any) -> None:
@@ -116,7 +115,7 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5,
           importance: Any = "l2", global_ranking: bool = False, max_ratio: float = 1.0,
           policy: str = "inner", pipeline: str | Pipeline | None = None,
           leaf_modules: Iterable = (), concrete_args: Mapping | None = None,
-          report: bool = True) -> PruneResult:
+          data: Any = None, loss_fn: Any = None, report: bool = True) -> PruneResult:
     """Prune ``model`` structurally and return a new, smaller GraphModule.
 
     Parameters
@@ -131,7 +130,8 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5,
         Ratio for the group holding that module's output channels.
     ignore : modules or qualified names whose output channels stay.
     round_to : kept channel counts become multiples of this.
-    importance : 'l1', 'l2' or a scoring pass object.
+    importance : 'l1', 'l2', another criterion's name or a scoring pass object.
+    data, loss_fn : calibration batches and loss for data-driven criteria.
     global_ranking : rank channels across groups (each group capped at ``max_ratio``).
     pipeline : text or Pipeline run after capture instead of the default passes.
 
@@ -153,7 +153,7 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5,
     ratio_items = tuple(zip(_names(model, (ratios or {}).keys(), "ratios"), (ratios or {}).values()))
     ignored = _names(model, ignore, "ignore")
     if pipeline is None:
-        body = Pipeline((ChannelDeps(policy=policy), _scoring_pass(importance),
+        body = Pipeline((ChannelDeps(policy=policy), _scoring_pass(importance, data, loss_fn),
                          Select(ratio=ratio, ratios=ratio_items, ignore=ignored, round_to=round_to,
                                 global_ranking=global_ranking, max_ratio=max_ratio),
                          Rewrite()))

@@ -9,6 +9,7 @@ and only as a last resort with the real example inputs.
 from __future__ import annotations
 
 import linecache
+from dataclasses import dataclass
 import sys
 import traceback
 from collections.abc import Iterable
@@ -21,6 +22,7 @@ from torch import nn
 from ._util import as_tuple
 from .errors import InputError, TraceError
 from .meta import LIFTED_KEY, set_meta
+from .passes_base import Pass, PruneState, register_pass
 
 
 class _Tracer(torch.fx.Tracer):
@@ -260,3 +262,18 @@ def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     out = new.graph_copy(graph, {})
     new.output(out)
     return new
+
+
+@register_pass
+@dataclass(frozen=True)
+class Capture(Pass):
+    """Trace ``state.model`` on ``state.example_inputs`` into ``state.gm``."""
+
+    name = "capture"
+    leaf_modules: tuple = ()
+    concrete_args: Any = None
+
+    def run(self, state: PruneState) -> PruneState:
+        gm = trace(state.model, state.example_inputs, leaf_modules=self.leaf_modules,
+                   concrete_args=self.concrete_args)
+        return state.replace(gm=gm, frontend="symbolic_trace")

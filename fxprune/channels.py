@@ -19,7 +19,9 @@ class Alignment:
 
     path: str
     labels: torch.Tensor
-    role: str  # "out" (weight rows), "in" (weight columns), "channel" (per-channel), "free"
+    # "out" (weight rows), "in" (weight columns), "channel" (depthwise rows), "norm" (norm
+    # affine), "stat" (running statistics), "free" (a free parameter such as a layer scale)
+    role: str
     node: str
 
     @property

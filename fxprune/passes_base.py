@@ -48,8 +48,14 @@ class Pass:
 
     def __str__(self) -> str:
         opts = ",".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
-                        if getattr(self, f.name) != f.default)
+                        if getattr(self, f.name) != _default(f))
         return f"{self.name}{{{opts}}}" if opts else self.name
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return f.default
 
 
 class AnalysisPass(Pass):

@@ -21,12 +21,12 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
 
 def _channel_tensors(ctx, node, names_positions):
     """Attribute paths of per-channel tensors (module attributes or get_attr args)."""
-    paths = []
+    found = []
     if node.op == "call_module":
         for name, _ in names_positions:
             if getattr(ctx.module, name, None) is not None:
-                paths.append(f"{node.target}.{name}")
-        return paths
+                found.append((f"{node.target}.{name}", name))
+        return found
     for name, pos in names_positions:
         a = ctx.arg(pos, name)
         if a is None:
@@ -34,8 +34,13 @@ def _channel_tensors(ctx, node, names_positions):
         path = ctx.attr_path(a)
         if path is None:
             raise ValueError(f"{name} must be a parameter or buffer of the module (get_attr)")
-        paths.append(path)
-    return paths
+        found.append((path, name))
+    return found
+
+
+def _role(name: str) -> str:
+    """Affine parameters of a norm are "norm" members, running statistics "stat"."""
+    return "stat" if name.startswith("running") else "norm"
 
 
 def batch_norm(ctx, node):
@@ -44,8 +49,8 @@ def batch_norm(ctx, node):
     names = [("running_mean", 1), ("running_var", 2), ("weight", 3), ("bias", 4)]
     cdim = 1 if ctx.meta(x).ndim > 1 else 0
     vec = ctx.vector(x, cdim)
-    for path in _channel_tensors(ctx, node, names):
-        ctx.align(path, vec, "channel")
+    for path, name in _channel_tensors(ctx, node, names):
+        ctx.align(path, vec, _role(name))
     return ctx.labels(x) if ctx.labels(x) is not None else ctx.along(vec, cdim, ctx.meta(x).ndim)
 
 
@@ -76,8 +81,8 @@ def layer_norm(ctx, node):
     if any(labels.shape[d] > 1 for d in range(ndim - nd)):
         # channels vary along a leading dim: the affine params see every class there
         param_labels = torch.zeros((1,) * nd, dtype=torch.int64)  # CONST: not sliced
-    for path in _channel_tensors(ctx, node, [("weight", 2), ("bias", 3)]):
-        ctx.align(path, param_labels, "channel")
+    for path, _ in _channel_tensors(ctx, node, [("weight", 2), ("bias", 3)]):
+        ctx.align(path, param_labels, "norm")
     return labels
 
 
@@ -115,8 +120,8 @@ def group_norm(ctx, node):
         else:
             ctx.union(blocks, blocks[:1])
             ctx.inexact(vec, f"{node.name}: group norm statistics mix the channels of a group")
-    for path in _channel_tensors(ctx, node, [("weight", 2), ("bias", 3)]):
-        ctx.align(path, vec, "channel")
+    for path, _ in _channel_tensors(ctx, node, [("weight", 2), ("bias", 3)]):
+        ctx.align(path, vec, "norm")
     return ctx.labels(x)
 
 

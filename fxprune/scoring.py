@@ -1,0 +1,109 @@
+"""Shared machinery of the scoring passes: per-member, per-channel sums of an
+elementwise importance map, reduction over a group's members, and group-level
+normalization (DepGraph's group scoring).
+
+A scoring pass computes, for every aligned tensor (a *member*: weight rows, weight
+columns, norm parameters), an elementwise map of the same shape (``|w|^p``,
+``|w * dL/dw|``, ...); :func:`member_sums` adds it up per channel class, and
+:func:`reduce_members` combines the members of each class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .channels import ChannelGroups
+from .errors import ConfigError
+from .rules.context import get_tensor
+
+REDUCTIONS = ("mean", "sum", "max", "prod", "first")
+NORMALIZERS = ("none", "mean", "max", "sum", "standardization", "gaussian")
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelScores:
+    """One importance value per channel class (NaN where no member was scored)."""
+
+    values: torch.Tensor
+    criterion: str
+
+
+MemberEntry = tuple[int, torch.Tensor, torch.Tensor]  # (alignment index, classes, per-class value)
+
+
+def member_sums(groups: ChannelGroups, elementwise: Callable[[str, torch.Tensor], torch.Tensor | None],
+                roles: tuple[str, ...] | None = None) -> list[MemberEntry]:
+    """For every member (alignment with a channel dim, optionally of the given roles):
+    the classes it holds and the sum of ``elementwise(path, tensor)`` over each class's slices.
+
+    ``elementwise`` returns a tensor of the member's shape (or None to skip the member).
+    """
+    out = []
+    for i, a in enumerate(groups.alignments):
+        dim = a.dim
+        if dim is None or (roles is not None and a.role not in roles):
+            continue
+        t = get_tensor(groups.gm, a.path)
+        value = elementwise(a.path, t.detach())
+        if value is None:
+            continue
+        per_index = value.to(torch.float64).movedim(dim, 0).reshape(t.shape[dim], -1).sum(1)
+        cls = groups.class_of[a.labels.reshape(-1)]
+        uniq, inv = torch.unique(cls, return_inverse=True)
+        per_class = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, per_index)
+        out.append((i, uniq, per_class))
+    return out
+
+
+def reduce_members(n_classes: int, entries: list[MemberEntry], reduction: str) -> torch.Tensor:
+    """Combine member values into one value per class (mean, sum, max, prod or first)."""
+    if reduction not in REDUCTIONS:
+        raise ConfigError(f"unknown group reduction {reduction!r}; use one of {', '.join(REDUCTIONS)}")
+    values = torch.full((n_classes,), float("nan"), dtype=torch.float64)
+    if not entries:
+        return values
+    cls = torch.cat([c for _, c, _ in entries])
+    sc = torch.cat([s for _, _, s in entries])
+    member = torch.cat([torch.full_like(c, i) for i, c, _ in entries])
+    if reduction == "first":
+        order = torch.argsort(member, stable=True).flip(0)  # last write wins: the first member
+        values[cls[order]] = sc[order]
+        return values
+    op = {"mean": "mean", "sum": "sum", "max": "amax", "prod": "prod"}[reduction]
+    has = torch.zeros(n_classes, dtype=torch.bool)
+    has[cls] = True
+    red = torch.zeros(n_classes, dtype=torch.float64).scatter_reduce(0, cls, sc, op, include_self=False)
+    values[has] = red[has]
+    return values
+
+
+def normalize_scores(groups: ChannelGroups, values: torch.Tensor, method: str = "none") -> torch.Tensor:
+    """Normalize scores within each group so that groups can be ranked together."""
+    if method not in NORMALIZERS:
+        raise ConfigError(f"unknown normalizer {method!r}; use one of {', '.join(NORMALIZERS)}")
+    if method == "none":
+        return values
+    out = values.clone()
+    for g in groups.groups:
+        idx = torch.tensor(g.classes)
+        v = values[idx]
+        ok = ~torch.isnan(v)
+        if not bool(ok.any()):
+            continue
+        w = v[ok]
+        if method == "mean":
+            w = w / w.mean().clamp_min(1e-30)
+        elif method == "max":
+            w = w / w.max().clamp_min(1e-30)
+        elif method == "sum":
+            w = w / w.sum().clamp_min(1e-30)
+        elif method == "standardization":
+            w = (w - w.min()) / (w.max() - w.min()).clamp_min(1e-30)
+        else:  # gaussian
+            w = (w - w.mean()) / w.std(unbiased=False).clamp_min(1e-30) if w.numel() > 1 else w * 0
+        v[ok] = w
+        out[idx] = v
+    return out
