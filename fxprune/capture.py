@@ -8,6 +8,7 @@ and only as a last resort with the real example inputs.
 
 from __future__ import annotations
 
+import copy
 import linecache
 from dataclasses import dataclass
 import sys
@@ -122,18 +123,15 @@ class _MetaProp(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule, on_meta: bool = False):
         super().__init__(gm)
         self.on_meta = on_meta
-        self._meta_state: dict[str, dict[str, torch.Tensor]] = {}
+        self._meta_state: dict[str, nn.Module] = {}
 
     def call_module(self, target, args, kwargs):
         if not self.on_meta:
             return super().call_module(target, args, kwargs)
-        mod = self.fetch_attr(target)
-        state = self._meta_state.get(target)
-        if state is None:
-            state = {k: _to_meta(v) for k, v in (*mod.named_parameters(), *mod.named_buffers())}
-            self._meta_state[target] = state
-        from torch.func import functional_call
-        return functional_call(mod, state, tuple(args), dict(kwargs))
+        shadow = self._meta_state.get(target)
+        if shadow is None:
+            shadow = self._meta_state[target] = _meta_shadow(self.fetch_attr(target))
+        return shadow(*args, **kwargs)
 
     def get_attr(self, target, args, kwargs):
         value = super().get_attr(target, args, kwargs)
@@ -148,6 +146,20 @@ class _MetaProp(torch.fx.Interpreter):
             raise _NodeFailure(n, exc) from exc
         set_meta(n, result)
         return result
+
+
+def _meta_shadow(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` (and its children) whose tensors live on the meta
+    device; the user's module is not touched."""
+    shadow = copy.copy(module)
+    for key, value in list(vars(module).items()):
+        if isinstance(value, dict):
+            shadow.__dict__[key] = dict(value)
+    shadow._parameters = {k: None if v is None else nn.Parameter(_to_meta(v), v.requires_grad)
+                          for k, v in module._parameters.items()}
+    shadow._buffers = {k: _to_meta(v) for k, v in module._buffers.items()}
+    shadow._modules = {k: None if v is None else _meta_shadow(v) for k, v in module._modules.items()}
+    return shadow
 
 
 def _to_meta(value: Any) -> Any:

@@ -64,6 +64,15 @@ class LabelSpace:
     def __len__(self) -> int:
         return len(self.parent)
 
+    def all_roots(self) -> torch.Tensor:
+        """The root of every label, by vectorized pointer jumping."""
+        parent = torch.tensor(self.parent, dtype=torch.int64)
+        while True:
+            grand = parent[parent]
+            if torch.equal(grand, parent):
+                return parent
+            parent = grand
+
     # -- union-find -----------------------------------------------------
     def find(self, x: int) -> int:
         parent = self.parent
@@ -89,12 +98,14 @@ class LabelSpace:
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Union labels of ``a`` and ``b`` position by position (with broadcasting)."""
         a, b = torch.broadcast_tensors(a, b)
-        pairs = torch.stack([a.reshape(-1), b.reshape(-1)], 1)
-        pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-        if pairs.numel() == 0:
+        a, b = a.reshape(-1), b.reshape(-1)
+        differ = a != b
+        if not bool(differ.any()):
             return
-        for x, y in torch.unique(pairs, dim=0).tolist():
-            self._link(x, y)
+        n = len(self.parent)
+        keys = torch.unique(a[differ] * n + b[differ])  # one int64 key per distinct pair
+        for key in keys.tolist():
+            self._link(key // n, key % n)
 
     def roots(self, labels: torch.Tensor) -> torch.Tensor:
         """The class root of every label in ``labels`` (same shape)."""
@@ -164,6 +175,8 @@ def normalize(space: LabelSpace, labels: torch.Tensor, policy: str = "inner") ->
     dense rectangle if removal follows one of them; the classes along the other
     dims are unioned.
     """
+    if sum(1 for n in labels.shape if n > 1) <= 1:
+        return labels  # at most one dim can vary: already separable
     k = space.roots(labels)
     dims = varying_dims(k)
     if len(dims) > 1:

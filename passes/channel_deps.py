@@ -91,8 +91,7 @@ def _no_rule(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
 
 # -- finalization ----------------------------------------------------------------
 def _dense_classes(space: LabelSpace) -> tuple[torch.Tensor, int]:
-    roots = torch.tensor([space.find(i) for i in range(len(space))], dtype=torch.int64)
-    uniq, class_of = torch.unique(roots, return_inverse=True)
+    uniq, class_of = torch.unique(space.all_roots(), return_inverse=True)
     return class_of, int(uniq.numel())
 
 
@@ -107,26 +106,21 @@ def _class_flags(space: LabelSpace, class_of: torch.Tensor, n: int, notes: dict)
 
 
 def _family_components(space: LabelSpace, class_of: torch.Tensor, n: int) -> torch.Tensor:
-    """Group id of every class: classes are linked when they share a label family
-    (labels created together, e.g. one conv's output channels)."""
+    """Group root of every class: classes are linked when they share a label family
+    (labels created together, e.g. one conv's output channels). Vectorized min-label
+    propagation over the bipartite class-family graph."""
     fam = torch.tensor(space.family_of, dtype=torch.int64)
-    pairs = torch.unique(torch.stack([class_of, fam], 1), dim=0)
-    pairs = pairs[pairs[:, 1] != 0]  # the CONST family links nothing
-    parent = list(range(n))
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    first_class: dict[int, int] = {}
-    for c, f in pairs.tolist():
-        other = first_class.setdefault(f, c)
-        ra, rb = find(c), find(other)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return torch.tensor([find(c) for c in range(n)], dtype=torch.int64)
+    keep = fam != 0  # the CONST family links nothing
+    cls, fam = class_of[keep], fam[keep]
+    comp = torch.arange(n, dtype=torch.int64)
+    n_fam = len(space.families)
+    while True:
+        low = torch.full((n_fam,), n, dtype=torch.int64).scatter_reduce(0, fam, comp[cls], "amin")
+        new = comp.scatter_reduce(0, cls, low[fam], "amin")
+        new = new[new]  # pointer jumping
+        if torch.equal(new, comp):
+            return comp
+        comp = new
 
 
 def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inexact_why):
