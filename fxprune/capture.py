@@ -32,6 +32,7 @@ class _Tracer(torch.fx.Tracer):
 
     def __init__(self, leaf_modules: Iterable = ()):
         super().__init__()
+        self.proxy_buffer_attributes = True  # buffers sliced by traced sizes become graph nodes
         self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self._leaf_ids = {id(m) for m in leaf_modules if isinstance(m, nn.Module)}

@@ -89,6 +89,7 @@ class ChannelGroups:
     policy: str = "inner"
     frontend: str = "symbolic_trace"
     segments: tuple[torch.Tensor, ...] = field(default=(), repr=False)
+    channel_sized: frozenset[str] = frozenset()  # int nodes computed from a channel count
 
     def classes(self, labels: torch.Tensor) -> torch.Tensor:
         """Class ids of a label tensor."""

@@ -8,6 +8,7 @@ linked through shared label sources become :class:`ChannelGroup` s.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,13 +79,29 @@ def _visit(ctx: AnalysisContext, node: torch.fx.Node) -> None:
             ctx.barrier(reason)
             out = ctx.const_output()
     ctx.labels_of[node] = _check(ctx, out, meta)
+    if not isinstance(meta, TensorMeta) and node.name not in ctx.channel_sized:
+        _track_channel_sized(ctx, node)
+
+
+def _track_channel_sized(ctx: AnalysisContext, node: torch.fx.Node) -> None:
+    """Ints derived from a channel count stay marked through getitem and arithmetic."""
+    marks = [ctx.channel_sized.get(i.name) for i in node.all_input_nodes]
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(marks[0], set):
+        if ctx.value(node.args[1]) in marks[0]:
+            ctx.channel_sized[node.name] = True
+    elif any(m is True for m in marks):
+        ctx.channel_sized[node.name] = True
 
 
 def _no_rule(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     meta = get_meta(node)
-    tensor_in = any(isinstance(get_meta(i), (TensorMeta, tuple)) for i in node.all_input_nodes)
-    if not tensor_in and not isinstance(meta, (TensorMeta, tuple)):
-        return None  # pure Python arithmetic on sizes: nothing to relate
+    tensor_in = any(isinstance(get_meta(i), (TensorMeta, tuple)) and not isinstance(get_meta(i), torch.Size)
+                    and (isinstance(get_meta(i), TensorMeta) or any(isinstance(m, TensorMeta) for m in get_meta(i)))
+                    for i in node.all_input_nodes)
+    if not tensor_in:
+        # Python arithmetic on sizes, or a tensor made from no tensor (arange, zeros): it
+        # carries no channel; a size that came from a channel count is tracked separately
+        return ctx.const_output()
     ctx.barrier(f"{node.name}: no rule for {describe_target(node, ctx.gm)}")
     return ctx.const_output()
 
@@ -211,7 +228,8 @@ def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
         gm=gm, class_of=class_of, n_classes=n, class_pinned=pinned, class_inexact=inexact,
         node_labels=node_labels, alignments=alignments, consumers=tuple(ctx.consumers),
         groups=groups, group_of_class=group_of_class, barriers=tuple(ctx.barriers),
-        policy=policy, frontend=frontend, segments=_segments(ctx.labels_of, class_of))
+        policy=policy, frontend=frontend, segments=_segments(ctx.labels_of, class_of),
+        channel_sized=frozenset(k for k, v in ctx.channel_sized.items() if v is True))
 
 
 @register_pass

@@ -14,8 +14,7 @@ from ..labels import CONST, Family, LabelSpace, channel_dim, const_like, normali
 from ..meta import TensorMeta, get_meta, tensor_meta
 
 
-def _is_param(gm: torch.nn.Module, path: str, t: torch.Tensor) -> bool:
-    return isinstance(t, torch.nn.Parameter)
+MAX_FREE_LABELS = 1 << 20  # a larger free tensor is a constant (pinned), not a channel source
 
 
 def get_tensor(root: torch.nn.Module, path: str) -> torch.Tensor:
@@ -37,6 +36,9 @@ class AnalysisContext:
         self.alignments: list[tuple[str, torch.Tensor, str, str]] = []
         self.consumers: list[tuple[str, int]] = []
         self.barriers: list[str] = []
+        # Python ints computed from a channel count (x.size(1), c // heads): True, or for a
+        # size tuple the set of its entries that are channel counts
+        self.channel_sized: dict[str, Any] = {}
         self._tensor_paths: dict[int, list[str]] = {}
         self._first_alignment: dict[tuple[int, int], torch.Tensor] = {}
         self.node: torch.fx.Node | None = None
@@ -94,11 +96,17 @@ class AnalysisContext:
         t = get_tensor(self.gm, node.target)
         if not isinstance(t, torch.Tensor):
             return None
-        if _is_param(self.gm, node.target, t) and t.ndim > 0:
-            labels = self.space.fresh(t.shape, Family(f"parameter {node.target}", node.name))
-            self.align(node.target, labels, "free")
-            return normalize(self.space, labels, self.policy)
-        return const_like(t.ndim)
+        if t.ndim == 0 or not t.is_floating_point():
+            return const_like(t.ndim)
+        if t.numel() > MAX_FREE_LABELS:
+            self.barriers.append(f"{node.name}: {node.target} has {t.numel()} elements; "
+                                 f"treated as a constant")
+            return const_like(t.ndim)
+        # a parameter or buffer used by value (layer scale, positional embedding, rotary
+        # frequencies): every position gets a fresh label, so it is sliced with what it meets
+        labels = self.space.fresh(t.shape, Family(f"tensor {node.target}", node.name))
+        self.align(node.target, labels, "free")
+        return normalize(self.space, labels, self.policy)
 
     def full(self, x: Any) -> torch.Tensor:
         """Label tensor of ``x`` expanded to its actual shape."""

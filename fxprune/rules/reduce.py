@@ -188,9 +188,15 @@ def size_query(ctx, node):
     labels = ctx.labels(x)
     if labels is None or channel_dim(labels) is None:
         return None
+    cd = channel_dim(labels)
     if node.target == "size" and len(node.args) > 1:
-        if ctx.value(node.args[1]) % labels.ndim != channel_dim(labels):
+        if ctx.value(node.args[1]) % labels.ndim != cd:
             return None
+        ctx.channel_sized[node.name] = True
+    elif node.target in ("size", "shape") or node.target is builtins.getattr:
+        ctx.channel_sized[node.name] = {cd}  # a size tuple: which entries count channels
+    else:
+        ctx.channel_sized[node.name] = True
     if not _feeds_only_shapes(node):
         ctx.inexact(labels, f"{node.name}: the channel count is used as a value")
     return None

@@ -138,13 +138,22 @@ def rewrite_getitem(r, old, new):
     cdim, kept = got
     size = r.old_shape(x)[cdim]
     idx, dims = _index_dims(index, len(r.old_shape(x)))
-    new_idx = list(idx)
+    new_index = new.args[1]
+    new_idx = list(new_index) if isinstance(new_index, tuple) else [new_index]
     for k, (i, d) in enumerate(zip(idx, dims)):
-        if d == cdim and isinstance(i, slice):
-            start, stop, _ = i.indices(size)
-            new_idx[k] = slice(int((kept < start).sum()) if i.start is not None else None,
-                               int((kept < stop).sum()) if i.stop is not None else None, i.step)
-    new.args = (new.args[0], tuple(new_idx) if isinstance(index, tuple) else new_idx[0])
+        if d != cdim or not isinstance(i, slice):
+            continue
+        # integer bounds are positions in the old tensor; bounds computed from sizes at run
+        # time (graph nodes) already follow the pruned tensor
+        bounds = []
+        for b in (i.start, i.stop):
+            if isinstance(b, int):
+                pos = slice(b, None).indices(size)[0]
+                bounds.append(int((kept < pos).sum()))
+            else:
+                bounds.append(new_idx[k].start if b is i.start else new_idx[k].stop)
+        new_idx[k] = slice(bounds[0], bounds[1], new_idx[k].step)
+    new.args = (new.args[0], tuple(new_idx) if isinstance(new_index, tuple) else new_idx[0])
 
 
 register(operator.getitem, "__getitem__", rewrite=rewrite_getitem)(getitem)
@@ -181,14 +190,24 @@ def _shape_args(args):
 def rewrite_sizes(r, old, new):
     """view/reshape/expand: integer sizes of changed output dims become the new sizes."""
     old_out, new_out = r.old_shape(old), r.new_shape(old)
-    if old_out == new_out:
-        return
     sizes, packed = _shape_args(new.args[1:])  # the input is args[0] in both dialects
+    old_sizes, _ = _shape_args(old.args[1:])
     if old.op == "call_function" and "shape" in old.kwargs:
         sizes, packed = list(new.kwargs["shape"]), True
+        old_sizes = list(old.kwargs["shape"])
+    sized = r.groups.channel_sized
+    changed = False
     for k, (a, b) in enumerate(zip(old_out, new_out)):
-        if a != b and k < len(sizes) and isinstance(sizes[k], int) and sizes[k] != -1:
+        if k >= len(sizes) or (isinstance(sizes[k], int) and sizes[k] == -1):
+            continue
+        # a pruned dim gets its new size as a constant; so does a size the model computed
+        # from a channel count (x.size(-1) // heads), which may have changed on its own
+        from_channels = isinstance(old_sizes[k], torch.fx.Node) and old_sizes[k].name in sized
+        if a != b or from_channels:
             sizes[k] = b
+            changed = True
+    if not changed:
+        return
     if old.op == "call_function" and "shape" in old.kwargs:
         new.kwargs = {**new.kwargs, "shape": sizes}
     else:
@@ -210,7 +229,8 @@ def rewrite_unflatten(r, old, new):
     dim = old.args[1] if len(old.args) > 1 else old.kwargs["dim"]
     sizes = old.args[2] if len(old.args) > 2 else old.kwargs["sizes"]
     d = dim % len(old_out)
-    new_sizes = [new_out[d + k] if isinstance(s, int) and s != -1 else s for k, s in enumerate(sizes)]
+    new_sizes = [new_out[d + k] if s != -1 and old_out[d + k] != new_out[d + k] else s
+                 for k, s in enumerate(new.args[2] if len(new.args) > 2 else new.kwargs["sizes"])]
     new.args = (new.args[0], dim, new_sizes)
     new.kwargs = {k: v for k, v in new.kwargs.items() if k not in ("dim", "sizes")}
 

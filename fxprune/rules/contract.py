@@ -1,0 +1,164 @@
+"""Contractions: matmul, bmm, einsum and scaled dot-product attention.
+
+Each operand's dims get letters (einsum style). Positions that meet in a product
+share the letters of both operands: for every assignment of the shared letters,
+the labels of both operands (over their private letters) are unioned, so a
+channel is removed from one side exactly when it is removed from the other.
+The output's labels come from the operand whose labels vary along an output
+letter: the heads of q carry through to the attention scores, the features of v
+to the attention output. When no operand's channels reach the output (q @ k^T
+contracting head_dim), the output carries no channel.
+"""
+
+from __future__ import annotations
+
+import operator
+import string
+
+import torch
+import torch.nn.functional as F
+
+from ..labels import channel_dim, const_like
+from .registry import register
+
+
+def _channel_letter(labels: torch.Tensor, letters: str) -> str | None:
+    cd = channel_dim(labels)
+    return None if cd is None else letters[cd]
+
+
+def _vector(labels: torch.Tensor) -> torch.Tensor:
+    cd = channel_dim(labels)
+    return labels.movedim(cd, -1).reshape(-1, labels.shape[cd])[0]
+
+
+def contract(ctx, node, operands, out_letters):
+    """Relate labels of ``operands`` (list of (node, letters)) contracted into ``out_letters``.
+
+    Each normalized operand's channels vary along at most one letter. Two operands that
+    share a letter pair up position by position along it: when both vary along it their
+    channels are unioned; when only one does, the other cannot shrink along that letter
+    (its channels vary elsewhere) and the first is pinned, or (the other has a single
+    class) coupled to it. An operand broadcast along a letter is not coupled along it.
+    """
+    metas = [ctx.meta(x).shape for x, _ in operands]
+    ops = []
+    size: dict[str, int] = {}
+    for (_, letters), shape in zip(operands, metas):
+        for c, n in zip(letters, shape):
+            size[c] = max(size.get(c, 1), n)
+    for (x, letters), shape in zip(operands, metas):
+        lab = ctx.labels(x)
+        lab = lab if lab is not None else const_like(len(shape))
+        broadcast = {c for c, n in zip(letters, shape) if n == 1 and size[c] > 1}
+        ops.append((letters, lab, _channel_letter(lab, letters), broadcast))
+    for i in range(len(ops)):
+        for j in range(len(ops)):
+            if i == j:
+                continue
+            li, ai, ci, bi = ops[i]
+            lj, aj, cj, bj = ops[j]
+            if ci is None or ci not in lj:
+                continue
+            if ci in bj or ci in bi:
+                ctx.pin(ai, f"{node.name}: operand broadcast across channels")
+            elif cj == ci:
+                if i < j:
+                    ctx.union(_vector(ai), _vector(aj))
+            elif cj is None:
+                ctx.union(_vector(ai), aj.reshape(-1)[:1])
+            else:
+                ctx.pin(ai, f"{node.name}: the other operand's channels vary along another dim")
+    out_ndim = len(out_letters)
+    for letters, lab, c, bcast in ops:
+        if c is not None and c in out_letters and c not in bcast:
+            return ctx.along(_vector(lab), out_letters.index(c), out_ndim)
+    return const_like(out_ndim)
+
+
+def _matmul_letters(na: int, nb: int):
+    """Letters of a @ b with numpy broadcasting of batch dims."""
+    batch = max(na, nb) - 2 if min(na, nb) >= 2 else max(na, nb) - (1 if min(na, nb) == 1 else 2)
+    pool = iter(string.ascii_letters)
+    bl = [next(pool) for _ in range(max(batch, 0))]
+    i, k, j = "I", "K", "J"
+    if na == 1 and nb == 1:
+        return "K", "K", ""
+    if na == 1:
+        b = bl[len(bl) - (nb - 2):] if nb > 2 else []
+        return k, "".join(b) + k + j, "".join(b) + j
+    if nb == 1:
+        a = bl[len(bl) - (na - 2):] if na > 2 else []
+        return "".join(a) + i + k, k, "".join(a) + i
+    a = bl[len(bl) - (na - 2):]
+    b = bl[len(bl) - (nb - 2):]
+    return "".join(a) + i + k, "".join(b) + k + j, "".join(bl) + i + j
+
+
+def matmul(ctx, node):
+    a, b = node.args[0], node.args[1]
+    la, lb, lo = _matmul_letters(ctx.meta(a).ndim, ctx.meta(b).ndim)
+    ctx.consume(0)
+    return contract(ctx, node, [(a, la), (b, lb)], lo)
+
+
+register(torch.matmul, operator.matmul, "matmul", "__matmul__", torch.bmm, "bmm", torch.mm, "mm")(matmul)
+
+
+def einsum(ctx, node):
+    eq = node.args[0]
+    ops = node.args[1:]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = ops[0]
+    eq = eq.replace(" ", "")
+    if "..." in eq:
+        raise ValueError("einsum with ellipsis is not analysed")
+    lhs, _, rhs = eq.partition("->")
+    ins = lhs.split(",")
+    if not rhs and "->" not in eq:
+        rhs = "".join(sorted(c for c in set(lhs.replace(",", "")) if lhs.count(c) == 1))
+    return contract(ctx, node, list(zip(ops, ins)), rhs)
+
+
+register(torch.einsum)(einsum)
+
+
+def outer(ctx, node):
+    """outer(a, b)[i, j] = a[i] * b[j]."""
+    return contract(ctx, node, [(node.args[0], "i"), (node.args[1], "j")], "ij")
+
+
+register(torch.outer, torch.ger, "outer", "ger")(outer)
+
+
+def sdpa(ctx, node):
+    """softmax(q k^T * scale + mask) @ v as one contraction of q (..LE), k (..SE) and
+    v (..SV) into (..LV); the default scale depends on head_dim, so the rewrite passes the
+    original scale explicitly."""
+    q, k, v = (ctx.arg(i, n) for i, n in enumerate(("query", "key", "value")))
+    nq = ctx.meta(q).ndim
+    batch = string.ascii_lowercase[:nq - 2]
+
+    def letters(t, tail):
+        n = ctx.meta(t).ndim
+        return batch[len(batch) - (n - 2):] + tail
+
+    mask = ctx.arg(3, "attn_mask")
+    if ctx.is_tensor(mask) and ctx.labels(mask) is not None and channel_dim(ctx.labels(mask)) is not None:
+        ctx.pin(ctx.labels(mask), f"{node.name}: attention mask")
+    if ctx.meta(k).shape[-3:-2] != ctx.meta(q).shape[-3:-2] and nq >= 3 and \
+            ctx.meta(k).ndim == nq and ctx.meta(k).shape[-3] not in (1, ctx.meta(q).shape[-3]):
+        raise ValueError("grouped-query SDPA (enable_gqa) is not analysed; repeat k/v heads first")
+    ctx.consume(0)
+    return contract(ctx, node, [(q, letters(q, "LE")), (k, letters(k, "SE")), (v, letters(v, "SV"))],
+                    batch + "LV")
+
+
+def rewrite_sdpa(r, old, new):
+    q = old.args[0] if old.args else old.kwargs["query"]
+    e_old, e_new = r.old_shape(q)[-1], r.new_shape(q)[-1]
+    if e_old != e_new and "scale" not in old.kwargs and len(old.args) < 7:
+        new.kwargs = {**new.kwargs, "scale": e_old ** -0.5}
+
+
+register(F.scaled_dot_product_attention, rewrite=rewrite_sdpa)(sdpa)

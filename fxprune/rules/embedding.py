@@ -1,0 +1,32 @@
+"""Embedding lookups: the embedding dim is a fresh channel source (the weight's
+columns). A weight tied to an output projection is the same tensor: its
+alignments are unioned, so both uses prune together."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import register
+
+
+def embedding(ctx, node):
+    if node.op == "call_module":
+        weight = f"{node.target}.weight"
+    else:
+        weight = ctx.attr_path(ctx.arg(1, "weight"))
+        if weight is None:
+            raise ValueError("the embedding weight must be a parameter of the module (get_attr)")
+    w = ctx.tensor(weight)
+    vec = ctx.fresh((w.shape[1],), f"{node.name} embedding dim")
+    ctx.align(weight, ctx.along(vec, 1, 2), "out")
+    return ctx.along(vec, -1, ctx.meta(node).ndim)
+
+
+def rewrite_embedding(r, old, new):
+    if old.op == "call_module":
+        m = r.module(old)
+        m.embedding_dim = m.weight.shape[1]
+
+
+register(nn.Embedding, F.embedding, rewrite=rewrite_embedding)(embedding)

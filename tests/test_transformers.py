@@ -1,0 +1,84 @@
+"""Attention found from the IR alone: self-written BERT-, GPT-2- and LLaMA-style
+models (separate and fused qkv, causal mask, RMSNorm, rotary embeddings,
+grouped-query attention with repeat_kv, SwiGLU, tied embeddings) pruned by
+head_dim (policy "inner") and by whole heads (policy "outer"), every result
+checked by the oracle."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxprune
+from oracle import prune_and_verify
+from transformer_blocks import Bert, Gpt2, Llama
+
+MODELS = {"bert": Bert, "gpt2": Gpt2, "llama": Llama}
+
+
+@pytest.mark.parametrize("policy", ["inner", "outer"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_reference_transformers_prune_exactly(name, policy):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (2, 8))
+    result, v = prune_and_verify(MODELS[name](), ids, ratio=0.5, policy=policy, healthy=False)
+    assert v.exact_groups >= 2
+    assert v.inexact_groups >= 0
+
+
+def _attention_widths(module, prefix):
+    return {n: m.out_features for n, m in module.named_modules() if n.endswith(prefix)}
+
+
+def test_bert_head_dim_vs_heads():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (2, 8))
+    model = Bert()
+    inner = fxprune.prune(model, ids, ratio=0.5, policy="inner")
+    outer = fxprune.prune(model, ids, ratio=0.5, policy="outer")
+    for r in (inner, outer):  # q and k keep equal widths; 4 heads x head_dim
+        q, k = _attention_widths(r.module, ".q"), _attention_widths(r.module, ".k")
+        assert list(q.values()) == list(k.values()) and all(w % 4 == 0 and w < 32 for w in q.values())
+    # head_dim pruning keeps 4 heads in the view; head pruning keeps head_dim 8
+    assert ", 4, 4)" in inner.module.code
+    assert ", 2, 8)" in outer.module.code
+
+
+def test_rotary_pairs_and_gqa_groups_are_found():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (1, 8))
+    groups = fxprune.analyze(Llama(), ids, policy="inner")
+    g = groups.group_of("layers.0.q_proj.weight")
+    # head_dim 8 with rotate_half: channel i pairs with i + 4, and q/k meet in the product
+    assert g.size == 4 and groups.group_of("layers.0.k_proj.weight") is g
+    heads = fxprune.analyze(Llama(), ids, policy="outer")
+    gq = heads.group_of("layers.0.q_proj.weight")
+    assert gq.size == 2  # 4 query heads in 2 kv groups: whole kv groups go
+    assert heads.group_of("layers.0.v_proj.weight") is gq
+
+
+def test_sdpa_default_scale_is_preserved():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.o = nn.Linear(16, 48), nn.Linear(16, 4)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            y = F.scaled_dot_product_attention(q, k, v)
+            return self.o(y.transpose(1, 2).reshape(b, n, 16))
+
+    torch.manual_seed(0)
+    result, _ = prune_and_verify(Block(), torch.randn(2, 5, 16), ratio=0.5, healthy=False)
+    assert "scale = 0.35355" in result.module.code
+
+
+def test_tied_embedding_prunes_with_its_output_projection():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (2, 8))
+    model = Gpt2()
+    result = fxprune.prune(model, ids, ratio=0.5)
+    assert result.module.wte.weight is result.module.lm_head.weight
+    assert result.module.wte.weight.shape[1] == 16
+    assert model.wte.weight.shape == (40, 32)
