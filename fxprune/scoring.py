@@ -50,7 +50,7 @@ def member_sums(groups: ChannelGroups, elementwise: Callable[[str, torch.Tensor]
         value = elementwise(a.path, t.detach())
         if value is None:
             continue
-        per_index = value.to(torch.float64).movedim(dim, 0).reshape(t.shape[dim], -1).sum(1)
+        per_index = value.movedim(dim, 0).reshape(t.shape[dim], -1).sum(1, dtype=torch.float64).cpu()
         cls = groups.class_of[a.labels.reshape(-1)]
         uniq, inv = torch.unique(cls, return_inverse=True)
         per_class = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, per_index)
@@ -107,3 +107,26 @@ def normalize_scores(groups: ChannelGroups, values: torch.Tensor, method: str = 
         v[ok] = w
         out[idx] = v
     return out
+
+
+WEIGHT_ROLES = ("out", "in", "channel", "norm", "free")  # every member but running statistics
+
+
+def check_options(reduction: str, normalizer: str) -> None:
+    """Raise :class:`ConfigError` for an unknown reduction or normalizer (before any work)."""
+    if reduction not in REDUCTIONS:
+        raise ConfigError(f"unknown group reduction {reduction!r}; use one of {', '.join(REDUCTIONS)}")
+    if normalizer not in NORMALIZERS:
+        raise ConfigError(f"unknown normalizer {normalizer!r}; use one of {', '.join(NORMALIZERS)}")
+
+
+def member_classes(groups: ChannelGroups, index: int) -> torch.Tensor:
+    """The channel class of every position along alignment ``index``'s channel dim."""
+    return groups.class_of[groups.alignments[index].labels.reshape(-1)]
+
+
+def group_scores(groups: ChannelGroups, entries: list[MemberEntry], criterion: str, *,
+                 reduction: str = "mean", normalizer: str = "none") -> ChannelScores:
+    """Reduce per-member values over each group's members, normalize within groups."""
+    values = reduce_members(groups.n_classes, entries, reduction)
+    return ChannelScores(normalize_scores(groups, values, normalizer), criterion)
