@@ -48,7 +48,7 @@ class Pass:
 
     def __str__(self) -> str:
         opts = ",".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
-                        if getattr(self, f.name) != _default(f))
+                        if f.repr and getattr(self, f.name) != _default(f))  # not data, loss_fn
         return f"{self.name}{{{opts}}}" if opts else self.name
 
 
