@@ -85,6 +85,21 @@ def _scoring_pass(importance: Any, data: Any = None, loss_fn: Any = None) -> Pas
     return dataclasses.replace(chosen, **extra) if extra else chosen
 
 
+def _pipeline_with_data(body: Pipeline, data: Any, loss_fn: Any) -> Pipeline:
+    """``data``/``loss_fn`` (which a pipeline string cannot hold) given to every pass of
+    ``body`` with those options."""
+    extra = {k: v for k, v in (("data", data), ("loss_fn", loss_fn)) if v is not None}
+    if not extra:
+        return body
+    takes = [{f.name for f in dataclasses.fields(p)} for p in body.passes]
+    unused = sorted(k for k in extra if not any(k in t for t in takes))
+    if unused:
+        raise ConfigError(f"pipeline {body} has no pass that uses {' or '.join(unused)}; add a "
+                          f"data-driven scoring pass (score-taylor, score-hessian) or drop the argument")
+    return Pipeline(tuple(dataclasses.replace(p, **{k: v for k, v in extra.items() if k in t})
+                          for p, t in zip(body.passes, takes)))
+
+
 def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -131,7 +146,8 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5,
     ignore : modules or qualified names whose output channels stay.
     round_to : kept channel counts become multiples of this.
     importance : 'l1', 'l2', another criterion's name or a scoring pass object.
-    data, loss_fn : calibration batches and loss for data-driven criteria.
+    data, loss_fn : calibration batches and loss for data-driven criteria, also for the
+        data-driven passes of a ``pipeline`` (a pipeline string cannot hold them).
     global_ranking : rank channels across groups (each group capped at ``max_ratio``).
     pipeline : text or Pipeline run after capture instead of the default passes.
 
@@ -159,6 +175,7 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5,
                          Rewrite()))
     else:
         body = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
+        body = _pipeline_with_data(body, data, loss_fn)
     capture = Capture(tuple(leaf_modules), concrete_args)
     passes = body.passes if any(isinstance(p, Capture) for p in body.passes) else (capture, *body.passes)
     pipe = Pipeline(tuple(passes))
