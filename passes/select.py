@@ -1,29 +1,48 @@
 """select: from channel scores to a :class:`PrunePlan` (which channel classes go).
 
-Local ranking removes ``ratio`` of each prunable group's channels, lowest score
-first; global ranking ranks all channels together with a per-group cap. Named
-modules can get their own ratio or be ignored. Kept counts can be rounded to a
-multiple, and no tensor in the graph is ever emptied.
+Three rankings decide which channels of the prunable groups are removed:
+
+- *local* (default): each group loses ``ratio`` of its removable channels,
+  lowest score first;
+- *global* (``global_ranking=True``): all removable channels are ranked
+  together and the ``ratio`` lowest-scoring go, no group losing more than
+  ``max_ratio`` of its channels;
+- *isomorphic* (``isomorphic=True``, Fang et al., "Isomorphic Pruning for
+  Vision Models"): global ranking inside each set of structurally identical
+  groups (see :func:`group_signature`), so that scores are only compared
+  between groups whose channels cost and mean the same.
+
+Named modules can get their own ratio (their group is then ranked locally) or
+be ignored. Kept counts can be rounded up to a multiple of ``round_to``, and no
+tensor in the graph is ever emptied.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from fxprune.channels import ChannelGroups
+from fxprune.channels import ChannelGroup, ChannelGroups
 from fxprune.errors import ConfigError
 from fxprune.passes_base import AnalysisPass, PruneState, register_pass
+from fxprune.rules.context import get_tensor
+from fxprune.rules.registry import describe_target
 
 
 @dataclass(frozen=True, eq=False)
 class PrunePlan:
-    """Which channel classes are kept (``kept[c]``), with a per-group count of removals."""
+    """Which channel classes are kept (``kept[c]``), with a per-group count of removals.
+
+    ``budget`` holds the :class:`passes.select_budget.BudgetResult` when the plan was
+    searched for a MACs/parameter budget.
+    """
 
     kept: torch.Tensor
     removed_per_group: tuple[tuple[int, int], ...] = ()
+    budget: Any = None
 
     @property
     def n_removed(self) -> int:
@@ -32,9 +51,10 @@ class PrunePlan:
     def restrict(self, classes_allowed: torch.Tensor) -> "PrunePlan":
         """The plan removing only classes where ``classes_allowed`` is true."""
         kept = self.kept | ~classes_allowed
-        return PrunePlan(kept, self.removed_per_group)
+        return PrunePlan(kept, self.removed_per_group, self.budget)
 
 
+# -- pure helpers ---------------------------------------------------------------
 def check_ratio(value: float, what: str = "ratio") -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
         raise ConfigError(f"{what} must be a number in [0, 1), got {value!r}; it is the fraction of "
@@ -74,57 +94,64 @@ def _round_kept(n_total: int, n_remove: int, round_to: int) -> int:
     return n_total - keep
 
 
-def select_channels(groups: ChannelGroups, scores, *, ratio: float = 0.5,
-                    ratios: tuple[tuple[str, float], ...] = (), ignore: tuple[str, ...] = (),
-                    round_to: int = 1, global_ranking: bool = False,
-                    max_ratio: float = 1.0) -> PrunePlan:
-    """Choose the channels to remove. ``scores.values`` holds one score per class."""
-    check_ratio(ratio)
-    if not isinstance(round_to, int) or round_to < 1:
-        raise ConfigError(f"round_to must be a positive integer, got {round_to!r}")
-    if not 0.0 < max_ratio <= 1.0:
-        raise ConfigError(f"max_ratio must be in (0, 1], got {max_ratio!r}")
-    n = groups.n_classes
-    values = scores.values.clone()
-    values[torch.isnan(values)] = float("inf")
+def candidates(groups: ChannelGroups, ignore: tuple[str, ...] = ()) -> dict[int, torch.Tensor]:
+    """The removable classes of every group that has any: prunable and not ignored."""
     removable = ~groups.class_pinned
     for name in ignore:
         cls = _resolve(groups, name, "ignore")
         if cls is not None:
             removable[cls] = False
-    own_ratio: dict[int, float] = {}
-    for name, r in ratios:
-        check_ratio(r, f"ratio for {name!r}")
-        cls = _resolve(groups, name, "ratios")
-        if cls is not None:
-            for gid in torch.unique(groups.group_of_class[cls]).tolist():
-                if gid >= 0:
-                    own_ratio[gid] = r
-    kept = torch.ones(n, dtype=torch.bool)
-    pool = []
+    out = {}
     for g in groups.groups:
-        cand = torch.tensor([c for c in g.prunable if removable[c]], dtype=torch.int64)
-        if cand.numel() == 0:
+        cand = torch.tensor(g.prunable, dtype=torch.int64)
+        cand = cand[removable[cand]]
+        if cand.numel():
+            out[g.id] = cand
+    return out
+
+
+def group_signature(groups: ChannelGroups, group: ChannelGroup) -> tuple:
+    """The structure of a group, equal for groups that isomorphic ranking compares.
+
+    It is the group's channel count, prunable count and exactness plus the sorted
+    multiset of its members, each described by its role (out/in/channel/norm/stat/
+    free), channel dim, the op that uses it (module type or function name), the
+    full shape of its tensor and how many of the group's classes it holds. Two
+    residual-free blocks built alike (same layer types, same widths in and out)
+    get the same signature; a block that downsamples, or one that also carries a
+    residual stream, does not.
+    """
+    nodes = {n.name: n for n in groups.gm.graph.nodes}
+    mine = torch.zeros(groups.n_classes, dtype=torch.bool)
+    mine[list(group.classes)] = True
+    members = []
+    for a in groups.alignments:
+        cls = torch.unique(groups.class_of[a.labels.reshape(-1)])
+        held = int(mine[cls].sum())
+        if held == 0:
             continue
-        floor_keep = 0 if cand.numel() < g.size else 1
-        if global_ranking and g.id not in own_ratio:
-            cap = min(int(math.floor(max_ratio * cand.numel())), cand.numel() - floor_keep)
-            pool.append((g, cand, cap))
-            continue
-        r = own_ratio.get(g.id, ratio)
-        n_remove = min(int(math.floor(r * cand.numel() + 1e-9)), cand.numel() - floor_keep)
-        n_remove = _round_kept(g.size, n_remove, round_to)
-        order = cand[torch.argsort(values[cand], stable=True)]
-        kept[order[:max(n_remove, 0)]] = False
-    if pool:
-        _global(pool, values, kept, ratio, round_to)
-    _keep_every_tensor_nonempty(groups, values, kept)
-    removed = tuple((g.id, int((~kept[list(g.classes)]).sum())) for g in groups.groups
-                    if bool((~kept[list(g.classes)]).any()))
-    return PrunePlan(kept, removed)
+        node = nodes.get(a.node)
+        op = describe_target(node, groups.gm) if node is not None else a.node
+        shape = tuple(get_tensor(groups.gm, a.path).shape)
+        members.append((a.role, -1 if a.dim is None else a.dim, op, shape, held))
+    return (group.size, len(group.prunable), group.exact, tuple(sorted(members)))
+
+
+def isomorphic_sets(groups: ChannelGroups, gids) -> list[list[int]]:
+    """The groups ``gids`` partitioned by :func:`group_signature`, in order of first appearance."""
+    sets: dict[tuple, list[int]] = {}
+    for gid in gids:
+        sets.setdefault(group_signature(groups, groups.groups[gid]), []).append(gid)
+    return list(sets.values())
+
+
+def _remove_lowest(kept, values, cand, n_remove):
+    order = cand[torch.argsort(values[cand], stable=True)]
+    kept[order[:max(n_remove, 0)]] = False
 
 
 def _global(pool, values, kept, ratio, round_to):
+    """Rank the channels of ``pool`` (a list of (group, candidates, cap)) together."""
     everything = torch.cat([c for _, c, _ in pool])
     total = int(math.floor(ratio * everything.numel() + 1e-9))
     owner = torch.cat([torch.full_like(c, k) for k, (_, c, _) in enumerate(pool)])
@@ -153,6 +180,84 @@ def _keep_every_tensor_nonempty(groups, values, kept):
             kept[seg[torch.argmax(values[seg])]] = True
 
 
+def _check_options(ratio, round_to, max_ratio):
+    check_ratio(ratio)
+    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+        raise ConfigError(f"round_to must be a positive integer, got {round_to!r}")
+    if not isinstance(max_ratio, (int, float)) or isinstance(max_ratio, bool) or not 0.0 < max_ratio <= 1.0:
+        raise ConfigError(f"max_ratio must be a number in (0, 1], got {max_ratio!r}; it caps the "
+                          f"fraction of one group that global ranking may remove")
+
+
+def own_ratios(groups: ChannelGroups, ratios) -> dict[int, float]:
+    """Group id -> ratio for the groups holding the output channels of the named modules."""
+    out: dict[int, float] = {}
+    for name, r in ratios:
+        check_ratio(r, f"ratio for {name!r}")
+        cls = _resolve(groups, name, "ratios")
+        if cls is not None:
+            for gid in torch.unique(groups.group_of_class[cls]).tolist():
+                if gid >= 0:
+                    out[gid] = float(r)
+    return out
+
+
+# -- the work -------------------------------------------------------------------
+def select_channels(groups: ChannelGroups, scores, *, ratio: float = 0.5,
+                    ratios: tuple[tuple[str, float], ...] = (), ignore: tuple[str, ...] = (),
+                    round_to: int = 1, global_ranking: bool = False,
+                    max_ratio: float = 1.0, isomorphic: bool = False) -> PrunePlan:
+    """Choose the channels to remove. ``scores.values`` holds one score per class.
+
+    Parameters
+    ----------
+    ratio : fraction of each group's removable channels removed (local ranking), or
+        of all pooled channels (global and isomorphic ranking).
+    ratios : (module or parameter name, ratio) pairs; those groups are ranked locally.
+    ignore : names whose output channels are never removed.
+    round_to : kept channel counts are rounded up to a multiple of this.
+    global_ranking : rank every group's channels together.
+    max_ratio : global/isomorphic ranking removes at most this fraction of a group.
+    isomorphic : rank together only groups with equal :func:`group_signature`.
+
+    Examples
+    --------
+    >>> import torch, fxprune
+    >>> from fxprune.scoring import ChannelScores
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(4, 2, 1))
+    >>> g = fxprune.analyze(net, torch.randn(1, 3, 4, 4))
+    >>> scores = ChannelScores(torch.arange(g.n_classes, dtype=torch.float64), "index")
+    >>> plan = select_channels(g, scores, ratio=0.5)
+    >>> [bool(plan.kept[c]) for c in g.prunable[0].classes]
+    [False, False, True, True]
+    """
+    _check_options(ratio, round_to, max_ratio)
+    values = scores.values.clone()
+    values[torch.isnan(values)] = float("inf")
+    own = own_ratios(groups, ratios)
+    kept = torch.ones(groups.n_classes, dtype=torch.bool)
+    pooled = []
+    for gid, cand in candidates(groups, ignore).items():
+        g = groups.groups[gid]
+        floor_keep = 0 if cand.numel() < g.size else 1
+        if (global_ranking or isomorphic) and gid not in own:
+            cap = min(int(math.floor(max_ratio * cand.numel() + 1e-9)), cand.numel() - floor_keep)
+            pooled.append((g, cand, cap))
+            continue
+        r = own.get(gid, ratio)
+        n_remove = min(int(math.floor(r * cand.numel() + 1e-9)), cand.numel() - floor_keep)
+        _remove_lowest(kept, values, cand, _round_kept(g.size, n_remove, round_to))
+    if pooled:
+        by_id = {item[0].id: item for item in pooled}
+        sets = isomorphic_sets(groups, list(by_id)) if isomorphic else [list(by_id)]
+        for members in sets:
+            _global([by_id[gid] for gid in members], values, kept, ratio, round_to)
+    _keep_every_tensor_nonempty(groups, values, kept)
+    removed = tuple((g.id, int((~kept[list(g.classes)]).sum())) for g in groups.groups
+                    if bool((~kept[list(g.classes)]).any()))
+    return PrunePlan(kept, removed)
+
+
 @register_pass
 @dataclass(frozen=True)
 class Select(AnalysisPass):
@@ -165,13 +270,23 @@ class Select(AnalysisPass):
     round_to: int = 1
     global_ranking: bool = False
     max_ratio: float = 1.0
+    isomorphic: bool = False
+
+    def options(self) -> dict:
+        """The keyword arguments of :func:`select_channels` this pass passes."""
+        ratios = tuple(self.ratios.items()) if isinstance(self.ratios, dict) else tuple(self.ratios)
+        return dict(ratio=self.ratio, ratios=ratios, ignore=tuple(self.ignore), round_to=self.round_to,
+                    global_ranking=self.global_ranking, max_ratio=self.max_ratio,
+                    isomorphic=self.isomorphic)
 
     def run(self, state: PruneState) -> PruneState:
-        if state.scores is None:
-            from .score_magnitude import magnitude_scores
-            state = state.replace(scores=magnitude_scores(state.groups))
-        ratios = tuple(self.ratios.items()) if isinstance(self.ratios, dict) else tuple(self.ratios)
-        plan = select_channels(state.groups, state.scores, ratio=self.ratio, ratios=ratios,
-                               ignore=tuple(self.ignore), round_to=self.round_to,
-                               global_ranking=self.global_ranking, max_ratio=self.max_ratio)
-        return state.replace(plan=plan)
+        state = ensure_scores(state)
+        return state.replace(plan=select_channels(state.groups, state.scores, **self.options()))
+
+
+def ensure_scores(state: PruneState) -> PruneState:
+    """``state`` with magnitude scores when no scoring pass ran."""
+    if state.scores is not None:
+        return state
+    from .score_magnitude import magnitude_scores
+    return state.replace(scores=magnitude_scores(state.groups))
