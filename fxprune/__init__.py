@@ -10,6 +10,7 @@ from .api import Capture, PruneResult, analyze, prune
 from .capture import trace
 from .channels import ChannelGroup, ChannelGroups
 from .io import load, save
+from .iterative import IterativeResult, iterative
 from .errors import (AnalysisError, ConfigError, DegenerateReferenceError, FxpruneError, InputError,
                      LoadError, PipelineError, PlanError, RewriteError, SaveError, TraceError,
                      VerificationError)
