@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 MODULES = ["fxprune.labels", "fxprune.capture", "fxprune.api", "fxprune.passes_base",
-           "passes.score_magnitude"]
+           "passes.score_magnitude", "fxprune.calibration", "passes.score_bn_scale", "passes.score_fpgm",
+           "passes.score_hessian", "passes.score_lamp", "passes.score_random", "passes.score_taylor"]
 
 
 @pytest.mark.parametrize("name", MODULES)
