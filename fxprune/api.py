@@ -35,6 +35,11 @@ class PruneResult:
     pipeline: str
     frontend: str = "symbolic_trace"
 
+    @property
+    def budget(self) -> Any:
+        """Where a ``target_macs``/``target_params`` search landed (None without a target)."""
+        return getattr(self.plan, "budget", None)
+
     def __repr__(self) -> str:
         return (f"PruneResult(removed {self.plan.n_removed} of {self.groups.n_classes} channel "
                 f"classes, front end {self.frontend}, pipeline {self.pipeline!r})")
@@ -125,10 +130,11 @@ def analyze(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (
     return pipe.run(state).groups
 
 
-def prune(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5,
+def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
           ratios: Mapping | None = None, ignore: Iterable = (), round_to: int = 1,
           importance: Any = "l2", global_ranking: bool = False, max_ratio: float = 1.0,
-          policy: str = "inner", pipeline: str | Pipeline | None = None,
+          isomorphic: bool = False, target_macs: float | None = None,
+          target_params: float | None = None, policy: str = "inner", pipeline: str | Pipeline | None = None,
           leaf_modules: Iterable = (), concrete_args: Mapping | None = None,
           data: Any = None, loss_fn: Any = None, report: bool = True) -> PruneResult:
     """Prune ``model`` structurally and return a new, smaller GraphModule.
@@ -139,8 +145,9 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5,
         Never modified.
     example_inputs : Tensor or tuple
         Positional example inputs; they fix the shapes the analysis sees.
-    ratio : float in [0, 1)
-        Fraction of channels removed from each prunable group.
+    ratio : float in [0, 1), default 0.5
+        Fraction of channels removed from each prunable group (of all ranked channels
+        with ``global_ranking``/``isomorphic``).
     ratios : mapping of module (or qualified name) to ratio
         Ratio for the group holding that module's output channels.
     ignore : modules or qualified names whose output channels stay.
@@ -149,6 +156,10 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5,
     data, loss_fn : calibration batches and loss for data-driven criteria, also for the
         data-driven passes of a ``pipeline`` (a pipeline string cannot hold them).
     global_ranking : rank channels across groups (each group capped at ``max_ratio``).
+    isomorphic : rank channels across structurally identical groups only.
+    target_macs, target_params : a budget instead of ``ratio``: an absolute count or a
+        float in (0, 1), a fraction of the original. The least-pruned plan that meets it
+        is searched (``select-budget``); ``result.budget`` says where it landed.
     pipeline : text or Pipeline run after capture instead of the default passes.
 
     Examples
@@ -162,16 +173,26 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5,
     from passes.channel_deps import ChannelDeps
     from passes.rewrite import Rewrite
     from passes.select import Select, check_ratio
+    from passes.select_budget import SelectBudget
 
     _check_model(model)
-    check_ratio(ratio)
+    budget = target_macs is not None or target_params is not None
+    if budget and ratio is not None:
+        raise ConfigError("pass either ratio or target_macs/target_params, not both: with a "
+                          "target the budget search chooses the ratio")
+    if budget and pipeline is not None:
+        raise ConfigError("target_macs/target_params build the default pipeline; with pipeline=, "
+                          "write the budget into it: select-budget{target_macs=0.5}")
+    ratio = 0.5 if ratio is None else check_ratio(ratio)
     inputs = as_tuple(example_inputs)
     ratio_items = tuple(zip(_names(model, (ratios or {}).keys(), "ratios"), (ratios or {}).values()))
     ignored = _names(model, ignore, "ignore")
     if pipeline is None:
-        body = Pipeline((ChannelDeps(policy=policy), _scoring_pass(importance, data, loss_fn),
-                         Select(ratio=ratio, ratios=ratio_items, ignore=ignored, round_to=round_to,
-                                global_ranking=global_ranking, max_ratio=max_ratio),
+        options = dict(ratios=ratio_items, ignore=ignored, round_to=round_to,
+                       global_ranking=global_ranking, max_ratio=max_ratio, isomorphic=isomorphic)
+        select = (SelectBudget(target_macs=target_macs, target_params=target_params, **options) if budget
+                  else Select(ratio=ratio, **options))
+        body = Pipeline((ChannelDeps(policy=policy), _scoring_pass(importance, data, loss_fn), select,
                          Rewrite()))
     else:
         body = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
@@ -189,12 +210,17 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5,
 
 
 def _report(model, state: PruneState, inputs: tuple):
-    from .report import PruneReport, measure
+    """Before/after numbers, MACs counted on the meta device (the captured graph computes
+    what the model computes; parameters are counted on the model itself)."""
+    from passes.select_budget import meta_stats
+
+    from .report import ModelStats, PruneReport, count_params
 
     groups, plan = state.groups, state.plan
     channels = sum(g.size for g in groups.groups)
-    return PruneReport(before=measure(model, inputs),
-                       after=measure(state.module, graph_inputs(state.gm, inputs)),
+    g_inputs = graph_inputs(state.gm, inputs)
+    before = ModelStats(count_params(model), meta_stats(state.gm, g_inputs).macs)
+    return PruneReport(before=before, after=meta_stats(state.module, g_inputs),
                        channels_before=channels, channels_after=channels - plan.n_removed,
                        groups_pruned=len(plan.removed_per_group), timings=state.timings)
 
