@@ -16,7 +16,7 @@ import torch
 from fxprune.channels import ChannelGroups
 from fxprune.errors import ConfigError
 from fxprune.passes_base import AnalysisPass, PruneState, register_pass
-from fxprune.scoring import WEIGHT_ROLES, ChannelScores, check_options, group_scores, member_sums
+from fxprune.scoring import WEIGHT_ROLES, ChannelScores, check_options, group_scores, member_classes
 
 
 def random_scores(groups: ChannelGroups, *, seed: int = 0, reduction: str = "mean",
@@ -37,8 +37,11 @@ def random_scores(groups: ChannelGroups, *, seed: int = 0, reduction: str = "mea
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"random seed must be an integer, got {seed!r}")
     gen = torch.Generator().manual_seed(seed)
-    entries = [(i, c, torch.rand(c.numel(), generator=gen, dtype=torch.float64))
-               for i, c, _ in member_sums(groups, lambda p, t: t, WEIGHT_ROLES)]
+    entries = []
+    for i, a in enumerate(groups.alignments):
+        if a.dim is not None and a.role in WEIGHT_ROLES:
+            c = torch.unique(member_classes(groups, i))
+            entries.append((i, c, torch.rand(c.numel(), generator=gen, dtype=torch.float64)))
     return group_scores(groups, entries, f"random-{seed}", reduction=reduction, normalizer=normalizer)
 
 
