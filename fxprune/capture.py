@@ -21,6 +21,7 @@ import torch.fx
 from torch import nn
 
 from ._util import as_tuple
+from .decompose import mha_supported, multihead_attention
 from .errors import InputError, TraceError
 from .meta import LIFTED_KEY, set_meta
 from .passes_base import Pass, PruneState, register_pass
@@ -38,6 +39,11 @@ class _Tracer(torch.fx.Tracer):
         self._leaf_ids = {id(m) for m in leaf_modules if isinstance(m, nn.Module)}
         self._fxp_stack: list[tuple[str, str]] = []
 
+    def is_leaf_user(self, m: nn.Module, qualname: str) -> bool:
+        """Whether the user asked for ``m`` to stay opaque."""
+        return bool((self._leaf_types and isinstance(m, self._leaf_types)) or qualname in self._leaf_names
+                    or id(m) in self._leaf_ids)
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if (self._leaf_types and isinstance(m, self._leaf_types)) or qualname in self._leaf_names \
                 or id(m) in self._leaf_ids:
@@ -45,6 +51,9 @@ class _Tracer(torch.fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
+        if isinstance(m, nn.MultiheadAttention) and mha_supported(m, kwargs) and \
+                not self.is_leaf_user(m, self.path_of_module(m)):
+            return multihead_attention(m, *args, **kwargs)  # traced through, made analyzable
         qualname = self.path_of_module(m)
         self._fxp_stack.append((qualname, type(m).__name__))
         try:

@@ -35,7 +35,7 @@ def _check(ctx: AnalysisContext, labels: Any, meta: Any) -> Any:
         if labels.ndim != meta.ndim or any(l not in (1, s) for l, s in zip(labels.shape, meta.shape)):
             raise AnalysisError(f"rule for {ctx.where()} returned labels of shape {tuple(labels.shape)} "
                                 f"for a value of shape {meta.shape}")
-        return normalize(ctx.space, labels, ctx.policy)
+        return normalize(ctx.space, labels, ctx.policy if ctx.splits_channels else "inner")
     if isinstance(meta, tuple):
         if not isinstance(labels, tuple) or len(labels) != len(meta):
             labels = (None,) * len(meta) if labels is None else labels
@@ -53,13 +53,13 @@ def _pin_outputs(ctx: AnalysisContext, node: torch.fx.Node) -> None:
 
 def _visit(ctx: AnalysisContext, node: torch.fx.Node) -> None:
     ctx.node = node
+    ctx.splits_channels = False
     meta = get_meta(node)
     if node.op == "placeholder":
         ctx.labels_of[node] = _check(ctx, ctx.const_output(), meta)
         return
     if node.op == "get_attr":
-        ctx.labels(node)  # lazily labelled: parameters fresh, buffers CONST
-        return
+        return  # labelled lazily, when an op uses the tensor by value (a weight argument is not)
     if node.op == "output":
         _pin_outputs(ctx, node)
         return
@@ -217,10 +217,12 @@ def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
     ctx = AnalysisContext(gm, space, policy)
     for node in gm.graph.nodes:
         _visit(ctx, node)
+    # alignments are made separable once every union of the walk is known
+    alignments = tuple(Alignment(p, normalize(space, l), r, nd) for p, l, r, nd in ctx.alignments)
     class_of, n = _dense_classes(space)
     pinned, pin_why = _class_flags(space, class_of, n, space.pinned)
     inexact, inexact_why = _class_flags(space, class_of, n, space.inexact)
-    alignments = tuple(Alignment(p, l, r, nd) for p, l, r, nd in ctx.alignments)
+
     groups, group_of_class = _build_groups(space, class_of, n, alignments, pinned, pin_why,
                                            inexact, inexact_why)
     node_labels = {node.name: labels for node, labels in ctx.labels_of.items()}

@@ -42,6 +42,7 @@ class AnalysisContext:
         self._tensor_paths: dict[int, list[str]] = {}
         self._first_alignment: dict[tuple[int, int], torch.Tensor] = {}
         self.node: torch.fx.Node | None = None
+        self.splits_channels = False  # set by view-like rules: the policy picks the channel dim
 
     # -- reading the graph ----------------------------------------------
     @property
@@ -106,7 +107,7 @@ class AnalysisContext:
         # frequencies): every position gets a fresh label, so it is sliced with what it meets
         labels = self.space.fresh(t.shape, Family(f"tensor {node.target}", node.name))
         self.align(node.target, labels, "free")
-        return normalize(self.space, labels, self.policy)
+        return labels  # not normalized here: the ops that use it decide which dim is the channel
 
     def full(self, x: Any) -> torch.Tensor:
         """Label tensor of ``x`` expanded to its actual shape."""
@@ -171,11 +172,9 @@ class AnalysisContext:
         if labels.ndim != t.ndim:
             raise AnalysisError(f"{self.where()}: alignment of {path} has {labels.ndim} dims, "
                                 f"the tensor {t.ndim}")
-        labels = normalize(self.space, labels, self.policy)
-        dim = channel_dim(labels)
-        key = (id(t), -1 if dim is None else dim)
+        key = (id(t), tuple(labels.shape))  # tied uses of a tensor along the same dims
         first = self._first_alignment.get(key)
-        if first is not None and first.shape == labels.shape:
+        if first is not None:
             self.union(first, labels)
         else:
             self._first_alignment[key] = labels

@@ -214,7 +214,14 @@ def rewrite_sizes(r, old, new):
         new.args = (new.args[0], *([sizes] if packed else sizes))
 
 
-register("view", "reshape", "expand", torch.reshape, rewrite=rewrite_sizes)(relabel)
+def split_relabel(ctx, node):
+    """view/reshape/unflatten: where one channel dim becomes two (hidden -> heads x head_dim)
+    the analysis policy decides which of them stays prunable."""
+    ctx.splits_channels = True
+    return relabel(ctx, node)
+
+
+register("view", "reshape", "expand", torch.reshape, rewrite=rewrite_sizes)(split_relabel)
 
 
 def rewrite_unflatten(r, old, new):
@@ -235,7 +242,7 @@ def rewrite_unflatten(r, old, new):
     new.kwargs = {k: v for k, v in new.kwargs.items() if k not in ("dim", "sizes")}
 
 
-register("unflatten", torch.unflatten, nn.Unflatten, rewrite=rewrite_unflatten)(relabel)
+register("unflatten", torch.unflatten, nn.Unflatten, rewrite=rewrite_unflatten)(split_relabel)
 
 
 def rewrite_split(r, old, new):
