@@ -177,6 +177,11 @@ def normalize(space: LabelSpace, labels: torch.Tensor, policy: str = "inner") ->
     """
     if sum(1 for n in labels.shape if n > 1) <= 1:
         return labels  # at most one dim can vary: already separable
+    for d in range(labels.ndim):  # cheap first pass: dims along which the labels repeat
+        if labels.shape[d] > 1 and constant_along(labels, d):
+            labels = labels.narrow(d, 0, 1)
+    if sum(1 for n in labels.shape if n > 1) <= 1:
+        return labels.contiguous()
     k = space.roots(labels)
     dims = varying_dims(k)
     if len(dims) > 1:

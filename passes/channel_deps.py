@@ -217,6 +217,10 @@ def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
     ctx = AnalysisContext(gm, space, policy)
     for node in gm.graph.nodes:
         _visit(ctx, node)
+    for path, labels, _, _ in ctx.alignments:
+        why = ctx.opaque_tensors.get(id(ctx.tensor(path)))
+        if why is not None:
+            space.pin(labels, why)
     # alignments are made separable once every union of the walk is known
     alignments = tuple(Alignment(p, normalize(space, l), r, nd) for p, l, r, nd in ctx.alignments)
     class_of, n = _dense_classes(space)

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from fxprune.channels import ChannelGroups
 from fxprune.errors import ConfigError
 from fxprune.passes_base import AnalysisPass, PruneState, register_pass
-from fxprune.scoring import ChannelScores, member_sums, normalize_scores, reduce_members
+from fxprune.scoring import WEIGHT_ROLES, ChannelScores, member_sums, normalize_scores, reduce_members
 
 
 def member_norms(groups: ChannelGroups, p: float) -> list:
     """For every member: (member index, classes, per-class p-norm of its slices)."""
-    entries = member_sums(groups, lambda path, t: t.abs().pow(p))
+    entries = member_sums(groups, lambda path, t: t.abs().pow(p), roles=WEIGHT_ROLES)
     return [(i, c, v.pow(1.0 / p)) for i, c, v in entries]
 
 

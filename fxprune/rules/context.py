@@ -43,6 +43,7 @@ class AnalysisContext:
         self._first_alignment: dict[tuple[int, int], torch.Tensor] = {}
         self.node: torch.fx.Node | None = None
         self.splits_channels = False  # set by view-like rules: the policy picks the channel dim
+        self.opaque_tensors: dict[int, str] = {}  # id(tensor) -> why it must not be sliced
 
     # -- reading the graph ----------------------------------------------
     @property
@@ -186,8 +187,13 @@ class AnalysisContext:
         self.consumers.append((self.node.name, argpos))
 
     def barrier(self, reason: str) -> None:
-        """Pin every tensor input of the current node and record why."""
+        """Pin every tensor input of the current node and record why. A parameter handed to
+        an opaque op is never sliced (no label is made for it here; any use elsewhere is
+        pinned when the walk ends)."""
         for inp in self.node.all_input_nodes:
+            if inp.op == "get_attr" and inp not in self.labels_of:
+                self.opaque_tensors[id(get_tensor(self.gm, inp.target))] = reason
+                continue
             self.pin(self.labels(inp), reason)
             tl = self.tuple_labels(inp)
             for labels in tl or ():
