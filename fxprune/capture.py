@@ -21,7 +21,7 @@ import torch.fx
 from torch import nn
 
 from ._util import as_tuple
-from .decompose import mha_supported, multihead_attention
+from .decompose import decomposition
 from .errors import InputError, TraceError
 from .meta import LIFTED_KEY, set_meta
 from .passes_base import Pass, PruneState, register_pass
@@ -51,9 +51,9 @@ class _Tracer(torch.fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
-        if isinstance(m, nn.MultiheadAttention) and mha_supported(m, kwargs) and \
-                not self.is_leaf_user(m, self.path_of_module(m)):
-            return multihead_attention(m, *args, **kwargs)  # traced through, made analyzable
+        replacement = decomposition(m, kwargs)
+        if replacement is not None and not self.is_leaf_user(m, self.path_of_module(m)):
+            return replacement(m, *args, **kwargs)  # traced through, made analyzable
         qualname = self.path_of_module(m)
         self._fxp_stack.append((qualname, type(m).__name__))
         try:

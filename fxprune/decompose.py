@@ -1,10 +1,12 @@
 """Traceable decompositions of opaque torch.nn modules.
 
-``nn.MultiheadAttention`` is a leaf for torch.fx and its forward is not
-traceable; the tracer calls :func:`multihead_attention` instead, which computes
-the same function from the module's own parameters with ops the channel rules
-understand (linear, view, transpose, scaled dot-product attention), so heads
-and head_dim become prunable and the pruned graph needs no MHA module at all.
+``nn.MultiheadAttention`` and the ``nn.Transformer*`` layers are leaves for
+torch.fx and their forwards (fused fast paths) are not traceable; the tracer
+calls the functions here instead, which compute the same function from the
+module's own parameters and submodules with ops the channel rules understand
+(linear, view, transpose, scaled dot-product attention), so heads and head_dim
+become prunable and the pruned graph needs no attention module at all. Key
+padding masks are not decomposed: such calls stay opaque (pinned).
 """
 
 from __future__ import annotations
@@ -64,3 +66,67 @@ def multihead_attention(m: nn.MultiheadAttention, query, key, value, key_padding
     if not m.batch_first:
         out = out.transpose(0, 1)
     return out, weights
+
+
+def _self_block(m, x, mask, is_causal):
+    out = multihead_attention(m.self_attn, x, x, x, attn_mask=mask, need_weights=False, is_causal=is_causal)[0]
+    return m.dropout1(out)
+
+
+def _ff_block(m, x, dropout_out):
+    return dropout_out(m.linear2(m.dropout(m.activation(m.linear1(x)))))
+
+
+def encoder_layer(m: nn.TransformerEncoderLayer, src, src_mask=None, src_key_padding_mask=None,
+                  is_causal: bool = False):
+    """``nn.TransformerEncoderLayer`` without its fused fast path."""
+    x = src
+    if m.norm_first:
+        x = x + _self_block(m, m.norm1(x), src_mask, is_causal)
+        return x + _ff_block(m, m.norm2(x), m.dropout2)
+    x = m.norm1(x + _self_block(m, x, src_mask, is_causal))
+    return m.norm2(x + _ff_block(m, x, m.dropout2))
+
+
+def decoder_layer(m: nn.TransformerDecoderLayer, tgt, memory, tgt_mask=None, memory_mask=None,
+                  tgt_key_padding_mask=None, memory_key_padding_mask=None, tgt_is_causal: bool = False,
+                  memory_is_causal: bool = False):
+    """``nn.TransformerDecoderLayer`` with traceable attention."""
+    def cross(x):
+        out = multihead_attention(m.multihead_attn, x, memory, memory, attn_mask=memory_mask,
+                                  need_weights=False, is_causal=memory_is_causal)[0]
+        return m.dropout2(out)
+
+    x = tgt
+    if m.norm_first:
+        x = x + _self_block(m, m.norm1(x), tgt_mask, tgt_is_causal)
+        x = x + cross(m.norm2(x))
+        return x + _ff_block(m, m.norm3(x), m.dropout3)
+    x = m.norm1(x + _self_block(m, x, tgt_mask, tgt_is_causal))
+    x = m.norm2(x + cross(x))
+    return m.norm3(x + _ff_block(m, x, m.dropout3))
+
+
+def encoder(m: nn.TransformerEncoder, src, mask=None, src_key_padding_mask=None, is_causal=None):
+    """``nn.TransformerEncoder``: its layers in turn (each decomposed), then the norm."""
+    x = src
+    for layer in m.layers:
+        x = layer(x, src_mask=mask, is_causal=bool(is_causal))
+    return m.norm(x) if m.norm is not None else x
+
+
+def decomposition(m: nn.Module, kwargs: dict[str, Any]):
+    """The traceable replacement for module ``m`` called with ``kwargs``, or None."""
+    padding = any(kwargs.get(k) is not None for k in ("key_padding_mask", "src_key_padding_mask",
+                                                      "tgt_key_padding_mask", "memory_key_padding_mask"))
+    if padding:
+        return None
+    if type(m) is nn.MultiheadAttention and mha_supported(m, kwargs):
+        return multihead_attention
+    if type(m) is nn.TransformerEncoderLayer and type(m.self_attn) is nn.MultiheadAttention:
+        return encoder_layer
+    if type(m) is nn.TransformerDecoderLayer:
+        return decoder_layer
+    if type(m) is nn.TransformerEncoder:
+        return encoder
+    return None

@@ -1,0 +1,94 @@
+"""nn.MultiheadAttention and nn.Transformer*Layer are traced as functional
+decompositions: the captured graph reproduces the module, heads and head_dim
+prune under the oracle."""
+
+import pytest
+import torch
+from torch import nn
+
+import fxprune
+from oracle import prune_and_verify
+
+
+class MHANet(nn.Module):
+    def __init__(self, batch_first, cross=False, packed=True):
+        super().__init__()
+        kw = {} if packed else {"kdim": 12, "vdim": 12}
+        self.inp = nn.Linear(12, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first, **kw)
+        self.out = nn.Linear(16, 3)
+        self.cross = cross
+        self.packed = packed
+
+    def forward(self, x):
+        h = self.inp(x)
+        if not self.packed:
+            y, _ = self.attn(h, x, x, need_weights=False)
+        elif self.cross:
+            y, _ = self.attn(h, h * 2.0, h + 1.0)
+        else:
+            y, _ = self.attn(h, h, h)
+        return self.out(y + h)
+
+
+CASES = {
+    "batch_first": (lambda: MHANet(True), (2, 5, 12)),
+    "seq_first": (lambda: MHANet(False), (5, 2, 12)),
+    "cross_inputs": (lambda: MHANet(True, cross=True), (2, 5, 12)),
+    "separate_kv_dims": (lambda: MHANet(True, packed=False), (2, 5, 12)),
+    "encoder_layer": (lambda: nn.Sequential(nn.Linear(12, 16), nn.TransformerEncoderLayer(16, 4, 32, batch_first=True),
+                                            nn.Linear(16, 3)), (2, 5, 12)),
+    "encoder_layer_norm_first": (lambda: nn.Sequential(nn.Linear(12, 16), nn.TransformerEncoderLayer(
+        16, 4, 32, batch_first=True, norm_first=True, activation="gelu"), nn.Linear(16, 3)), (2, 5, 12)),
+    "encoder_stack": (lambda: nn.Sequential(nn.Linear(12, 16), nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(16, 4, 32), 2, enable_nested_tensor=False), nn.Linear(16, 3)), (5, 2, 12)),
+}
+
+
+@pytest.mark.parametrize("policy", ["inner", "outer"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_attention_modules_prune_exactly(name, policy):
+    torch.manual_seed(0)
+    make, shape = CASES[name]
+    model = make().eval()
+    x = torch.randn(shape)
+    gm = fxprune.trace(model, x)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), atol=1e-5)
+    assert not any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.MultiheadAttention)
+                   for n in gm.graph.nodes)
+    prune_and_verify(model, x, ratio=0.5, policy=policy, healthy=False)
+
+
+def test_decoder_layer_decomposition_matches():
+    torch.manual_seed(0)
+
+    class Dec(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.TransformerDecoderLayer(16, 4, 32, batch_first=True).eval()
+
+        def forward(self, tgt, memory):
+            return self.layer(tgt, memory)
+
+    model = Dec().eval()
+    inputs = (torch.randn(2, 4, 16), torch.randn(2, 6, 16))
+    gm = fxprune.trace(model, inputs)
+    with torch.no_grad():
+        assert torch.allclose(gm(*inputs), model(*inputs), atol=1e-5)
+
+
+def test_key_padding_mask_stays_opaque_and_pinned():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.attn, self.out = nn.Linear(12, 16), nn.MultiheadAttention(16, 4, batch_first=True), nn.Linear(16, 3)
+
+        def forward(self, x, pad):
+            h = self.inp(x)
+            return self.out(self.attn(h, h, h, key_padding_mask=pad)[0])
+
+    x, pad = torch.randn(2, 5, 12), torch.zeros(2, 5, dtype=torch.bool)
+    groups = fxprune.analyze(Masked(), (x, pad))
+    assert not groups.group_of("inp.weight").is_prunable
+    assert "MultiheadAttention" in str(groups)
