@@ -11,6 +11,7 @@ from .capture import trace
 from .channels import ChannelGroup, ChannelGroups
 from .io import load, save
 from .iterative import IterativeResult, iterative
+from . import regularize
 from .errors import (AnalysisError, ConfigError, DegenerateReferenceError, FxpruneError, InputError,
                      LoadError, PipelineError, PlanError, RewriteError, SaveError, TraceError,
                      VerificationError)

@@ -239,3 +239,12 @@ def test_nothing_prunable():
 def test_errors(groups, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         select_channels(groups, perm_scores(groups), **kwargs)
+
+
+@pytest.mark.parametrize("name", ["passes.select", "fxprune.iterative"])
+def test_doctests(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.attempted > 0 and result.failed == 0
