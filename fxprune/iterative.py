@@ -8,9 +8,9 @@ keeps the same fraction of the remaining channels at every step,
 Channel counts are tracked against the *original* group sizes (groups are
 matched across steps by their members' names), so after step ``k`` a group of
 ``n0`` removable channels has lost exactly ``floor(f_k * n0)`` of them and the
-final model has the requested ratio, as one ``fxprune.prune(ratio=...)`` would
-(``round_to`` is applied at every step, global and isomorphic ranking hit the
-pooled count).
+final model has the requested ratio, as one ``fxprune.prune(ratio=...)`` would.
+``round_to`` and ``max_ratio`` apply at every step; global ranking hits the
+pooled count exactly, isomorphic ranking up to rounding in each set.
 """
 
 from __future__ import annotations

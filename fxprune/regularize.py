@@ -170,15 +170,18 @@ class Regularizer:
 
     def penalty(self) -> torch.Tensor:
         """The regularization term to add to the loss (a scalar tensor with a graph)."""
+        if not bool(self.active.any()):
+            return torch.zeros(())
         sums = self.sums()
         w = self.weights(sums.detach()).to(sums.device, sums.dtype)
         return (w * sums)[self.active.to(sums.device)].sum()
 
     def step(self) -> None:
         """Add the penalty's gradient into each parameter's ``.grad``, then :meth:`advance`."""
-        if self.parameters:
-            with torch.enable_grad():
-                grads = torch.autograd.grad(self.penalty(), self.parameters, allow_unused=True)
+        with torch.enable_grad():
+            penalty = self.penalty()
+        if self.parameters and penalty.requires_grad:  # nothing to do when no channel is penalized
+            grads = torch.autograd.grad(penalty, self.parameters, allow_unused=True)
             with torch.no_grad():
                 for p, g in zip(self.parameters, grads):
                     if g is None:

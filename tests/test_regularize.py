@@ -97,6 +97,14 @@ def test_step_adds_the_penalty_gradient_into_grad():
     assert m[8].weight.grad is not None and reg.iteration == 1  # the next layer's columns are members
 
 
+def test_nothing_selected_is_a_no_op():
+    m = net()
+    reg = GrowingReg(m, XS, ratio=0.0)
+    reg.step()
+    assert float(reg.penalty().detach()) == 0.0 and reg.iteration == 1
+    assert all(p.grad is None for p in m.parameters())
+
+
 def test_growing_reg_schedule():
     reg = GrowingReg(net(), XS, ratio=0.5, delta=0.25, interval=3, ceiling=0.6)
     seen = []
