@@ -153,20 +153,24 @@ def _distinct_along(k: torch.Tensor, dim: int) -> int:
     return int(torch.unique(k[tuple(index)]).numel())
 
 
-def choose_channel_dim(k: torch.Tensor, dims: list[int], policy: str = "inner") -> int:
+def choose_channel_dim(k: torch.Tensor, dims: list[int], policy: str = "auto") -> int:
     """Which of several varying dims stays the channel dim.
 
-    ``inner`` keeps the dim with the most distinct classes (ties: the last),
-    ``outer`` the first varying dim (whole blocks such as heads go together).
+    Where a view split one channel dim into several, ``inner`` keeps the last of them
+    (head_dim: the same channels go in every head) and ``outer`` the first (whole
+    blocks such as heads go together). Elsewhere (``auto``) the dim with the most
+    distinct classes is kept.
     """
     if policy == "outer":
         return dims[0]
+    if policy == "inner":
+        return dims[-1]
     # most distinct classes; then the dim without repeats (a real channel dim rather than a
     # spatial dim that a pixel shuffle filled with a few classes); then the inner one
     return max(dims, key=lambda d: (_distinct_along(k, d), _distinct_along(k, d) / k.shape[d], d))
 
 
-def normalize(space: LabelSpace, labels: torch.Tensor, policy: str = "inner") -> torch.Tensor:
+def normalize(space: LabelSpace, labels: torch.Tensor, policy: str = "auto") -> torch.Tensor:
     """Make a label tensor *separable*: after this its classes change along at most one
     dim, and every other dim is compressed to size 1.
 

@@ -35,7 +35,7 @@ def _check(ctx: AnalysisContext, labels: Any, meta: Any) -> Any:
         if labels.ndim != meta.ndim or any(l not in (1, s) for l, s in zip(labels.shape, meta.shape)):
             raise AnalysisError(f"rule for {ctx.where()} returned labels of shape {tuple(labels.shape)} "
                                 f"for a value of shape {meta.shape}")
-        return normalize(ctx.space, labels, ctx.policy if ctx.splits_channels else "inner")
+        return normalize(ctx.space, labels, ctx.policy if ctx.splits_channels else "auto")
     if isinstance(meta, tuple):
         if not isinstance(labels, tuple) or len(labels) != len(meta):
             labels = (None,) * len(meta) if labels is None else labels

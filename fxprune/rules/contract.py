@@ -70,9 +70,16 @@ def contract(ctx, node, operands, out_letters):
             else:
                 ctx.pin(ai, f"{node.name}: the other operand's channels vary along another dim")
     out_ndim = len(out_letters)
-    for letters, lab, c, bcast in ops:
-        if c is not None and c in out_letters and c not in bcast:
-            return ctx.along(_vector(lab), out_letters.index(c), out_ndim)
+    carried = [(c, lab) for letters, lab, c, bcast in ops if c is not None and c in out_letters and c not in bcast]
+    if len({c for c, _ in carried}) > 1:
+        # channels of two operands cross in the output (out[h, j] from heads of one and
+        # features of the other): a dense rectangle cannot follow both, so neither moves
+        for _, lab in carried:
+            ctx.pin(lab, f"{node.name}: channels of two operands cross in the output")
+        return const_like(out_ndim)
+    if carried:
+        c, lab = carried[0]
+        return ctx.along(_vector(lab), out_letters.index(c), out_ndim)
     return const_like(out_ndim)
 
 
