@@ -90,6 +90,7 @@ def test_pipeline_text_matches_api():
     assert [n for n, _ in b.timings] == ["capture", "channel-deps", "score-magnitude", "select", "rewrite"]
     assert all(t >= 0 for _, t in b.timings)
     assert str(fxprune.parse_pipeline(b.pipeline)) == b.pipeline
+    assert fxprune.verify(net, b, X).max_rel_err < 1e-4
 
 
 def test_ignore_keeps_output_channels_and_ratios_override():
@@ -99,6 +100,7 @@ def test_ignore_keeps_output_channels_and_ratios_override():
     assert r.module.get_submodule("0").out_channels == 8
     r = fxprune.prune(net, X, ratio=0.5, ratios={"0": 0.25})
     assert r.module.get_submodule("0").out_channels == 6
+    assert fxprune.verify(net, r, X).max_rel_err < 1e-4
 
 
 def test_round_to_and_global_ranking():
@@ -107,6 +109,7 @@ def test_round_to_and_global_ranking():
     r = fxprune.prune(net, X, ratio=0.3, round_to=4)
     assert r.module.get_submodule("0").out_channels % 4 == 0
     assert r.module.get_submodule("2").out_channels % 4 == 0
+    assert fxprune.verify(net, r, X).max_rel_err < 1e-4
     with torch.no_grad():  # make layer 2 unimportant: global ranking must take more from it
         net[2].weight.mul_(1e-3)
     r = fxprune.prune(net, X, ratio=0.5, global_ranking=True)

@@ -42,6 +42,8 @@ def test_bert_head_dim_vs_heads():
     # head_dim pruning keeps 4 heads in the view; head pruning keeps head_dim 8
     assert ", 4, 4)" in inner.module.code
     assert ", 2, 8)" in outer.module.code
+    for r in (inner, outer):
+        assert fxprune.verify(model, r, ids).max_rel_err < 1e-4
 
 
 def test_rotary_pairs_and_gqa_groups_are_found():
@@ -82,3 +84,4 @@ def test_tied_embedding_prunes_with_its_output_projection():
     assert result.module.wte.weight is result.module.lm_head.weight
     assert result.module.wte.weight.shape[1] == 16
     assert model.wte.weight.shape == (40, 32)
+    assert fxprune.verify(model, result, ids).max_rel_err < 1e-4
