@@ -90,6 +90,8 @@ class ChannelGroups:
     frontend: str = "symbolic_trace"
     segments: tuple[torch.Tensor, ...] = field(default=(), repr=False)
     channel_sized: frozenset[str] = frozenset()  # int nodes computed from a channel count
+    # (node, tensor path, labels): opaque modules consuming channels through their own weights
+    param_consumers: tuple[tuple[str, str, torch.Tensor], ...] = field(default=(), repr=False)
 
     def classes(self, labels: torch.Tensor) -> torch.Tensor:
         """Class ids of a label tensor."""

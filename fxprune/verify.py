@@ -54,9 +54,16 @@ def _flat(out: Any) -> list[torch.Tensor]:
 class _Masked(torch.fx.Interpreter):
     """Runs the original graph, zeroing removed channels at every consumer input."""
 
-    def __init__(self, gm, masks: dict[str, dict[int, torch.Tensor]]):
+    def __init__(self, gm, masks: dict[str, dict[int, torch.Tensor]],
+                 modules: dict[str, torch.nn.Module] | None = None):
         super().__init__(gm)
         self.masks = masks
+        self.modules = modules or {}
+
+    def call_module(self, target, args, kwargs):
+        if target in self.modules:
+            return self.modules[target](*args, **kwargs)
+        return super().call_module(target, args, kwargs)
 
     def run_node(self, n: torch.fx.Node) -> Any:
         masks = self.masks.get(n.name)
@@ -90,10 +97,33 @@ def consumer_masks(groups, kept: torch.Tensor) -> dict[str, dict[int, torch.Tens
     return masks
 
 
+def masked_modules(groups, kept: torch.Tensor) -> dict[str, torch.nn.Module]:
+    """Copies of opaque modules that consume channels through their own weights (recurrent
+    layers), with the removed weight columns zeroed."""
+    import copy
+
+    nodes = {n.name: n for n in groups.gm.graph.nodes}
+    out: dict[str, torch.nn.Module] = {}
+    for name, path, labels in groups.param_consumers:
+        mask = kept[groups.class_of[labels]]
+        if bool(mask.all()):
+            continue
+        target = nodes[name].target
+        if target not in out:
+            out[target] = copy.deepcopy(groups.gm.get_submodule(target))
+        attr = path[len(target) + 1:]
+        with torch.no_grad():
+            getattr(out[target], attr).mul_(mask.to(getattr(out[target], attr).dtype))
+    for m in out.values():
+        if hasattr(m, "_init_flat_weights"):
+            m._init_flat_weights()
+    return out
+
+
 def masked_reference(groups, kept: torch.Tensor, inputs: tuple) -> Any:
     """Outputs of the original graph with removed channels zeroed at their consumers."""
     with torch.no_grad():
-        return _Masked(groups.gm, consumer_masks(groups, kept)).run(*inputs)
+        return _Masked(groups.gm, consumer_masks(groups, kept), masked_modules(groups, kept)).run(*inputs)
 
 
 def _compare(a: list[torch.Tensor], b: list[torch.Tensor], what: str) -> float:

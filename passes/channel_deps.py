@@ -235,7 +235,8 @@ def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
         node_labels=node_labels, alignments=alignments, consumers=tuple(ctx.consumers),
         groups=groups, group_of_class=group_of_class, barriers=tuple(ctx.barriers),
         policy=policy, frontend=frontend, segments=_segments(ctx.labels_of, class_of),
-        channel_sized=frozenset(k for k, v in ctx.channel_sized.items() if v is True))
+        channel_sized=frozenset(k for k, v in ctx.channel_sized.items() if v is True),
+        param_consumers=tuple(ctx.param_consumers))
 
 
 @register_pass

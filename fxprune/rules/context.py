@@ -35,6 +35,7 @@ class AnalysisContext:
         self.labels_of: dict[torch.fx.Node, Any] = {}
         self.alignments: list[tuple[str, torch.Tensor, str, str]] = []
         self.consumers: list[tuple[str, int]] = []
+        self.param_consumers: list[tuple[str, str, torch.Tensor]] = []
         self.barriers: list[str] = []
         # Python ints computed from a channel count (x.size(1), c // heads): True, or for a
         # size tuple the set of its entries that are channel counts
@@ -185,6 +186,12 @@ class AnalysisContext:
         """The current op contracts over the labelled positions of its input ``argpos``:
         the oracle zeroes removed channels there."""
         self.consumers.append((self.node.name, argpos))
+
+    def consume_param(self, path: str, labels: torch.Tensor) -> None:
+        """The current (opaque) module contracts over positions of its own tensor ``path``
+        labelled ``labels`` (a recurrent weight's hidden columns): the oracle zeroes the
+        removed ones inside the module."""
+        self.param_consumers.append((self.node.name, path, labels))
 
     def barrier(self, reason: str) -> None:
         """Pin every tensor input of the current node and record why. A parameter handed to
