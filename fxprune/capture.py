@@ -222,7 +222,8 @@ def propagate_shapes(gm: torch.fx.GraphModule, inputs: tuple, *, fake: bool = Tr
         try:
             with torch.no_grad():
                 if mode == "meta":
-                    _MetaProp(gm, on_meta=True).run(*(_to_meta(t) for t in inputs))
+                    with torch.device("meta"):  # tensors made inside forward (arange) too
+                        _MetaProp(gm, on_meta=True).run(*(_to_meta(t) for t in inputs))
                 elif mode == "fake":
                     from torch._subclasses.fake_tensor import FakeTensorMode
                     fmode = FakeTensorMode(allow_non_fake_inputs=True)

@@ -147,19 +147,19 @@ def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inex
     # group ids in order of first appearance; classes in source order inside a group
     first_label = torch.full((n,), len(space), dtype=torch.int64)
     first_label.scatter_reduce_(0, class_of, torch.arange(len(space)), "amin")
-    comp_list = comp.tolist()
-    gid_of_root: dict[int, int] = {}
-    classes_of: list[list[int]] = []
-    for c in torch.argsort(first_label).tolist():
-        if c == const_class:
-            continue
-        gid = gid_of_root.setdefault(comp_list[c], len(gid_of_root))
-        if gid == len(classes_of):
-            classes_of.append([])
-        classes_of[gid].append(c)
+    order = torch.argsort(first_label)  # classes in source order
+    order = order[order != const_class]
+    uniq, inv = torch.unique(comp[order], return_inverse=True)
+    first_pos = torch.full((uniq.numel(),), order.numel(), dtype=torch.int64)
+    first_pos.scatter_reduce_(0, inv, torch.arange(order.numel()), "amin")
+    rank = torch.empty_like(first_pos)
+    rank[torch.argsort(first_pos)] = torch.arange(uniq.numel())
+    gid_of = rank[inv]  # group id of each class, groups numbered by first appearance
     group_of_class = torch.full((n,), -1, dtype=torch.int64)
-    for gid, classes in enumerate(classes_of):
-        group_of_class[torch.tensor(classes)] = gid
+    group_of_class[order] = gid_of
+    by_group = order[torch.argsort(gid_of, stable=True)]
+    counts = torch.bincount(gid_of, minlength=uniq.numel()).tolist()
+    classes_of = [t.tolist() for t in torch.split(by_group, counts)]
     members: dict[int, list[Member]] = {}
     for a in alignments:
         cls = torch.unique(class_of[a.labels.reshape(-1)])
@@ -167,8 +167,10 @@ def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inex
             if gid >= 0:
                 members.setdefault(gid, []).append(Member(a.path, a.dim, a.role))
     sources: dict[int, list[str]] = {}
-    pairs = torch.unique(torch.stack([group_of_class[class_of], fam], 1), dim=0)
-    for gid, f in pairs.tolist():
+    n_fam = len(space.families)
+    keys = torch.unique((group_of_class[class_of] + 1) * n_fam + fam)  # one key per (group, family)
+    for key in keys.tolist():
+        gid, f = key // n_fam - 1, key % n_fam
         if gid >= 0 and f != 0:
             sources.setdefault(gid, []).append(space.families[f].what)
     group_inexact = torch.zeros(len(classes_of), dtype=torch.bool)
@@ -199,7 +201,7 @@ def _segments(labels_of: dict, class_of: torch.Tensor) -> tuple[torch.Tensor, ..
         for l in (labels if isinstance(labels, tuple) else (labels,)):
             if isinstance(l, torch.Tensor):
                 cls = torch.unique(class_of[l.reshape(-1)])
-                key = tuple(cls.tolist())
+                key = cls.numpy().tobytes()
                 if key not in seen:
                     seen.add(key)
                     out.append(cls)

@@ -83,6 +83,41 @@ def bench_torch_pruning(model, x, ratio, repeat):
     return min(times, key=sum)
 
 
+def bench_llama_meta(layers=32, dim=4096, heads=32, kv_heads=8, ffn=11008, vocab=32000, seq=16):
+    """Channel analysis of a LLaMA-shaped decoder whose weights live on the meta device
+    (nothing allocated): seconds and peak resident memory growth of fxprune.analyze."""
+    import os
+    import resource
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    from transformer_blocks import LlamaBlock, RMSNorm  # the reference block of the tests
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(vocab, dim)
+            self.layers = nn.ModuleList(LlamaBlock(dim, heads, kv_heads, ffn) for _ in range(layers))
+            self.norm = RMSNorm(dim)
+            self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+        def forward(self, ids):
+            x = self.embed(ids)
+            for layer in self.layers:
+                x = layer(x)
+            return self.lm_head(self.norm(x))
+
+    with torch.device("meta"):
+        model = Decoder()
+    ids = torch.randint(0, vocab, (1, seq))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    groups = fxprune.analyze(model, ids)
+    seconds = time.perf_counter() - t
+    peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    return seconds, peak_mib, len(groups.gm.graph.nodes), len(groups.prunable), groups.n_classes
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=DEFAULT_MODELS, help="torchvision model names")
@@ -91,6 +126,9 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=224, help="input resolution for torchvision models")
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--llama", action="store_true",
+                    help="also analyse a LLaMA-shaped decoder (32 layers, hidden 4096, 32 heads, 8 kv heads, "
+                         "FFN 11008) on the meta device: time and peak memory")
     ap.add_argument("--vs-torch-pruning", action="store_true",
                     help="also time Torch-Pruning (if installed) at the same ratio")
     args = ap.parse_args(argv)
@@ -120,6 +158,10 @@ def main(argv=None):
             except Exception as exc:  # report, do not hide, a peer's failure
                 row += f"   TP failed: {type(exc).__name__}: {str(exc)[:60]}"
         print(row, flush=True)
+    if args.llama:
+        seconds, peak, nodes, prunable, classes = bench_llama_meta()
+        print(f"\nLLaMA-shaped decoder on meta: {nodes} nodes, {prunable} prunable groups, {classes} channel "
+              f"classes: analysis {seconds:.2f} s, peak memory +{peak:.0f} MiB")
 
 
 if __name__ == "__main__":
