@@ -65,6 +65,17 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _budget(text: str) -> float | int:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a budget: give a positive number "
+                                         f"(e.g. 2e8) or a fraction of the original (e.g. 0.5)")
+    return value if value < 1 else int(value)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -101,10 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "table and write the pruned model to a folder.",
         epilog=_PRUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(prune)
-    prune.add_argument("--ratio", type=_ratio, default=0.5,
-                       help="fraction of channels removed from each group (default: 0.5)")
+    prune.add_argument("--ratio", type=_ratio, default=None,
+                       help="fraction of channels removed from each group (default: 0.5, or "
+                            "what a --target-* budget needs)")
+    prune.add_argument("--target-macs", type=_budget, metavar="N",
+                       help="prune until MACs are at most N (a number, or a fraction in (0, 1) "
+                            "of the original)")
+    prune.add_argument("--target-params", type=_budget, metavar="N",
+                       help="prune until parameters are at most N (number or fraction)")
     prune.add_argument("--importance", default="l2", metavar="NAME",
-                       help="channel importance criterion: l1, l2 (default: l2)")
+                       help="channel importance criterion: l1, l2, bn-scale, lamp, fpgm, random "
+                            "(default: l2; data-driven criteria need the Python API)")
+    prune.add_argument("--policy", choices=("inner", "outer"), default="inner",
+                       help="where a view splits channels into heads x head_dim: prune head_dim "
+                            "(inner, default) or whole heads (outer)")
+    prune.add_argument("--isomorphic", action="store_true",
+                       help="rank channels globally among groups of identical structure")
     prune.add_argument("--out", required=True, metavar="DIR",
                        help="folder to write the pruned model to (new, empty, or an earlier "
                             "fxprune output)")
@@ -167,9 +190,12 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     model, x = _model_and_input(args)
     import fxprune
 
+    budget = {k: v for k, v in (("target_macs", args.target_macs), ("target_params", args.target_params))
+              if v is not None}
     result = fxprune.prune(model, x, ratio=args.ratio, importance=args.importance,
                            global_ranking=args.global_ranking, round_to=args.round_to,
-                           ignore=list(args.ignore), pipeline=args.pipeline)
+                           ignore=list(args.ignore), pipeline=args.pipeline, policy=args.policy,
+                           isomorphic=args.isomorphic, **budget)
     if not args.no_verify:
         check = fxprune.verify(model, result, x)
         print(f"verify: max relative error {check.max_rel_err:.3g} "

@@ -138,3 +138,24 @@ def test_python_dash_m(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resnet110" in proc.stdout
+
+
+def test_prune_to_a_macs_budget_with_a_policy(capsys, tmp_path):
+    out_dir = tmp_path / "budget"
+    code, out, err = run(capsys, "prune", "resnet20", "--target-macs", "0.5", "--policy", "outer",
+                         "--importance", "lamp", "--out", str(out_dir))
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["after"]["macs"] <= 0.5 * report["before"]["macs"]
+    assert report["after"]["macs"] > 0.3 * report["before"]["macs"]
+    assert "verify: max relative error" in out
+
+
+@pytest.mark.parametrize("argv, stderr", [
+    (["prune", "resnet20", "--target-macs", "-3", "--out", "x"], "is not a budget"),
+    (["prune", "resnet20", "--policy", "sideways", "--out", "x"], "invalid choice"),
+])
+def test_budget_and_policy_usage_errors(capsys, argv, stderr):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert stderr in err
