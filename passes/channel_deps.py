@@ -93,12 +93,14 @@ def _track_channel_sized(ctx: AnalysisContext, node: torch.fx.Node) -> None:
         ctx.channel_sized[node.name] = True
 
 
+def _carries_tensor(meta: Any) -> bool:
+    if isinstance(meta, TensorMeta):
+        return True
+    return isinstance(meta, tuple) and any(_carries_tensor(m) for m in meta)
+
+
 def _no_rule(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
-    meta = get_meta(node)
-    tensor_in = any(isinstance(get_meta(i), (TensorMeta, tuple)) and not isinstance(get_meta(i), torch.Size)
-                    and (isinstance(get_meta(i), TensorMeta) or any(isinstance(m, TensorMeta) for m in get_meta(i)))
-                    for i in node.all_input_nodes)
-    if not tensor_in:
+    if not any(_carries_tensor(get_meta(i)) for i in node.all_input_nodes):
         # Python arithmetic on sizes, or a tensor made from no tensor (arange, zeros): it
         # carries no channel; a size that came from a channel count is tracked separately
         return ctx.const_output()

@@ -10,7 +10,7 @@ import torch
 import torch.fx
 
 from ..errors import AnalysisError, RewriteError
-from ..labels import CONST, Family, LabelSpace, channel_dim, const_like, normalize
+from ..labels import CONST, Family, LabelSpace, channel_dim, const_like
 from ..meta import TensorMeta, get_meta, tensor_meta
 
 

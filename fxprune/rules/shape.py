@@ -234,7 +234,6 @@ def rewrite_unflatten(r, old, new):
         m.unflattened_size = tuple(new_out[d:d + len(m.unflattened_size)])
         return
     dim = old.args[1] if len(old.args) > 1 else old.kwargs["dim"]
-    sizes = old.args[2] if len(old.args) > 2 else old.kwargs["sizes"]
     d = dim % len(old_out)
     new_sizes = [new_out[d + k] if s != -1 and old_out[d + k] != new_out[d + k] else s
                  for k, s in enumerate(new.args[2] if len(new.args) > 2 else new.kwargs["sizes"])]
