@@ -274,14 +274,19 @@ class Select(AnalysisPass):
 
     def options(self) -> dict:
         """The keyword arguments of :func:`select_channels` this pass passes."""
-        ratios = tuple(self.ratios.items()) if isinstance(self.ratios, dict) else tuple(self.ratios)
-        return dict(ratio=self.ratio, ratios=ratios, ignore=tuple(self.ignore), round_to=self.round_to,
+        return dict(ratio=self.ratio, ratios=ratio_pairs(self.ratios), ignore=tuple(self.ignore),
+                    round_to=self.round_to,
                     global_ranking=self.global_ranking, max_ratio=self.max_ratio,
                     isomorphic=self.isomorphic)
 
     def run(self, state: PruneState) -> PruneState:
         state = ensure_scores(state)
         return state.replace(plan=select_channels(state.groups, state.scores, **self.options()))
+
+
+def ratio_pairs(ratios) -> tuple:
+    """Per-module ratios as (name, ratio) pairs, from a dict or a sequence of pairs."""
+    return tuple(ratios.items()) if isinstance(ratios, dict) else tuple(ratios)
 
 
 def ensure_scores(state: PruneState) -> PruneState:

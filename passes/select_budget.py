@@ -35,7 +35,7 @@ from fxprune.passes_base import AnalysisPass, PruneState, register_pass
 from fxprune.report import ModelStats, count_params, human, measure
 
 from .rewrite import rewrite_graph
-from .select import candidates, ensure_scores, isomorphic_sets, own_ratios, select_channels
+from .select import candidates, ensure_scores, isomorphic_sets, own_ratios, ratio_pairs, select_channels
 
 
 @dataclass(frozen=True)
@@ -204,10 +204,10 @@ class SelectBudget(AnalysisPass):
 
     def run(self, state: PruneState) -> PruneState:
         state = ensure_scores(state)
-        ratios = tuple(self.ratios.items()) if isinstance(self.ratios, dict) else tuple(self.ratios)
         plan = select_for_budget(state.groups, state.scores, state.example_inputs,
                                  target_macs=self.target_macs, target_params=self.target_params,
-                                 ratios=ratios, ignore=tuple(self.ignore), round_to=self.round_to,
+                                 ratios=ratio_pairs(self.ratios), ignore=tuple(self.ignore),
+                                 round_to=self.round_to,
                                  global_ranking=self.global_ranking, max_ratio=self.max_ratio,
                                  isomorphic=self.isomorphic)
         return state.replace(plan=plan)
