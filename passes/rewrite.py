@@ -96,7 +96,7 @@ def rewrite_graph(groups: ChannelGroups, kept: torch.Tensor) -> torch.fx.GraphMo
     gm = groups.gm
     rctx = RewriteContext(groups, kept)
     rebuild = _Rebuilder(gm, slice_plan(groups, rctx))
-    rctx.module = lambda old: rebuild.module(old.target)
+    rctx.module_for = rebuild.module
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     root: dict[str, object] = {}

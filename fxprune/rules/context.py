@@ -228,7 +228,11 @@ class RewriteContext:
     def __init__(self, groups: Any, kept: torch.Tensor):
         self.groups = groups
         self.kept = kept
-        self.modules: dict[str, torch.nn.Module] = {}
+        self.module_for: Any = None  # set by the rewrite: target -> the rebuilt module
+
+    def module(self, old: torch.fx.Node) -> torch.nn.Module:
+        """The rebuilt module that the copy of ``call_module`` node ``old`` calls."""
+        return self.module_for(old.target)
 
     def kept_index(self, labels: torch.Tensor | None) -> tuple[int, torch.Tensor] | None:
         """(dim, kept indices) of a normalized label tensor, or None when nothing there goes."""
