@@ -39,15 +39,21 @@ def member_sums(groups: ChannelGroups, elementwise: Callable[[str, torch.Tensor]
     """For every member (alignment with a channel dim, optionally of the given roles):
     the classes it holds and the sum of ``elementwise(path, tensor)`` over each class's slices.
 
-    ``elementwise`` returns a tensor of the member's shape (or None to skip the member).
+    ``elementwise`` returns a tensor of the member's shape (or None to skip the member);
+    it is a function of the tensor, computed once for the consecutive members of one
+    tensor (a weight's rows and columns) and then dropped, so memory stays one map.
     """
     out = []
+    computed: dict[str, torch.Tensor | None] = {}  # at most the current tensor's map
     for i, a in enumerate(groups.alignments):
         dim = a.dim
         if dim is None or (roles is not None and a.role not in roles):
             continue
         t = get_tensor(groups.gm, a.path)
-        value = elementwise(a.path, t.detach())
+        if a.path not in computed:
+            computed.clear()
+            computed[a.path] = elementwise(a.path, t.detach())
+        value = computed[a.path]
         if value is None:
             continue
         per_index = value.movedim(dim, 0).reshape(t.shape[dim], -1).sum(1, dtype=torch.float64).cpu()
