@@ -33,7 +33,7 @@ class PruneResult:
     scores: Any
     timings: tuple[tuple[str, float], ...]
     pipeline: str
-    frontend: str = "symbolic_trace"
+    frontend: str = "fx"
 
     @property
     def budget(self) -> Any:
@@ -111,7 +111,8 @@ def _check_model(model: Any) -> None:
 
 
 def analyze(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
-            concrete_args: Mapping | None = None, policy: str = "inner") -> ChannelGroups:
+            concrete_args: Mapping | None = None, policy: str = "inner",
+            frontend: str = "auto") -> ChannelGroups:
     """Capture ``model`` and compute its channel groups.
 
     Examples
@@ -126,7 +127,7 @@ def analyze(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (
 
     _check_model(model)
     state = PruneState(model=model, example_inputs=as_tuple(example_inputs))
-    pipe = Pipeline((Capture(tuple(leaf_modules), concrete_args), ChannelDeps(policy=policy)))
+    pipe = Pipeline((Capture(tuple(leaf_modules), concrete_args, frontend), ChannelDeps(policy=policy)))
     return pipe.run(state).groups
 
 
@@ -135,7 +136,7 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
           importance: Any = "l2", global_ranking: bool = False, max_ratio: float = 1.0,
           isomorphic: bool = False, target_macs: float | None = None,
           target_params: float | None = None, policy: str = "inner", pipeline: str | Pipeline | None = None,
-          leaf_modules: Iterable = (), concrete_args: Mapping | None = None,
+          leaf_modules: Iterable = (), concrete_args: Mapping | None = None, frontend: str = "auto",
           data: Any = None, loss_fn: Any = None, report: bool = True) -> PruneResult:
     """Prune ``model`` structurally and return a new, smaller GraphModule.
 
@@ -161,6 +162,8 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
         float in (0, 1), a fraction of the original. The least-pruned plan that meets it
         is searched (``select-budget``); ``result.budget`` says where it landed.
     pipeline : text or Pipeline run after capture instead of the default passes.
+    frontend : 'auto' (symbolic tracing, falling back to non-strict ``torch.export`` when
+        tracing fails), 'fx' or 'export'. ``result.frontend`` says which one captured.
 
     Examples
     --------
@@ -197,7 +200,7 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
     else:
         body = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
         body = _pipeline_with_data(body, data, loss_fn)
-    capture = Capture(tuple(leaf_modules), concrete_args)
+    capture = Capture(tuple(leaf_modules), concrete_args, frontend)
     passes = body.passes if any(isinstance(p, Capture) for p in body.passes) else (capture, *body.passes)
     pipe = Pipeline(tuple(passes))
     state = pipe.run(PruneState(model=model, example_inputs=inputs))

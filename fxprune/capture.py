@@ -23,7 +23,8 @@ from torch import nn
 from ._util import as_tuple
 from .decompose import decomposition
 from .errors import InputError, TraceError
-from .meta import LIFTED_KEY, set_meta
+from .meta import FRONTEND_KEY, LIFTED_KEY, PYTREE_SPECS, set_meta
+from .rules.context import get_tensor
 from .passes_base import Pass, PruneState, register_pass
 
 
@@ -147,6 +148,11 @@ class _MetaProp(torch.fx.Interpreter):
         value = super().get_attr(target, args, kwargs)
         return _to_meta(value) if self.on_meta else value
 
+    def call_function(self, target, args, kwargs):
+        if self.on_meta and "device" in kwargs:  # exported graphs name the capture's device
+            kwargs = {**kwargs, "device": torch.device("meta")}
+        return super().call_function(target, args, kwargs)
+
     def run_node(self, n: torch.fx.Node) -> Any:
         try:
             result = super().run_node(n)
@@ -244,9 +250,15 @@ def propagate_shapes(gm: torch.fx.GraphModule, inputs: tuple, *, fake: bool = Tr
     ) from last.exc
 
 
+FRONTENDS = ("auto", "fx", "export")
+
+
 def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
-          concrete_args: dict[str, Any] | None = None) -> torch.fx.GraphModule:
+          concrete_args: dict[str, Any] | None = None, frontend: str = "auto") -> torch.fx.GraphModule:
     """Capture ``model`` as a GraphModule with shape metadata on every node.
+
+    The front end used is in ``gm.meta["fxprune_frontend"]``: ``"fx"`` (symbolic tracing,
+    module calls kept) or ``"export"`` (non-strict ``torch.export``, ATen ops).
 
     Parameters
     ----------
@@ -259,6 +271,9 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
         Modules to keep opaque (they are pinned unless a rule knows them).
     concrete_args : dict, optional
         Passed to ``torch.fx.Tracer.trace`` to specialize non-tensor inputs.
+    frontend : "auto", "fx" or "export"
+        ``"auto"`` traces symbolically and falls back to ``torch.export`` when that fails
+        (Hugging Face models, data-dependent Python); the others force one front end.
 
     Examples
     --------
@@ -270,13 +285,37 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module or GraphModule, got {type(model).__name__}")
+    if frontend not in FRONTENDS:
+        raise InputError(f"frontend={frontend!r} is not one of {', '.join(FRONTENDS)}")
     inputs = as_tuple(example_inputs)
     if isinstance(model, torch.fx.GraphModule):
         gm = torch.fx.GraphModule(model, _copy_graph(model.graph), type(model).__name__)
+        for attr in PYTREE_SPECS:
+            if hasattr(model, attr):
+                setattr(gm, attr, getattr(model, attr))
         inputs = _lift_parameter_placeholders(gm, inputs)
-    else:
+        propagate_shapes(gm, inputs)
+        gm.meta[FRONTEND_KEY] = "graph"
+        return gm
+    if frontend == "export":
+        return _export(model, inputs)
+    try:
         gm = symbolic_trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    except TraceError as fx_error:
+        if frontend == "fx" or concrete_args:
+            raise
+        try:
+            return _export(model, inputs)
+        except TraceError as export_error:
+            raise TraceError(f"{fx_error}\nThe torch.export fallback failed too: {export_error}") from fx_error
     propagate_shapes(gm, inputs)
+    gm.meta[FRONTEND_KEY] = "fx"
+    return gm
+
+
+def _export(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
+    gm = export_capture(model, inputs)
+    gm.meta[FRONTEND_KEY] = "export"
     return gm
 
 
@@ -284,7 +323,48 @@ def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     new = torch.fx.Graph()
     out = new.graph_copy(graph, {})
     new.output(out)
+    new._codegen = copy.deepcopy(graph._codegen)  # pytree in/out handling of exported graphs
     return new
+
+
+# ops of an exported graph that only check things at run time (guards, metadata asserts)
+_CHECKS = ("_assert_tensor_metadata", "_assert_scalar", "_assert_async", "sym_constrain_range",
+           "sym_constrain_range_for_size", "_guards_fn")
+
+
+def export_capture(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
+    """Capture ``model`` with non-strict ``torch.export``: an ATen-level graph whose
+    shapes come from the export itself. The graph takes and returns what the model does
+    (pytree in/out specs kept); run-time checks are dropped."""
+    try:
+        with torch.no_grad():
+            program = torch.export.export(model, inputs, strict=False)
+    except Exception as exc:  # export raises many types; one typed error here
+        where = _user_frame(sys.exc_info()[2])
+        at = f" at {where}" if where else ""
+        raise TraceError(f"torch.export could not capture {type(model).__name__}{at}: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+                         f"Fix: make the failing code export-friendly or mark it as a leaf module "
+                         f"and use frontend='fx'.") from exc
+    exported = program.module()
+    graph = _copy_graph(exported.graph)
+    for node in reversed(list(graph.nodes)):
+        name = node.target if node.op == "call_module" else getattr(node.target, "__name__", "")
+        if not node.users and name.split(".")[0] in _CHECKS:
+            graph.erase_node(node)
+    gm = torch.fx.GraphModule(exported, graph, type(model).__name__)
+    for attr in PYTREE_SPECS:
+        if hasattr(exported, attr):
+            setattr(gm, attr, getattr(exported, attr))
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            set_meta(node, get_tensor(gm, node.target))
+        elif "val" in node.meta:
+            set_meta(node, node.meta["val"])
+        elif node.op != "output":
+            propagate_shapes(gm, inputs)  # a node export left without a value: run the graph
+            break
+    return gm
 
 
 @register_pass
@@ -295,8 +375,9 @@ class Capture(Pass):
     name = "capture"
     leaf_modules: tuple = ()
     concrete_args: Any = None
+    frontend: str = "auto"
 
     def run(self, state: PruneState) -> PruneState:
         gm = trace(state.model, state.example_inputs, leaf_modules=self.leaf_modules,
-                   concrete_args=self.concrete_args)
-        return state.replace(gm=gm, frontend="symbolic_trace")
+                   concrete_args=self.concrete_args, frontend=self.frontend)
+        return state.replace(gm=gm, frontend=gm.meta[FRONTEND_KEY])

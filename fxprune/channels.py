@@ -87,7 +87,7 @@ class ChannelGroups:
     group_of_class: torch.Tensor
     barriers: tuple[str, ...] = ()
     policy: str = "inner"
-    frontend: str = "symbolic_trace"
+    frontend: str = "fx"
     segments: tuple[torch.Tensor, ...] = field(default=(), repr=False)
     channel_sized: frozenset[str] = frozenset()  # int nodes computed from a channel count
     # (node, tensor path, labels): opaque modules consuming channels through their own weights

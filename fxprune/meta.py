@@ -13,6 +13,8 @@ import torch.fx
 
 META_KEY = "fxprune_meta"
 LIFTED_KEY = "fxprune_lifted_inputs"
+FRONTEND_KEY = "fxprune_frontend"  # gm.meta: which front end captured the graph
+PYTREE_SPECS = ("_in_spec", "_out_spec")  # GraphModule attributes of a pytree in/out graph
 
 
 class TensorMeta(NamedTuple):

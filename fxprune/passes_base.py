@@ -30,7 +30,7 @@ class PruneState:
     scores: Any = None
     plan: Any = None
     module: Any = None
-    frontend: str = "symbolic_trace"
+    frontend: str = "fx"
     timings: tuple[tuple[str, float], ...] = ()
 
     def replace(self, **changes: Any) -> "PruneState":

@@ -211,7 +211,7 @@ def _segments(labels_of: dict, class_of: torch.Tensor) -> tuple[torch.Tensor, ..
 
 
 def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
-                     frontend: str = "symbolic_trace") -> ChannelGroups:
+                     frontend: str = "fx") -> ChannelGroups:
     """Compute the channel groups of a captured graph (every node needs shape meta).
 
     ``policy`` decides which dim stays prunable when a view splits a channel dim

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.utils._pytree as pytree
 
 import fxprune
 from healthy import make_healthy
@@ -41,8 +42,8 @@ def prune_and_verify(model, x, *, min_effect: float = 1e-4, healthy: bool = True
         assert v.effect > min_effect, "removed channels had no effect: the oracle proves nothing"
     with torch.no_grad():
         out_ref, out = model(*inputs), result.module(*inputs)
-    ref_list = out_ref if isinstance(out_ref, (tuple, list)) else [out_ref]
-    got_list = out if isinstance(out, (tuple, list)) else [out]
+    assert type(out) is type(out_ref)  # a Hugging Face ModelOutput stays one
+    ref_list, got_list = pytree.tree_leaves(out_ref), pytree.tree_leaves(out)
     assert [t.shape for t in ref_list] == [t.shape for t in got_list]
     assert_untouched(model, before)
     return result, v

@@ -115,6 +115,8 @@ register(torch.matmul, operator.matmul, "matmul", "__matmul__", torch.bmm, "bmm"
 def einsum(ctx, node):
     eq = node.args[0]
     ops = node.args[1:]
+    if isinstance(node.target, torch._ops.OpOverload):
+        ops = node.args[1]  # aten.einsum(equation, tensors, path=None)
     if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
         ops = ops[0]
     eq = eq.replace(" ", "")

@@ -21,19 +21,27 @@ _F_CONV = (F.conv1d, F.conv2d, F.conv3d)
 _F_CONV_T = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
 
+def is_transposed(target) -> bool:
+    """True for a functional or ATen transposed convolution."""
+    if target in _F_CONV_T:
+        return True
+    packet = getattr(target, "overloadpacket", None)
+    return packet is not None and packet.__name__.startswith("conv_transpose")
+
+
 def _conv_parts(ctx, node):
     """(input node, weight path, bias path or None, groups, transposed) for either dialect."""
     if node.op == "call_module":
         m = ctx.module
         bias = f"{node.target}.bias" if m.bias is not None else None
         return node.args[0], f"{node.target}.weight", bias, m.groups, isinstance(m, _CONV_T)
-    transposed = node.target in _F_CONV_T
+    transposed = is_transposed(node.target)
     weight = ctx.attr_path(ctx.arg(1, "weight"))
     bias_arg = ctx.arg(2, "bias")
     bias = ctx.attr_path(bias_arg)
     if weight is None or (bias_arg is not None and bias is None):
         raise ValueError("weight and bias must be parameters of the module (get_attr)")
-    groups = ctx.value(ctx.arg(7 if transposed else 6, "groups", 1))
+    groups = ctx.value(ctx.arg(6, "groups", 1))
     return ctx.arg(0, "input"), weight, bias, groups, transposed
 
 
@@ -88,8 +96,7 @@ def rewrite_conv(r, old, new):
         m.in_channels = r.new_shape(x)[cdim]
         m.out_channels = r.new_shape(old)[cdim]
         return
-    transposed = old.target in _F_CONV_T
-    pos = 7 if transposed else 6
+    pos = 6  # groups, in F.conv*d, F.conv_transpose*d and their ATen ops alike
     groups = old.args[pos] if len(old.args) > pos else old.kwargs.get("groups", 1)
     new_groups = _new_groups(r, old, x, groups, c_in_old)
     if new_groups != groups:

@@ -4,6 +4,7 @@ alignments are unioned, so both uses prune together."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -14,7 +15,8 @@ def embedding(ctx, node):
     if node.op == "call_module":
         weight = f"{node.target}.weight"
     else:
-        weight = ctx.attr_path(ctx.arg(1, "weight"))
+        aten = isinstance(node.target, torch._ops.OpOverload)  # aten.embedding(weight, indices)
+        weight = ctx.attr_path(node.args[0] if aten else ctx.arg(1, "weight"))
         if weight is None:
             raise ValueError("the embedding weight must be a parameter of the module (get_attr)")
     w = ctx.tensor(weight)

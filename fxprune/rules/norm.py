@@ -1,5 +1,5 @@
-"""Normalization layers: batch, instance, group and layer norm, as modules and as
-functional calls.
+"""Normalization layers: batch, instance, group, layer and RMS norm, as modules and
+as functional calls.
 
 Batch and instance norm act per channel (exact). Layer norm over a pruned dim
 and group norm with several channels per group mix channels: their groups are
@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..labels import const_like
+from ..meta import get_meta, is_multi
 from .registry import register
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
@@ -46,12 +48,18 @@ def _role(name: str) -> str:
 def batch_norm(ctx, node):
     """Per-channel affine (and statistics) along dim 1."""
     x = node.args[0] if node.args else node.kwargs["input"]
-    names = [("running_mean", 1), ("running_var", 2), ("weight", 3), ("bias", 4)]
+    if isinstance(node.target, torch._ops.OpOverload):  # aten order: weight, bias, then stats
+        names = [("weight", 1), ("bias", 2), ("running_mean", 3), ("running_var", 4)]
+    else:  # F.batch_norm / F.instance_norm order
+        names = [("running_mean", 1), ("running_var", 2), ("weight", 3), ("bias", 4)]
     cdim = 1 if ctx.meta(x).ndim > 1 else 0
     vec = ctx.vector(x, cdim)
     for path, name in _channel_tensors(ctx, node, names):
         ctx.align(path, vec, _role(name))
-    return ctx.labels(x) if ctx.labels(x) is not None else ctx.along(vec, cdim, ctx.meta(x).ndim)
+    out = ctx.labels(x) if ctx.labels(x) is not None else ctx.along(vec, cdim, ctx.meta(x).ndim)
+    if is_multi(node):  # native batch norm ops: (output, saved statistics...)
+        return (out, *(None if m is None else const_like(m.ndim) for m in get_meta(node)[1:]))
+    return out
 
 
 def rewrite_batch_norm(r, old, new):
@@ -81,7 +89,8 @@ def layer_norm(ctx, node):
     if any(labels.shape[d] > 1 for d in range(ndim - nd)):
         # channels vary along a leading dim: the affine params see every class there
         param_labels = torch.zeros((1,) * nd, dtype=torch.int64)  # CONST: not sliced
-    for path, _ in _channel_tensors(ctx, node, [("weight", 2), ("bias", 3)]):
+    rms = "rms_norm" in getattr(node.target, "__name__", "")  # F.rms_norm(x, shape, weight, eps)
+    for path, _ in _channel_tensors(ctx, node, [("weight", 2)] if rms else [("weight", 2), ("bias", 3)]):
         ctx.align(path, param_labels, "norm")
     return labels
 
@@ -102,7 +111,8 @@ def rewrite_layer_norm(r, old, new):
         new.kwargs = {**new.kwargs, "normalized_shape": new_shape}
 
 
-register(nn.LayerNorm, F.layer_norm, rewrite=rewrite_layer_norm)(layer_norm)
+register(nn.LayerNorm, F.layer_norm, getattr(nn, "RMSNorm", None), getattr(F, "rms_norm", None),
+         rewrite=rewrite_layer_norm)(layer_norm)
 
 
 def group_norm(ctx, node):

@@ -26,6 +26,8 @@ _SUM_LIKE = {"sum", "nansum"}
 
 def _name(node) -> str:
     t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return t.overloadpacket.__name__
     return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
 
@@ -123,7 +125,8 @@ def pad(ctx, node):
         mode = "constant" if "Constant" in type(m).__name__ or "Zero" in type(m).__name__ else "other"
     else:
         amounts = list(ctx.value(ctx.arg(1, "pad")))
-        mode = ctx.value(ctx.arg(2, "mode", "constant"))
+        # aten.constant_pad_nd(self, pad, value) has no mode argument
+        mode = "constant" if _name(node) == "constant_pad_nd" else ctx.value(ctx.arg(2, "mode", "constant"))
     if labels is None:
         return const_like(ndim)
     cd = channel_dim(labels)

@@ -7,6 +7,10 @@ subclass with its own ``forward`` is not guessed at), or a method name for
 ``call_method``. Registering a key twice is an error. A node with no rule gets
 the conservative barrier in the analysis (its channels are pinned, the reason
 recorded).
+
+ATen ops can also be described by what their schema's tags say: a rule registered
+for a ``torch.Tag`` (``register_tag``) serves every overload that carries the tag
+and has no rule of its own (``Tag.pointwise``: elementwise with broadcasting).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class Rule:
 _FUNCTIONS: dict[Any, Rule] = {}
 _MODULES: dict[type, Rule] = {}
 _METHODS: dict[str, Rule] = {}
+_TAGS: dict[Any, Rule] = {}
 
 
 def _table_for(key: Any) -> dict:
@@ -65,18 +70,49 @@ def register(*keys: Any, rewrite: Callable[..., None] | None = None) -> Callable
     return deco
 
 
+def register_tag(*tags: Any) -> Callable:
+    """Decorator: ``fn`` is the rule of every ATen overload tagged with one of ``tags``
+    that has no rule of its own."""
+
+    def deco(fn: Callable) -> Callable:
+        for tag in tags:
+            if tag in _TAGS:
+                raise ValueError(f"a rule for tag {tag} is already registered ({_TAGS[tag].name})")
+            _TAGS[tag] = Rule(fn.__name__, fn)
+        return fn
+
+    return deco
+
+
 def lookup(node: torch.fx.Node, root: torch.nn.Module) -> Rule | None:
     """The rule for ``node`` or None (placeholders, get_attr and output are the engine's)."""
     if node.op == "call_function":
         rule = _FUNCTIONS.get(node.target)
         if rule is None and isinstance(node.target, torch._ops.OpOverload):
-            rule = _FUNCTIONS.get(node.target.overloadpacket)
+            rule = _aten_rule(node.target)
         return rule
     if node.op == "call_method":
         return _METHODS.get(node.target)
     if node.op == "call_module":
         return _MODULES.get(type(root.get_submodule(node.target)))
     return None
+
+
+def _aten_rule(op: torch._ops.OpOverload) -> Rule | None:
+    """An ATen overload's rule: its packet's, its tags', or (an in-place ``relu_``) that of
+    the out-of-place op it mutates its input into."""
+    rule = _FUNCTIONS.get(op.overloadpacket)
+    for tag in op.tags if rule is None else ():
+        rule = _TAGS.get(tag)
+        if rule is not None:
+            break
+    name = op.overloadpacket.__name__
+    if rule is None and name.endswith("_") and not name.startswith("_"):
+        base = getattr(torch.ops.aten, name[:-1], None)
+        overload = getattr(base, op._overloadname, None) if base is not None else None
+        if overload is not None:
+            return _aten_rule(overload)
+    return rule
 
 
 def describe_target(node: torch.fx.Node, root: torch.nn.Module) -> str:
@@ -92,4 +128,4 @@ def describe_target(node: torch.fx.Node, root: torch.nn.Module) -> str:
 
 
 def known_keys() -> int:
-    return len(_FUNCTIONS) + len(_MODULES) + len(_METHODS)
+    return len(_FUNCTIONS) + len(_MODULES) + len(_METHODS) + len(_TAGS)

@@ -105,8 +105,12 @@ def getitem(ctx, node):
         return tl[ctx.value(index)]
     if not ctx.is_tensor(x):
         return None
+    return index_labels(ctx, node, x, _concrete(ctx, index, full=False))
+
+
+def index_labels(ctx, node, x, value):
+    """Labels of ``x[value]`` for basic indexing (ints, slices, None, Ellipsis)."""
     labels = ctx.labels(x)
-    value = _concrete(ctx, index, full=False)
     idx, dims = _index_dims(value, ctx.meta(x).ndim)
     if any(isinstance(i, (torch.Tensor, list)) for i in idx):
         raise ValueError("advanced (tensor) indexing is not analysed")
@@ -123,9 +127,23 @@ def getitem(ctx, node):
             fast.append(i)
         else:  # compressed dim: the label does not depend on the index
             fast.append(0 if isinstance(i, int) else slice(None))
-    out = labels[tuple(fast)]
     # slicing a compressed dim keeps size 1; shape check happens in the engine
-    return out
+    return labels[tuple(fast)]
+
+
+def new_bounds(r, x, cdim: int, kept: torch.Tensor, start, stop) -> tuple:
+    """Slice bounds along channel dim ``cdim`` of ``x`` moved to the pruned tensor: an int
+    position in the old tensor becomes the count of kept channels before it. Bounds that
+    are not ints (computed at run time from sizes, so already right) come back as they are."""
+    size = r.old_shape(x)[cdim]
+    out = []
+    for b in (start, stop):
+        if isinstance(b, int):
+            pos = slice(b, None).indices(size)[0]
+            out.append(int((kept < pos).sum()))
+        else:
+            out.append(b)
+    return tuple(out)
 
 
 def rewrite_getitem(r, old, new):
@@ -136,23 +154,16 @@ def rewrite_getitem(r, old, new):
     if got is None:
         return
     cdim, kept = got
-    size = r.old_shape(x)[cdim]
     idx, dims = _index_dims(index, len(r.old_shape(x)))
     new_index = new.args[1]
     new_idx = list(new_index) if isinstance(new_index, tuple) else [new_index]
     for k, (i, d) in enumerate(zip(idx, dims)):
         if d != cdim or not isinstance(i, slice):
             continue
-        # integer bounds are positions in the old tensor; bounds computed from sizes at run
-        # time (graph nodes) already follow the pruned tensor
-        bounds = []
-        for b in (i.start, i.stop):
-            if isinstance(b, int):
-                pos = slice(b, None).indices(size)[0]
-                bounds.append(int((kept < pos).sum()))
-            else:
-                bounds.append(new_idx[k].start if b is i.start else new_idx[k].stop)
-        new_idx[k] = slice(bounds[0], bounds[1], new_idx[k].step)
+        start, stop = new_bounds(r, x, cdim, kept, i.start, i.stop)
+        start = start if isinstance(i.start, int) else new_idx[k].start
+        stop = stop if isinstance(i.stop, int) else new_idx[k].stop
+        new_idx[k] = slice(start, stop, new_idx[k].step)
     new.args = (new.args[0], tuple(new_idx) if isinstance(new_index, tuple) else new_idx[0])
 
 
@@ -164,7 +175,8 @@ def cat(ctx, node):
     tensors = ctx.arg(0, "tensors")
     dim = ctx.value(ctx.arg(1, "dim", 0))
     ndim = ctx.meta(node).ndim
-    d = dim % ndim if node.target not in (torch.stack,) else None
+    stack = node.target is torch.stack or getattr(node.target, "overloadpacket", None) is torch.ops.aten.stack
+    d = None if stack else dim % ndim
     ls = [ctx.labels(t) if ctx.labels(t) is not None else const_like(ctx.meta(t).ndim) for t in tensors]
     if d is None:
         return torch.stack([l.expand(ctx.meta(t).shape) for l, t in zip(ls, tensors)], dim)
@@ -208,6 +220,13 @@ def rewrite_sizes(r, old, new):
             changed = True
     if not changed:
         return
+    # a view was valid for the original strides; at new sizes the same values may need a
+    # copy (a reshape after a transpose that happened to be viewable), so emit reshape
+    if old.op == "call_method" and old.target == "view":
+        new.target = "reshape"
+    elif old.op == "call_function" and old.target in (torch.ops.aten.view.default,
+                                                      torch.ops.aten._unsafe_view.default):
+        new.target = torch.ops.aten.reshape.default
     if old.op == "call_function" and "shape" in old.kwargs:
         new.kwargs = {**new.kwargs, "shape": sizes}
     else:
@@ -228,13 +247,14 @@ def rewrite_unflatten(r, old, new):
     old_out, new_out = r.old_shape(old), r.new_shape(old)
     if old_out == new_out:
         return
+    in_ndim = len(r.old_shape(old.args[0]))  # dim counts the input's dims
     if old.op == "call_module":
         m = r.module(old)
-        d = m.dim % len(old_out)
+        d = m.dim % in_ndim
         m.unflattened_size = tuple(new_out[d:d + len(m.unflattened_size)])
         return
     dim = old.args[1] if len(old.args) > 1 else old.kwargs["dim"]
-    d = dim % len(old_out)
+    d = dim % in_ndim
     new_sizes = [new_out[d + k] if s != -1 and old_out[d + k] != new_out[d + k] else s
                  for k, s in enumerate(new.args[2] if len(new.args) > 2 else new.kwargs["sizes"])]
     new.args = (new.args[0], dim, new_sizes)

@@ -1,0 +1,162 @@
+"""The ATen dialect: the ops of a ``torch.export`` graph, mapped onto the same rules.
+
+Most ATen ops have the positional signature of their functional twin
+(``aten.conv2d`` is ``F.conv2d``, ``aten.view(x, sizes)`` is ``x.view(sizes)``),
+so they are registered with the very rule of that twin; the rules that read
+arguments by position know the few ATen orders that differ (``aten.embedding``
+takes the weight first, ``aten.batch_norm`` the affine parameters before the
+statistics). Every overload tagged ``pointwise`` in its schema is elementwise
+with broadcasting. The rest is here: slice/select (getitem in another form),
+``addmm`` (GPT-2's ``Conv1D``: a linear layer with a transposed weight), and ops
+whose output does not depend on their input's values.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ..labels import const_like
+from . import contract, conv, embedding, norm, pointwise, reduce, shape
+from .registry import register, register_tag
+
+aten = torch.ops.aten
+
+
+def _ops(*names: str) -> list:
+    """The ATen packets of ``names`` that exist in this torch build."""
+    return [getattr(aten, n) for n in names if hasattr(aten, n)]
+
+
+# -- same signature as the functional / method twin --------------------------------------
+register(*_ops("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+               "conv_transpose3d"), rewrite=conv.rewrite_conv)(conv.conv)
+register(aten.linear, rewrite=conv.rewrite_linear)(conv.linear)
+register(*_ops("batch_norm", "instance_norm", "_native_batch_norm_legit_no_training",
+               "_native_batch_norm_legit", "native_batch_norm"))(norm.batch_norm)
+register(*_ops("layer_norm", "rms_norm"), rewrite=norm.rewrite_layer_norm)(norm.layer_norm)
+register(aten.group_norm, rewrite=norm.rewrite_group_norm)(norm.group_norm)
+register(aten.embedding)(embedding.embedding)
+
+register(*_ops("matmul", "mm", "bmm"))(contract.matmul)
+register(aten.einsum)(contract.einsum)
+register(aten.scaled_dot_product_attention, rewrite=contract.rewrite_sdpa)(contract.sdpa)
+
+register(*_ops("view", "_unsafe_view", "reshape", "expand"), rewrite=shape.rewrite_sizes)(shape.split_relabel)
+register(aten.unflatten, rewrite=shape.rewrite_unflatten)(shape.split_relabel)
+register(*_ops("split", "split_with_sizes", "chunk", "unsafe_split"), rewrite=shape.rewrite_split)(shape.relabel)
+register(aten.narrow, rewrite=shape.rewrite_narrow)(shape.relabel)
+register(aten.unbind)(shape.unbind)
+register(aten.roll)(shape.roll)
+register(*_ops("cat", "concat", "stack"))(shape.cat)
+register(*_ops("flatten", "permute", "transpose", "t", "squeeze", "unsqueeze", "movedim", "flip",
+               "repeat", "repeat_interleave", "tile", "pixel_shuffle", "pixel_unshuffle",
+               "numpy_T", "mT"))(shape.relabel)
+register(*_ops("channel_shuffle", "native_channel_shuffle"))(shape.channel_shuffle)
+
+register(*_ops("sum", "nansum", "mean", "nanmean", "amax", "amin", "max", "min", "std", "var",
+               "norm", "logsumexp", "prod", "median", "all", "any"))(reduce.reduce)
+register(*_ops("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices",
+               "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+               "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+               "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_max_pool1d",
+               "adaptive_max_pool2d", "adaptive_max_pool3d", "upsample_nearest1d",
+               "upsample_nearest2d", "upsample_nearest3d", "upsample_bilinear2d",
+               "upsample_bicubic2d", "upsample_linear1d", "upsample_trilinear3d"))(reduce.spatial)
+register(*_ops("pad", "constant_pad_nd"))(reduce.pad)
+
+register(*_ops("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "cumprod"))(
+    pointwise.mixing_along_dim)
+register(*_ops("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "alias",
+               "clone", "contiguous", "detach", "to", "_to_copy", "type_as", "lift_fresh_copy",
+               "zeros_like", "ones_like", "empty_like", "full_like", "hardswish", "__and__",
+               "__or__", "__xor__"))(pointwise.pointwise)
+register_tag(torch.Tag.pointwise)(pointwise.pointwise)
+
+
+# -- slice and select: getitem spelled as ops ---------------------------------------------
+def _slice_index(ctx, node) -> tuple:
+    dim = ctx.value(ctx.arg(1, "dim", 0)) % ctx.meta(node.args[0]).ndim
+    start, end, step = (ctx.value(ctx.arg(i, n, d)) for i, n, d in
+                        ((2, "start", None), (3, "end", None), (4, "step", 1)))
+    end = None if isinstance(end, int) and end >= sys.maxsize else end  # "to the end"
+    return (slice(None),) * dim + (slice(start, end, step),)
+
+
+def aten_slice(ctx, node):
+    """aten.slice(x, dim, start, end, step) is x[..., start:end:step] along dim."""
+    return shape.index_labels(ctx, node, node.args[0], _slice_index(ctx, node))
+
+
+def rewrite_slice(r, old, new):
+    x = old.args[0]
+    got = r.kept_index(r.node_labels(x)) if isinstance(x, torch.fx.Node) else None
+    if got is None:
+        return
+    cdim, kept = got
+    args = list(old.args) + [None] * (4 - len(old.args))
+    dim = args[1] if args[1] is not None else old.kwargs.get("dim", 0)
+    if dim % len(r.old_shape(x)) != cdim:
+        return
+    start = args[2] if args[2] is not None else old.kwargs.get("start")
+    end = args[3] if args[3] is not None else old.kwargs.get("end")
+    end = None if isinstance(end, int) and end >= sys.maxsize else end
+    start, end = shape.new_bounds(r, x, cdim, kept, start, end)
+    step = (list(old.args) + [None] * 5)[4] or old.kwargs.get("step", 1)
+    new.args = (new.args[0], dim, start, end, step)
+    new.kwargs = {}
+
+
+register(aten.slice, rewrite=rewrite_slice)(aten_slice)
+
+
+def aten_select(ctx, node):
+    """aten.select(x, dim, index) is x[..., index] along dim."""
+    dim = ctx.value(ctx.arg(1, "dim")) % ctx.meta(node.args[0]).ndim
+    index = ctx.value(ctx.arg(2, "index"))
+    return shape.index_labels(ctx, node, node.args[0], (slice(None),) * dim + (index,))
+
+
+register(aten.select)(aten_select)
+
+
+# -- addmm: bias + mat1 @ mat2 -------------------------------------------------------------
+def addmm(ctx, node):
+    """``beta * input + alpha * (mat1 @ mat2)``. With a parameter ``mat2`` (GPT-2's Conv1D)
+    it is a linear layer whose weight is stored (in, out)."""
+    bias, a, b = node.args[:3]
+    weight = ctx.attr_path(b)
+    bias_path = ctx.attr_path(bias)
+    if weight is not None and bias_path is not None and ctx.tensor(bias_path).ndim == 1:
+        w = ctx.tensor(weight)
+        in_vec = ctx.vector(a, -1)
+        ctx.consume(1)
+        out_vec = ctx.fresh((w.shape[1],), f"{node.name} output features")
+        ctx.align(weight, ctx.along(in_vec, 0, 2), "in")
+        ctx.align(weight, ctx.along(out_vec, 1, 2), "out")
+        ctx.align(bias_path, out_vec, "out")
+        return ctx.along(out_vec, -1, 2)
+    ctx.consume(1)
+    product = contract.contract(ctx, node, [(a, "IK"), (b, "KJ")], "IJ")
+    bias_labels = ctx.labels(bias) if ctx.labels(bias) is not None else const_like(ctx.meta(bias).ndim)
+    bias_labels = bias_labels.reshape((1,) * (2 - bias_labels.ndim) + tuple(bias_labels.shape))
+    shape_b = (1,) * (2 - ctx.meta(bias).ndim) + tuple(ctx.meta(bias).shape)
+    varying = [d for d in range(2) if product.shape[d] > 1]
+    if any(shape_b[d] != ctx.meta(node).shape[d] for d in varying):
+        ctx.pin(bias_labels, f"{node.name}: bias broadcast across channels")
+        return product
+    ctx.union(product, bias_labels)
+    return torch.broadcast_tensors(product, bias_labels)[0].contiguous()
+
+
+register(aten.addmm)(addmm)
+
+
+# -- values that do not depend on the input's values ------------------------------------
+def fresh_constant(ctx, node):
+    """``x.new_zeros(size)`` and friends: a constant made with ``x``'s dtype and device."""
+    return ctx.const_output()
+
+
+register(*_ops("new_zeros", "new_ones", "new_empty", "new_full", "scalar_tensor"))(fresh_constant)

@@ -1,0 +1,89 @@
+"""Hugging Face transformers models (small configs, no weights downloaded) captured
+through the torch.export fallback and pruned by head_dim, by whole heads and in the
+residual stream; every result is checked by the oracle."""
+
+import pytest
+import torch
+
+import fxprune
+from oracle import prune_and_verify
+
+transformers = pytest.importorskip("transformers")
+
+
+def bert():
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=32, num_labels=3)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def gpt2():
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                  use_cache=False, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def llama():
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=48, max_position_embeddings=32,
+                                   use_cache=False, tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+MODELS = {"bert": bert, "gpt2": gpt2, "llama": llama}
+ATTENTION = {  # (query weight, key weight, value weight); GPT-2 packs them in one Conv1D
+    "bert": ("bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.0.attention.self.key.weight",
+             "bert.encoder.layer.0.attention.self.value.weight"),
+    "llama": ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+              "model.layers.0.self_attn.v_proj.weight"),
+}
+
+
+def _ids(seed=0):
+    return torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("policy", ["inner", "outer"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_hf_models_prune_through_export(name, policy):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    ids = _ids()
+    result, v = prune_and_verify(model, ids, ratio=0.5, policy=policy)
+    assert result.frontend == "export"
+    assert v.exact_groups >= 4  # attention and MLP groups of both layers
+    assert result.report.after.params < 0.75 * result.report.before.params
+    p = dict(result.module.named_parameters())
+    if name in ATTENTION:
+        q, k, val = (p[n].shape[0] for n in ATTENTION[name])
+        heads, kv_heads = (4, 2) if name == "llama" else (4, 4)
+        original = (32, 32 * kv_heads // heads, 32 * kv_heads // heads)
+        assert (q, k, val) != original  # the attention block got smaller
+        if policy == "inner":  # head_dim: every head keeps the same number of channels
+            assert q % heads == 0 and val % kv_heads == 0 and q // heads == k // kv_heads
+        else:  # whole heads (whole kv groups in llama): head_dim 8 stays
+            assert q % 8 == 0 and k % 8 == 0 and val % 8 == 0 and q // k == heads // kv_heads
+    else:  # GPT-2's fused c_attn: q, k and v sections that each split into 4 heads
+        w = p["transformer.h.0.attn.c_attn.weight"]
+        assert w.shape[1] < 96
+    out = result.module(ids)
+    assert type(out).__name__ == type(model(ids)).__name__
+
+
+def test_hf_residual_stream_is_pruned_and_reported_inexact():
+    torch.manual_seed(0)
+    model = gpt2()
+    ids = _ids()
+    result, v = prune_and_verify(model, ids, ratio=0.5)
+    hidden = result.groups.group_of("transformer.wpe.weight")
+    assert not hidden.exact and any("norm" in r for r in hidden.inexact_reasons)
+    wte = dict(result.module.named_parameters())["lm_head.weight"]
+    assert wte.shape == (64, 16)  # tied embedding / lm_head: one tensor, pruned once
+    assert v.inexact_groups >= 1
+
+
+def test_hf_bert_heads_found_without_hints():
+    groups = fxprune.analyze(bert().eval(), _ids(), policy="outer")
+    assert groups.frontend == "export"
+    g = groups.group_of(ATTENTION["bert"][0])
+    assert g.size == 4 and groups.group_of(ATTENTION["bert"][1]) is g  # 4 heads; q and k together
