@@ -275,6 +275,35 @@ def _root_tensors(w: _Writer, gm: torch.fx.GraphModule) -> None:
             w.extra[node.target] = value.detach()
 
 
+def _spec_types(spec) -> set[type]:
+    found = {spec.type} if getattr(spec, "type", None) is not None else set()
+    for child in spec.children() if hasattr(spec, "children") else spec.children_specs:
+        found |= _spec_types(child)
+    return found
+
+
+def _pytree_specs(w: _Writer, gm: torch.fx.GraphModule) -> None:
+    """An exported graph takes and returns pytrees (a Hugging Face ``ModelOutput``):
+    its specs are written as serialized text and rebuilt in ``__init__``; the modules
+    that define (and register) the container types are imported."""
+    import torch.utils._pytree as pytree
+
+    w.imports.add("torch.utils._pytree")
+    for attr in ("_in_spec", "_out_spec"):
+        spec = getattr(gm, attr, None)
+        if spec is None:
+            continue
+        try:
+            text = pytree.treespec_dumps(spec)
+        except Exception as exc:
+            raise SaveError(f"the graph's {attr} cannot be serialized ({exc}); register its container "
+                            f"types with torch.utils._pytree and a serialized_type_name") from exc
+        for t in _spec_types(spec):
+            if t.__module__ not in ("builtins", "collections"):
+                w.imports.add(t.__module__)
+        w.init.append(f"self.{attr} = torch.utils._pytree.treespec_loads({text!r})")
+
+
 def emit_module(gm: torch.fx.GraphModule) -> Emitted:
     """Generate the standalone source of `gm` and the tensors it loads.
 
@@ -295,12 +324,15 @@ def emit_module(gm: torch.fx.GraphModule) -> Emitted:
         If the module uses a class, function or attribute that cannot be
         written as importable source (the message names it and the fix).
     """
-    if type(gm.graph._codegen) is not torch.fx.graph.CodeGen:
+    pytree_io = type(gm.graph._codegen) is torch.fx.graph._PyTreeCodeGen
+    if type(gm.graph._codegen) is not torch.fx.graph.CodeGen and not pytree_io:
         raise SaveError(f"the graph uses a custom code generator "
                         f"({type(gm.graph._codegen).__name__}), which cannot be saved; "
                         "save a graph traced with torch.fx.symbolic_trace")
     _check_module(gm, "")
     w = _Writer()
+    if pytree_io:
+        _pytree_specs(w, gm)
     seen: dict[int, str] = {}
     _root_tensors(w, gm)
     _record_tensors(w, gm, "", seen)

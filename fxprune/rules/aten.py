@@ -150,7 +150,7 @@ def addmm(ctx, node):
     return torch.broadcast_tensors(product, bias_labels)[0].contiguous()
 
 
-register(aten.addmm)(addmm)
+register(aten.addmm, torch.addmm, "addmm")(addmm)
 
 
 # -- values that do not depend on the input's values ------------------------------------

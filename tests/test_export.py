@@ -1,0 +1,124 @@
+"""The torch.export front end: ATen-level graphs analysed by the same rules as
+symbolic traces (same channel groups), the fallback when tracing fails, in-place
+and slice/select/addmm ops, and saving an exported result."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import fxprune
+from fxprune.errors import InputError, TraceError
+from healthy import make_healthy
+from oracle import prune_and_verify
+
+
+def _structure(groups):
+    return sorted((g.size, len(g.prunable), g.exact) for g in groups.groups)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "convnext_tiny"])
+def test_export_graph_has_the_same_groups_as_the_trace(name):
+    """Both dialects of one model give the same channel groups, and the ATen result is exact."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None)
+    x = torch.randn(1, 3, 64, 64)
+    make_healthy(model, x.shape)
+    fx_groups = fxprune.analyze(model, x, frontend="fx")
+    ex_groups = fxprune.analyze(model, x, frontend="export")
+    assert ex_groups.frontend == "export" and fx_groups.frontend == "fx"
+    assert _structure(ex_groups) == _structure(fx_groups)
+    assert not ex_groups.barriers  # every ATen op of these models has a rule
+    result, v = prune_and_verify(model, x, ratio=0.5, frontend="export", healthy=False)
+    assert result.frontend == "export"
+    assert result.report.after.macs < 0.6 * result.report.before.macs
+
+
+class ShapeBranch(nn.Module):
+    """Python that branches on a size: symbolic tracing cannot follow it, export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        if y.shape[-1] > 4:
+            y = F.max_pool2d(y, 2)
+        return self.b(y)
+
+
+def test_auto_front_end_falls_back_to_export():
+    torch.manual_seed(0)
+    model = ShapeBranch()
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(TraceError):
+        fxprune.trace(model, x, frontend="fx")
+    result, v = prune_and_verify(model, x, ratio=0.5)
+    assert result.frontend == "export"
+    assert result.module.get_parameter("a.weight").shape[0] == 8
+    assert "front end: export" in str(result.groups)
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x
+
+
+def test_when_both_front_ends_fail_the_error_names_both():
+    with pytest.raises(TraceError, match="torch.export fallback failed too"):
+        fxprune.analyze(DataDependent(), torch.randn(2, 3))
+
+
+def test_unknown_front_end_is_an_input_error():
+    with pytest.raises(InputError, match="frontend='jit'"):
+        fxprune.analyze(ShapeBranch(), torch.randn(1, 3, 8, 8), frontend="jit")
+
+
+class ChannelSlices(nn.Module):
+    """A channel slice (aten.slice), an integer index on a spatial dim (aten.select) and
+    an addmm with a parameter weight stored (in, out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 1)
+        self.b = nn.Conv2d(12, 6, 1)
+        self.w = nn.Parameter(torch.randn(6, 10) * 0.3)
+        self.bias = nn.Parameter(torch.randn(10) * 0.1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))[:, 2:14]
+        z = self.b(y)[:, :, 0]  # (N, 6, W)
+        z = z.mean(-1)
+        return torch.addmm(self.bias, z, self.w)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_slice_select_and_addmm_rules(frontend):
+    torch.manual_seed(0)
+    model = ChannelSlices()
+    x = torch.randn(2, 3, 5, 5)
+    result, v = prune_and_verify(model, x, ratio=0.5, frontend=frontend, healthy=False)
+    p = dict(result.module.named_parameters())
+    kept_in = p["b.weight"].shape[1]
+    assert p["b.weight"].shape[0] == 3 and kept_in < 12  # the slice's channels were pruned
+    assert p["a.weight"].shape[0] >= kept_in  # the slice bounds moved with the kept channels
+    assert p["w"].shape == (3, 10)  # addmm's weight rows follow b's channels
+
+
+def test_exported_result_saves_and_loads_with_its_output_type(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16,
+                                  use_cache=False, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    result = fxprune.prune(model, ids, ratio=0.5)
+    fxprune.save(result, tmp_path / "gpt2")
+    loaded = fxprune.load(tmp_path / "gpt2")
+    with torch.no_grad():
+        want, got = result.module(ids), loaded(ids)
+    assert type(got) is type(want)
+    assert torch.equal(got.logits, want.logits)
