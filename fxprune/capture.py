@@ -13,6 +13,7 @@ import linecache
 from dataclasses import dataclass
 import sys
 import traceback
+import types
 from collections.abc import Iterable
 from typing import Any
 
@@ -272,8 +273,9 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
     concrete_args : dict, optional
         Passed to ``torch.fx.Tracer.trace`` to specialize non-tensor inputs.
     frontend : "auto", "fx" or "export"
-        ``"auto"`` traces symbolically and falls back to ``torch.export`` when that fails
-        (Hugging Face models, data-dependent Python); the others force one front end.
+        ``"auto"`` traces symbolically and uses ``torch.export`` instead when tracing fails
+        (Hugging Face models, Python that branches on sizes) or leaves calls of Python
+        functions no rule knows (``torch.fx.wrap``'ed helpers); the others force one.
 
     Examples
     --------
@@ -310,7 +312,32 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
             raise TraceError(f"{fx_error}\nThe torch.export fallback failed too: {export_error}") from fx_error
     propagate_shapes(gm, inputs)
     gm.meta[FRONTEND_KEY] = "fx"
+    if frontend == "auto" and not concrete_args and not leaf_modules and opaque_calls(gm):
+        # tracing kept Python functions as single calls (torch.fx.wrap'ed helpers such as
+        # Swin's window attention) that no rule knows; export sees through them
+        try:
+            return _export(model, inputs)
+        except TraceError:
+            pass
     return gm
+
+
+def opaque_calls(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """Calls of plain Python functions (not torch ops) that no rule knows and that take
+    tensors: their channels would be pinned."""
+    from .meta import tensor_meta
+    from .rules import lookup
+
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, types.FunctionType):
+            continue
+        module = getattr(node.target, "__module__", "") or ""
+        if module in ("torch", "_operator", "operator") or module.startswith("torch."):
+            continue
+        if lookup(node, gm) is None and any(tensor_meta(i) is not None for i in node.all_input_nodes):
+            found.append(node)
+    return found
 
 
 def _export(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:

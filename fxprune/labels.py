@@ -153,7 +153,8 @@ def _distinct_along(k: torch.Tensor, dim: int) -> int:
     return int(torch.unique(k[tuple(index)]).numel())
 
 
-def choose_channel_dim(k: torch.Tensor, dims: list[int], policy: str = "auto") -> int:
+def choose_channel_dim(k: torch.Tensor, dims: list[int], policy: str = "auto",
+                       avoid: frozenset | set = frozenset()) -> int:
     """Which of several varying dims stays the channel dim.
 
     Where a view split one channel dim into several, ``inner`` keeps the last of them
@@ -161,6 +162,7 @@ def choose_channel_dim(k: torch.Tensor, dims: list[int], policy: str = "auto") -
     blocks such as heads go together). Elsewhere (``auto``) the dim with the most
     distinct classes is kept.
     """
+    dims = [d for d in dims if d not in avoid] or dims
     if policy == "outer":
         return dims[0]
     if policy == "inner":
@@ -170,7 +172,8 @@ def choose_channel_dim(k: torch.Tensor, dims: list[int], policy: str = "auto") -
     return max(dims, key=lambda d: (_distinct_along(k, d), _distinct_along(k, d) / k.shape[d], d))
 
 
-def normalize(space: LabelSpace, labels: torch.Tensor, policy: str = "auto") -> torch.Tensor:
+def normalize(space: LabelSpace, labels: torch.Tensor, policy: str = "auto",
+              avoid: frozenset | set = frozenset()) -> torch.Tensor:
     """Make a label tensor *separable*: after this its classes change along at most one
     dim, and every other dim is compressed to size 1.
 
@@ -189,7 +192,7 @@ def normalize(space: LabelSpace, labels: torch.Tensor, policy: str = "auto") -> 
     k = space.roots(labels)
     dims = varying_dims(k)
     if len(dims) > 1:
-        keep = choose_channel_dim(k, dims, policy)
+        keep = choose_channel_dim(k, dims, policy, avoid)
         rows = k.movedim(keep, 0).reshape(k.shape[keep], -1)
         space.union(rows, rows[:, :1])
         dims = [keep]

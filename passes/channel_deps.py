@@ -35,7 +35,9 @@ def _check(ctx: AnalysisContext, labels: Any, meta: Any) -> Any:
         if labels.ndim != meta.ndim or any(l not in (1, s) for l, s in zip(labels.shape, meta.shape)):
             raise AnalysisError(f"rule for {ctx.where()} returned labels of shape {tuple(labels.shape)} "
                                 f"for a value of shape {meta.shape}")
-        return normalize(ctx.space, labels, ctx.policy if ctx.splits_channels else "auto")
+        if not ctx.splits_channels:
+            return normalize(ctx.space, labels, "auto")
+        return normalize(ctx.space, labels, ctx.policy, ctx.avoid_dims)
     if isinstance(meta, tuple):
         if not isinstance(labels, tuple) or len(labels) != len(meta):
             labels = (None,) * len(meta) if labels is None else labels
@@ -54,6 +56,7 @@ def _pin_outputs(ctx: AnalysisContext, node: torch.fx.Node) -> None:
 def _visit(ctx: AnalysisContext, node: torch.fx.Node) -> None:
     ctx.node = node
     ctx.splits_channels = False
+    ctx.avoid_dims = set()
     meta = get_meta(node)
     if node.op == "placeholder":
         ctx.labels_of[node] = _check(ctx, ctx.const_output(), meta)

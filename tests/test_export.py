@@ -122,3 +122,51 @@ def test_exported_result_saves_and_loads_with_its_output_type(tmp_path):
         want, got = result.module(ids), loaded(ids)
     assert type(got) is type(want)
     assert torch.equal(got.logits, want.logits)
+
+
+class RelBiasAttention(nn.Module):
+    """Swin-style window attention: fused qkv reshaped to (3, heads, head_dim) and
+    unpacked by index, a relative-position bias table gathered by a buffer of indices,
+    a computed qkv bias (Swin v2) and a roll along the token dim."""
+
+    def __init__(self, dim=32, heads=4, window=3):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(dim) * 0.3)
+        self.v_bias = nn.Parameter(torch.randn(dim) * 0.3)
+        self.proj = nn.Linear(dim, dim)
+        self.table = nn.Parameter(torch.randn((2 * window - 1) ** 2, heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + window - 1
+        self.register_buffer("index", rel[..., 0] * (2 * window - 1) + rel[..., 1])
+
+    def forward(self, x):
+        B, N, C = x.shape
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias)
+        qkv = qkv.reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+        rel = self.table[self.index.view(-1)].view(N, N, -1).permute(2, 0, 1)
+        attn = (attn + rel.unsqueeze(0)).softmax(-1)
+        out = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj(out) + torch.roll(x, shifts=1, dims=1)
+
+
+@pytest.mark.parametrize("policy", ["inner", "outer"])
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_window_attention_with_gathered_bias_prunes_heads(frontend, policy):
+    torch.manual_seed(0)
+    model = RelBiasAttention()
+    x = torch.randn(2, 9, 32)
+    groups = fxprune.analyze(model, x, frontend=frontend, policy=policy)
+    assert not groups.barriers, groups.barriers
+    result, v = prune_and_verify(model, x, ratio=0.5, frontend=frontend, policy=policy, healthy=False)
+    p = dict(result.module.named_parameters())
+    q_bias, table = p["q_bias"].shape[0], p["table"].shape[1]
+    if policy == "outer":  # whole heads: the bias table loses the removed heads' columns
+        assert table == 2 and q_bias == 2 * 8
+    else:  # head_dim: every head stays, the table too
+        assert table == 4 and q_bias % 4 == 0 and q_bias < 32
+    assert p["v_bias"].shape[0] < 32

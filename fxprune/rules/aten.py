@@ -52,11 +52,11 @@ register(aten.roll)(shape.roll)
 register(*_ops("cat", "concat", "stack"))(shape.cat)
 register(*_ops("flatten", "permute", "transpose", "t", "squeeze", "unsqueeze", "movedim", "flip",
                "repeat", "repeat_interleave", "tile", "pixel_shuffle", "pixel_unshuffle",
-               "numpy_T", "mT"))(shape.relabel)
+               "numpy_T", "mT", "expand_as", "view_as", "reshape_as"))(shape.relabel)
 register(*_ops("channel_shuffle", "native_channel_shuffle"))(shape.channel_shuffle)
 
 register(*_ops("sum", "nansum", "mean", "nanmean", "amax", "amin", "max", "min", "std", "var",
-               "norm", "logsumexp", "prod", "median", "all", "any"))(reduce.reduce)
+               "norm", "linalg_vector_norm", "logsumexp", "prod", "median", "all", "any"))(reduce.reduce)
 register(*_ops("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices",
                "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d",
                "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
@@ -71,7 +71,7 @@ register(*_ops("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "
 register(*_ops("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "alias",
                "clone", "contiguous", "detach", "to", "_to_copy", "type_as", "lift_fresh_copy",
                "zeros_like", "ones_like", "empty_like", "full_like", "hardswish", "__and__",
-               "__or__", "__xor__"))(pointwise.pointwise)
+               "__or__", "__xor__", "fill", "zero"))(pointwise.pointwise)
 register_tag(torch.Tag.pointwise)(pointwise.pointwise)
 
 
@@ -159,4 +159,13 @@ def fresh_constant(ctx, node):
     return ctx.const_output()
 
 
-register(*_ops("new_zeros", "new_ones", "new_empty", "new_full", "scalar_tensor"))(fresh_constant)
+register(*_ops("new_zeros", "new_ones", "new_empty", "new_full", "scalar_tensor"),
+         "new_zeros", "new_ones", "new_empty", "new_full")(fresh_constant)
+
+
+def aten_index(ctx, node):
+    """aten.index(x, [idx or None, ...]): advanced indexing (see ``shape.gather_labels``)."""
+    return shape.gather_labels(ctx, node, node.args[0], node.args[1], aten_list=True)
+
+
+register(aten.index)(aten_index)

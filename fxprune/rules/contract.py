@@ -32,6 +32,11 @@ def _vector(labels: torch.Tensor) -> torch.Tensor:
     return labels.movedim(cd, -1).reshape(-1, labels.shape[cd])[0]
 
 
+def _single_class(ctx, labels: torch.Tensor) -> bool:
+    roots = ctx.classes(_vector(labels))
+    return bool((roots == roots[0]).all())
+
+
 def contract(ctx, node, operands, out_letters):
     """Relate labels of ``operands`` (list of (node, letters)) contracted into ``out_letters``.
 
@@ -50,6 +55,8 @@ def contract(ctx, node, operands, out_letters):
     for (x, letters), shape in zip(operands, metas):
         lab = ctx.labels(x)
         lab = lab if lab is not None else const_like(len(shape))
+        if channel_dim(lab) is not None and _single_class(ctx, lab):
+            lab = const_like(len(shape))  # distinct labels, one class (a bias merged into CONST)
         broadcast = {c for c, n in zip(letters, shape) if n == 1 and size[c] > 1}
         ops.append((letters, lab, _channel_letter(lab, letters), broadcast))
     for i in range(len(ops)):

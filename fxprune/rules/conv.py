@@ -121,8 +121,8 @@ def linear(ctx, node):
         weight = ctx.attr_path(ctx.arg(1, "weight"))
         bias_arg = ctx.arg(2, "bias")
         bias = ctx.attr_path(bias_arg)
-        if weight is None or (bias_arg is not None and bias is None):
-            raise ValueError("weight and bias must be parameters of the module (get_attr)")
+        if weight is None:
+            raise ValueError("the weight must be a parameter of the module (get_attr)")
     w = ctx.tensor(weight)
     in_vec = ctx.vector(x, -1)
     ctx.consume(0)
@@ -131,6 +131,10 @@ def linear(ctx, node):
     ctx.align(weight, ctx.along(in_vec, 1, 2), "in")
     if bias is not None:
         ctx.align(bias, out_vec, "out")
+    elif node.op != "call_module" and ctx.is_tensor(bias_arg):
+        # a bias computed in the graph (Swin v2 concatenates q, zero k and v biases): its
+        # positions go with the output features they are added to
+        ctx.union(ctx.vector(bias_arg, 0), out_vec)
     return ctx.along(out_vec, -1, ctx.meta(node).ndim)
 
 

@@ -141,7 +141,8 @@ def _stochastic_depth_targets():
 
 register(nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
          nn.FeatureAlphaDropout, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-         torch.clone, torch.detach, "contiguous", "clone", "detach", "to", "float", "half",
+         torch.clone, torch.detach, torch.zeros_like, torch.ones_like, torch.empty_like,
+         torch.full_like, "contiguous", "clone", "detach", "to", "float", "half",
          "double", "bfloat16", "type", "type_as", "cpu", "cuda", "requires_grad_",
          *_stochastic_depth_targets())(first_input)
 

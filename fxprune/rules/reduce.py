@@ -40,7 +40,7 @@ def reduce(ctx, node):
     if name in ("max", "min") and len(node.args) > 1 and ctx.is_tensor(node.args[1]):
         from .pointwise import pointwise
         return pointwise(ctx, node)  # elementwise max(x, y)
-    dim_pos = 2 if name == "norm" else 1
+    dim_pos = 2 if name in ("norm", "linalg_vector_norm", "vector_norm") else 1
     dim = ctx.value(ctx.arg(dim_pos, "dim", None))
     if name in ("max", "min", "median") and not isinstance(dim, (int, list, tuple)):
         dim = None  # max(x, other) would be pointwise; max(x) reduces all
@@ -68,7 +68,7 @@ def reduce(ctx, node):
 
 _REDUCTIONS = ["sum", "nansum", "mean", "nanmean", "amax", "amin", "max", "min", "std", "var",
                "norm", "logsumexp", "prod", "median", "all", "any"]
-register(*[getattr(torch, n) for n in _REDUCTIONS], *_REDUCTIONS)(reduce)
+register(*[getattr(torch, n) for n in _REDUCTIONS], *_REDUCTIONS, torch.linalg.vector_norm)(reduce)
 
 
 def _spatial_rank(node, module) -> int | None:

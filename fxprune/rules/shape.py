@@ -16,7 +16,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..labels import const_like
+from ..labels import channel_dim, const_like
 from .registry import register
 
 
@@ -73,10 +73,16 @@ def unbind(ctx, node):
 
 
 def roll(ctx, node):
+    """roll along the given dims; channels moving along a rolled dim are pinned (a roll
+    with no dims rolls the flattened tensor, so any channel dim counts)."""
     out = relabel(ctx, node)
     labels = ctx.labels(node.args[0])
-    if labels is not None and labels.ndim and max(labels.shape) > 1:
-        ctx.pin(labels, f"{node.name}: roll may shift along a channel dim")
+    if labels is None or not labels.ndim or max(labels.shape) == 1:
+        return out
+    dims = ctx.value(ctx.arg(2, "dims", None))
+    dims = [] if dims is None else [dims] if isinstance(dims, int) else list(dims)
+    if not dims or any(labels.shape[d % labels.ndim] > 1 for d in dims):
+        ctx.pin(labels, f"{node.name}: roll along a channel dim")
     return out
 
 
@@ -105,7 +111,60 @@ def getitem(ctx, node):
         return tl[ctx.value(index)]
     if not ctx.is_tensor(x):
         return None
+    entries = index if isinstance(index, tuple) else (index,)
+    if any(ctx.is_tensor(i) for i in entries):
+        return gather_labels(ctx, node, x, entries)
     return index_labels(ctx, node, x, _concrete(ctx, index, full=False))
+
+
+def gather_labels(ctx, node, x, entries, *, aten_list: bool = False):
+    """Labels of ``x[idx]`` with index tensors (a relative-position bias table indexed by
+    a buffer). Which positions an index tensor picks is data, so the indexed dims of
+    ``x`` are collapsed to one class; the other dims keep their labels. The op is then
+    run on the labels with all-zero index tensors of the real shapes, so the output's
+    dims land where indexing puts them. Indexing into a channel dim pins it."""
+    labels = ctx.labels(x)
+    ndim = ctx.meta(x).ndim
+    labels = labels if labels is not None else const_like(ndim)
+    if aten_list:  # aten.index(x, [idx or None per leading dim])
+        entries = list(entries) + [None] * (ndim - len(entries))
+        dims = list(range(ndim))
+    else:
+        n_real = sum(1 for e in entries if e is not None and e is not Ellipsis)
+        dims, d = [], 0
+        for e in entries:
+            if e is Ellipsis:
+                d += ndim - n_real
+                dims.append(None)
+            elif e is None:
+                dims.append(None)
+            else:
+                dims.append(d)
+                d += 1
+    probe = []
+    for e, d in zip(entries, dims):
+        if ctx.is_tensor(e):
+            meta = ctx.meta(e)
+            if meta.dtype == torch.bool:
+                raise ValueError("boolean mask indexing is not analysed")
+            if labels.shape[d] > 1:
+                if channel_dim(labels) == d and ctx.labels(x) is not None and not _is_free(ctx, x):
+                    ctx.pin(labels, f"{node.name}: tensor index into a channel dim")
+                ctx.union(labels.movedim(d, 0), labels.movedim(d, 0)[:1])
+                labels = labels.narrow(d, 0, 1)
+            probe.append(torch.zeros(meta.shape, dtype=torch.int64))
+        elif e is None or e is Ellipsis or (isinstance(e, slice) and e == slice(None)):
+            probe.append(e if aten_list is False else None)
+        else:
+            raise ValueError(f"index entry {e!r} mixed with tensor indices is not analysed")
+    if aten_list:
+        return torch.ops.aten.index.Tensor(labels, probe)
+    return labels[tuple(probe)]
+
+
+def _is_free(ctx, x) -> bool:
+    """A parameter used by value, whose positions are all fresh labels until an op decides."""
+    return isinstance(x, torch.fx.Node) and x.op == "get_attr"
 
 
 def index_labels(ctx, node, x, value):
@@ -235,9 +294,58 @@ def rewrite_sizes(r, old, new):
 
 def split_relabel(ctx, node):
     """view/reshape/unflatten: where one channel dim becomes two (hidden -> heads x head_dim)
-    the analysis policy decides which of them stays prunable."""
+    the analysis policy decides which of them stays prunable. A dim the graph unpacks right
+    away (the 3 of a fused qkv reshaped to (3, heads, head_dim), then q, k, v = x[0], x[1],
+    x[2]) stacks different tensors: it is not a candidate."""
     ctx.splits_channels = True
+    ctx.avoid_dims = _unpacked_dims(node, ctx.meta(node).ndim)
     return relabel(ctx, node)
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    if isinstance(t, torch._ops.OpOverload):
+        return t.overloadpacket.__name__
+    return getattr(t, "__name__", "")
+
+
+def _unpacked_dims(node: torch.fx.Node, ndim: int) -> set[int]:
+    """Dims of ``node``'s output that users index with an int (select, unbind, x[0]),
+    looking through permute/transpose/contiguous."""
+    found: set[int] = set()
+    todo = [(node, list(range(ndim)))]  # (node, output dim of `node` -> dim of the original)
+    while todo:
+        cur, where = todo.pop()
+        for user in cur.users:
+            name = _op_name(user)
+            args = user.args
+            if name in ("contiguous", "clone", "alias", "detach"):
+                todo.append((user, where))
+            elif name == "permute" and len(args) > 1:
+                perm = args[1] if isinstance(args[1], (list, tuple)) else args[1:]
+                if all(isinstance(p, int) for p in perm):
+                    todo.append((user, [where[p % len(where)] for p in perm]))
+            elif name in ("transpose", "swapaxes", "swapdims") and len(args) > 2 \
+                    and isinstance(args[1], int) and isinstance(args[2], int):
+                w = list(where)
+                a, b = args[1] % len(w), args[2] % len(w)
+                w[a], w[b] = w[b], w[a]
+                todo.append((user, w))
+            elif name in ("select", "unbind"):
+                dim = args[1] if len(args) > 1 else user.kwargs.get("dim", 0)
+                if isinstance(dim, int):
+                    found.add(where[dim % len(where)])
+            elif user.op == "call_function" and user.target is operator.getitem and \
+                    isinstance(args[1], (int, tuple)):
+                idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+                for d, i in enumerate(idx):
+                    if i is Ellipsis:
+                        break
+                    if isinstance(i, int) and d < len(where):
+                        found.add(where[d])
+    return found
 
 
 register("view", "reshape", "expand", torch.reshape, rewrite=rewrite_sizes)(split_relabel)
