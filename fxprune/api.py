@@ -34,6 +34,7 @@ class PruneResult:
     timings: tuple[tuple[str, float], ...]
     pipeline: str
     frontend: str = "fx"
+    stages: tuple["PruneResult", ...] = ()  # policy="both": heads, then head_dim
 
     @property
     def budget(self) -> Any:
@@ -43,6 +44,17 @@ class PruneResult:
     def __repr__(self) -> str:
         return (f"PruneResult(removed {self.plan.n_removed} of {self.groups.n_classes} channel "
                 f"classes, front end {self.frontend}, pipeline {self.pipeline!r})")
+
+
+# user-facing names of the analysis policies (which dim of a split view stays prunable)
+POLICY_ALIASES = {"inner": "inner", "outer": "outer", "head_dim": "inner", "heads": "outer"}
+
+
+def _policy(policy: str) -> str:
+    if policy not in POLICY_ALIASES:
+        raise ConfigError(f"policy={policy!r} is not one of {', '.join(POLICY_ALIASES)} or 'both' "
+                          f"(fxprune.prune: whole heads, then head_dim)")
+    return POLICY_ALIASES[policy]
 
 
 def _names(model: nn.Module, items: Iterable, option: str) -> tuple[str, ...]:
@@ -126,8 +138,12 @@ def analyze(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (
     from passes.channel_deps import ChannelDeps
 
     _check_model(model)
+    if policy == "both":
+        raise ConfigError("policy='both' prunes in two stages (heads, then head_dim); analyze with "
+                          "policy='heads' or policy='head_dim'")
     state = PruneState(model=model, example_inputs=as_tuple(example_inputs))
-    pipe = Pipeline((Capture(tuple(leaf_modules), concrete_args, frontend), ChannelDeps(policy=policy)))
+    pipe = Pipeline((Capture(tuple(leaf_modules), concrete_args, frontend),
+                     ChannelDeps(policy=_policy(policy))))
     return pipe.run(state).groups
 
 
@@ -162,6 +178,13 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
         float in (0, 1), a fraction of the original. The least-pruned plan that meets it
         is searched (``select-budget``); ``result.budget`` says where it landed.
     pipeline : text or Pipeline run after capture instead of the default passes.
+    policy : where a view splits channels into blocks (attention heads x head_dim):
+        'inner'/'head_dim' (default) prunes head_dim, the same channels in every head;
+        'outer' prunes whole blocks; 'heads' is 'outer' that insists on attention heads
+        (an error if the model has none, or if ``ratio`` is not a whole number of some
+        layer's heads: the message gives the nearest ratios that are); 'both' prunes
+        whole heads, then head_dim, each at ``1 - sqrt(1 - ratio)`` so the kept fraction
+        is ``1 - ratio`` (``result.stages`` holds both results, ``verify`` checks both).
     frontend : 'auto' (symbolic tracing, falling back to non-strict ``torch.export`` when
         tracing fails), 'fx' or 'export'. ``result.frontend`` says which one captured.
 
@@ -179,6 +202,15 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
     from passes.select_budget import SelectBudget
 
     _check_model(model)
+    if policy == "both":
+        return _prune_both(model, example_inputs, ratio=ratio, ratios=ratios, ignore=ignore,
+                           round_to=round_to, importance=importance, leaf_modules=leaf_modules,
+                           concrete_args=concrete_args, frontend=frontend, data=data, loss_fn=loss_fn,
+                           report=report, unsupported=dict(global_ranking=global_ranking,
+                                                           isomorphic=isomorphic, target_macs=target_macs,
+                                                           target_params=target_params, pipeline=pipeline))
+    exact_heads = policy == "heads"
+    policy = _policy(policy)
     budget = target_macs is not None or target_params is not None
     if budget and ratio is not None:
         raise ConfigError("pass either ratio or target_macs/target_params, not both: with a "
@@ -194,7 +226,7 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
         options = dict(ratios=ratio_items, ignore=ignored, round_to=round_to,
                        global_ranking=global_ranking, max_ratio=max_ratio, isomorphic=isomorphic)
         select = (SelectBudget(target_macs=target_macs, target_params=target_params, **options) if budget
-                  else Select(ratio=ratio, **options))
+                  else Select(ratio=ratio, exact_heads=exact_heads, **options))
         body = Pipeline((ChannelDeps(policy=policy), _scoring_pass(importance, data, loss_fn), select,
                          Rewrite()))
     else:
@@ -210,6 +242,44 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
     rep = _report(model, state, inputs) if report else None
     return PruneResult(state.module, rep, state.groups, state.plan, state.scores, state.timings,
                        str(pipe), state.frontend)
+
+
+def _prune_both(model, example_inputs, *, ratio, ratios, ignore, unsupported, report, **common):
+    """Whole heads at ``1 - sqrt(1 - r)``, then head_dim of the result at the same step: every
+    group keeps about ``1 - r`` of its channels (attention as heads x head_dim)."""
+    import math
+
+    given = sorted(k for k, v in unsupported.items() if v not in (None, False))
+    if given:
+        raise ConfigError(f"policy='both' takes ratio/ratios (each stage prunes 1 - sqrt(1 - r)), not "
+                          f"{', '.join(given)}; use policy='heads' or 'head_dim' with those")
+    ratio = 0.5 if ratio is None else ratio
+    from passes.select import check_ratio
+    check_ratio(ratio)
+    step = lambda r: 1.0 - math.sqrt(1.0 - check_ratio(r))  # noqa: E731
+    names = dict(zip(_names(model, (ratios or {}).keys(), "ratios"), (ratios or {}).values()))
+    ignored = _names(model, ignore, "ignore")
+    staged = dict(ratios={k: step(v) for k, v in names.items()}, ignore=ignored, **common)
+    heads = prune(model, example_inputs, ratio=step(ratio), policy="outer", report=False, **staged)
+    if not heads.groups.head_groups:
+        raise ConfigError("policy='both' needs attention heads, and no view or reshape in this model "
+                          "splits a channel dim into (heads, head_dim) blocks; use the default policy")
+    inputs = graph_inputs(heads.groups.gm, as_tuple(example_inputs))
+    staged["frontend"] = "auto"
+    dims = prune(heads.module, inputs, ratio=step(ratio), policy="inner", report=False, **staged)
+    rep = None
+    if report:
+        from passes.select_budget import meta_stats
+
+        from .report import ModelStats, PruneReport, count_params
+        rep = PruneReport(before=ModelStats(count_params(model), meta_stats(heads.groups.gm, inputs).macs),
+                          after=meta_stats(dims.module, inputs),
+                          channels_before=sum(g.size for g in heads.groups.groups),
+                          channels_after=sum(g.size for g in dims.groups.groups) - dims.plan.n_removed,
+                          groups_pruned=len(heads.plan.removed_per_group) + len(dims.plan.removed_per_group),
+                          timings=heads.timings + dims.timings)
+    return PruneResult(dims.module, rep, dims.groups, dims.plan, dims.scores, heads.timings + dims.timings,
+                       f"{heads.pipeline} | then | {dims.pipeline}", heads.frontend, (heads, dims))
 
 
 def _report(model, state: PruneState, inputs: tuple):

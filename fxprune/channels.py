@@ -92,6 +92,10 @@ class ChannelGroups:
     channel_sized: frozenset[str] = frozenset()  # int nodes computed from a channel count
     # (node, tensor path, labels): opaque modules consuming channels through their own weights
     param_consumers: tuple[tuple[str, str, torch.Tensor], ...] = field(default=(), repr=False)
+    # groups whose channels are blocks of a split view (attention heads with policy "outer",
+    # head_dim with "inner"), and the view nodes where the split happened
+    head_groups: frozenset[int] = frozenset()
+    head_splits: tuple[str, ...] = ()
 
     def classes(self, labels: torch.Tensor) -> torch.Tensor:
         """Class ids of a label tensor."""

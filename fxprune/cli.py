@@ -123,9 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--importance", default="l2", metavar="NAME",
                        help="channel importance criterion: l1, l2, bn-scale, lamp, fpgm, random "
                             "(default: l2; data-driven criteria need the Python API)")
-    prune.add_argument("--policy", choices=("inner", "outer"), default="inner",
+    prune.add_argument("--policy", choices=("inner", "outer", "head_dim", "heads", "both"),
+                       default="inner",
                        help="where a view splits channels into heads x head_dim: prune head_dim "
-                            "(inner, default) or whole heads (outer)")
+                            "(inner or head_dim, default), whole blocks (outer), whole attention "
+                            "heads (heads: an error without heads or for a ratio that is not a "
+                            "whole number of heads) or heads then head_dim (both)")
     prune.add_argument("--isomorphic", action="store_true",
                        help="rank channels globally among groups of identical structure")
     prune.add_argument("--out", required=True, metavar="DIR",
@@ -143,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "'channel-deps,score-magnitude{p=2},select{ratio=0.5},rewrite'")
     prune.add_argument("--no-verify", action="store_true",
                        help="skip the oracle check of the pruned model")
+    _add_frontend_arg(prune)
     prune.set_defaults(func=_cmd_prune)
 
     analyze = sub.add_parser(
@@ -152,12 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  fxprune analyze torchvision:resnet18",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(analyze)
+    _add_frontend_arg(analyze)
     analyze.set_defaults(func=_cmd_analyze)
 
     models = sub.add_parser("models", help="list the built-in models",
                             description="List the built-in models and their sizes.")
     models.set_defaults(func=_cmd_models)
     return parser
+
+
+def _add_frontend_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto",
+                        help="how the model is captured: symbolic tracing, falling back to "
+                             "torch.export where tracing fails (auto, default), or only one of them")
 
 
 def _version() -> str:
@@ -195,7 +206,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     result = fxprune.prune(model, x, ratio=args.ratio, importance=args.importance,
                            global_ranking=args.global_ranking, round_to=args.round_to,
                            ignore=list(args.ignore), pipeline=args.pipeline, policy=args.policy,
-                           isomorphic=args.isomorphic, **budget)
+                           isomorphic=args.isomorphic, frontend=args.frontend, **budget)
     if not args.no_verify:
         check = fxprune.verify(model, result, x)
         print(f"verify: max relative error {check.max_rel_err:.3g} "
@@ -217,7 +228,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     model, x = _model_and_input(args)
     import fxprune
 
-    print(fxprune.analyze(model, x))
+    print(fxprune.analyze(model, x, frontend=args.frontend))
     return 0
 
 

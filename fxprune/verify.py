@@ -165,6 +165,16 @@ def verify(model: torch.nn.Module, result, example_inputs: Any, *, rtol: float =
     """
     from passes.rewrite import rewrite_graph
 
+    if getattr(result, "stages", ()):  # staged pruning: each stage against the one before
+        checks, previous = [], model
+        for stage in result.stages:
+            checks.append(verify(previous, stage, example_inputs if previous is model else
+                                 graph_inputs(result.stages[0].groups.gm, as_tuple(example_inputs)),
+                                 rtol=rtol, min_scale=min_scale, name_failing_group=name_failing_group))
+            previous = stage.module
+        return VerifyResult(max(c.max_rel_err for c in checks), min(c.effect for c in checks),
+                            checks[0].scale, sum(c.exact_groups for c in checks),
+                            sum(c.inexact_groups for c in checks), sum(c.channels_checked for c in checks))
     groups, plan = result.groups, result.plan
     model_inputs = as_tuple(example_inputs)
     inputs = graph_inputs(groups.gm, model_inputs)

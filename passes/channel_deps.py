@@ -18,7 +18,8 @@ import torch.fx
 from fxprune import rules  # noqa: F401  (fills the registry)
 from fxprune.channels import Alignment, ChannelGroup, ChannelGroups, Member
 from fxprune.errors import AnalysisError
-from fxprune.labels import CONST, LabelSpace, normalize
+from fxprune.errors import ConfigError
+from fxprune.labels import CONST, LabelSpace, normalize, varying_dims
 from fxprune.meta import TensorMeta, get_meta, has_meta
 from fxprune.passes_base import AnalysisPass, PruneState, register_pass
 from fxprune.rules.context import AnalysisContext
@@ -37,7 +38,12 @@ def _check(ctx: AnalysisContext, labels: Any, meta: Any) -> Any:
                                 f"for a value of shape {meta.shape}")
         if not ctx.splits_channels:
             return normalize(ctx.space, labels, "auto")
-        return normalize(ctx.space, labels, ctx.policy, ctx.avoid_dims)
+        splits = sum(1 for n in labels.shape if n > 1) > 1 and \
+            len(varying_dims(ctx.space.roots(labels))) > 1
+        out = normalize(ctx.space, labels, ctx.policy, ctx.avoid_dims)
+        if splits:  # a view split channels into blocks (heads x head_dim): the policy chose
+            ctx.head_splits.append((ctx.node.name, out))
+        return out
     if isinstance(meta, tuple):
         if not isinstance(labels, tuple) or len(labels) != len(meta):
             labels = (None,) * len(meta) if labels is None else labels
@@ -213,6 +219,9 @@ def _segments(labels_of: dict, class_of: torch.Tensor) -> tuple[torch.Tensor, ..
     return tuple(out)
 
 
+POLICIES = ("inner", "outer")
+
+
 def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
                      frontend: str = "fx") -> ChannelGroups:
     """Compute the channel groups of a captured graph (every node needs shape meta).
@@ -220,6 +229,9 @@ def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
     ``policy`` decides which dim stays prunable when a view splits a channel dim
     into two (``inner``: the inner dim, e.g. head_dim; ``outer``: whole blocks).
     """
+    if policy not in POLICIES:
+        raise ConfigError(f"policy={policy!r} is not one of {', '.join(POLICIES)} (fxprune.prune also "
+                          f"takes 'heads', 'head_dim' and 'both')")
     space = LabelSpace()
     ctx = AnalysisContext(gm, space, policy)
     for node in gm.graph.nodes:
@@ -237,13 +249,18 @@ def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
     groups, group_of_class = _build_groups(space, class_of, n, alignments, pinned, pin_why,
                                            inexact, inexact_why)
     node_labels = {node.name: labels for node, labels in ctx.labels_of.items()}
+    head_groups = set()
+    for _, labels in ctx.head_splits:
+        gids = group_of_class[class_of[labels.reshape(-1)]]
+        head_groups.update(int(g) for g in torch.unique(gids).tolist() if g >= 0)
     return ChannelGroups(
         gm=gm, class_of=class_of, n_classes=n, class_pinned=pinned, class_inexact=inexact,
         node_labels=node_labels, alignments=alignments, consumers=tuple(ctx.consumers),
         groups=groups, group_of_class=group_of_class, barriers=tuple(ctx.barriers),
         policy=policy, frontend=frontend, segments=_segments(ctx.labels_of, class_of),
         channel_sized=frozenset(k for k, v in ctx.channel_sized.items() if v is True),
-        param_consumers=tuple(ctx.param_consumers))
+        param_consumers=tuple(ctx.param_consumers), head_groups=frozenset(head_groups),
+        head_splits=tuple(dict.fromkeys(name for name, _ in ctx.head_splits)))
 
 
 @register_pass

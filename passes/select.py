@@ -180,6 +180,17 @@ def _keep_every_tensor_nonempty(groups, values, kept):
             kept[seg[torch.argmax(values[seg])]] = True
 
 
+def _check_whole_heads(group: ChannelGroup, r: float, n: int) -> None:
+    """Heads are removed whole and balanced: ``r * n`` must be a whole number."""
+    want = r * n
+    if abs(want - round(want)) < 1e-6:
+        return
+    low, high = math.floor(want) / n, math.ceil(want) / n
+    layer = group.members[0].path if group.members else f"group {group.id}"
+    raise ConfigError(f"{layer}: {n} prunable heads; ratio {r:g} would remove {want:.3g} heads. "
+                      f"The nearest ratios that remove whole heads are {low:g} and {high:g}")
+
+
 def _check_options(ratio, round_to, max_ratio):
     check_ratio(ratio)
     if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
@@ -206,7 +217,8 @@ def own_ratios(groups: ChannelGroups, ratios) -> dict[int, float]:
 def select_channels(groups: ChannelGroups, scores, *, ratio: float = 0.5,
                     ratios: tuple[tuple[str, float], ...] = (), ignore: tuple[str, ...] = (),
                     round_to: int = 1, global_ranking: bool = False,
-                    max_ratio: float = 1.0, isomorphic: bool = False) -> PrunePlan:
+                    max_ratio: float = 1.0, isomorphic: bool = False,
+                    exact_heads: bool = False) -> PrunePlan:
     """Choose the channels to remove. ``scores.values`` holds one score per class.
 
     Parameters
@@ -219,6 +231,9 @@ def select_channels(groups: ChannelGroups, scores, *, ratio: float = 0.5,
     global_ranking : rank every group's channels together.
     max_ratio : global/isomorphic ranking removes at most this fraction of a group.
     isomorphic : rank together only groups with equal :func:`group_signature`.
+    exact_heads : the user asked for whole heads: a model without head structure, or a
+        ratio that is not a whole number of some layer's heads, is an error that names
+        the layer and the nearest ratios that are.
 
     Examples
     --------
@@ -232,6 +247,10 @@ def select_channels(groups: ChannelGroups, scores, *, ratio: float = 0.5,
     [False, False, True, True]
     """
     _check_options(ratio, round_to, max_ratio)
+    if exact_heads and not groups.head_groups:
+        raise ConfigError("no attention heads to prune: no view or reshape in this model splits a "
+                          "channel dim into (heads, head_dim) blocks. Use the default policy (or "
+                          "policy='inner') to prune channels")
     values = scores.values.clone()
     values[torch.isnan(values)] = float("inf")
     own = own_ratios(groups, ratios)
@@ -245,6 +264,8 @@ def select_channels(groups: ChannelGroups, scores, *, ratio: float = 0.5,
             pooled.append((g, cand, cap))
             continue
         r = own.get(gid, ratio)
+        if exact_heads and gid in groups.head_groups:
+            _check_whole_heads(g, r, cand.numel())
         n_remove = min(int(math.floor(r * cand.numel() + 1e-9)), cand.numel() - floor_keep)
         _remove_lowest(kept, values, cand, _round_kept(g.size, n_remove, round_to))
     if pooled:
@@ -271,13 +292,14 @@ class Select(AnalysisPass):
     global_ranking: bool = False
     max_ratio: float = 1.0
     isomorphic: bool = False
+    exact_heads: bool = False
 
     def options(self) -> dict:
         """The keyword arguments of :func:`select_channels` this pass passes."""
         return dict(ratio=self.ratio, ratios=ratio_pairs(self.ratios), ignore=tuple(self.ignore),
                     round_to=self.round_to,
                     global_ranking=self.global_ranking, max_ratio=self.max_ratio,
-                    isomorphic=self.isomorphic)
+                    isomorphic=self.isomorphic, exact_heads=self.exact_heads)
 
     def run(self, state: PruneState) -> PruneState:
         state = ensure_scores(state)

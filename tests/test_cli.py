@@ -133,6 +133,15 @@ def test_analyze(capsys):
     assert len(out.splitlines()) > 2
 
 
+def test_analyze_with_the_export_front_end_finds_the_same_groups(capsys):
+    code, out, err = run(capsys, "analyze", "resnet20")
+    code_x, out_x, err_x = run(capsys, "analyze", "resnet20", "--frontend", "export")
+    assert code == 0 and code_x == 0, err_x
+    assert "front end: fx" in out and "front end: export" in out_x
+    first = lambda text: next(l for l in text.splitlines() if "channel groups" in l)  # noqa: E731
+    assert first(out).split(", front end")[0] == first(out_x).split(", front end")[0]
+
+
 def test_python_dash_m(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fxprune", "models"], capture_output=True,
                           text=True, timeout=300)

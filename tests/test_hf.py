@@ -43,7 +43,7 @@ def _ids(seed=0):
     return torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("policy", ["inner", "outer"])
+@pytest.mark.parametrize("policy", ["inner", "outer", "both"])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_hf_models_prune_through_export(name, policy):
     torch.manual_seed(0)
@@ -61,6 +61,8 @@ def test_hf_models_prune_through_export(name, policy):
         assert (q, k, val) != original  # the attention block got smaller
         if policy == "inner":  # head_dim: every head keeps the same number of channels
             assert q % heads == 0 and val % kv_heads == 0 and q // heads == k // kv_heads
+        elif policy == "both":  # two stages, each checked by the oracle
+            assert len(result.stages) == 2 and q * kv_heads == k * heads
         else:  # whole heads (whole kv groups in llama): head_dim 8 stays
             assert q % 8 == 0 and k % 8 == 0 and val % 8 == 0 and q // k == heads // kv_heads
     else:  # GPT-2's fused c_attn: q, k and v sections that each split into 4 heads

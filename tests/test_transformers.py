@@ -85,3 +85,40 @@ def test_tied_embedding_prunes_with_its_output_projection():
     assert result.module.wte.weight.shape[1] == 16
     assert model.wte.weight.shape == (40, 32)
     assert fxprune.verify(model, result, ids).max_rel_err < 1e-4
+
+
+def test_policy_both_removes_heads_then_head_dim():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (2, 8))
+    model = Bert()
+    result, v = prune_and_verify(model, ids, ratio=0.5, policy="both", healthy=False)
+    heads, dims = result.stages
+    assert heads.groups.policy == "outer" and dims.groups.policy == "inner"
+    q = dict(result.module.named_parameters())["blocks.0.q.weight"].shape[0]
+    # 1 - sqrt(0.5) = 0.29 of 4 heads (1 head) and then of head_dim 8 (2 channels)
+    assert q == 3 * 6
+    assert result.report.after.params < result.report.before.params
+
+
+def test_heads_policy_needs_heads():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    x = torch.randn(1, 3, 8, 8)
+    for policy in ("heads", "both"):
+        with pytest.raises(fxprune.ConfigError, match="no view or reshape"):
+            fxprune.prune(net, x, ratio=0.5, policy=policy)
+
+
+def test_heads_ratio_must_remove_whole_heads():
+    ids = torch.randint(0, 30, (2, 8))
+    with pytest.raises(fxprune.ConfigError, match=r"blocks\.0\..*4 prunable heads.*0\.25 and 0\.5"):
+        fxprune.prune(Bert(), ids, ratio=0.3, policy="heads")
+    result = fxprune.prune(Bert(), ids, ratio=0.25, policy="heads")
+    assert dict(result.module.named_parameters())["blocks.0.q.weight"].shape[0] == 3 * 8
+
+
+def test_unknown_policy_is_a_config_error():
+    ids = torch.randint(0, 30, (2, 8))
+    with pytest.raises(fxprune.ConfigError, match="policy='rows'"):
+        fxprune.prune(Bert(), ids, policy="rows")
+    with pytest.raises(fxprune.ConfigError, match="two stages"):
+        fxprune.analyze(Bert(), ids, policy="both")

@@ -45,6 +45,7 @@ class AnalysisContext:
         self.node: torch.fx.Node | None = None
         self.splits_channels = False  # set by view-like rules: the policy picks the channel dim
         self.avoid_dims: set[int] = set()  # ... but not one of these (unpacked right away)
+        self.head_splits: list[tuple[str, torch.Tensor]] = []  # views where the policy chose
         self.opaque_tensors: dict[int, str] = {}  # id(tensor) -> why it must not be sliced
 
     # -- reading the graph ----------------------------------------------
