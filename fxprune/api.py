@@ -124,7 +124,7 @@ def _check_model(model: Any) -> None:
 
 def analyze(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
             concrete_args: Mapping | None = None, policy: str = "inner",
-            frontend: str = "auto") -> ChannelGroups:
+            frontend: str = "auto", gqa: str = "kv_groups") -> ChannelGroups:
     """Capture ``model`` and compute its channel groups.
 
     Examples
@@ -143,7 +143,7 @@ def analyze(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (
                           "policy='heads' or policy='head_dim'")
     state = PruneState(model=model, example_inputs=as_tuple(example_inputs))
     pipe = Pipeline((Capture(tuple(leaf_modules), concrete_args, frontend),
-                     ChannelDeps(policy=_policy(policy))))
+                     ChannelDeps(policy=_policy(policy), gqa=gqa)))
     return pipe.run(state).groups
 
 
@@ -153,6 +153,7 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
           isomorphic: bool = False, target_macs: float | None = None,
           target_params: float | None = None, policy: str = "inner", pipeline: str | Pipeline | None = None,
           leaf_modules: Iterable = (), concrete_args: Mapping | None = None, frontend: str = "auto",
+          gqa: str = "kv_groups",
           data: Any = None, loss_fn: Any = None, report: bool = True) -> PruneResult:
     """Prune ``model`` structurally and return a new, smaller GraphModule.
 
@@ -185,6 +186,9 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
         layer's heads: the message gives the nearest ratios that are); 'both' prunes
         whole heads, then head_dim, each at ``1 - sqrt(1 - ratio)`` so the kept fraction
         is ``1 - ratio`` (``result.stages`` holds both results, ``verify`` checks both).
+    gqa : grouped-query attention with whole heads: remove whole kv groups (a kv head and
+        its query heads, 'kv_groups', default) or the same query heads inside every group
+        ('q_heads', every kv head stays).
     frontend : 'auto' (symbolic tracing, falling back to non-strict ``torch.export`` when
         tracing fails), 'fx' or 'export'. ``result.frontend`` says which one captured.
 
@@ -206,6 +210,7 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
         return _prune_both(model, example_inputs, ratio=ratio, ratios=ratios, ignore=ignore,
                            round_to=round_to, importance=importance, leaf_modules=leaf_modules,
                            concrete_args=concrete_args, frontend=frontend, data=data, loss_fn=loss_fn,
+                           gqa=gqa,
                            report=report, unsupported=dict(global_ranking=global_ranking,
                                                            isomorphic=isomorphic, target_macs=target_macs,
                                                            target_params=target_params, pipeline=pipeline))
@@ -227,7 +232,7 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
                        global_ranking=global_ranking, max_ratio=max_ratio, isomorphic=isomorphic)
         select = (SelectBudget(target_macs=target_macs, target_params=target_params, **options) if budget
                   else Select(ratio=ratio, exact_heads=exact_heads, **options))
-        body = Pipeline((ChannelDeps(policy=policy), _scoring_pass(importance, data, loss_fn), select,
+        body = Pipeline((ChannelDeps(policy=policy, gqa=gqa), _scoring_pass(importance, data, loss_fn), select,
                          Rewrite()))
     else:
         body = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
@@ -261,7 +266,7 @@ def _prune_both(model, example_inputs, *, ratio, ratios, ignore, unsupported, re
     ignored = _names(model, ignore, "ignore")
     staged = dict(ratios={k: step(v) for k, v in names.items()}, ignore=ignored, **common)
     heads = prune(model, example_inputs, ratio=step(ratio), policy="outer", report=False, **staged)
-    if not heads.groups.head_groups:
+    if not heads.groups.head_splits:
         raise ConfigError("policy='both' needs attention heads, and no view or reshape in this model "
                           "splits a channel dim into (heads, head_dim) blocks; use the default policy")
     inputs = graph_inputs(heads.groups.gm, as_tuple(example_inputs))

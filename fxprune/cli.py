@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(inner or head_dim, default), whole blocks (outer), whole attention "
                             "heads (heads: an error without heads or for a ratio that is not a "
                             "whole number of heads) or heads then head_dim (both)")
+    prune.add_argument("--gqa", choices=("kv_groups", "q_heads"), default="kv_groups",
+                       help="grouped-query attention with whole heads: remove whole kv groups "
+                            "(default) or the same query heads inside every group")
     prune.add_argument("--isomorphic", action="store_true",
                        help="rank channels globally among groups of identical structure")
     prune.add_argument("--out", required=True, metavar="DIR",
@@ -206,7 +209,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     result = fxprune.prune(model, x, ratio=args.ratio, importance=args.importance,
                            global_ranking=args.global_ranking, round_to=args.round_to,
                            ignore=list(args.ignore), pipeline=args.pipeline, policy=args.policy,
-                           isomorphic=args.isomorphic, frontend=args.frontend, **budget)
+                           isomorphic=args.isomorphic, frontend=args.frontend, gqa=args.gqa, **budget)
     if not args.no_verify:
         check = fxprune.verify(model, result, x)
         print(f"verify: max relative error {check.max_rel_err:.3g} "

@@ -222,18 +222,27 @@ def _segments(labels_of: dict, class_of: torch.Tensor) -> tuple[torch.Tensor, ..
 POLICIES = ("inner", "outer")
 
 
+GQA_MODES = ("kv_groups", "q_heads")
+
+
 def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
-                     frontend: str = "fx") -> ChannelGroups:
+                     frontend: str = "fx", gqa: str = "kv_groups") -> ChannelGroups:
     """Compute the channel groups of a captured graph (every node needs shape meta).
 
     ``policy`` decides which dim stays prunable when a view splits a channel dim
     into two (``inner``: the inner dim, e.g. head_dim; ``outer``: whole blocks).
+    ``gqa`` decides how grouped-query attention loses heads with ``outer``: whole kv
+    groups (``kv_groups``: a kv head with its query heads) or the same query heads
+    inside every group (``q_heads``: kv heads stay).
     """
     if policy not in POLICIES:
         raise ConfigError(f"policy={policy!r} is not one of {', '.join(POLICIES)} (fxprune.prune also "
                           f"takes 'heads', 'head_dim' and 'both')")
+    if gqa not in GQA_MODES:
+        raise ConfigError(f"gqa={gqa!r} is not one of {', '.join(GQA_MODES)}")
     space = LabelSpace()
     ctx = AnalysisContext(gm, space, policy)
+    ctx.gqa = gqa
     for node in gm.graph.nodes:
         _visit(ctx, node)
     for path, labels, _, _ in ctx.alignments:
@@ -270,7 +279,8 @@ class ChannelDeps(AnalysisPass):
 
     name = "channel-deps"
     policy: str = "inner"
+    gqa: str = "kv_groups"
 
     def run(self, state: PruneState) -> PruneState:
         return state.replace(groups=analyze_channels(state.gm, policy=self.policy,
-                                                     frontend=state.frontend))
+                                                     frontend=state.frontend, gqa=self.gqa))

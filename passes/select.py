@@ -247,7 +247,7 @@ def select_channels(groups: ChannelGroups, scores, *, ratio: float = 0.5,
     [False, False, True, True]
     """
     _check_options(ratio, round_to, max_ratio)
-    if exact_heads and not groups.head_groups:
+    if exact_heads and not groups.head_splits:
         raise ConfigError("no attention heads to prune: no view or reshape in this model splits a "
                           "channel dim into (heads, head_dim) blocks. Use the default policy (or "
                           "policy='inner') to prune channels")
@@ -264,7 +264,7 @@ def select_channels(groups: ChannelGroups, scores, *, ratio: float = 0.5,
             pooled.append((g, cand, cap))
             continue
         r = own.get(gid, ratio)
-        if exact_heads and gid in groups.head_groups:
+        if exact_heads and gid in groups.head_groups and cand.numel() > 1:
             _check_whole_heads(g, r, cand.numel())
         n_remove = min(int(math.floor(r * cand.numel() + 1e-9)), cand.numel() - floor_keep)
         _remove_lowest(kept, values, cand, _round_kept(g.size, n_remove, round_to))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -80,15 +80,18 @@ def blocks(draw):
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow])
-@given(spec=blocks(), policy=st.sampled_from(["inner", "outer"]), seed=st.integers(0, 2**16))
-def test_random_attention_blocks_prune_exactly(spec, policy, seed):
+@given(spec=blocks(), policy=st.sampled_from(["inner", "outer", "both"]),
+       gqa=st.sampled_from(["kv_groups", "q_heads"]), seed=st.integers(0, 2**16))
+def test_random_attention_blocks_prune_exactly(spec, policy, gqa, seed):
     dim, block = spec
+    assume(policy != "both" or block.h > 1)  # "both" needs heads to remove
     torch.manual_seed(seed)
     model = Net(dim, block).eval()
     x = torch.randn(2, 5, 6)
-    result, v = prune_and_verify(model, x, ratio=0.5, policy=policy, healthy=False, min_effect=0.0,
-                                 expect_removed=False)
+    result, v = prune_and_verify(model, x, ratio=0.5, policy=policy, gqa=gqa, healthy=False,
+                                 min_effect=0.0, expect_removed=False)
     with torch.no_grad():
         assert result.module(x).shape == (2, 5, 3)
     assert v.max_rel_err < 1e-4
-    assert result.plan.n_removed > 0 and result.report.after.params < result.report.before.params
+    removed = sum(s.plan.n_removed for s in result.stages) if result.stages else result.plan.n_removed
+    assert removed > 0 and result.report.after.params < result.report.before.params

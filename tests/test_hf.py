@@ -89,3 +89,13 @@ def test_hf_bert_heads_found_without_hints():
     assert groups.frontend == "export"
     g = groups.group_of(ATTENTION["bert"][0])
     assert g.size == 4 and groups.group_of(ATTENTION["bert"][1]) is g  # 4 heads; q and k together
+
+
+def test_hf_llama_keeps_kv_heads_with_q_heads_mode():
+    torch.manual_seed(0)
+    model = llama()
+    result, v = prune_and_verify(model, _ids(), ratio=0.5, policy="heads", gqa="q_heads")
+    p = dict(result.module.named_parameters())
+    attn = "model.layers.0.self_attn."
+    assert p[attn + "q_proj.weight"].shape[0] == 16  # 2 of 4 query heads, one in each kv group
+    assert p[attn + "k_proj.weight"].shape[0] == 16 and p[attn + "v_proj.weight"].shape[0] == 16

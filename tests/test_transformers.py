@@ -122,3 +122,19 @@ def test_unknown_policy_is_a_config_error():
         fxprune.prune(Bert(), ids, policy="rows")
     with pytest.raises(fxprune.ConfigError, match="two stages"):
         fxprune.analyze(Bert(), ids, policy="both")
+
+
+@pytest.mark.parametrize("gqa", ["kv_groups", "q_heads"])
+def test_gqa_modes_remove_kv_groups_or_query_heads_in_every_group(gqa):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (2, 8))
+    result, v = prune_and_verify(Llama(), ids, ratio=0.5, policy="heads", gqa=gqa, healthy=False)
+    p = dict(result.module.named_parameters())
+    q, k, val = (p[f"layers.0.{n}_proj.weight"].shape[0] for n in ("q", "k", "v"))
+    assert q == 16  # 4 query heads of 8 -> 2
+    if gqa == "kv_groups":  # one of the 2 kv heads went, with its 2 query heads
+        assert (k, val) == (8, 8)
+    else:  # both kv heads stay; each keeps 1 of its 2 query heads
+        assert (k, val) == (16, 16)
+    with pytest.raises(fxprune.ConfigError, match="gqa='rows'"):
+        fxprune.analyze(Llama(), ids, gqa="rows")

@@ -46,6 +46,7 @@ class AnalysisContext:
         self.splits_channels = False  # set by view-like rules: the policy picks the channel dim
         self.avoid_dims: set[int] = set()  # ... but not one of these (unpacked right away)
         self.head_splits: list[tuple[str, torch.Tensor]] = []  # views where the policy chose
+        self.gqa = "kv_groups"  # grouped-query attention: remove whole kv groups or q heads
         self.opaque_tensors: dict[int, str] = {}  # id(tensor) -> why it must not be sliced
 
     # -- reading the graph ----------------------------------------------

@@ -348,7 +348,33 @@ def _unpacked_dims(node: torch.fx.Node, ndim: int) -> set[int]:
     return found
 
 
-register("view", "reshape", "expand", torch.reshape, rewrite=rewrite_sizes)(split_relabel)
+register("view", "reshape", torch.reshape, rewrite=rewrite_sizes)(split_relabel)
+
+
+def expand(ctx, node):
+    """Copies along new size-1 dims. Grouped-query attention repeats every kv head for
+    its query heads (``k[:, :, None].expand(B, kv, rep, S, D)``, then a reshape to
+    ``kv * rep`` heads); with ``gqa="q_heads"`` the copies get their own labels, one per
+    query head inside a group, and the kv heads themselves stay whole."""
+    out = split_relabel(ctx, node)
+    x = node.args[0]
+    labels = ctx.labels(x)
+    if ctx.gqa != "q_heads" or labels is None:
+        return out
+    in_shape, out_shape = ctx.meta(x).shape, ctx.meta(node).shape
+    cd = channel_dim(labels)
+    if cd is None or len(in_shape) != len(out_shape):
+        return out
+    d = cd + 1
+    if d < len(out_shape) and in_shape[d] == 1 and out_shape[d] > 1:
+        heads = ctx.vector(x, cd)
+        ctx.union(heads, heads[:1])
+        copies = ctx.fresh((out_shape[d],), f"{node.name} query heads per kv head")
+        return ctx.along(copies, d, len(out_shape))
+    return out
+
+
+register("expand", rewrite=rewrite_sizes)(expand)
 
 
 def rewrite_unflatten(r, old, new):
