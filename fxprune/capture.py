@@ -132,6 +132,8 @@ class _MetaProp(torch.fx.Interpreter):
     are called through ``torch.func.functional_call`` so they are not touched.
     """
 
+    shortcut_flops = True  # conv/linear shapes from attributes (off when FLOPs are counted)
+
     def __init__(self, gm: torch.fx.GraphModule, on_meta: bool = False):
         super().__init__(gm)
         self.on_meta = on_meta
@@ -140,6 +142,9 @@ class _MetaProp(torch.fx.Interpreter):
     def call_module(self, target, args, kwargs):
         if not self.on_meta:
             return super().call_module(target, args, kwargs)
+        shape = _module_shape(self.fetch_attr(target), args, kwargs, self.shortcut_flops)
+        if shape is not None:  # the shape is known from the module's attributes: no kernel
+            return torch.empty(shape, dtype=args[0].dtype, device="meta")
         shadow = self._meta_state.get(target)
         if shadow is None:
             shadow = self._meta_state[target] = _meta_shadow(self.fetch_attr(target))
@@ -163,6 +168,41 @@ class _MetaProp(torch.fx.Interpreter):
             raise _NodeFailure(n, exc) from exc
         set_meta(n, result)
         return result
+
+
+# modules whose output has the shape and dtype of their input (exact types: a subclass
+# may have a forward of its own)
+_SAME_SHAPE = frozenset({nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.SiLU,
+                         nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
+                         nn.ELU, nn.SELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d,
+                         nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout})
+
+
+def _module_shape(module: nn.Module, args: tuple, kwargs: dict,
+                  with_flops: bool = True) -> tuple[int, ...] | None:
+    """Output shape of common layers from their attributes (meta kernels for batch norm
+    run Python decompositions: computing the shape is ~100x cheaper); None otherwise.
+    ``with_flops=False`` leaves out the layers a FLOP counter must see run."""
+    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
+        return None
+    shape = tuple(args[0].shape)
+    if type(module) in _SAME_SHAPE:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and \
+                (len(shape) < 2 or shape[1] != module.num_features):
+            return None  # let the kernel raise its own error
+        return shape
+    if not with_flops:
+        return None
+    if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        k = len(module.kernel_size)
+        if len(shape) != k + 2 or shape[1] != module.in_channels or isinstance(module.padding, str):
+            return None
+        spatial = tuple((n + 2 * p - d * (ks - 1) - 1) // s + 1 for n, p, d, ks, s in
+                        zip(shape[2:], module.padding, module.dilation, module.kernel_size, module.stride))
+        return None if min(spatial) < 1 else (shape[0], module.out_channels, *spatial)
+    if type(module) is nn.Linear and shape and shape[-1] == module.in_features:
+        return (*shape[:-1], module.out_features)
+    return None
 
 
 def _meta_shadow(module: nn.Module) -> nn.Module:

@@ -41,10 +41,16 @@ def member_sums(groups: ChannelGroups, elementwise: Callable[[str, torch.Tensor]
 
     ``elementwise`` returns a tensor of the member's shape (or None to skip the member);
     it is a function of the tensor, computed once for the consecutive members of one
-    tensor (a weight's rows and columns) and then dropped, so memory stays one map.
+    tensor (a weight's rows and columns) and then dropped, so memory stays one map. The
+    map is first summed over the dims no member of that tensor uses (a conv kernel's
+    spatial dims), contiguously and once, so each member only reduces that small core.
     """
     out = []
-    computed: dict[str, torch.Tensor | None] = {}  # at most the current tensor's map
+    member_dims: dict[str, set[int]] = {}
+    for a in groups.alignments:
+        if a.dim is not None and (roles is None or a.role in roles):
+            member_dims.setdefault(a.path, set()).add(a.dim)
+    computed: dict[str, torch.Tensor | None] = {}  # at most the current tensor's core
     for i, a in enumerate(groups.alignments):
         dim = a.dim
         if dim is None or (roles is not None and a.role not in roles):
@@ -52,14 +58,19 @@ def member_sums(groups: ChannelGroups, elementwise: Callable[[str, torch.Tensor]
         t = get_tensor(groups.gm, a.path)
         if a.path not in computed:
             computed.clear()
-            computed[a.path] = elementwise(a.path, t.detach())
+            value = elementwise(a.path, t.detach())
+            if value is not None:
+                rest = [d for d in range(value.ndim) if d not in member_dims[a.path]]
+                value = value.sum(rest, keepdim=True) if rest else value
+            computed[a.path] = value
         value = computed[a.path]
         if value is None:
             continue
-        per_index = value.movedim(dim, 0).reshape(t.shape[dim], -1).sum(1, dtype=torch.float64).cpu()
+        others = [d for d in range(value.ndim) if d != dim and value.shape[d] > 1]
+        sums = (value.sum(others) if others else value).reshape(-1).expand(t.shape[dim]).double().cpu()
         cls = groups.class_of[a.labels.reshape(-1)]
         uniq, inv = torch.unique(cls, return_inverse=True)
-        per_class = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, per_index)
+        per_class = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, sums)
         out.append((i, uniq, per_class))
     return out
 

@@ -16,7 +16,10 @@ from fxprune.scoring import WEIGHT_ROLES, ChannelScores, member_sums, normalize_
 
 def member_norms(groups: ChannelGroups, p: float) -> list:
     """For every member: (member index, classes, per-class p-norm of its slices)."""
-    entries = member_sums(groups, lambda path, t: t.abs().pow(p), roles=WEIGHT_ROLES)
+    def power(path, t):
+        return t * t if p == 2 else t.abs() if p == 1 else t.abs().pow(p)
+
+    entries = member_sums(groups, power, roles=WEIGHT_ROLES)
     return [(i, c, v.pow(1.0 / p)) for i, c, v in entries]
 
 

@@ -94,6 +94,8 @@ def meta_stats(gm: torch.fx.GraphModule, inputs: tuple) -> ModelStats:
 class _Count(_MetaProp):
     """Runs a graph on meta tensors without recording shapes on its nodes."""
 
+    shortcut_flops = False  # every conv and linear must run for the FLOP counter
+
     def __init__(self, gm: torch.fx.GraphModule):
         super().__init__(gm, on_meta=True)
 
