@@ -16,14 +16,47 @@ from transformer_blocks import Bert, Gpt2, Llama
 MODELS = {"bert": Bert, "gpt2": Gpt2, "llama": Llama}
 
 
-@pytest.mark.parametrize("policy", ["inner", "outer"])
+@pytest.mark.parametrize("policy", ["inner", "outer", "both"])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_reference_transformers_prune_exactly(name, policy):
     torch.manual_seed(0)
     ids = torch.randint(0, 30, (2, 8))
     result, v = prune_and_verify(MODELS[name](), ids, ratio=0.5, policy=policy, healthy=False)
     assert v.exact_groups >= 2
-    assert v.inexact_groups >= 0
+    # the residual stream (hidden size) is pruned too, through the norms: inexact
+    hidden = result.stages[0] if result.stages else result
+    assert any(not g.exact and g.prunable for g in hidden.groups.groups)
+    assert v.inexact_groups >= 1
+
+
+class TorchRMSNormBlock(nn.Module):
+    """nn.RMSNorm (not a hand-written one) around a SwiGLU MLP."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.inp = nn.Linear(6, dim)
+        self.norm = nn.RMSNorm(dim)
+        self.gate, self.up, self.down = nn.Linear(dim, 24), nn.Linear(dim, 24), nn.Linear(24, dim)
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        n = self.norm(h)
+        return self.out(h + self.down(F.silu(self.gate(n)) * self.up(n)))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_torch_rmsnorm_is_analysed(frontend):
+    torch.manual_seed(0)
+    model = TorchRMSNormBlock()
+    x = torch.randn(2, 5, 6)
+    groups = fxprune.analyze(model, x, frontend=frontend)
+    assert not groups.barriers
+    hidden = groups.group_of("norm.weight", "norm")
+    assert not hidden.exact and len(hidden.prunable) == 16  # RMS over the hidden dim: inexact
+    result, v = prune_and_verify(model, x, ratio=0.5, frontend=frontend, healthy=False)
+    p = dict(result.module.named_parameters())
+    assert p["norm.weight"].shape == (8,) and p["gate.weight"].shape == (12, 8)
 
 
 def _attention_widths(module, prefix):

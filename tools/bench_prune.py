@@ -71,16 +71,64 @@ def bench_torch_pruning(model, x, ratio, repeat):
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
         ignored = [mod for mod in m.modules() if isinstance(mod, nn.Linear) and mod.out_features in (10, 1000)]
+        # Torch-Pruning's documented use for attention: a hand-made num_heads map, and the
+        # model's own hidden_dim patched after step() (not timed)
+        heads = {mod: mod.num_heads for mod in m.modules() if isinstance(mod, nn.MultiheadAttention)}
         pruner = tp.pruner.MagnitudePruner(m, x, importance=tp.importance.MagnitudeImportance(p=2),
-                                           pruning_ratio=ratio, ignored_layers=ignored)
+                                           pruning_ratio=ratio, ignored_layers=ignored, num_heads=heads)
         t1 = time.perf_counter()
         pruner.step()
         t2 = time.perf_counter()
+        if hasattr(m, "hidden_dim") and hasattr(m, "conv_proj"):  # torchvision ViT
+            m.hidden_dim = m.conv_proj.out_channels
         assert m(x).shape == model(x).shape
         return t1 - t0, t2 - t1
 
     times = [run() for _ in range(repeat)]
     return min(times, key=sum)
+
+
+def _warm_peer(model, x, ratio, repeat):
+    bench_torch_pruning(model, x, ratio, 1)  # warm-up in the fresh process, not timed
+    return bench_torch_pruning(model, x, ratio, repeat)
+
+
+def _child(conn, fn, args, mem_gib):
+    import resource
+
+    limit = int(mem_gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        conn.send(("ok", fn(*args)))
+    except BaseException as exc:  # MemoryError included: report it to the parent
+        conn.send(("error", f"{type(exc).__name__}: {str(exc)[:60]}"))
+
+
+def run_isolated(fn, *args, mem_gib=8.0, timeout=600.0):
+    """``fn(*args)`` in a child process with a memory cap and a time limit: a peer that
+    runs away (Torch-Pruning exhausts memory on swin_t) cannot take the benchmark down,
+    and peak-memory readings start from a fresh process. The child is spawned, not forked
+    (a fork of a process with torch's thread pool running can hang)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, fn, args, mem_gib))
+    proc.start()
+    got, waited = None, 0.0
+    while got is None and waited < timeout:
+        if parent.poll(1.0):
+            got = parent.recv()
+        elif not proc.is_alive():
+            got = ("error", f"the process died (exit code {proc.exitcode}; out of memory?)")
+        waited += 1.0
+    got = got or ("error", f"no result in {timeout:.0f} s")
+    proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+    if got[0] == "error":
+        raise RuntimeError(got[1])
+    return got[1]
 
 
 def bench_llama_meta(layers=32, dim=4096, heads=32, kv_heads=8, ffn=11008, vocab=32000, seq=16):
@@ -138,20 +186,21 @@ def main(argv=None):
               torch.randn(1, 3, args.size, args.size)) for name in args.models]
     cases += [(f"synthetic-{n}", lambda n=n: DeepChain(max(1, n // 4)).eval(), torch.randn(1, 3, 8, 8))
               for n in args.synthetic]
-    head = f"{'model':<22}{'nodes':>7}" + "".join(f"{p:>16}" for p in PHASES) + f"{'total':>9}{'us/node':>9}"
+    head = f"{'model':<22}{'front':>7}{'nodes':>7}" + "".join(f"{p:>16}" for p in PHASES) + f"{'total':>9}{'us/node':>9}"
     if args.vs_torch_pruning:
         head += f"{'TP build':>10}{'TP step':>9}{'TP total':>10}{'speedup':>9}"
     print(head)
     print("-" * len(head))
     for name, make, x in cases:
         model = make()
-        times, nodes, _ = bench_fxprune(model, x, args.ratio, args.repeat)
+        times, nodes, result = bench_fxprune(model, x, args.ratio, args.repeat)
         total = sum(times.values())
-        row = f"{name:<22}{nodes:>7}" + "".join(f"{times.get(p, 0.0):>16.3f}" for p in PHASES)
+        row = f"{name:<22}{result.frontend:>7}{nodes:>7}" + "".join(f"{times.get(p, 0.0):>16.3f}" for p in PHASES)
         row += f"{total:>9.3f}{1e6 * total / nodes:>9.0f}"
         if args.vs_torch_pruning:
             try:
-                build, step = bench_torch_pruning(model, x, args.ratio, args.repeat)
+                import torch_pruning  # noqa: F401  (ImportError: not installed)
+                build, step = run_isolated(_warm_peer, model, x, args.ratio, args.repeat)
                 row += f"{build:>10.3f}{step:>9.3f}{build + step:>10.3f}{(build + step) / total:>8.1f}x"
             except ImportError:
                 row += f"{'(torch-pruning not installed)':>38}"
@@ -159,7 +208,7 @@ def main(argv=None):
                 row += f"   TP failed: {type(exc).__name__}: {str(exc)[:60]}"
         print(row, flush=True)
     if args.llama:
-        seconds, peak, nodes, prunable, classes = bench_llama_meta()
+        seconds, peak, nodes, prunable, classes = run_isolated(bench_llama_meta, mem_gib=16.0)
         print(f"\nLLaMA-shaped decoder on meta: {nodes} nodes, {prunable} prunable groups, {classes} channel "
               f"classes: analysis {seconds:.2f} s, peak memory +{peak:.0f} MiB")
 
