@@ -399,13 +399,27 @@ _CHECKS = ("_assert_tensor_metadata", "_assert_scalar", "_assert_async", "sym_co
            "sym_constrain_range_for_size", "_guards_fn")
 
 
+def _export_program(model: nn.Module, inputs: tuple):
+    """Non-strict export with every input dim free to stay symbolic (``Dim.AUTO``: the
+    batch and sequence length of a language model stay dynamic, so the pruned model takes
+    other shapes too; dims the model fixes are specialized); static shapes when that fails."""
+    auto = torch.export.Dim.AUTO
+    dynamic = tuple({d: auto for d in range(t.ndim)} if isinstance(t, torch.Tensor) else None
+                    for t in inputs)
+    with torch.no_grad():
+        try:
+            return torch.export.export(model, inputs, dynamic_shapes=dynamic, strict=False)
+        except Exception:  # a model that only exports at the example shapes
+            return torch.export.export(model, inputs, strict=False)
+
+
 def export_capture(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
     """Capture ``model`` with non-strict ``torch.export``: an ATen-level graph whose
-    shapes come from the export itself. The graph takes and returns what the model does
-    (pytree in/out specs kept); run-time checks are dropped."""
+    shapes come from the export itself. Input dims the model does not fix stay symbolic
+    (shape ops read them with ``sym_size`` at run time). The graph takes and returns what
+    the model does (pytree in/out specs kept); run-time checks are dropped."""
     try:
-        with torch.no_grad():
-            program = torch.export.export(model, inputs, strict=False)
+        program = _export_program(model, inputs)
     except Exception as exc:  # export raises many types; one typed error here
         where = _user_frame(sys.exc_info()[2])
         at = f" at {where}" if where else ""

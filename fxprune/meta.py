@@ -28,13 +28,27 @@ class TensorMeta(NamedTuple):
         return len(self.shape)
 
 
+def _int(size: Any) -> int:
+    """A size as an int: a symbolic size of an exported graph (batch, sequence length)
+    by the value it had on the example inputs."""
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        if hint is None:
+            raise ValueError(f"symbolic size {size} has no example value")
+        return int(hint)
+    return int(size)
+
+
 def describe(value: Any) -> Any:
     """Turn a runtime value into what capture stores: TensorMeta for tensors,
-    tuples of those for tuples, Python scalars and sizes as they are, None otherwise."""
+    tuples of those for tuples, Python scalars and sizes as they are (symbolic sizes by
+    their example value), None otherwise."""
     if isinstance(value, torch.Tensor):
-        return TensorMeta(tuple(int(s) for s in value.shape), value.dtype)
+        return TensorMeta(tuple(_int(s) for s in value.shape), value.dtype)
     if isinstance(value, torch.Size):
-        return tuple(int(s) for s in value)
+        return tuple(_int(s) for s in value)
+    if isinstance(value, torch.SymInt):
+        return _int(value)
     if isinstance(value, (tuple, list)):
         return tuple(describe(v) for v in value)
     if isinstance(value, (int, float, bool, str)) or value is None:

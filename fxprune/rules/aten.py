@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from ..labels import const_like
+from ..labels import channel_dim, const_like
 from . import contract, conv, embedding, norm, pointwise, reduce, shape
 from .registry import register, register_tag
 
@@ -170,3 +170,20 @@ def aten_index(ctx, node):
 
 
 register(aten.index)(aten_index)
+
+
+def sym_size(ctx, node):
+    """aten.sym_size(x, dim): a run-time size (an exported graph's dynamic batch or
+    sequence length). The size of a channel dim is tracked like ``x.size(dim)``."""
+    x, dim = node.args[0], ctx.value(node.args[1])
+    labels = ctx.labels(x)
+    cd = channel_dim(labels) if labels is not None else None
+    if cd is None or dim % labels.ndim != cd:
+        return None
+    ctx.channel_sized[node.name] = True
+    if not reduce.feeds_only_shapes(node):
+        ctx.inexact(labels, f"{node.name}: the channel count is used as a value")
+    return None
+
+
+register(aten.sym_size)(sym_size)
