@@ -399,13 +399,24 @@ _CHECKS = ("_assert_tensor_metadata", "_assert_scalar", "_assert_async", "sym_co
            "sym_constrain_range_for_size", "_guards_fn")
 
 
-def _export_program(model: nn.Module, inputs: tuple):
-    """Non-strict export with every input dim free to stay symbolic (``Dim.AUTO``: the
-    batch and sequence length of a language model stay dynamic, so the pruned model takes
-    other shapes too; dims the model fixes are specialized); static shapes when that fails."""
+def _dynamic_dims(t: Any) -> dict | None:
+    """The dims of an example input that may stay symbolic: the batch dim, and every dim of
+    an integer input (token ids: batch and sequence length). Spatial dims of images stay
+    static (symbolic image sizes make Swin's export 90x slower)."""
+    if not isinstance(t, torch.Tensor) or t.ndim == 0:
+        return None
     auto = torch.export.Dim.AUTO
-    dynamic = tuple({d: auto for d in range(t.ndim)} if isinstance(t, torch.Tensor) else None
-                    for t in inputs)
+    if t.is_floating_point() or t.is_complex():
+        return {0: auto}
+    return {d: auto for d in range(t.ndim)}
+
+
+def _export_program(model: nn.Module, inputs: tuple):
+    """Non-strict export with the batch dim and token-id dims free to stay symbolic
+    (``Dim.AUTO``: a language model's batch and sequence length stay dynamic, so the pruned
+    model takes other shapes too; dims the model fixes are specialized); static shapes
+    when that fails."""
+    dynamic = tuple(_dynamic_dims(t) for t in inputs)
     with torch.no_grad():
         try:
             return torch.export.export(model, inputs, dynamic_shapes=dynamic, strict=False)
@@ -416,8 +427,9 @@ def _export_program(model: nn.Module, inputs: tuple):
 def export_capture(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
     """Capture ``model`` with non-strict ``torch.export``: an ATen-level graph whose
     shapes come from the export itself. Input dims the model does not fix stay symbolic
-    (shape ops read them with ``sym_size`` at run time). The graph takes and returns what
-    the model does (pytree in/out specs kept); run-time checks are dropped."""
+    (see :func:`_dynamic_dims`; shape ops read them with ``sym_size`` at run time). The
+    graph takes and returns what the model does (pytree in/out specs kept); run-time
+    checks are dropped."""
     try:
         program = _export_program(model, inputs)
     except Exception as exc:  # export raises many types; one typed error here
