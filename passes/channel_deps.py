@@ -108,10 +108,24 @@ def _carries_tensor(meta: Any) -> bool:
     return isinstance(meta, tuple) and any(_carries_tensor(m) for m in meta)
 
 
+def _carries_channels(ctx: AnalysisContext, node: torch.fx.Node) -> bool:
+    """Whether any position of ``node``'s value belongs to a class other than CONST."""
+    if node.op == "get_attr" and node not in ctx.labels_of:  # not labelled here: that would
+        t = ctx.tensor(node.target)                         # make it a sliceable source
+        return isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim > 0
+    got = ctx.labels_of.get(node)
+    found = got if isinstance(got, tuple) else (got,)
+    return any(isinstance(l, torch.Tensor) and bool((ctx.classes(l) != CONST).any()) for l in found)
+
+
 def _no_rule(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     if not any(_carries_tensor(get_meta(i)) for i in node.all_input_nodes):
         # Python arithmetic on sizes, or a tensor made from no tensor (arange, zeros): it
         # carries no channel; a size that came from a channel count is tracked separately
+        return ctx.const_output()
+    if not any(_carries_channels(ctx, i) for i in node.all_input_nodes):
+        # every input is a constant as far as channels go (a mask or position ids built
+        # from arange): whatever the op does, its output is constant too
         return ctx.const_output()
     ctx.barrier(f"{node.name}: no rule for {describe_target(node, ctx.gm)}")
     return ctx.const_output()

@@ -170,3 +170,30 @@ def test_window_attention_with_gathered_bias_prunes_heads(frontend, policy):
     else:  # head_dim: every head stays, the table too
         assert table == 4 and q_bias % 4 == 0 and q_bias < 32
     assert p["v_bias"].shape[0] < 32
+
+
+class MaskFromPositions(nn.Module):
+    """An op with no rule (torch.diff) on position ids only, and on features."""
+
+    def __init__(self, on_features):
+        super().__init__()
+        self.on_features = on_features
+        self.a, self.b = nn.Linear(6, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        pos = torch.arange(x.shape[1], dtype=torch.float32)
+        step = torch.diff(pos, prepend=pos[:1])  # no rule, but only constants go in
+        h = torch.relu(self.a(x)) * step[None, :, None]
+        if self.on_features:
+            h = torch.diff(h, dim=1, prepend=h[:, :1])  # no rule, channels go in: pinned
+        return self.b(h)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_op_without_rule_on_constants_is_not_a_barrier(frontend):
+    x = torch.randn(2, 5, 6)
+    quiet = fxprune.analyze(MaskFromPositions(False), x, frontend=frontend)
+    assert not quiet.barriers and quiet.group_of("a.weight").prunable
+    loud = fxprune.analyze(MaskFromPositions(True), x, frontend=frontend)
+    assert any("diff" in b for b in loud.barriers)
+    assert not loud.group_of("a.weight").prunable  # its channels met an op with no rule

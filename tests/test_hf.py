@@ -122,3 +122,37 @@ def test_pruned_hf_model_takes_other_batch_and_sequence_sizes(name, tmp_path):
 def pytree_leaves(out):
     import torch.utils._pytree as pytree
     return pytree.tree_leaves(out)
+
+
+SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+             max_position_embeddings=32)
+MORE = {  # other attention layouts: fused qkv (GPT-NeoX), partial rotary (Phi), MQA (Gemma), ...
+    "distilbert": lambda: transformers.DistilBertModel(transformers.DistilBertConfig(
+        vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=48, max_position_embeddings=32)),
+    "roberta": lambda: transformers.RobertaForSequenceClassification(transformers.RobertaConfig(
+        **SMALL, pad_token_id=1, num_labels=2)),
+    "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
+        **SMALL, num_key_value_heads=2, use_cache=False)),
+    "gemma": lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(
+        **SMALL, num_key_value_heads=1, head_dim=8, use_cache=False)),
+    "phi": lambda: transformers.PhiForCausalLM(transformers.PhiConfig(**SMALL, use_cache=False)),
+    "gpt_neox": lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**SMALL, use_cache=False)),
+    "opt": lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=48, num_attention_heads=4,
+        max_position_embeddings=32, word_embed_proj_dim=32, use_cache=False)),
+    "vit": lambda: transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=32,
+        patch_size=8, num_labels=3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MORE))
+def test_more_hf_architectures_prune_heads_exactly(name):
+    torch.manual_seed(0)
+    model = MORE[name]().eval()
+    x = torch.randn(2, 3, 32, 32) if name == "vit" else torch.randint(2, 64, (2, 8))
+    result, v = prune_and_verify(model, x, ratio=0.5, policy="heads", min_effect=1e-3)
+    assert result.frontend == "export"
+    assert not result.groups.barriers, result.groups.barriers
+    assert result.groups.head_groups  # heads were found from the shapes
+    assert result.report.after.params < 0.6 * result.report.before.params

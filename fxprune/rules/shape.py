@@ -354,24 +354,44 @@ register("view", "reshape", torch.reshape, rewrite=rewrite_sizes)(split_relabel)
 def expand(ctx, node):
     """Copies along new size-1 dims. Grouped-query attention repeats every kv head for
     its query heads (``k[:, :, None].expand(B, kv, rep, S, D)``, then a reshape to
-    ``kv * rep`` heads); with ``gqa="q_heads"`` the copies get their own labels, one per
-    query head inside a group, and the kv heads themselves stay whole."""
+    ``kv * rep`` heads). The copies get labels of their own, one per query head inside a
+    group (the kv heads themselves then stay whole), with ``gqa="q_heads"``, and for a
+    single kv head (multi-query attention: no kv group to remove) with whole heads."""
     out = split_relabel(ctx, node)
     x = node.args[0]
     labels = ctx.labels(x)
-    if ctx.gqa != "q_heads" or labels is None:
+    if labels is None or not (ctx.gqa == "q_heads" or ctx.policy == "outer"):
         return out
     in_shape, out_shape = ctx.meta(x).shape, ctx.meta(node).shape
-    cd = channel_dim(labels)
-    if cd is None or len(in_shape) != len(out_shape):
+    if len(in_shape) != len(out_shape):
         return out
-    d = cd + 1
-    if d < len(out_shape) and in_shape[d] == 1 and out_shape[d] > 1:
-        heads = ctx.vector(x, cd)
-        ctx.union(heads, heads[:1])
-        copies = ctx.fresh((out_shape[d],), f"{node.name} query heads per kv head")
-        return ctx.along(copies, d, len(out_shape))
+    cd = channel_dim(labels)
+    for d in range(1, len(out_shape)):
+        if in_shape[d] != 1 or out_shape[d] == 1 or not _merged_with_previous(node, d, out_shape):
+            continue
+        grouped = ctx.gqa == "q_heads" and cd == d - 1
+        single_kv = ctx.policy == "outer" and in_shape[d - 1] == 1
+        if grouped or single_kv:
+            if cd is not None:
+                kv = ctx.vector(x, cd)
+                ctx.union(kv, kv[:1])
+            copies = ctx.fresh((out_shape[d],), f"{node.name} query heads per kv head")
+            return ctx.along(copies, d, len(out_shape))
     return out
+
+
+def _merged_with_previous(node: torch.fx.Node, d: int, shape: tuple) -> bool:
+    """Whether the only use of ``node`` (through contiguous/clone) reshapes dims d-1 and d
+    of it into one (repeat_kv's reshape to kv * rep heads)."""
+    users = list(node.users)
+    while len(users) == 1 and _op_name(users[0]) in ("contiguous", "clone"):
+        users = list(users[0].users)
+    if len(users) != 1 or _op_name(users[0]) not in ("reshape", "view", "_unsafe_view"):
+        return False
+    from ..meta import tensor_meta
+
+    out = tensor_meta(users[0])
+    return out is not None and tuple(out.shape) == (*shape[:d - 1], shape[d - 1] * shape[d], *shape[d + 1:])
 
 
 register("expand", rewrite=rewrite_sizes)(expand)
