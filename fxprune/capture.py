@@ -341,10 +341,13 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
         return gm
     if frontend == "export":
         return _export(model, inputs)
+    user_concrete = concrete_args
+    if concrete_args is None:
+        concrete_args = _unpassed_defaults(model, len(inputs)) or None
     try:
         gm = symbolic_trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
     except TraceError as fx_error:
-        if frontend == "fx" or concrete_args:
+        if frontend == "fx" or user_concrete:
             raise
         try:
             return _export(model, inputs)
@@ -352,7 +355,7 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
             raise TraceError(f"{fx_error}\nThe torch.export fallback failed too: {export_error}") from fx_error
     propagate_shapes(gm, inputs)
     gm.meta[FRONTEND_KEY] = "fx"
-    if frontend == "auto" and not concrete_args and not leaf_modules and opaque_calls(gm):
+    if frontend == "auto" and not user_concrete and not leaf_modules and opaque_calls(gm):
         # tracing kept Python functions as single calls (torch.fx.wrap'ed helpers such as
         # Swin's window attention) that no rule knows; export sees through them
         try:
@@ -360,6 +363,26 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
         except TraceError:
             pass
     return gm
+
+
+def _unpassed_defaults(model: nn.Module, n_given: int) -> dict[str, Any]:
+    """Optional arguments of ``forward`` after the ``n_given`` example inputs
+    (``forward(x, attn_mask=None)``): traced at their defaults, as calling the model with
+    the example inputs does, instead of becoming graph inputs."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    out = {}
+    for p in params[n_given:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is p.empty:
+            return {}  # a required input was not given: let the input check say so
+        out[p.name] = p.default
+    return out
 
 
 def opaque_calls(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

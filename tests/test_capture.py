@@ -102,3 +102,26 @@ def test_concrete_args_specialize_a_branch():
     gm = fxprune.trace(Switch(), torch.randn(1, 3, 4, 4), concrete_args={"double": True})
     assert any(n.target is getattr(__import__("operator"), "mul") for n in gm.graph.nodes)
     assert get_meta(next(n for n in gm.graph.nodes if n.name == "b")).shape == (1, 2, 4, 4)
+
+
+class OptionalMask(torch.nn.Module):
+    """forward with optional arguments the example inputs do not give (timm's ViT)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x, mask=None, scale: float = 1.0):
+        h = torch.relu(self.a(x)) * scale
+        if mask is not None:
+            h = h * mask
+        return self.b(h)
+
+
+def test_optional_forward_arguments_are_traced_at_their_defaults():
+    x = torch.randn(2, 6)
+    gm = fxprune.trace(OptionalMask(), x)
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    assert gm.meta["fxprune_frontend"] == "fx"
+    result, v = prune_and_verify(OptionalMask(), x, ratio=0.5, healthy=False)
+    assert result.module.get_parameter("a.weight").shape == (4, 6)

@@ -171,3 +171,22 @@ def test_softmax_over_channels_is_inexact_over_space_exact():
     x = torch.randn(1, 3, 4, 4)
     assert not fxprune.analyze(Soft(1), x).group_of("conv.weight").exact
     assert fxprune.analyze(Soft(-1), x).group_of("conv.weight").exact
+
+
+class Normalized(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+        self.a, self.b = torch.nn.Linear(6, 12), torch.nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.normalize(self.a(x), dim=self.dim))
+
+
+def test_functional_normalize_over_channels_is_inexact_else_exact():
+    x = torch.randn(2, 5, 6)
+    over = fxprune.analyze(Normalized(-1), x)
+    along = fxprune.analyze(Normalized(1), x)  # over the tokens: channel-wise
+    assert not over.barriers and not along.barriers
+    assert not over.group_of("a.weight").exact and along.group_of("a.weight").exact
+    prune_and_verify(Normalized(1), x, ratio=0.5, healthy=False)

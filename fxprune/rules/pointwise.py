@@ -86,9 +86,17 @@ def _softmax_dim(ctx, node):
 
 def mixing_along_dim(ctx, node):
     """softmax-like: pointwise in shape, but each value depends on its whole row along ``dim``."""
+    return _mixing(ctx, node, _softmax_dim(ctx, node))
+
+
+def normalize(ctx, node):
+    """F.normalize(x, p, dim): x divided by its norm along ``dim`` (default 1)."""
+    return _mixing(ctx, node, ctx.value(ctx.arg(2, "dim", 1)))
+
+
+def _mixing(ctx, node, dim):
     x = node.args[0] if node.args else node.kwargs["input"]
     labels = ctx.labels(x)
-    dim = _softmax_dim(ctx, node)
     if labels is not None and dim is not None:
         d = dim % labels.ndim
         if labels.shape[d] > 1:
@@ -145,6 +153,8 @@ register(nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.A
          torch.full_like, "contiguous", "clone", "detach", "to", "float", "half",
          "double", "bfloat16", "type", "type_as", "cpu", "cuda", "requires_grad_",
          *_stochastic_depth_targets())(first_input)
+
+register(F.normalize)(normalize)
 
 register(nn.Softmax, nn.LogSoftmax, nn.Softmin, F.softmax, F.log_softmax, F.softmin,
          torch.softmax, torch.log_softmax, torch.cumsum, torch.cumprod, "softmax", "log_softmax",
