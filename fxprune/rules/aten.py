@@ -6,9 +6,12 @@ so they are registered with the very rule of that twin; the rules that read
 arguments by position know the few ATen orders that differ (``aten.embedding``
 takes the weight first, ``aten.batch_norm`` the affine parameters before the
 statistics). Every overload tagged ``pointwise`` in its schema is elementwise
-with broadcasting. The rest is here: slice/select (getitem in another form),
-``addmm`` (GPT-2's ``Conv1D``: a linear layer with a transposed weight), and ops
-whose output does not depend on their input's values.
+with broadcasting, and an in-place op (``relu_``) uses the rule of the op it
+mutates its input into (``fxprune.rules.registry``). The rest is here:
+slice/select (getitem in another form), ``index`` (advanced indexing), ``addmm``
+(GPT-2's ``Conv1D``: a linear layer with a transposed weight), ``sym_size`` (the
+dynamic sizes of an export), and ops whose output does not depend on their
+input's values.
 """
 
 from __future__ import annotations
