@@ -171,3 +171,38 @@ def test_gqa_modes_remove_kv_groups_or_query_heads_in_every_group(gqa):
         assert (k, val) == (16, 16)
     with pytest.raises(fxprune.ConfigError, match="gqa='rows'"):
         fxprune.analyze(Llama(), ids, gqa="rows")
+
+
+class BiasedSdpa(nn.Module):
+    """SDPA whose float mask is a per-head bias (ALiBi: a slope per head times the token
+    distance), built through ops with rules, or through one without (heads must stay)."""
+
+    def __init__(self, opaque):
+        super().__init__()
+        self.opaque = opaque
+        self.qkv, self.o = nn.Linear(16, 48), nn.Linear(16, 16)
+        self.slopes = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 4, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        pos = torch.arange(n, dtype=x.dtype)
+        distance = -(pos[None, :] - pos[:, None]).abs()
+        mask = (self.slopes[:, None, None] * distance).unsqueeze(0)
+        if self.opaque:
+            mask = torch.diff(mask, dim=-1, prepend=mask[..., :1])  # no rule: heads pinned
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o(y.transpose(1, 2).reshape(b, n, 16))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_per_head_attention_mask_goes_with_the_heads(frontend):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 16)
+    result, v = prune_and_verify(BiasedSdpa(False), x, ratio=0.5, policy="heads", frontend=frontend,
+                                 healthy=False)
+    assert dict(result.module.named_parameters())["slopes"].shape == (2,)  # 2 of 4 heads
+    opaque = fxprune.analyze(BiasedSdpa(True), x, policy="heads", frontend=frontend)
+    heads = [g for g in opaque.groups if any(m.path == "qkv.weight" for m in g.members)]
+    assert not any(g.prunable for g in heads)  # heads kept with the opaque mask, not broken
+    result, v = prune_and_verify(BiasedSdpa(True), x, ratio=0.5, frontend=frontend, healthy=False)

@@ -75,7 +75,7 @@ register(*_ops("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "
 register(*_ops("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "alias",
                "clone", "contiguous", "detach", "to", "_to_copy", "type_as", "lift_fresh_copy",
                "zeros_like", "ones_like", "empty_like", "full_like", "hardswish", "__and__",
-               "__or__", "__xor__", "fill", "zero"))(pointwise.pointwise)
+               "__or__", "__xor__", "fill", "zero", "where", "masked_fill"))(pointwise.pointwise)
 register_tag(torch.Tag.pointwise)(pointwise.pointwise)
 
 

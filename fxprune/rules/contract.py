@@ -160,14 +160,30 @@ def sdpa(ctx, node):
         return batch[len(batch) - (n - 2):] + tail
 
     mask = ctx.arg(3, "attn_mask")
-    if ctx.is_tensor(mask) and ctx.labels(mask) is not None and channel_dim(ctx.labels(mask)) is not None:
-        ctx.pin(ctx.labels(mask), f"{node.name}: attention mask")
+    operands = [(q, letters(q, "LE")), (k, letters(k, "SE")), (v, letters(v, "SV"))]
+    if ctx.is_tensor(mask):
+        _couple_mask(ctx, node, q, letters(q, "LE"), mask, letters(mask, "LS"))
     if ctx.meta(k).shape[-3:-2] != ctx.meta(q).shape[-3:-2] and nq >= 3 and \
             ctx.meta(k).ndim == nq and ctx.meta(k).shape[-3] not in (1, ctx.meta(q).shape[-3]):
         raise ValueError("grouped-query SDPA (enable_gqa) is not analysed; repeat k/v heads first")
     ctx.consume(0)
-    return contract(ctx, node, [(q, letters(q, "LE")), (k, letters(k, "SE")), (v, letters(v, "SV"))],
-                    batch + "LV")
+    return contract(ctx, node, operands, batch + "LV")
+
+
+def _couple_mask(ctx, node, q, q_letters, mask, mask_letters):
+    """The mask is added to the (.., heads, L, S) scores. One broadcast along the heads
+    ((B, 1, L, S) padding) is the same for every head; a per-head one (T5's relative bias,
+    ALiBi) goes with the heads, and one whose heads are not traced (an opaque op made it)
+    keeps them all."""
+    lq, lm = ctx.labels(q), ctx.labels(mask)
+    lm = lm if lm is not None else const_like(ctx.meta(mask).ndim)
+    cq = _channel_letter(lq, q_letters) if lq is not None else None
+    cm = _channel_letter(lm, mask_letters)
+    if cm is not None and cm != cq:
+        ctx.pin(lm, f"{node.name}: attention mask with channels along its L or S dim")
+    if cq is None or cq not in mask_letters or ctx.meta(mask).shape[mask_letters.index(cq)] == 1:
+        return
+    ctx.union(_vector(lq), _vector(lm) if cm == cq else lm.reshape(-1)[:1])
 
 
 def rewrite_sdpa(r, old, new):
