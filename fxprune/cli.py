@@ -93,6 +93,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", type=_input_shape, metavar="SHAPE",
                    help="example input shape, e.g. 1,3,32,32 (default: 1,3,32,32 for "
                         "built-ins, 1,3,299,299 for inception_v3, else 1,3,224,224)")
+    p.add_argument("--token-ids", type=_positive_int, metavar="VOCAB",
+                   help="make the example input random token ids in [0, VOCAB) of --input-shape "
+                        "(e.g. 1,16) instead of floats: language models")
     p.add_argument("--seed", type=int, default=0, metavar="N",
                    help="seed for the model's initialization and the example input (default: 0)")
 
@@ -191,8 +194,10 @@ def _model_and_input(args: argparse.Namespace):
     shape = args.input_shape or default_input_shape(args.model)
     torch.manual_seed(args.seed)
     model = resolve_model(args.model).eval()
-    x = torch.randn(shape)
-    print(f"model: {args.model} ({type(model).__name__}), input {'x'.join(map(str, shape))}, "
+    vocab = getattr(args, "token_ids", None)
+    x = torch.randint(0, vocab, shape) if vocab else torch.randn(shape)
+    kind = f" token ids < {vocab}" if vocab else ""
+    print(f"model: {args.model} ({type(model).__name__}), input {'x'.join(map(str, shape))}{kind}, "
           f"seed {args.seed}")
     return model, x
 

@@ -168,3 +168,13 @@ def test_budget_and_policy_usage_errors(capsys, argv, stderr):
     code, out, err = run(capsys, *argv)
     assert code == 2
     assert stderr in err
+
+
+def test_prune_a_language_model_with_token_ids(capsys, tmp_path):
+    code, out, err = run(capsys, "prune", "transformer_blocks:Llama", "--input-shape", "1,8",
+                         "--token-ids", "40", "--policy", "heads", "--out", str(tmp_path / "llama"))
+    assert code == 0, err
+    assert "input 1x8 token ids < 40" in out and "verify: max relative error" in out
+    assert (tmp_path / "llama" / "module.py").exists()
+    code, out, err = run(capsys, "prune", "--token-ids", "0", "--out", str(tmp_path / "x"))
+    assert code != 0 and "positive integer" in err
