@@ -258,20 +258,20 @@ def _prune_both(model, example_inputs, *, ratio, ratios, ignore, unsupported, re
     if given:
         raise ConfigError(f"policy='both' takes ratio/ratios (each stage prunes 1 - sqrt(1 - r)), not "
                           f"{', '.join(given)}; use policy='heads' or 'head_dim' with those")
-    ratio = 0.5 if ratio is None else ratio
     from passes.select import check_ratio
-    check_ratio(ratio)
-    step = lambda r: 1.0 - math.sqrt(1.0 - check_ratio(r))  # noqa: E731
+
+    step = lambda r: 1.0 - math.sqrt(1.0 - check_ratio(r))  # noqa: E731  (checks r first)
+    ratio = step(0.5 if ratio is None else ratio)
     names = dict(zip(_names(model, (ratios or {}).keys(), "ratios"), (ratios or {}).values()))
     ignored = _names(model, ignore, "ignore")
     staged = dict(ratios={k: step(v) for k, v in names.items()}, ignore=ignored, **common)
-    heads = prune(model, example_inputs, ratio=step(ratio), policy="outer", report=False, **staged)
+    heads = prune(model, example_inputs, ratio=ratio, policy="outer", report=False, **staged)
     if not heads.groups.head_splits:
         raise ConfigError("policy='both' needs attention heads, and no view or reshape in this model "
                           "splits a channel dim into (heads, head_dim) blocks; use the default policy")
     inputs = graph_inputs(heads.groups.gm, as_tuple(example_inputs))
     staged["frontend"] = "auto"
-    dims = prune(heads.module, inputs, ratio=step(ratio), policy="inner", report=False, **staged)
+    dims = prune(heads.module, inputs, ratio=ratio, policy="inner", report=False, **staged)
     rep = None
     if report:
         from passes.select_budget import meta_stats

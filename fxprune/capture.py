@@ -24,7 +24,7 @@ from torch import nn
 from ._util import as_tuple
 from .decompose import decomposition
 from .errors import InputError, TraceError
-from .meta import FRONTEND_KEY, LIFTED_KEY, PYTREE_SPECS, set_meta
+from .meta import FRONTEND_KEY, LIFTED_KEY, copy_pytree_specs, set_meta
 from .rules.context import get_tensor
 from .passes_base import Pass, PruneState, register_pass
 
@@ -332,9 +332,7 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
     inputs = as_tuple(example_inputs)
     if isinstance(model, torch.fx.GraphModule):
         gm = torch.fx.GraphModule(model, _copy_graph(model.graph), type(model).__name__)
-        for attr in PYTREE_SPECS:
-            if hasattr(model, attr):
-                setattr(gm, attr, getattr(model, attr))
+        copy_pytree_specs(model, gm)
         inputs = _lift_parameter_placeholders(gm, inputs)
         propagate_shapes(gm, inputs)
         gm.meta[FRONTEND_KEY] = "graph"
@@ -469,9 +467,7 @@ def export_capture(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
         if not node.users and name.split(".")[0] in _CHECKS:
             graph.erase_node(node)
     gm = torch.fx.GraphModule(exported, graph, type(model).__name__)
-    for attr in PYTREE_SPECS:
-        if hasattr(exported, attr):
-            setattr(gm, attr, getattr(exported, attr))
+    copy_pytree_specs(exported, gm)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             set_meta(node, get_tensor(gm, node.target))

@@ -173,14 +173,15 @@ def choose_channel_dim(k: torch.Tensor, dims: list[int], policy: str = "auto",
 
 
 def normalize(space: LabelSpace, labels: torch.Tensor, policy: str = "auto",
-              avoid: frozenset | set = frozenset()) -> torch.Tensor:
+              avoid: frozenset | set = frozenset(), chose: list | None = None) -> torch.Tensor:
     """Make a label tensor *separable*: after this its classes change along at most one
     dim, and every other dim is compressed to size 1.
 
     A tensor whose classes change along two dims (a channel dim split into
     (groups, width) by a view, a grouped conv weight) can only be pruned to a
     dense rectangle if removal follows one of them; the classes along the other
-    dims are unioned.
+    dims are unioned. When ``policy`` had to choose among several dims, the kept dim is
+    appended to ``chose``.
     """
     if sum(1 for n in labels.shape if n > 1) <= 1:
         return labels  # at most one dim can vary: already separable
@@ -193,6 +194,8 @@ def normalize(space: LabelSpace, labels: torch.Tensor, policy: str = "auto",
     dims = varying_dims(k)
     if len(dims) > 1:
         keep = choose_channel_dim(k, dims, policy, avoid)
+        if chose is not None:
+            chose.append(keep)
         rows = k.movedim(keep, 0).reshape(k.shape[keep], -1)
         space.union(rows, rows[:, :1])
         dims = [keep]

@@ -17,6 +17,14 @@ FRONTEND_KEY = "fxprune_frontend"  # gm.meta: which front end captured the graph
 PYTREE_SPECS = ("_in_spec", "_out_spec")  # GraphModule attributes of a pytree in/out graph
 
 
+def copy_pytree_specs(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Give ``dst`` the pytree input/output specs of ``src`` (an exported graph's generated
+    code flattens its inputs and rebuilds its outputs with them)."""
+    for attr in PYTREE_SPECS:
+        if hasattr(src, attr):
+            setattr(dst, attr, getattr(src, attr))
+
+
 class TensorMeta(NamedTuple):
     """Shape and dtype of one tensor value in the graph."""
 

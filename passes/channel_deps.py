@@ -19,7 +19,7 @@ from fxprune import rules  # noqa: F401  (fills the registry)
 from fxprune.channels import Alignment, ChannelGroup, ChannelGroups, Member
 from fxprune.errors import AnalysisError
 from fxprune.errors import ConfigError
-from fxprune.labels import CONST, LabelSpace, normalize, varying_dims
+from fxprune.labels import CONST, LabelSpace, normalize
 from fxprune.meta import TensorMeta, get_meta, has_meta
 from fxprune.passes_base import AnalysisPass, PruneState, register_pass
 from fxprune.rules.context import AnalysisContext
@@ -38,10 +38,9 @@ def _check(ctx: AnalysisContext, labels: Any, meta: Any) -> Any:
                                 f"for a value of shape {meta.shape}")
         if not ctx.splits_channels:
             return normalize(ctx.space, labels, "auto")
-        splits = sum(1 for n in labels.shape if n > 1) > 1 and \
-            len(varying_dims(ctx.space.roots(labels))) > 1
-        out = normalize(ctx.space, labels, ctx.policy, ctx.avoid_dims)
-        if splits:  # a view split channels into blocks (heads x head_dim): the policy chose
+        chose: list[int] = []
+        out = normalize(ctx.space, labels, ctx.policy, ctx.avoid_dims, chose)
+        if chose:  # a view split channels into blocks (heads x head_dim): the policy chose
             ctx.head_splits.append((ctx.node.name, out))
         return out
     if isinstance(meta, tuple):

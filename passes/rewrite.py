@@ -17,7 +17,7 @@ import torch.fx
 
 from fxprune.channels import ChannelGroups
 from fxprune.errors import RewriteError
-from fxprune.meta import META_KEY, PYTREE_SPECS
+from fxprune.meta import META_KEY, copy_pytree_specs
 from fxprune.passes_base import PruneState, TransformPass, register_pass
 from fxprune.rules.context import RewriteContext, get_tensor
 from fxprune.rules.registry import lookup
@@ -124,9 +124,7 @@ def rewrite_graph(groups: ChannelGroups, kept: torch.Tensor) -> torch.fx.GraphMo
         raise RewriteError(f"the rewritten graph is malformed: {exc}") from exc
     graph._codegen = copy.deepcopy(gm.graph._codegen)  # an exported graph's pytree in/out
     out = torch.fx.GraphModule(root, graph, type(gm).__name__.replace("GraphModule", "") + "Pruned")
-    for attr in PYTREE_SPECS:
-        if hasattr(gm, attr):
-            setattr(out, attr, getattr(gm, attr))
+    copy_pytree_specs(gm, out)
     out.train(gm.training)
     out.meta.update(gm.meta)
     return out

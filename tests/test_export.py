@@ -116,6 +116,7 @@ def test_exported_result_saves_and_loads_with_its_output_type(tmp_path):
     model = transformers.GPT2LMHeadModel(cfg).eval()
     ids = torch.randint(0, 64, (2, 8))
     result = fxprune.prune(model, ids, ratio=0.5)
+    assert fxprune.verify(model, result, ids).max_rel_err < 1e-4
     fxprune.save(result, tmp_path / "gpt2")
     loaded = fxprune.load(tmp_path / "gpt2")
     with torch.no_grad():

@@ -145,8 +145,10 @@ def test_heads_ratio_must_remove_whole_heads():
     ids = torch.randint(0, 30, (2, 8))
     with pytest.raises(fxprune.ConfigError, match=r"blocks\.0\..*4 prunable heads.*0\.25 and 0\.5"):
         fxprune.prune(Bert(), ids, ratio=0.3, policy="heads")
-    result = fxprune.prune(Bert(), ids, ratio=0.25, policy="heads")
+    model = Bert()
+    result = fxprune.prune(model, ids, ratio=0.25, policy="heads")
     assert dict(result.module.named_parameters())["blocks.0.q.weight"].shape[0] == 3 * 8
+    assert fxprune.verify(model, result, ids).max_rel_err < 1e-4
 
 
 def test_unknown_policy_is_a_config_error():

@@ -20,7 +20,6 @@ import sys
 
 import torch
 
-from ..labels import channel_dim, const_like
 from . import contract, conv, embedding, norm, pointwise, reduce, shape
 from .registry import register, register_tag
 
@@ -133,25 +132,11 @@ def addmm(ctx, node):
     weight = ctx.attr_path(b)
     bias_path = ctx.attr_path(bias)
     if weight is not None and bias_path is not None and ctx.tensor(bias_path).ndim == 1:
-        w = ctx.tensor(weight)
-        in_vec = ctx.vector(a, -1)
-        ctx.consume(1)
-        out_vec = ctx.fresh((w.shape[1],), f"{node.name} output features")
-        ctx.align(weight, ctx.along(in_vec, 0, 2), "in")
-        ctx.align(weight, ctx.along(out_vec, 1, 2), "out")
-        ctx.align(bias_path, out_vec, "out")
-        return ctx.along(out_vec, -1, 2)
+        return ctx.along(conv.dense(ctx, node, a, 1, weight, bias_path, out_dim=1), -1, 2)
     ctx.consume(1)
     product = contract.contract(ctx, node, [(a, "IK"), (b, "KJ")], "IJ")
-    bias_labels = ctx.labels(bias) if ctx.labels(bias) is not None else const_like(ctx.meta(bias).ndim)
-    bias_labels = bias_labels.reshape((1,) * (2 - bias_labels.ndim) + tuple(bias_labels.shape))
-    shape_b = (1,) * (2 - ctx.meta(bias).ndim) + tuple(ctx.meta(bias).shape)
-    varying = [d for d in range(2) if product.shape[d] > 1]
-    if any(shape_b[d] != ctx.meta(node).shape[d] for d in varying):
-        ctx.pin(bias_labels, f"{node.name}: bias broadcast across channels")
-        return product
-    ctx.union(product, bias_labels)
-    return torch.broadcast_tensors(product, bias_labels)[0].contiguous()
+    return pointwise.broadcast_labels(ctx, node, [(product, ctx.meta(node).shape),
+                                                  (ctx.labels(bias), ctx.meta(bias).shape)])
 
 
 register(aten.addmm, torch.addmm, "addmm")(addmm)
@@ -175,18 +160,5 @@ def aten_index(ctx, node):
 register(aten.index)(aten_index)
 
 
-def sym_size(ctx, node):
-    """aten.sym_size(x, dim): a run-time size (an exported graph's dynamic batch or
-    sequence length). The size of a channel dim is tracked like ``x.size(dim)``."""
-    x, dim = node.args[0], ctx.value(node.args[1])
-    labels = ctx.labels(x)
-    cd = channel_dim(labels) if labels is not None else None
-    if cd is None or dim % labels.ndim != cd:
-        return None
-    ctx.channel_sized[node.name] = True
-    if not reduce.feeds_only_shapes(node):
-        ctx.inexact(labels, f"{node.name}: the channel count is used as a value")
-    return None
 
-
-register(aten.sym_size)(sym_size)
+register(aten.sym_size)(reduce.size_query)  # aten.sym_size(x, dim) is x.size(dim) at run time

@@ -11,6 +11,7 @@ group widths by removing the same local channels from every group.
 from __future__ import annotations
 
 import torch.nn.functional as F
+import torch
 from torch import nn
 
 from .registry import register
@@ -123,19 +124,27 @@ def linear(ctx, node):
         bias = ctx.attr_path(bias_arg)
         if weight is None:
             raise ValueError("the weight must be a parameter of the module (get_attr)")
-    w = ctx.tensor(weight)
-    in_vec = ctx.vector(x, -1)
-    ctx.consume(0)
-    out_vec = ctx.fresh((w.shape[0],), f"{node.name} output features")
-    ctx.align(weight, ctx.along(out_vec, 0, 2), "out")
-    ctx.align(weight, ctx.along(in_vec, 1, 2), "in")
-    if bias is not None:
-        ctx.align(bias, out_vec, "out")
-    elif node.op != "call_module" and ctx.is_tensor(bias_arg):
+    out_vec = dense(ctx, node, x, 0, weight, bias, out_dim=0)
+    if bias is None and node.op != "call_module" and ctx.is_tensor(bias_arg):
         # a bias computed in the graph (Swin v2 concatenates q, zero k and v biases): its
         # positions go with the output features they are added to
         ctx.union(ctx.vector(bias_arg, 0), out_vec)
     return ctx.along(out_vec, -1, ctx.meta(node).ndim)
+
+
+def dense(ctx, node, x, argpos: int, weight: str, bias: str | None, *, out_dim: int) -> torch.Tensor:
+    """A dense layer on the last dim of input ``argpos`` (node ``x``): weight rows (or
+    columns, ``out_dim=1``: GPT-2's Conv1D stores (in, out)) are fresh output features,
+    the other dim consumes the input's. Returns the output features' labels."""
+    w = ctx.tensor(weight)
+    in_vec = ctx.vector(x, -1)
+    ctx.consume(argpos)
+    out_vec = ctx.fresh((w.shape[out_dim],), f"{node.name} output features")
+    ctx.align(weight, ctx.along(out_vec, out_dim, 2), "out")
+    ctx.align(weight, ctx.along(in_vec, 1 - out_dim, 2), "in")
+    if bias is not None:
+        ctx.align(bias, out_vec, "out")
+    return out_vec
 
 
 def rewrite_linear(r, old, new):

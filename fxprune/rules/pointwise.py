@@ -43,16 +43,22 @@ def _right_align(labels: torch.Tensor, ndim: int) -> torch.Tensor:
 
 def broadcast_union(ctx, node, inputs) -> torch.Tensor:
     """Union aligned positions of ``inputs`` (graph nodes) and return the output labels."""
+    return broadcast_labels(ctx, node, [(ctx.labels(a), ctx.meta(a).shape) for a in inputs])
+
+
+def broadcast_labels(ctx, node, operands) -> torch.Tensor:
+    """:func:`broadcast_union` over (labels or None, shape) pairs: operands that are not
+    graph nodes (a product computed inside a rule) broadcast the same way."""
     out_shape = ctx.meta(node).shape
     ndim = len(out_shape)
     entries = []
-    for a in inputs:
-        shape = (1,) * (ndim - ctx.meta(a).ndim) + tuple(ctx.meta(a).shape)
-        labels = _right_align(ctx.labels(a) if ctx.labels(a) is not None else const_like(len(shape) - (ndim - ctx.meta(a).ndim)), ndim)
-        entries.append((a, labels, shape))
-    varying = {d for _, labels, _ in entries for d in range(ndim) if labels.shape[d] > 1}
+    for labels, own_shape in operands:
+        shape = (1,) * (ndim - len(own_shape)) + tuple(own_shape)
+        labels = _right_align(labels if labels is not None else const_like(len(own_shape)), ndim)
+        entries.append((labels, shape))
+    varying = {d for labels, _ in entries for d in range(ndim) if labels.shape[d] > 1}
     aligned = []
-    for a, labels, shape in entries:
+    for labels, shape in entries:
         if all(shape[d] == out_shape[d] for d in varying):
             aligned.append(labels)
         else:

@@ -155,7 +155,7 @@ _SHAPE_SINKS = {"view", "reshape", "expand", "split", "chunk", "narrow", "unflat
                 "transpose", "size", "_assert", "eq", "ne"}
 
 
-def feeds_only_shapes(node: torch.fx.Node, seen=None) -> bool:
+def _feeds_only_shapes(node: torch.fx.Node, seen=None) -> bool:
     """True when every use of an int derived from a size ends up as a shape argument."""
     seen = seen if seen is not None else set()
     for user in node.users:
@@ -166,7 +166,7 @@ def feeds_only_shapes(node: torch.fx.Node, seen=None) -> bool:
         if user.op == "call_function" and user.target in (operator.getitem, operator.floordiv,
                                                           operator.mul, operator.add, operator.sub,
                                                           operator.mod, builtins.int):
-            if not feeds_only_shapes(user, seen):
+            if not _feeds_only_shapes(user, seen):
                 return False
         elif name in _SHAPE_SINKS or user.op == "call_function" and user.target in (
                 torch.reshape, torch.split, torch.zeros, torch.ones, torch.empty, torch.full,
@@ -192,7 +192,7 @@ def size_query(ctx, node):
     if labels is None or channel_dim(labels) is None:
         return None
     cd = channel_dim(labels)
-    if node.target == "size" and len(node.args) > 1:
+    if (node.target == "size" or _name(node) == "sym_size") and len(node.args) > 1:
         if ctx.value(node.args[1]) % labels.ndim != cd:
             return None
         ctx.channel_sized[node.name] = True
@@ -200,7 +200,7 @@ def size_query(ctx, node):
         ctx.channel_sized[node.name] = {cd}  # a size tuple: which entries count channels
     else:
         ctx.channel_sized[node.name] = True
-    if not feeds_only_shapes(node):
+    if not _feeds_only_shapes(node):
         ctx.inexact(labels, f"{node.name}: the channel count is used as a value")
     return None
 

@@ -130,17 +130,7 @@ def gather_labels(ctx, node, x, entries, *, aten_list: bool = False):
         entries = list(entries) + [None] * (ndim - len(entries))
         dims = list(range(ndim))
     else:
-        n_real = sum(1 for e in entries if e is not None and e is not Ellipsis)
-        dims, d = [], 0
-        for e in entries:
-            if e is Ellipsis:
-                d += ndim - n_real
-                dims.append(None)
-            elif e is None:
-                dims.append(None)
-            else:
-                dims.append(d)
-                d += 1
+        entries, dims = _index_dims(tuple(entries), ndim)
     probe = []
     for e, d in zip(entries, dims):
         if ctx.is_tensor(e):
@@ -154,7 +144,7 @@ def gather_labels(ctx, node, x, entries, *, aten_list: bool = False):
                 labels = labels.narrow(d, 0, 1)
             probe.append(torch.zeros(meta.shape, dtype=torch.int64))
         elif e is None or e is Ellipsis or (isinstance(e, slice) and e == slice(None)):
-            probe.append(e if aten_list is False else None)
+            probe.append(e)
         else:
             raise ValueError(f"index entry {e!r} mixed with tensor indices is not analysed")
     if aten_list:
