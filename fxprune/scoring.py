@@ -35,7 +35,9 @@ MemberEntry = tuple[int, torch.Tensor, torch.Tensor]  # (alignment index, classe
 
 
 def member_sums(groups: ChannelGroups, elementwise: Callable[[str, torch.Tensor], torch.Tensor | None],
-                roles: tuple[str, ...] | None = None) -> list[MemberEntry]:
+                roles: tuple[str, ...] | None = None,
+                summed: Callable[[str, torch.Tensor, list[int]], torch.Tensor] | None = None,
+                ) -> list[MemberEntry]:
     """For every member (alignment with a channel dim, optionally of the given roles):
     the classes it holds and the sum of ``elementwise(path, tensor)`` over each class's slices.
 
@@ -44,6 +46,8 @@ def member_sums(groups: ChannelGroups, elementwise: Callable[[str, torch.Tensor]
     tensor (a weight's rows and columns) and then dropped, so memory stays one map. The
     map is first summed over the dims no member of that tensor uses (a conv kernel's
     spatial dims), contiguously and once, so each member only reduces that small core.
+    ``summed(path, tensor, dims)``, where given, computes that sum (keepdim) in one pass
+    without materializing the map (a norm kernel for magnitudes).
     """
     out = []
     member_dims: dict[str, set[int]] = {}
@@ -58,10 +62,13 @@ def member_sums(groups: ChannelGroups, elementwise: Callable[[str, torch.Tensor]
         t = get_tensor(groups.gm, a.path)
         if a.path not in computed:
             computed.clear()
-            value = elementwise(a.path, t.detach())
-            if value is not None:
-                rest = [d for d in range(value.ndim) if d not in member_dims[a.path]]
-                value = value.sum(rest, keepdim=True) if rest else value
+            rest = [d for d in range(t.ndim) if d not in member_dims[a.path] and t.shape[d] > 1]
+            if summed is not None and rest:
+                value = summed(a.path, t.detach(), rest)
+            else:
+                value = elementwise(a.path, t.detach())
+                if value is not None and rest:
+                    value = value.sum(rest, keepdim=True)
             computed[a.path] = value
         value = computed[a.path]
         if value is None:
@@ -69,6 +76,9 @@ def member_sums(groups: ChannelGroups, elementwise: Callable[[str, torch.Tensor]
         others = [d for d in range(value.ndim) if d != dim and value.shape[d] > 1]
         sums = (value.sum(others) if others else value).reshape(-1).expand(t.shape[dim]).double().cpu()
         cls = groups.class_of[a.labels.reshape(-1)]
+        if cls.numel() == 1 or bool((cls[1:] > cls[:-1]).all()):  # the usual case: distinct, in order
+            out.append((i, cls, sums))
+            continue
         uniq, inv = torch.unique(cls, return_inverse=True)
         per_class = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, sums)
         out.append((i, uniq, per_class))

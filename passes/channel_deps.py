@@ -139,9 +139,11 @@ def _dense_classes(space: LabelSpace) -> tuple[torch.Tensor, int]:
 def _class_flags(space: LabelSpace, class_of: torch.Tensor, n: int, notes: dict) -> tuple[torch.Tensor, dict]:
     flags = torch.zeros(n, dtype=torch.bool)
     reasons: dict[int, list[str]] = {}
-    for root, why in notes.items():
-        c = int(class_of[space.find(root)])
-        flags[c] = True
+    if not notes:
+        return flags, reasons
+    cls = class_of[torch.tensor([space.find(root) for root in notes], dtype=torch.int64)]
+    flags[cls] = True
+    for c, why in zip(cls.tolist(), notes.values()):
         reasons.setdefault(c, []).extend(why)
     return flags, reasons
 
@@ -185,11 +187,14 @@ def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inex
     counts = torch.bincount(gid_of, minlength=uniq.numel()).tolist()
     classes_of = [t.tolist() for t in torch.split(by_group, counts)]
     members: dict[int, list[Member]] = {}
-    for a in alignments:
-        cls = torch.unique(class_of[a.labels.reshape(-1)])
-        for gid in torch.unique(group_of_class[cls]).tolist():
-            if gid >= 0:
-                members.setdefault(gid, []).append(Member(a.path, a.dim, a.role))
+    n_groups = len(counts) + 1
+    # one (alignment, group) key per pair, in alignment order: a single unique for all
+    for key in _tagged_unique([group_of_class[class_of[a.labels.reshape(-1)]] + 1 for a in alignments],
+                              n_groups):
+        i, gid = divmod(key, n_groups)
+        if gid > 0:
+            a = alignments[i]
+            members.setdefault(gid - 1, []).append(Member(a.path, a.dim, a.role))
     sources: dict[int, list[str]] = {}
     n_fam = len(space.families)
     keys = torch.unique((group_of_class[class_of] + 1) * n_fam + fam)  # one key per (group, family)
@@ -217,19 +222,28 @@ def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inex
     return groups, group_of_class
 
 
-def _segments(labels_of: dict, class_of: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _tagged_unique(values: list[torch.Tensor], bound: int) -> list[int]:
+    """The distinct ``(i, v)`` pairs, ``v`` in ``values[i]`` (all in ``[0, bound)``), as
+    sorted keys ``i * bound + v``: one vectorized unique instead of one per tensor."""
+    if not values:
+        return []
+    sizes = torch.tensor([v.numel() for v in values], dtype=torch.int64)
+    tag = torch.repeat_interleave(torch.arange(len(values), dtype=torch.int64), sizes)
+    return torch.unique(tag * bound + torch.cat(values)).tolist()
+
+
+def _segments(labels_of: dict, class_of: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
     """Distinct class sets along the channel dim of every tensor: each must keep one."""
-    seen = set()
-    out = []
+    tensors = {}
     for labels in labels_of.values():
         for l in (labels if isinstance(labels, tuple) else (labels,)):
             if isinstance(l, torch.Tensor):
-                cls = torch.unique(class_of[l.reshape(-1)])
-                key = cls.numpy().tobytes()
-                if key not in seen:
-                    seen.add(key)
-                    out.append(cls)
-    return tuple(out)
+                tensors.setdefault(id(l), l)  # a label tensor shared by several nodes counts once
+    sets: dict[int, list[int]] = {}
+    for key in _tagged_unique([class_of[l.reshape(-1)] for l in tensors.values()], n):
+        sets.setdefault(key // n, []).append(key % n)
+    distinct = dict.fromkeys(tuple(c) for c in sets.values())
+    return tuple(torch.tensor(c, dtype=torch.int64) for c in distinct)
 
 
 POLICIES = ("inner", "outer")
@@ -279,7 +293,7 @@ def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
         gm=gm, class_of=class_of, n_classes=n, class_pinned=pinned, class_inexact=inexact,
         node_labels=node_labels, alignments=alignments, consumers=tuple(ctx.consumers),
         groups=groups, group_of_class=group_of_class, barriers=tuple(ctx.barriers),
-        policy=policy, frontend=frontend, segments=_segments(ctx.labels_of, class_of),
+        policy=policy, frontend=frontend, segments=_segments(ctx.labels_of, class_of, n),
         channel_sized=frozenset(k for k, v in ctx.channel_sized.items() if v is True),
         param_consumers=tuple(ctx.param_consumers), head_groups=frozenset(head_groups),
         head_splits=tuple(dict.fromkeys(name for name, _ in ctx.head_splits)))

@@ -19,7 +19,7 @@ from fxprune.channels import ChannelGroups
 from fxprune.errors import RewriteError
 from fxprune.meta import META_KEY, copy_pytree_specs
 from fxprune.passes_base import PruneState, TransformPass, register_pass
-from fxprune.rules.context import RewriteContext, get_tensor
+from fxprune.rules.context import RewriteContext, get_module, get_tensor
 from fxprune.rules.registry import lookup
 
 
@@ -56,6 +56,16 @@ def sliced_copy(t: torch.Tensor, dims: dict[int, torch.Tensor] | None) -> torch.
     return out
 
 
+def _shallow_copy(m: torch.nn.Module) -> torch.nn.Module:
+    """``copy.copy(m)``, without the pickle protocol's detour where the class allows it."""
+    cls = type(m)
+    if cls.__reduce_ex__ is not object.__reduce_ex__ or hasattr(cls, "__copy__"):
+        return copy.copy(m)
+    new = cls.__new__(cls)
+    new.__dict__.update(m.__dict__)
+    return new
+
+
 class _Rebuilder:
     """Builds new modules and attribute tensors, sharing one copy per original tensor
     (tied weights stay tied)."""
@@ -76,17 +86,17 @@ class _Rebuilder:
         got = self.modules.get(target)
         if got is not None:
             return got
-        old = self.gm.get_submodule(target)
-        if next(old.children(), None) is not None:
+        old = get_module(self.gm, target)
+        if any(child is not None for child in old._modules.values()):
             new = copy.deepcopy(old)  # an opaque leaf with children: copied whole, never sliced
         else:
-            new = copy.copy(old)
-            for key, value in list(vars(old).items()):
+            new = _shallow_copy(old)
+            state = new.__dict__
+            for key, value in state.items():
                 if isinstance(value, dict):  # hooks and the like: the copy gets its own dicts
-                    new.__dict__[key] = copy.copy(value)
-            new._parameters = {k: (None if v is None else self.tensor(v)) for k, v in old._parameters.items()}
-            new._buffers = {k: (None if v is None else self.tensor(v)) for k, v in old._buffers.items()}
-            new._modules = {}
+                    state[key] = dict(value) if type(value) is dict else copy.copy(value)
+            state["_parameters"] = {k: (None if v is None else self.tensor(v)) for k, v in old._parameters.items()}
+            state["_buffers"] = {k: (None if v is None else self.tensor(v)) for k, v in old._buffers.items()}
         self.modules[target] = new
         return new
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from fxprune.channels import ChannelGroups
 from fxprune.errors import ConfigError
 from fxprune.passes_base import AnalysisPass, PruneState, register_pass
@@ -19,7 +21,10 @@ def member_norms(groups: ChannelGroups, p: float) -> list:
     def power(path, t):
         return t * t if p == 2 else t.abs() if p == 1 else t.abs().pow(p)
 
-    entries = member_sums(groups, power, roles=WEIGHT_ROLES)
+    def norm(path, t, dims):  # the same sums, in one pass: no |w|^p map is allocated
+        return torch.linalg.vector_norm(t, p, dim=dims, keepdim=True).pow(p)
+
+    entries = member_sums(groups, power, roles=WEIGHT_ROLES, summed=norm)
     return [(i, c, v.pow(1.0 / p)) for i, c, v in entries]
 
 

@@ -19,9 +19,34 @@ MAX_FREE_LABELS = 1 << 20  # a larger free tensor is a constant (pinned), not a 
 
 def get_tensor(root: torch.nn.Module, path: str) -> torch.Tensor:
     """The tensor attribute at a dotted ``path`` of ``root``."""
+    *parents, name = path.split(".")
     obj: Any = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
+    try:  # the dicts nn.Module keeps: several times faster than its __getattr__
+        for part in parents:
+            obj = obj._modules[part]
+        d = obj.__dict__
+        for table in ("_parameters", "_buffers"):
+            t = d.get(table, {}).get(name)
+            if t is not None:
+                return t
+    except (KeyError, AttributeError):
+        obj = root
+        for part in parents:
+            obj = getattr(obj, part)
+    return getattr(obj, name)
+
+
+def get_module(root: torch.nn.Module, target: str) -> torch.nn.Module:
+    """The submodule at a dotted ``target`` (``root.get_submodule``, walking the module
+    dicts directly: lookups happen for every node of every pass)."""
+    obj = root
+    try:
+        for part in target.split(".") if target else ():
+            obj = obj._modules[part]
+    except (KeyError, AttributeError):
+        return root.get_submodule(target)
+    if not isinstance(obj, torch.nn.Module):
+        return root.get_submodule(target)  # raises its own clear error
     return obj
 
 
@@ -53,7 +78,7 @@ class AnalysisContext:
     @property
     def module(self) -> torch.nn.Module:
         """The submodule a ``call_module`` node calls."""
-        return self.gm.get_submodule(self.node.target)
+        return get_module(self.gm, self.node.target)
 
     def meta(self, x: Any) -> TensorMeta:
         m = tensor_meta(x)
@@ -232,6 +257,7 @@ class RewriteContext:
         self.groups = groups
         self.kept = kept
         self.module_for: Any = None  # set by the rewrite: target -> the rebuilt module
+        self._kept: dict[int, tuple[torch.Tensor, Any]] = {}  # id(labels) -> (labels, answer)
 
     def module(self, old: torch.fx.Node) -> torch.nn.Module:
         """The rebuilt module that the copy of ``call_module`` node ``old`` calls."""
@@ -241,6 +267,12 @@ class RewriteContext:
         """(dim, kept indices) of a normalized label tensor, or None when nothing there goes."""
         if labels is None:
             return None
+        got = self._kept.get(id(labels))
+        if got is None or got[0] is not labels:
+            got = self._kept[id(labels)] = (labels, self._kept_index(labels))
+        return got[1]
+
+    def _kept_index(self, labels: torch.Tensor) -> tuple[int, torch.Tensor] | None:
         dim = channel_dim(labels)
         mask = self.kept[self.groups.class_of[labels.reshape(-1)]]
         if dim is None:

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.fx
 
+from .context import get_module
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -94,7 +96,7 @@ def lookup(node: torch.fx.Node, root: torch.nn.Module) -> Rule | None:
     if node.op == "call_method":
         return _METHODS.get(node.target)
     if node.op == "call_module":
-        return _MODULES.get(type(root.get_submodule(node.target)))
+        return _MODULES.get(type(get_module(root, node.target)))
     return None
 
 
