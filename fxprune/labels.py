@@ -32,6 +32,11 @@ class Family:
 class LabelSpace:
     """A union-find over labels with families and per-class annotations.
 
+    The parent array is a tensor and every operation is vectorized: a union of two
+    label tensors hooks all their roots at once, however many channels they hold.
+    Every label's parent is no larger than the label itself, so CONST (0) and, in
+    general, the oldest label of a class is its root.
+
     Examples
     --------
     >>> s = LabelSpace()
@@ -42,9 +47,11 @@ class LabelSpace:
     """
 
     def __init__(self) -> None:
-        self.parent: list[int] = [CONST]
-        self.family_of: list[int] = [0]
+        self._parent = torch.zeros(1024, dtype=torch.int64)
+        self._n = 1  # label 0 is CONST
+        self._sizes: list[int] = [1]  # labels per family, in creation order
         self.families: list[Family] = [Family("constant")]
+        # reasons per label, resolved to classes at the end (see class_notes)
         self.pinned: dict[int, list[str]] = {CONST: ["constant"]}
         self.inexact: dict[int, list[str]] = {}
 
@@ -54,46 +61,51 @@ class LabelSpace:
         n = 1
         for s in shape:
             n *= int(s)
-        start = len(self.parent)
-        fam = len(self.families)
+        start = self._n
+        if start + n > self._parent.numel():
+            grown = torch.empty(max(2 * self._parent.numel(), start + n), dtype=torch.int64)
+            grown[:start] = self._parent[:start]
+            self._parent = grown
+        labels = torch.arange(start, start + n, dtype=torch.int64)
+        self._parent[start:start + n] = labels
+        self._n = start + n
         self.families.append(family)
-        self.parent.extend(range(start, start + n))
-        self.family_of.extend([fam] * n)
-        return torch.arange(start, start + n, dtype=torch.int64).reshape(tuple(shape))
+        self._sizes.append(n)
+        return labels.reshape(tuple(shape))
 
     def __len__(self) -> int:
-        return len(self.parent)
+        return self._n
+
+    @property
+    def family_of(self) -> torch.Tensor:
+        """The family index of every label."""
+        return torch.repeat_interleave(torch.arange(len(self._sizes), dtype=torch.int64),
+                                       torch.tensor(self._sizes, dtype=torch.int64))
 
     def all_roots(self) -> torch.Tensor:
         """The root of every label, by vectorized pointer jumping."""
-        parent = torch.tensor(self.parent, dtype=torch.int64)
+        parent = self._parent[:self._n]
         while True:
             grand = parent[parent]
             if torch.equal(grand, parent):
-                return parent
+                self._parent[:self._n] = parent  # full path compression
+                return parent.clone()
             parent = grand
 
     # -- union-find -----------------------------------------------------
-    def find(self, x: int) -> int:
-        parent = self.parent
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
+    def _find(self, flat: torch.Tensor) -> torch.Tensor:
+        parent = self._parent
+        r = parent[flat]
+        while True:
+            up = parent[r]
+            if torch.equal(up, r):
+                break
+            r = up
+        parent[flat] = r  # path compression
+        return r
 
-    def _link(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        if rb == CONST or (ra != CONST and rb < ra):
-            ra, rb = rb, ra  # keep CONST (or the older label) as the root
-        self.parent[rb] = ra
-        for notes in (self.pinned, self.inexact):
-            moved = notes.pop(rb, None)
-            if moved:
-                mine = notes.setdefault(ra, [])
-                mine.extend(r for r in moved if r not in mine)
-                del mine[_MAX_REASONS:]
+    def find(self, x: int) -> int:
+        return int(self._find(torch.tensor([x], dtype=torch.int64))[0])
 
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Union labels of ``a`` and ``b`` position by position (with broadcasting)."""
@@ -102,16 +114,22 @@ class LabelSpace:
         differ = a != b
         if not bool(differ.any()):
             return
-        n = len(self.parent)
-        keys = torch.unique(a[differ] * n + b[differ])  # one int64 key per distinct pair
-        for key in keys.tolist():
-            self._link(key // n, key % n)
+        ra, rb = self._find(a[differ]), self._find(b[differ])
+        while True:
+            differ = ra != rb
+            if not bool(differ.any()):
+                return
+            ra, rb = ra[differ], rb[differ]
+            # hook every larger root onto the smallest root it is paired with; chains that
+            # form (3 -> 2 -> 1) are followed by the next find, and the loop repeats until
+            # every pair shares a root
+            lo, hi = torch.minimum(ra, rb), torch.maximum(ra, rb)
+            self._parent.scatter_reduce_(0, hi, lo, "amin")
+            ra, rb = self._find(lo), self._find(hi)
 
     def roots(self, labels: torch.Tensor) -> torch.Tensor:
         """The class root of every label in ``labels`` (same shape)."""
-        uniq, inv = torch.unique(labels, return_inverse=True)
-        r = torch.tensor([self.find(x) for x in uniq.tolist()], dtype=torch.int64)
-        return r[inv]
+        return self._find(labels.reshape(-1)).reshape(labels.shape)
 
     # -- annotations ----------------------------------------------------
     def _annotate(self, notes: dict[int, list[str]], labels: torch.Tensor, reason: str) -> None:
@@ -127,6 +145,23 @@ class LabelSpace:
     def mark_inexact(self, labels: torch.Tensor, reason: str) -> None:
         """Mark the classes of ``labels`` as touched by a value-mixing op."""
         self._annotate(self.inexact, labels, reason)
+
+    def class_notes(self, notes: dict[int, list[str]], class_of: torch.Tensor,
+                    n: int) -> tuple[torch.Tensor, dict[int, list[str]]]:
+        """Resolve ``pinned`` or ``inexact`` to classes: a flag per class and the reasons
+        (at most a few, each once) of the flagged ones."""
+        flags = torch.zeros(n, dtype=torch.bool)
+        reasons: dict[int, list[str]] = {}
+        if not notes:
+            return flags, reasons
+        cls = class_of[self._find(torch.tensor(list(notes), dtype=torch.int64))]
+        flags[cls] = True
+        for c, why in zip(cls.tolist(), notes.values()):
+            mine = reasons.setdefault(c, [])
+            mine.extend(r for r in why if r not in mine)
+        for mine in reasons.values():
+            del mine[_MAX_REASONS:]
+        return flags, reasons
 
 
 # -- label-tensor helpers ---------------------------------------------------

@@ -136,23 +136,11 @@ def _dense_classes(space: LabelSpace) -> tuple[torch.Tensor, int]:
     return class_of, int(uniq.numel())
 
 
-def _class_flags(space: LabelSpace, class_of: torch.Tensor, n: int, notes: dict) -> tuple[torch.Tensor, dict]:
-    flags = torch.zeros(n, dtype=torch.bool)
-    reasons: dict[int, list[str]] = {}
-    if not notes:
-        return flags, reasons
-    cls = class_of[torch.tensor([space.find(root) for root in notes], dtype=torch.int64)]
-    flags[cls] = True
-    for c, why in zip(cls.tolist(), notes.values()):
-        reasons.setdefault(c, []).extend(why)
-    return flags, reasons
-
-
 def _family_components(space: LabelSpace, class_of: torch.Tensor, n: int) -> torch.Tensor:
     """Group root of every class: classes are linked when they share a label family
     (labels created together, e.g. one conv's output channels). Vectorized min-label
     propagation over the bipartite class-family graph."""
-    fam = torch.tensor(space.family_of, dtype=torch.int64)
+    fam = space.family_of
     keep = fam != 0  # the CONST family links nothing
     cls, fam = class_of[keep], fam[keep]
     comp = torch.arange(n, dtype=torch.int64)
@@ -169,7 +157,7 @@ def _family_components(space: LabelSpace, class_of: torch.Tensor, n: int) -> tor
 def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inexact_why):
     comp = _family_components(space, class_of, n)
     const_class = int(class_of[CONST])
-    fam = torch.tensor(space.family_of, dtype=torch.int64)
+    fam = space.family_of
     # group ids in order of first appearance; classes in source order inside a group
     first_label = torch.full((n,), len(space), dtype=torch.int64)
     first_label.scatter_reduce_(0, class_of, torch.arange(len(space)), "amin")
@@ -185,12 +173,14 @@ def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inex
     group_of_class[order] = gid_of
     by_group = order[torch.argsort(gid_of, stable=True)]
     counts = torch.bincount(gid_of, minlength=uniq.numel()).tolist()
-    classes_of = [t.tolist() for t in torch.split(by_group, counts)]
+    flat, classes_of, at = by_group.tolist(), [], 0
+    for k in counts:
+        classes_of.append(flat[at:at + k])
+        at += k
     members: dict[int, list[Member]] = {}
     n_groups = len(counts) + 1
     # one (alignment, group) key per pair, in alignment order: a single unique for all
-    for key in _tagged_unique([group_of_class[class_of[a.labels.reshape(-1)]] + 1 for a in alignments],
-                              n_groups):
+    for key in _tagged_unique([a.labels for a in alignments], group_of_class[class_of] + 1, n_groups).tolist():
         i, gid = divmod(key, n_groups)
         if gid > 0:
             a = alignments[i]
@@ -208,28 +198,30 @@ def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inex
     reasons_pin: dict[int, list[str]] = {}
     reasons_inexact: dict[int, list[str]] = {}
     for table, notes in ((pin_why, reasons_pin), (inexact_why, reasons_inexact)):
-        for c, why in table.items():
-            gid = int(group_of_class[c])
+        gids = group_of_class[torch.tensor(list(table), dtype=torch.int64)].tolist() if table else []
+        for gid, why in zip(gids, table.values()):
             if gid >= 0:
                 mine = notes.setdefault(gid, [])
                 mine.extend(r for r in why if r not in mine)
     pinned_list = pinned.tolist()
+    inexact_list = group_inexact.tolist()
     groups = tuple(ChannelGroup(
         id=gid, classes=tuple(classes), prunable=tuple(c for c in classes if not pinned_list[c]),
         members=tuple(dict.fromkeys(members.get(gid, []))), sources=tuple(sources.get(gid, ())),
-        exact=not bool(group_inexact[gid]), inexact_reasons=tuple(reasons_inexact.get(gid, ())[:4]),
+        exact=not inexact_list[gid], inexact_reasons=tuple(reasons_inexact.get(gid, ())[:4]),
         pinned_reasons=tuple(reasons_pin.get(gid, ())[:4])) for gid, classes in enumerate(classes_of))
     return groups, group_of_class
 
 
-def _tagged_unique(values: list[torch.Tensor], bound: int) -> list[int]:
-    """The distinct ``(i, v)`` pairs, ``v`` in ``values[i]`` (all in ``[0, bound)``), as
-    sorted keys ``i * bound + v``: one vectorized unique instead of one per tensor."""
-    if not values:
-        return []
-    sizes = torch.tensor([v.numel() for v in values], dtype=torch.int64)
-    tag = torch.repeat_interleave(torch.arange(len(values), dtype=torch.int64), sizes)
-    return torch.unique(tag * bound + torch.cat(values)).tolist()
+def _tagged_unique(labels: list[torch.Tensor], table: torch.Tensor, bound: int) -> torch.Tensor:
+    """The distinct pairs ``(i, table[l])`` for the labels ``l`` of ``labels[i]``
+    (``table`` maps into ``[0, bound)``), as sorted keys ``i * bound + table[l]``: one
+    vectorized unique instead of one per tensor."""
+    if not labels:
+        return torch.zeros(0, dtype=torch.int64)
+    sizes = torch.tensor([l.numel() for l in labels], dtype=torch.int64)
+    tag = torch.repeat_interleave(torch.arange(len(labels), dtype=torch.int64), sizes)
+    return torch.unique(tag * bound + table[torch.cat([l.reshape(-1) for l in labels])])
 
 
 def _segments(labels_of: dict, class_of: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
@@ -239,11 +231,12 @@ def _segments(labels_of: dict, class_of: torch.Tensor, n: int) -> tuple[torch.Te
         for l in (labels if isinstance(labels, tuple) else (labels,)):
             if isinstance(l, torch.Tensor):
                 tensors.setdefault(id(l), l)  # a label tensor shared by several nodes counts once
-    sets: dict[int, list[int]] = {}
-    for key in _tagged_unique([class_of[l.reshape(-1)] for l in tensors.values()], n):
-        sets.setdefault(key // n, []).append(key % n)
-    distinct = dict.fromkeys(tuple(c) for c in sets.values())
-    return tuple(torch.tensor(c, dtype=torch.int64) for c in distinct)
+    keys = _tagged_unique(list(tensors.values()), class_of, n)
+    counts = torch.bincount(keys // n, minlength=len(tensors)).tolist()
+    distinct: dict[bytes, torch.Tensor] = {}
+    for cls in torch.split(keys % n, counts):
+        distinct.setdefault(cls.numpy().tobytes(), cls)
+    return tuple(distinct.values())
 
 
 POLICIES = ("inner", "outer")
@@ -279,8 +272,8 @@ def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
     # alignments are made separable once every union of the walk is known
     alignments = tuple(Alignment(p, normalize(space, l), r, nd) for p, l, r, nd in ctx.alignments)
     class_of, n = _dense_classes(space)
-    pinned, pin_why = _class_flags(space, class_of, n, space.pinned)
-    inexact, inexact_why = _class_flags(space, class_of, n, space.inexact)
+    pinned, pin_why = space.class_notes(space.pinned, class_of, n)
+    inexact, inexact_why = space.class_notes(space.inexact, class_of, n)
 
     groups, group_of_class = _build_groups(space, class_of, n, alignments, pinned, pin_why,
                                            inexact, inexact_why)

@@ -10,6 +10,7 @@ modules are never modified: every tensor of the result is a fresh copy.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,9 @@ def _intersect(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
 def slice_plan(groups: ChannelGroups, rctx: RewriteContext) -> dict[int, dict[int, torch.Tensor]]:
     """For every aligned tensor (by identity): dim -> kept indices."""
     plan: dict[int, dict[int, torch.Tensor]] = {}
+    rctx.prepare([a.labels for a in groups.alignments] +
+                 [l for got in groups.node_labels.values()
+                  for l in (got if isinstance(got, tuple) else (got,)) if isinstance(l, torch.Tensor)])
     for a in groups.alignments:
         t = get_tensor(groups.gm, a.path)
         got = rctx.kept_index(a.labels)
@@ -94,7 +98,7 @@ class _Rebuilder:
             state = new.__dict__
             for key, value in state.items():
                 if isinstance(value, dict):  # hooks and the like: the copy gets its own dicts
-                    state[key] = dict(value) if type(value) is dict else copy.copy(value)
+                    state[key] = value.copy() if type(value) in (dict, OrderedDict) else copy.copy(value)
             state["_parameters"] = {k: (None if v is None else self.tensor(v)) for k, v in old._parameters.items()}
             state["_buffers"] = {k: (None if v is None else self.tensor(v)) for k, v in old._buffers.items()}
         self.modules[target] = new

@@ -274,8 +274,9 @@ def select_channels(groups: ChannelGroups, scores, *, ratio: float = 0.5,
         for members in sets:
             _global([by_id[gid] for gid in members], values, kept, ratio, round_to)
     _keep_every_tensor_nonempty(groups, values, kept)
-    removed = tuple((g.id, int((~kept[list(g.classes)]).sum())) for g in groups.groups
-                    if bool((~kept[list(g.classes)]).any()))
+    gone = groups.group_of_class[~kept]
+    per_group = torch.bincount(gone[gone >= 0], minlength=len(groups.groups)).tolist()
+    removed = tuple((g.id, per_group[g.id]) for g in groups.groups if per_group[g.id])
     return PrunePlan(kept, removed)
 
 

@@ -272,6 +272,33 @@ class RewriteContext:
             got = self._kept[id(labels)] = (labels, self._kept_index(labels))
         return got[1]
 
+    def prepare(self, labels: list[torch.Tensor]) -> None:
+        """Compute :meth:`kept_index` for many label tensors in one vectorized pass (the
+        rewrite asks for every alignment and most nodes: one by one, the small tensor
+        ops dominate)."""
+        todo = list({id(l): l for l in labels if id(l) not in self._kept}.values())
+        if not todo:
+            return
+        sizes = [l.numel() for l in todo]
+        flat = torch.cat([l.reshape(-1) for l in todo])
+        mask = self.kept[self.groups.class_of[flat]]
+        size_t = torch.tensor(sizes, dtype=torch.int64)
+        starts = torch.cumsum(size_t, 0) - size_t
+        segment = torch.repeat_interleave(torch.arange(len(todo)), size_t)
+        removed = torch.zeros(len(todo), dtype=torch.int64).index_add_(0, segment, (~mask).long()).tolist()
+        position = torch.arange(flat.numel()) - starts[segment]
+        kept_counts = [n - r for n, r in zip(sizes, removed)]
+        pieces = torch.split(position[mask], kept_counts)
+        for l, n_removed, n_kept, idx in zip(todo, removed, kept_counts, pieces):
+            dim = channel_dim(l)
+            if n_removed == 0:
+                answer = None
+            elif dim is None:
+                answer = self._kept_index(l)  # raises its error
+            else:
+                answer = (dim, idx)
+            self._kept[id(l)] = (l, answer)
+
     def _kept_index(self, labels: torch.Tensor) -> tuple[int, torch.Tensor] | None:
         dim = channel_dim(labels)
         mask = self.kept[self.groups.class_of[labels.reshape(-1)]]
