@@ -51,9 +51,10 @@ class LabelSpace:
         self._n = 1  # label 0 is CONST
         self._sizes: list[int] = [1]  # labels per family, in creation order
         self.families: list[Family] = [Family("constant")]
-        # reasons per label, resolved to classes at the end (see class_notes)
-        self.pinned: dict[int, list[str]] = {CONST: ["constant"]}
-        self.inexact: dict[int, list[str]] = {}
+        # (labels, reason) in the order they were noted, resolved to classes at the end
+        # (see class_notes): a union after the note carries it to the merged class
+        self.pinned: list[tuple[torch.Tensor, str]] = [(torch.tensor([CONST]), "constant")]
+        self.inexact: list[tuple[torch.Tensor, str]] = []
 
     # -- construction ---------------------------------------------------
     def fresh(self, shape, family: Family) -> torch.Tensor:
@@ -94,14 +95,16 @@ class LabelSpace:
 
     # -- union-find -----------------------------------------------------
     def _find(self, flat: torch.Tensor) -> torch.Tensor:
+        # index_select / index_copy_ and torch.equal: the cheapest kernels for these small
+        # int64 vectors (advanced indexing and a comparison + any() cost several times more)
         parent = self._parent
-        r = parent[flat]
+        r = parent.index_select(0, flat)
         while True:
-            up = parent[r]
+            up = parent.index_select(0, r)
             if torch.equal(up, r):
                 break
             r = up
-        parent[flat] = r  # path compression
+        parent.index_copy_(0, flat, r)  # path compression
         return r
 
     def find(self, x: int) -> int:
@@ -111,18 +114,13 @@ class LabelSpace:
         """Union labels of ``a`` and ``b`` position by position (with broadcasting)."""
         a, b = torch.broadcast_tensors(a, b)
         a, b = a.reshape(-1), b.reshape(-1)
-        differ = a != b
-        if not bool(differ.any()):
+        if torch.equal(a, b):
             return
-        ra, rb = self._find(a[differ]), self._find(b[differ])
-        while True:
-            differ = ra != rb
-            if not bool(differ.any()):
-                return
-            ra, rb = ra[differ], rb[differ]
-            # hook every larger root onto the smallest root it is paired with; chains that
-            # form (3 -> 2 -> 1) are followed by the next find, and the loop repeats until
-            # every pair shares a root
+        ra, rb = self._find(a), self._find(b)
+        while not torch.equal(ra, rb):
+            # hook every larger root onto the smallest root it is paired with (a pair that
+            # already shares its root changes nothing); chains that form (3 -> 2 -> 1) are
+            # followed by the next find, and the loop repeats until every pair shares a root
             lo, hi = torch.minimum(ra, rb), torch.maximum(ra, rb)
             self._parent.scatter_reduce_(0, hi, lo, "amin")
             ra, rb = self._find(lo), self._find(hi)
@@ -132,11 +130,8 @@ class LabelSpace:
         return self._find(labels.reshape(-1)).reshape(labels.shape)
 
     # -- annotations ----------------------------------------------------
-    def _annotate(self, notes: dict[int, list[str]], labels: torch.Tensor, reason: str) -> None:
-        for root in torch.unique(self.roots(labels)).tolist():
-            mine = notes.setdefault(root, [])
-            if reason not in mine and len(mine) < _MAX_REASONS:
-                mine.append(reason)
+    def _annotate(self, notes: list, labels: torch.Tensor, reason: str) -> None:
+        notes.append((labels, reason))
 
     def pin(self, labels: torch.Tensor, reason: str) -> None:
         """Mark the classes of ``labels`` as never removable, with a reason."""
@@ -146,21 +141,28 @@ class LabelSpace:
         """Mark the classes of ``labels`` as touched by a value-mixing op."""
         self._annotate(self.inexact, labels, reason)
 
-    def class_notes(self, notes: dict[int, list[str]], class_of: torch.Tensor,
+    def class_notes(self, notes: list[tuple[torch.Tensor, str]], class_of: torch.Tensor,
                     n: int) -> tuple[torch.Tensor, dict[int, list[str]]]:
-        """Resolve ``pinned`` or ``inexact`` to classes: a flag per class and the reasons
-        (at most a few, each once) of the flagged ones."""
+        """Resolve ``pinned`` or ``inexact`` to classes (``class_of``: the class of every
+        label): a flag per class and, for the flagged ones, the first few distinct
+        reasons in the order they were noted."""
         flags = torch.zeros(n, dtype=torch.bool)
         reasons: dict[int, list[str]] = {}
         if not notes:
             return flags, reasons
-        cls = class_of[self._find(torch.tensor(list(notes), dtype=torch.int64))]
+        texts: dict[str, int] = {}
+        rid = torch.tensor([texts.setdefault(r, len(texts)) for _, r in notes], dtype=torch.int64)
+        sizes = torch.tensor([l.numel() for l, _ in notes], dtype=torch.int64)
+        cls = class_of[torch.cat([l.reshape(-1) for l, _ in notes])]
         flags[cls] = True
-        for c, why in zip(cls.tolist(), notes.values()):
-            mine = reasons.setdefault(c, [])
-            mine.extend(r for r in why if r not in mine)
-        for mine in reasons.values():
-            del mine[_MAX_REASONS:]
+        n_texts = len(texts)
+        keys = torch.unique(cls * n_texts + torch.repeat_interleave(rid, sizes))  # by class, then reason
+        c = keys // n_texts
+        first = torch.searchsorted(c, c, side="left")
+        keys = keys[torch.arange(keys.numel()) - first < _MAX_REASONS]  # a few reasons per class
+        text_of = list(texts)
+        for key in keys.tolist():
+            reasons.setdefault(key // n_texts, []).append(text_of[key % n_texts])
         return flags, reasons
 
 
@@ -172,9 +174,9 @@ def const_like(ndim: int) -> torch.Tensor:
 
 def constant_along(k: torch.Tensor, dim: int) -> bool:
     """True when ``k`` does not change along ``dim``."""
-    if k.shape[dim] <= 1:
+    if k.shape[dim] <= 1 or k.stride(dim) == 0:  # stride 0: an expanded dim repeats by construction
         return True
-    return bool((k == k.narrow(dim, 0, 1)).all())
+    return torch.equal(k, k.narrow(dim, 0, 1).expand_as(k))
 
 
 def varying_dims(k: torch.Tensor) -> list[int]:

@@ -171,12 +171,14 @@ def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inex
     gid_of = rank[inv]  # group id of each class, groups numbered by first appearance
     group_of_class = torch.full((n,), -1, dtype=torch.int64)
     group_of_class[order] = gid_of
-    by_group = order[torch.argsort(gid_of, stable=True)]
+    sort = torch.argsort(gid_of, stable=True)
+    by_group = order[sort]
     counts = torch.bincount(gid_of, minlength=uniq.numel()).tolist()
-    flat, classes_of, at = by_group.tolist(), [], 0
-    for k in counts:
-        classes_of.append(flat[at:at + k])
-        at += k
+    classes_of = _chunks(by_group.tolist(), counts)
+    free = ~pinned[by_group]
+    prunable_of = _chunks(by_group[free].tolist(),
+                          torch.bincount(gid_of[sort][free],
+                                         minlength=len(counts)).tolist())
     members: dict[int, list[Member]] = {}
     n_groups = len(counts) + 1
     # one (alignment, group) key per pair, in alignment order: a single unique for all
@@ -203,14 +205,21 @@ def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inex
             if gid >= 0:
                 mine = notes.setdefault(gid, [])
                 mine.extend(r for r in why if r not in mine)
-    pinned_list = pinned.tolist()
     inexact_list = group_inexact.tolist()
     groups = tuple(ChannelGroup(
-        id=gid, classes=tuple(classes), prunable=tuple(c for c in classes if not pinned_list[c]),
+        id=gid, classes=tuple(classes), prunable=tuple(prunable_of[gid]),
         members=tuple(dict.fromkeys(members.get(gid, []))), sources=tuple(sources.get(gid, ())),
         exact=not inexact_list[gid], inexact_reasons=tuple(reasons_inexact.get(gid, ())[:4]),
         pinned_reasons=tuple(reasons_pin.get(gid, ())[:4])) for gid, classes in enumerate(classes_of))
     return groups, group_of_class
+
+
+def _chunks(flat: list, counts: list[int]) -> list[list]:
+    out, at = [], 0
+    for k in counts:
+        out.append(flat[at:at + k])
+        at += k
+    return out
 
 
 def _tagged_unique(labels: list[torch.Tensor], table: torch.Tensor, bound: int) -> torch.Tensor:

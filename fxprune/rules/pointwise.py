@@ -68,7 +68,10 @@ def broadcast_labels(ctx, node, operands) -> torch.Tensor:
     first = aligned[0]
     for other in aligned[1:]:
         ctx.union(first, other)
-    return torch.broadcast_tensors(*aligned)[0].contiguous() if len(aligned) > 1 else first
+    # after the unions every operand has the same class at every output position, so the
+    # smallest one describes the output (a (1, 1, C) stream plus a (1, T, C) position
+    # table stays (1, 1, C) instead of growing to T * C labels)
+    return min(aligned, key=lambda l: l.numel())
 
 
 def pointwise(ctx, node):

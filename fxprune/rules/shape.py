@@ -22,8 +22,8 @@ from .registry import register
 
 def _concrete(ctx, a, *, full: bool = True):
     if isinstance(a, torch.fx.Node):
-        if ctx.is_tensor(a):
-            return ctx.full(a).contiguous() if full else ctx.labels(a)
+        if ctx.is_tensor(a):  # expanded, not copied: dims where labels repeat keep stride 0
+            return ctx.full(a) if full else ctx.labels(a)
         return ctx.value(a)
     if isinstance(a, (list, tuple)):
         return type(a)(_concrete(ctx, v, full=full) for v in a)
@@ -52,7 +52,21 @@ def relabel(ctx, node):
     """Run the node's own op on the label tensors."""
     args = _concrete(ctx, node.args)
     kwargs = _concrete(ctx, node.kwargs)
-    return _as_labels(_call(ctx, node, args, kwargs))
+    try:  # on expanded label tensors first: no copy where the labels repeat
+        return _as_labels(_call(ctx, node, args, kwargs))
+    except RuntimeError:  # a view that the expanded strides do not allow
+        args, kwargs = _contiguous(args), _contiguous(kwargs)
+        return _as_labels(_call(ctx, node, args, kwargs))
+
+
+def _contiguous(a):
+    if isinstance(a, torch.Tensor):
+        return a.contiguous()
+    if isinstance(a, (list, tuple)):
+        return type(a)(_contiguous(v) for v in a)
+    if isinstance(a, dict):
+        return {k: _contiguous(v) for k, v in a.items()}
+    return a
 
 
 def _dim_arg(ctx, node, pos, name, default=0):
