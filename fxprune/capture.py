@@ -9,6 +9,7 @@ and only as a last resort with the real example inputs.
 from __future__ import annotations
 
 import copy
+import operator
 import linecache
 from dataclasses import dataclass
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from ._util import as_tuple
@@ -157,6 +159,10 @@ class _MetaProp(torch.fx.Interpreter):
     def call_function(self, target, args, kwargs):
         if self.on_meta and "device" in kwargs:  # exported graphs name the capture's device
             kwargs = {**kwargs, "device": torch.device("meta")}
+        if self.on_meta and self.shortcut_flops:
+            got = _function_shape(target, args, kwargs)
+            if got is not None:  # known from the argument shapes: no (Python) meta kernel
+                return torch.empty(got[0], dtype=got[1], device="meta")
         return super().call_function(target, args, kwargs)
 
     def run_node(self, n: torch.fx.Node) -> Any:
@@ -178,6 +184,9 @@ _SAME_SHAPE = frozenset({nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU
                          nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout})
 
 
+_ADAPTIVE_AVG = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+
+
 def _module_shape(module: nn.Module, args: tuple, kwargs: dict,
                   with_flops: bool = True) -> tuple[int, ...] | None:
     """Output shape of common layers from their attributes (meta kernels for batch norm
@@ -191,6 +200,20 @@ def _module_shape(module: nn.Module, args: tuple, kwargs: dict,
                 (len(shape) < 2 or shape[1] != module.num_features):
             return None  # let the kernel raise its own error
         return shape
+    if type(module) is nn.LayerNorm:
+        ns = tuple(module.normalized_shape)
+        return shape if len(shape) >= len(ns) and shape[len(shape) - len(ns):] == ns else None
+    if type(module) is nn.GroupNorm:
+        return shape if len(shape) >= 2 and shape[1] == module.num_channels else None
+    if type(module) in (nn.Softmax, nn.LogSoftmax):
+        return shape if module.dim is not None and -len(shape) <= module.dim < max(len(shape), 1) else None
+    k = _ADAPTIVE_AVG.get(type(module))
+    if k is not None:
+        size = module.output_size
+        size = (size,) * k if isinstance(size, int) else tuple(size)
+        if len(shape) not in (k + 1, k + 2) or len(size) != k or min(shape[-k:]) < 1:
+            return None
+        return shape[:-k] + tuple(n if o is None else o for o, n in zip(size, shape[-k:]))
     if not with_flops:
         return None
     if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
@@ -202,6 +225,62 @@ def _module_shape(module: nn.Module, args: tuple, kwargs: dict,
         return None if min(spatial) < 1 else (shape[0], module.out_channels, *spatial)
     if type(module) is nn.Linear and shape and shape[-1] == module.in_features:
         return (*shape[:-1], module.out_features)
+    return None
+
+
+_BINARY = frozenset({operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul})
+
+
+def _function_shape(target: Any, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], torch.dtype] | None:
+    """(shape, dtype) of a few functions whose meta kernels are Python decompositions
+    (linear, layer_norm, attention, broadcasting arithmetic), from the argument shapes;
+    None where anything is unusual, so that the kernel runs and raises its own error."""
+    if target in _BINARY:
+        if kwargs or len(args) != 2 or not any(isinstance(a, torch.Tensor) for a in args):
+            return None
+        if not all(isinstance(a, (torch.Tensor, int, float)) and not isinstance(a, bool) for a in args):
+            return None
+        try:
+            shape = torch.broadcast_shapes(*(a.shape for a in args if isinstance(a, torch.Tensor)))
+            return tuple(shape), torch.result_type(*args)
+        except RuntimeError:
+            return None
+    if target is torch._C._nn.linear or target is F.linear:
+        x, w, b = (list(args) + [kwargs.get("bias")])[:3] if len(args) >= 2 and set(kwargs) <= {"bias"} \
+            else (None, None, None)
+        if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and w.ndim == 2 and x.ndim >= 1
+                and x.shape[-1] == w.shape[1] and x.dtype == w.dtype
+                and (b is None or (isinstance(b, torch.Tensor) and tuple(b.shape) == (w.shape[0],)))):
+            return None
+        return (*x.shape[:-1], w.shape[0]), x.dtype
+    if target is torch.layer_norm or target is F.layer_norm:
+        if kwargs or len(args) < 2 or not isinstance(args[0], torch.Tensor):
+            return None
+        x, ns = args[0], args[1]
+        ns = (ns,) if isinstance(ns, int) else tuple(ns)
+        params = [a for a in args[2:4] if a is not None]
+        if len(ns) > x.ndim or tuple(x.shape[x.ndim - len(ns):]) != ns or \
+                any(not isinstance(p, torch.Tensor) or tuple(p.shape) != ns for p in params):
+            return None
+        return tuple(x.shape), x.dtype
+    if target is torch._C._nn.scaled_dot_product_attention or target is F.scaled_dot_product_attention:
+        if len(args) != 3 or set(kwargs) - {"attn_mask", "dropout_p", "is_causal", "scale"}:
+            return None
+        q, k, v = args
+        mask = kwargs.get("attn_mask")
+        if not all(isinstance(t, torch.Tensor) and t.ndim >= 2 and t.dtype == q.dtype for t in (q, k, v)):
+            return None
+        if not (q.ndim == k.ndim == v.ndim and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
+                and q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2]):
+            return None
+        if mask is not None:
+            try:
+                if not isinstance(mask, torch.Tensor) or \
+                        torch.broadcast_shapes(mask.shape, (*q.shape[:-1], k.shape[-2])) != (*q.shape[:-1], k.shape[-2]):
+                    return None
+            except RuntimeError:
+                return None
+        return (*q.shape[:-1], v.shape[-1]), q.dtype
     return None
 
 

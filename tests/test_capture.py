@@ -1,12 +1,16 @@
 """Capture: shapes on every node, GraphModule input, parameters as placeholders,
 leaf modules, concrete_args."""
 
+import operator
+
+import pytest
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 import fxprune
+from fxprune import capture
 from fxprune.meta import get_meta, tensor_meta
 from healthy import make_healthy
 from oracle import assert_untouched, prune_and_verify, snapshot
@@ -125,3 +129,61 @@ def test_optional_forward_arguments_are_traced_at_their_defaults():
     assert gm.meta["fxprune_frontend"] == "fx"
     result, v = prune_and_verify(OptionalMask(), x, ratio=0.5, healthy=False)
     assert result.module.get_parameter("a.weight").shape == (4, 6)
+
+
+# -- shape shortcuts of the meta pass agree with the kernels --------------------------
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+_FUNCTION_CASES = [
+    (F.linear, (_meta(2, 5, 8), _meta(3, 8)), {}),
+    (F.linear, (_meta(8), _meta(3, 8), _meta(3)), {}),
+    (torch._C._nn.linear, (_meta(2, 8), _meta(3, 8)), {"bias": _meta(3)}),
+    (F.layer_norm, (_meta(2, 5, 8), (8,), _meta(8), _meta(8)), {}),
+    (F.layer_norm, (_meta(2, 5, 8), [5, 8]), {}),
+    (F.scaled_dot_product_attention, (_meta(2, 4, 6, 8), _meta(2, 4, 7, 8), _meta(2, 4, 7, 3)), {}),
+    (F.scaled_dot_product_attention, (_meta(2, 4, 6, 8), _meta(2, 4, 7, 8), _meta(2, 4, 7, 8)),
+     {"attn_mask": _meta(1, 1, 6, 7, dtype=torch.bool), "is_causal": False}),
+    (operator.add, (_meta(2, 1, 8), _meta(5, 1)), {}),
+    (operator.mul, (_meta(2, 3, dtype=torch.int64), 0.5), {}),
+    (operator.sub, (3, _meta(4, dtype=torch.float16)), {}),
+    (torch.add, (_meta(2, 3, dtype=torch.int32), _meta(3, dtype=torch.int64)), {}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(_FUNCTION_CASES)))
+def test_function_shape_shortcuts_match_the_meta_kernels(case):
+    fn, args, kwargs = _FUNCTION_CASES[case]
+    want = fn(*args, **kwargs)
+    got = capture._function_shape(fn, args, kwargs)
+    assert got == (tuple(want.shape), want.dtype)
+
+
+@pytest.mark.parametrize("fn,args", [
+    (F.linear, (_meta(2, 7), _meta(3, 8))),                      # wrong in_features
+    (F.linear, (_meta(2, 8), _meta(3, 8), _meta(4))),            # wrong bias
+    (F.layer_norm, (_meta(2, 5, 8), (5,))),                      # normalized_shape mismatch
+    (F.scaled_dot_product_attention, (_meta(2, 4, 6, 8), _meta(2, 4, 7, 5), _meta(2, 4, 7, 3))),
+    (operator.add, (_meta(2, 3), _meta(4))),                     # not broadcastable
+])
+def test_function_shape_shortcuts_leave_bad_arguments_to_the_kernel(fn, args):
+    assert capture._function_shape(fn, args, {}) is None
+    with pytest.raises(RuntimeError):
+        fn(*args)
+
+
+@pytest.mark.parametrize("module,shape", [
+    (nn.LayerNorm(8), (2, 5, 8)), (nn.LayerNorm((5, 8)), (2, 5, 8)), (nn.GroupNorm(2, 4), (3, 4, 5, 5)),
+    (nn.Softmax(dim=1), (2, 3, 4)), (nn.LogSoftmax(dim=-1), (2, 3)),
+    (nn.AdaptiveAvgPool2d((1, None)), (2, 3, 7, 5)), (nn.AdaptiveAvgPool1d(3), (4, 9)),
+    (nn.AdaptiveAvgPool3d(2), (1, 2, 4, 4, 4)),
+])
+def test_module_shape_shortcuts_match_the_modules(module, shape):
+    x = torch.randn(shape)
+    assert capture._module_shape(module, (x,), {}) == tuple(module(x).shape)
+
+
+def test_module_shape_shortcuts_leave_bad_inputs_to_the_module():
+    assert capture._module_shape(nn.LayerNorm(8), (torch.randn(2, 7),), {}) is None
+    assert capture._module_shape(nn.GroupNorm(2, 4), (torch.randn(2, 6, 3),), {}) is None
