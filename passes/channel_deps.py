@@ -280,13 +280,15 @@ def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
             space.pin(labels, why)
     # alignments are made separable once every union of the walk is known
     alignments = tuple(Alignment(p, normalize(space, l), r, nd) for p, l, r, nd in ctx.alignments)
+    # a free tensor's labels are left as created until its users are known; separable now
+    node_labels = {node.name: normalize(space, labels) if node.op == "get_attr" and isinstance(labels, torch.Tensor)
+                   else labels for node, labels in ctx.labels_of.items()}
     class_of, n = _dense_classes(space)
     pinned, pin_why = space.class_notes(space.pinned, class_of, n)
     inexact, inexact_why = space.class_notes(space.inexact, class_of, n)
 
     groups, group_of_class = _build_groups(space, class_of, n, alignments, pinned, pin_why,
                                            inexact, inexact_why)
-    node_labels = {node.name: labels for node, labels in ctx.labels_of.items()}
     head_groups = set()
     for _, labels in ctx.head_splits:
         gids = group_of_class[class_of[labels.reshape(-1)]]
