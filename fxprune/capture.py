@@ -26,7 +26,7 @@ from torch import nn
 from ._util import as_tuple
 from .decompose import decomposition
 from .errors import InputError, TraceError
-from .meta import FRONTEND_KEY, LIFTED_KEY, copy_pytree_specs, set_meta
+from .meta import FRONTEND_KEY, LIFTED_KEY, TensorMeta, copy_pytree_specs, get_meta, set_meta
 from .rules.context import get_tensor
 from .passes_base import Pass, PruneState, register_pass
 
@@ -167,13 +167,27 @@ class _MetaProp(torch.fx.Interpreter):
 
     def run_node(self, n: torch.fx.Node) -> Any:
         try:
-            result = super().run_node(n)
+            if self.on_meta and _may_make_tensors(n):
+                with torch.device("meta"):  # a tensor made from sizes (arange, zeros) is meta too
+                    result = super().run_node(n)
+            else:  # the device mode costs every torch call a Python detour: only where needed
+                result = super().run_node(n)
         except InputError:
             raise
         except Exception as exc:
             raise _NodeFailure(n, exc) from exc
         set_meta(n, result)
         return result
+
+
+def _may_make_tensors(n: torch.fx.Node) -> bool:
+    """Whether running ``n`` may create a tensor on the default device: a module (its
+    forward may), or a function or method none of whose inputs is a tensor."""
+    if n.op == "call_module":
+        return True
+    if n.op not in ("call_function", "call_method"):
+        return False
+    return not any(isinstance(get_meta(i), TensorMeta) for i in n.all_input_nodes)
 
 
 # modules whose output has the shape and dtype of their input (exact types: a subclass
@@ -245,6 +259,20 @@ def _function_shape(target: Any, args: tuple, kwargs: dict) -> tuple[tuple[int, 
             return tuple(shape), torch.result_type(*args)
         except RuntimeError:
             return None
+    if target is torch.cat or target is torch.concat:
+        tensors, dim = (args[0] if args else kwargs.get("tensors")), (args[1] if len(args) > 1 else kwargs.get("dim", 0))
+        if set(kwargs) - {"tensors", "dim"} or not isinstance(tensors, (list, tuple)) or not tensors or \
+                not isinstance(dim, int) or not all(isinstance(t, torch.Tensor) for t in tensors):
+            return None
+        first = tensors[0]
+        if first.ndim == 0 or not -first.ndim <= dim < first.ndim:
+            return None
+        d = dim % first.ndim
+        rest = [first.shape[:d], first.shape[d + 1:]]
+        if any(t.ndim != first.ndim or t.dtype != first.dtype or [t.shape[:d], t.shape[d + 1:]] != rest
+               for t in tensors):
+            return None
+        return (*first.shape[:d], sum(t.shape[d] for t in tensors), *first.shape[d + 1:]), first.dtype
     if target is torch._C._nn.linear or target is F.linear:
         x, w, b = (list(args) + [kwargs.get("bias")])[:3] if len(args) >= 2 and set(kwargs) <= {"bias"} \
             else (None, None, None)
@@ -348,8 +376,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, inputs: tuple, *, fake: bool = Tr
         try:
             with torch.no_grad():
                 if mode == "meta":
-                    with torch.device("meta"):  # tensors made inside forward (arange) too
-                        _MetaProp(gm, on_meta=True).run(*(_to_meta(t) for t in inputs))
+                    _MetaProp(gm, on_meta=True).run(*(_to_meta(t) for t in inputs))
                 elif mode == "fake":
                     from torch._subclasses.fake_tensor import FakeTensorMode
                     fmode = FakeTensorMode(allow_non_fake_inputs=True)

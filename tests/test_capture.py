@@ -149,6 +149,9 @@ _FUNCTION_CASES = [
     (operator.mul, (_meta(2, 3, dtype=torch.int64), 0.5), {}),
     (operator.sub, (3, _meta(4, dtype=torch.float16)), {}),
     (torch.add, (_meta(2, 3, dtype=torch.int32), _meta(3, dtype=torch.int64)), {}),
+    (torch.cat, ([_meta(2, 3, 4), _meta(2, 5, 4)], 1), {}),
+    (torch.cat, ([_meta(2, 3), _meta(1, 3)],), {}),
+    (torch.cat, ([_meta(2, 3), _meta(2, 4)],), {"dim": -1}),
 ]
 
 
@@ -166,6 +169,7 @@ def test_function_shape_shortcuts_match_the_meta_kernels(case):
     (F.layer_norm, (_meta(2, 5, 8), (5,))),                      # normalized_shape mismatch
     (F.scaled_dot_product_attention, (_meta(2, 4, 6, 8), _meta(2, 4, 7, 5), _meta(2, 4, 7, 3))),
     (operator.add, (_meta(2, 3), _meta(4))),                     # not broadcastable
+    (torch.cat, ([_meta(2, 3), _meta(3, 4)], 1)),                # sizes differ off the cat dim
 ])
 def test_function_shape_shortcuts_leave_bad_arguments_to_the_kernel(fn, args):
     assert capture._function_shape(fn, args, {}) is None
@@ -187,3 +191,19 @@ def test_module_shape_shortcuts_match_the_modules(module, shape):
 def test_module_shape_shortcuts_leave_bad_inputs_to_the_module():
     assert capture._module_shape(nn.LayerNorm(8), (torch.randn(2, 7),), {}) is None
     assert capture._module_shape(nn.GroupNorm(2, 4), (torch.randn(2, 6, 3),), {}) is None
+
+
+def test_tensors_made_inside_forward_get_shapes_on_meta():
+    class Ramp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 6)
+
+        def forward(self, x):
+            pos = torch.arange(x.shape[1]).float()[None, :, None]  # made from a size: default device
+            return self.proj(x + pos) + torch.zeros(6)
+
+    x = torch.randn(2, 5, 4)
+    gm = fxprune.trace(Ramp(), x)
+    assert capture.propagate_shapes(gm, (x,)) == "meta"  # no fallback to fake or real tensors
+    assert tensor_meta([n for n in gm.graph.nodes if n.op == "output"][0].args[0]).shape == (2, 5, 6)
