@@ -105,7 +105,18 @@ def symbolic_trace(model: nn.Module, *, leaf_modules: Iterable = (),
     if concrete_args:
         _inline_concrete_args(graph, model, concrete_args)
     name = type(model).__name__
-    return torch.fx.GraphModule(tracer.root, graph, name)
+    return _graph_module(tracer.root, graph, name)
+
+
+def _graph_module(root: Any, graph: torch.fx.Graph, name: str) -> torch.fx.GraphModule:
+    """A GraphModule whose Python code is generated when first needed (its forward is
+    called or its code read): the analysis and the rewrite only read the graph, so a
+    prune does not pay for compiling the captured model's source."""
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:  # an older torch: compiled right away
+        return torch.fx.GraphModule(root, graph, name)
+    return _LazyGraphModule(root, graph, name)
 
 
 def _inline_concrete_args(graph: torch.fx.Graph, model: nn.Module, concrete_args: dict) -> None:
