@@ -8,7 +8,9 @@ can be written as text::
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
+import gc
 import re
 import time
 from dataclasses import dataclass, field
@@ -85,6 +87,21 @@ def _load_builtin_passes() -> None:
     import passes  # noqa: F401  (registers the built-in passes)
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """Pause Python's cyclic garbage collector while the passes run: they allocate many
+    long-lived objects (graph nodes, label tensors), and every full collection walks all
+    of them (about a third of a 10,000-node prune). Reference counting still frees
+    everything else; the collector resumes, as it was, when the pipeline ends."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 @dataclass(frozen=True)
 class Pipeline:
     """An ordered list of passes, run with per-pass wall-clock timing."""
@@ -92,6 +109,10 @@ class Pipeline:
     passes: tuple[Pass, ...] = field(default_factory=tuple)
 
     def run(self, state: PruneState, *, progress: Any = None) -> PruneState:
+        with _gc_paused():
+            return self._run(state, progress)
+
+    def _run(self, state: PruneState, progress: Any) -> PruneState:
         for p in self.passes:
             start = time.perf_counter()
             with torch.no_grad():

@@ -1,6 +1,8 @@
 """Every bad input gets a typed error with a useful message; the pipeline text
 builds the same passes as the Python API."""
 
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,7 @@ from torch import nn
 
 import fxprune
 from fxprune.errors import ConfigError, FxpruneError, InputError, PipelineError, TraceError
+from fxprune.passes_base import Pipeline, PruneState
 from oracle import prune_and_verify
 
 
@@ -163,3 +166,29 @@ def test_unknown_op_pins_its_channels_and_says_so():
     assert groups.group_of("b.weight").is_prunable
     assert "no rule for" in str(groups) and "fft" in str(groups)
     prune_and_verify(Odd(), X, ratio=0.5)
+
+
+def test_the_pipeline_pauses_the_garbage_collector_and_restores_it():
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    class Look:
+        name = "look"
+
+        def run(self, state):
+            seen.append(gc.isenabled())
+            return state
+
+    state = PruneState(model=Probe(), example_inputs=(torch.randn(1),))
+    assert gc.isenabled()
+    Pipeline((Look(),)).run(state)
+    assert seen == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        Pipeline((Look(),)).run(state)
+        assert not gc.isenabled()  # a collector the caller had turned off stays off
+    finally:
+        gc.enable()
