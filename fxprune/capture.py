@@ -254,12 +254,24 @@ def _module_shape(module: nn.Module, args: tuple, kwargs: dict,
 
 
 _BINARY = frozenset({operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul})
+# elementwise functions of one tensor (the other arguments are flags and constants)
+_UNARY = frozenset({F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
+                    F.leaky_relu, F.elu, F.selu, F.celu, F.softplus, F.sigmoid, torch.sigmoid, F.tanh,
+                    torch.tanh, torch.exp, torch.neg, torch.abs, F.dropout, F.dropout1d, F.dropout2d,
+                    F.dropout3d, F.alpha_dropout})
 
 
 def _function_shape(target: Any, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], torch.dtype] | None:
     """(shape, dtype) of a few functions whose meta kernels are Python decompositions
     (linear, layer_norm, attention, broadcasting arithmetic), from the argument shapes;
     None where anything is unusual, so that the kernel runs and raises its own error."""
+    if target in _UNARY:
+        x = args[0] if args else kwargs.get("input")
+        others = list(args[1:]) + [v for k, v in kwargs.items() if k != "input"]
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or \
+                any(isinstance(v, torch.Tensor) for v in others):
+            return None
+        return tuple(x.shape), x.dtype
     if target in _BINARY:
         if kwargs or len(args) != 2 or not any(isinstance(a, torch.Tensor) for a in args):
             return None
