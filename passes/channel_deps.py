@@ -132,8 +132,12 @@ def _no_rule(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
 
 # -- finalization ----------------------------------------------------------------
 def _dense_classes(space: LabelSpace) -> tuple[torch.Tensor, int]:
-    uniq, class_of = torch.unique(space.all_roots(), return_inverse=True)
-    return class_of, int(uniq.numel())
+    roots = space.all_roots()
+    # classes numbered in the order of their root labels (what unique would give), in O(n):
+    # a root is a label that is its own parent
+    is_root = roots == torch.arange(roots.numel(), dtype=roots.dtype)
+    number = torch.cumsum(is_root, 0) - 1
+    return number[roots], int(is_root.sum())
 
 
 def _family_components(space: LabelSpace, class_of: torch.Tensor, n: int) -> torch.Tensor:
@@ -182,7 +186,7 @@ def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inex
     members: dict[int, list[Member]] = {}
     n_groups = len(counts) + 1
     # one (alignment, group) key per pair, in alignment order: a single unique for all
-    for key in _tagged_unique([a.labels for a in alignments], group_of_class[class_of] + 1, n_groups).tolist():
+    for key in _tagged_distinct([a.labels for a in alignments], group_of_class[class_of] + 1, n_groups).tolist():
         i, gid = divmod(key, n_groups)
         if gid > 0:
             a = alignments[i]
@@ -222,29 +226,42 @@ def _chunks(flat: list, counts: list[int]) -> list[list]:
     return out
 
 
-def _tagged_unique(labels: list[torch.Tensor], table: torch.Tensor, bound: int) -> torch.Tensor:
+def _tagged_distinct(labels: list[torch.Tensor], table: torch.Tensor, bound: int) -> torch.Tensor:
     """The distinct pairs ``(i, table[l])`` for the labels ``l`` of ``labels[i]``
-    (``table`` maps into ``[0, bound)``), as sorted keys ``i * bound + table[l]``: one
-    vectorized unique instead of one per tensor."""
+    (``table`` maps into ``[0, bound)``), as sorted keys ``i * bound + table[l]``. Most
+    tensors map to a single value (an alignment usually belongs to one group): those
+    are found with a min and a max per tensor, and only the others are sorted."""
     if not labels:
         return torch.zeros(0, dtype=torch.int64)
     sizes = torch.tensor([l.numel() for l in labels], dtype=torch.int64)
     tag = torch.repeat_interleave(torch.arange(len(labels), dtype=torch.int64), sizes)
-    return torch.unique(tag * bound + table[torch.cat([l.reshape(-1) for l in labels])])
+    value = table[torch.cat([l.reshape(-1) for l in labels])]
+    lo = torch.full((len(labels),), bound, dtype=torch.int64).scatter_reduce(0, tag, value, "amin")
+    hi = torch.full((len(labels),), -1, dtype=torch.int64).scatter_reduce(0, tag, value, "amax")
+    single = (lo == hi).nonzero().reshape(-1)
+    keys = [single * bound + lo[single]]
+    mixed = (lo != hi)[tag]
+    if bool(mixed.any()):
+        keys.append(torch.unique(tag[mixed] * bound + value[mixed]))
+    return torch.sort(torch.cat(keys)).values
 
 
-def _segments(labels_of: dict, class_of: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-    """Distinct class sets along the channel dim of every tensor: each must keep one."""
+def _segments(labels_of: dict, class_of: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The classes along the channel dim of every tensor (each must keep one), one entry
+    per distinct sequence: a class may repeat inside an entry, which changes nothing for
+    the check."""
     tensors = {}
     for labels in labels_of.values():
         for l in (labels if isinstance(labels, tuple) else (labels,)):
             if isinstance(l, torch.Tensor):
                 tensors.setdefault(id(l), l)  # a label tensor shared by several nodes counts once
-    keys = _tagged_unique(list(tensors.values()), class_of, n)
-    counts = torch.bincount(keys // n, minlength=len(tensors)).tolist()
+    if not tensors:
+        return ()
+    flat = class_of[torch.cat([l.reshape(-1) for l in tensors.values()])]
     distinct: dict[bytes, torch.Tensor] = {}
-    for cls in torch.split(keys % n, counts):
-        distinct.setdefault(cls.numpy().tobytes(), cls)
+    for cls in torch.split(flat, [l.numel() for l in tensors.values()]):
+        if cls.numel():
+            distinct.setdefault(cls.numpy().tobytes(), cls)
     return tuple(distinct.values())
 
 
@@ -297,7 +314,7 @@ def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
         gm=gm, class_of=class_of, n_classes=n, class_pinned=pinned, class_inexact=inexact,
         node_labels=node_labels, alignments=alignments, consumers=tuple(ctx.consumers),
         groups=groups, group_of_class=group_of_class, barriers=tuple(ctx.barriers),
-        policy=policy, frontend=frontend, segments=_segments(ctx.labels_of, class_of, n),
+        policy=policy, frontend=frontend, segments=_segments(ctx.labels_of, class_of),
         channel_sized=frozenset(k for k, v in ctx.channel_sized.items() if v is True),
         param_consumers=tuple(ctx.param_consumers), head_groups=frozenset(head_groups),
         head_splits=tuple(dict.fromkeys(name for name, _ in ctx.head_splits)))
