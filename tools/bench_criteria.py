@@ -29,7 +29,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import fxprune
 from fxprune.models import resnet20
