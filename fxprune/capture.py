@@ -8,9 +8,10 @@ and only as a last resort with the real example inputs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import operator
 import linecache
+import operator
 from dataclasses import dataclass
 import sys
 import traceback
@@ -178,10 +179,10 @@ class _MetaProp(torch.fx.Interpreter):
 
     def run_node(self, n: torch.fx.Node) -> Any:
         try:
-            if self.on_meta and _may_make_tensors(n):
-                with torch.device("meta"):  # a tensor made from sizes (arange, zeros) is meta too
-                    result = super().run_node(n)
-            else:  # the device mode costs every torch call a Python detour: only where needed
+            # a tensor made from sizes (arange, zeros) must be meta too; the device mode costs
+            # every torch call a Python detour, so it is entered only where that can happen
+            meta_mode = torch.device("meta") if self.on_meta and _may_make_tensors(n) else contextlib.nullcontext()
+            with meta_mode:
                 result = super().run_node(n)
         except InputError:
             raise

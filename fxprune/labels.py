@@ -130,16 +130,13 @@ class LabelSpace:
         return self._find(labels.reshape(-1)).reshape(labels.shape)
 
     # -- annotations ----------------------------------------------------
-    def _annotate(self, notes: list, labels: torch.Tensor, reason: str) -> None:
-        notes.append((labels, reason))
-
     def pin(self, labels: torch.Tensor, reason: str) -> None:
         """Mark the classes of ``labels`` as never removable, with a reason."""
-        self._annotate(self.pinned, labels, reason)
+        self.pinned.append((labels, reason))
 
     def mark_inexact(self, labels: torch.Tensor, reason: str) -> None:
         """Mark the classes of ``labels`` as touched by a value-mixing op."""
-        self._annotate(self.inexact, labels, reason)
+        self.inexact.append((labels, reason))
 
     def class_notes(self, notes: list[tuple[torch.Tensor, str]], class_of: torch.Tensor,
                     n: int) -> tuple[torch.Tensor, dict[int, list[str]]]:
@@ -152,11 +149,11 @@ class LabelSpace:
             return flags, reasons
         texts: dict[str, int] = {}
         rid = torch.tensor([texts.setdefault(r, len(texts)) for _, r in notes], dtype=torch.int64)
-        sizes = torch.tensor([l.numel() for l, _ in notes], dtype=torch.int64)
-        cls = class_of[torch.cat([l.reshape(-1) for l, _ in notes])]
+        flat, note = concat_tagged([l for l, _ in notes])
+        cls = class_of[flat]
         flags[cls] = True
         n_texts = len(texts)
-        keys = torch.unique(cls * n_texts + torch.repeat_interleave(rid, sizes))  # by class, then reason
+        keys = torch.unique(cls * n_texts + rid[note])  # by class, then reason
         c = keys // n_texts
         first = torch.searchsorted(c, c, side="left")
         keys = keys[torch.arange(keys.numel()) - first < _MAX_REASONS]  # a few reasons per class
@@ -167,6 +164,25 @@ class LabelSpace:
 
 
 # -- label-tensor helpers ---------------------------------------------------
+def label_tensors(values) -> list[torch.Tensor]:
+    """The label tensors among per-node labels (a tensor, a tuple of them, or None), each
+    object once (several nodes may share one)."""
+    found: dict[int, torch.Tensor] = {}
+    for got in values:
+        for l in (got if isinstance(got, tuple) else (got,)):
+            if isinstance(l, torch.Tensor):
+                found.setdefault(id(l), l)
+    return list(found.values())
+
+
+def concat_tagged(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All elements of ``tensors`` flattened into one vector, and for each element the
+    index of the tensor it came from: per-tensor work done in one vectorized pass."""
+    sizes = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
+    tag = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int64), sizes)
+    return torch.cat([t.reshape(-1) for t in tensors]), tag
+
+
 def const_like(ndim: int) -> torch.Tensor:
     """A label tensor of ``ndim`` dims, all CONST."""
     return torch.full((1,) * ndim, CONST, dtype=torch.int64)

@@ -110,16 +110,13 @@ class Pipeline:
 
     def run(self, state: PruneState, *, progress: Any = None) -> PruneState:
         with _gc_paused():
-            return self._run(state, progress)
-
-    def _run(self, state: PruneState, progress: Any) -> PruneState:
-        for p in self.passes:
-            start = time.perf_counter()
-            with torch.no_grad():
-                state = p.run(state)
-            state = state.replace(timings=state.timings + ((p.name, time.perf_counter() - start),))
-            if progress is not None:
-                progress(p.name)
+            for p in self.passes:
+                start = time.perf_counter()
+                with torch.no_grad():
+                    state = p.run(state)
+                state = state.replace(timings=state.timings + ((p.name, time.perf_counter() - start),))
+                if progress is not None:
+                    progress(p.name)
         return state
 
     def __str__(self) -> str:

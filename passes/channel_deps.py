@@ -19,7 +19,7 @@ from fxprune import rules  # noqa: F401  (fills the registry)
 from fxprune.channels import Alignment, ChannelGroup, ChannelGroups, Member
 from fxprune.errors import AnalysisError
 from fxprune.errors import ConfigError
-from fxprune.labels import CONST, LabelSpace, normalize
+from fxprune.labels import CONST, LabelSpace, concat_tagged, label_tensors, normalize
 from fxprune.meta import TensorMeta, get_meta, has_meta
 from fxprune.passes_base import AnalysisPass, PruneState, register_pass
 from fxprune.rules.context import AnalysisContext
@@ -185,7 +185,7 @@ def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inex
                                          minlength=len(counts)).tolist())
     members: dict[int, list[Member]] = {}
     n_groups = len(counts) + 1
-    # one (alignment, group) key per pair, in alignment order: a single unique for all
+    # one (alignment, group) key per pair, in alignment order, for all alignments at once
     for key in _tagged_distinct([a.labels for a in alignments], group_of_class[class_of] + 1, n_groups).tolist():
         i, gid = divmod(key, n_groups)
         if gid > 0:
@@ -233,9 +233,8 @@ def _tagged_distinct(labels: list[torch.Tensor], table: torch.Tensor, bound: int
     are found with a min and a max per tensor, and only the others are sorted."""
     if not labels:
         return torch.zeros(0, dtype=torch.int64)
-    sizes = torch.tensor([l.numel() for l in labels], dtype=torch.int64)
-    tag = torch.repeat_interleave(torch.arange(len(labels), dtype=torch.int64), sizes)
-    value = table[torch.cat([l.reshape(-1) for l in labels])]
+    flat, tag = concat_tagged(labels)
+    value = table[flat]
     lo = torch.full((len(labels),), bound, dtype=torch.int64).scatter_reduce(0, tag, value, "amin")
     hi = torch.full((len(labels),), -1, dtype=torch.int64).scatter_reduce(0, tag, value, "amax")
     single = (lo == hi).nonzero().reshape(-1)
@@ -250,16 +249,12 @@ def _segments(labels_of: dict, class_of: torch.Tensor) -> tuple[torch.Tensor, ..
     """The classes along the channel dim of every tensor (each must keep one), one entry
     per distinct sequence: a class may repeat inside an entry, which changes nothing for
     the check."""
-    tensors = {}
-    for labels in labels_of.values():
-        for l in (labels if isinstance(labels, tuple) else (labels,)):
-            if isinstance(l, torch.Tensor):
-                tensors.setdefault(id(l), l)  # a label tensor shared by several nodes counts once
+    tensors = label_tensors(labels_of.values())
     if not tensors:
         return ()
-    flat = class_of[torch.cat([l.reshape(-1) for l in tensors.values()])]
+    flat = class_of[torch.cat([l.reshape(-1) for l in tensors])]
     distinct: dict[bytes, torch.Tensor] = {}
-    for cls in torch.split(flat, [l.numel() for l in tensors.values()]):
+    for cls in torch.split(flat, [l.numel() for l in tensors]):
         if cls.numel():
             distinct.setdefault(cls.numpy().tobytes(), cls)
     return tuple(distinct.values())

@@ -18,6 +18,7 @@ import torch.fx
 
 from fxprune.channels import ChannelGroups
 from fxprune.errors import RewriteError
+from fxprune.labels import label_tensors
 from fxprune.meta import META_KEY, copy_pytree_specs
 from fxprune.passes_base import PruneState, TransformPass, register_pass
 from fxprune.rules.context import RewriteContext, get_module, get_tensor
@@ -34,9 +35,7 @@ def _intersect(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
 def slice_plan(groups: ChannelGroups, rctx: RewriteContext) -> dict[int, dict[int, torch.Tensor]]:
     """For every aligned tensor (by identity): dim -> kept indices."""
     plan: dict[int, dict[int, torch.Tensor]] = {}
-    rctx.prepare([a.labels for a in groups.alignments] +
-                 [l for got in groups.node_labels.values()
-                  for l in (got if isinstance(got, tuple) else (got,)) if isinstance(l, torch.Tensor)])
+    rctx.prepare([a.labels for a in groups.alignments] + label_tensors(groups.node_labels.values()))
     for a in groups.alignments:
         t = get_tensor(groups.gm, a.path)
         got = rctx.kept_index(a.labels)

@@ -10,7 +10,7 @@ import torch
 import torch.fx
 
 from ..errors import AnalysisError, RewriteError
-from ..labels import CONST, Family, LabelSpace, channel_dim, const_like
+from ..labels import CONST, Family, LabelSpace, channel_dim, concat_tagged, const_like
 from ..meta import TensorMeta, get_meta, tensor_meta
 
 
@@ -280,16 +280,13 @@ class RewriteContext:
         if not todo:
             return
         sizes = [l.numel() for l in todo]
-        flat = torch.cat([l.reshape(-1) for l in todo])
+        flat, tag = concat_tagged(todo)
         mask = self.kept[self.groups.class_of[flat]]
         size_t = torch.tensor(sizes, dtype=torch.int64)
-        starts = torch.cumsum(size_t, 0) - size_t
-        segment = torch.repeat_interleave(torch.arange(len(todo)), size_t)
-        removed = torch.zeros(len(todo), dtype=torch.int64).index_add_(0, segment, (~mask).long()).tolist()
-        position = torch.arange(flat.numel()) - starts[segment]
-        kept_counts = [n - r for n, r in zip(sizes, removed)]
-        pieces = torch.split(position[mask], kept_counts)
-        for l, n_removed, n_kept, idx in zip(todo, removed, kept_counts, pieces):
+        position = torch.arange(flat.numel()) - (torch.cumsum(size_t, 0) - size_t)[tag]  # index in its tensor
+        removed = torch.zeros(len(todo), dtype=torch.int64).index_add_(0, tag, (~mask).long()).tolist()
+        pieces = torch.split(position[mask], [n - r for n, r in zip(sizes, removed)])
+        for l, n_removed, idx in zip(todo, removed, pieces):
             dim = channel_dim(l)
             if n_removed == 0:
                 answer = None
