@@ -95,8 +95,17 @@ def _track_channel_sized(ctx: AnalysisContext, node: torch.fx.Node) -> None:
     """Ints derived from a channel count stay marked through getitem and arithmetic."""
     marks = [ctx.channel_sized.get(i.name) for i in node.all_input_nodes]
     if node.op == "call_function" and node.target is operator.getitem and isinstance(marks[0], set):
-        if ctx.value(node.args[1]) in marks[0]:
+        size, index = get_meta(node.args[0]), ctx.value(node.args[1])
+        positions = range(len(size)) if isinstance(size, (tuple, list)) else None
+        if positions is None:  # an unknown length: the marked entries are not tracked
             ctx.channel_sized[node.name] = True
+        elif isinstance(index, slice):  # x.shape[:2]: the marks follow their entries
+            kept = {j for j, k in enumerate(positions[index]) if k in marks[0]}
+            if kept:
+                ctx.channel_sized[node.name] = kept
+        elif isinstance(index, int) and -len(positions) <= index < len(positions):
+            if positions[index] in marks[0]:  # x.shape[-1] is the same entry as x.shape[ndim - 1]
+                ctx.channel_sized[node.name] = True
     elif any(m is True for m in marks):
         ctx.channel_sized[node.name] = True
 

@@ -208,3 +208,32 @@ def test_per_head_attention_mask_goes_with_the_heads(frontend):
     heads = [g for g in opaque.groups if any(m.path == "qkv.weight" for m in g.members)]
     assert not any(g.prunable for g in heads)  # heads kept with the opaque mask, not broken
     result, v = prune_and_verify(BiasedSdpa(True), x, ratio=0.5, frontend=frontend, healthy=False)
+
+
+class ShapeReadingAttention(nn.Module):
+    """timm-style attention that reads its sizes off the input: ``x.shape[:2]`` (a slice
+    of the size tuple) and ``x.shape[-1]`` (a negative index), then ``C // heads``."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.inp, self.qkv, self.proj, self.out = nn.Linear(8, d), nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 5)
+
+    def forward(self, x):
+        x = self.inp(x)
+        B, N = x.shape[:2]
+        C = x.shape[-1]
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        y = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(B, N, C)
+        return self.out(self.proj(y))
+
+
+@pytest.mark.parametrize("policy", ["heads", "head_dim", "outer"])
+def test_sizes_read_by_slice_and_negative_index_are_rewritten(policy):
+    torch.manual_seed(0)
+    m = ShapeReadingAttention().eval()
+    result, _ = prune_and_verify(m, torch.randn(2, 6, 8), ratio=0.5, policy=policy)
+    # the kept head_dim (heads policy) or hidden size is a constant in the pruned code,
+    # not recomputed from the pruned x.shape[-1] with the old head count
+    assert result.module(torch.randn(3, 7, 8)).shape == (3, 7, 5)
+    assert result.groups.channel_sized, "x.shape[-1] // heads was not tracked as a channel count"
