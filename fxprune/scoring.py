@@ -17,6 +17,7 @@ import torch
 
 from .channels import ChannelGroups
 from .errors import ConfigError
+from .labels import concat_tagged
 from .rules.context import get_tensor
 
 REDUCTIONS = ("mean", "sum", "max", "prod", "first")
@@ -49,11 +50,11 @@ def member_sums(groups: ChannelGroups, elementwise: Callable[[str, torch.Tensor]
     ``summed(path, tensor, dims)``, where given, computes that sum (keepdim) in one pass
     without materializing the map (a norm kernel for magnitudes).
     """
-    out = []
     member_dims: dict[str, set[int]] = {}
     for a in groups.alignments:
         if a.dim is not None and (roles is None or a.role in roles):
             member_dims.setdefault(a.path, set()).add(a.dim)
+    index, labels, values = [], [], []
     computed: dict[str, torch.Tensor | None] = {}  # at most the current tensor's core
     for i, a in enumerate(groups.alignments):
         dim = a.dim
@@ -74,14 +75,23 @@ def member_sums(groups: ChannelGroups, elementwise: Callable[[str, torch.Tensor]
         if value is None:
             continue
         others = [d for d in range(value.ndim) if d != dim and value.shape[d] > 1]
-        sums = (value.sum(others) if others else value).reshape(-1).expand(t.shape[dim]).double().cpu()
-        cls = groups.class_of[a.labels.reshape(-1)]
-        if cls.numel() == 1 or bool((cls[1:] > cls[:-1]).all()):  # the usual case: distinct, in order
-            out.append((i, cls, sums))
-            continue
-        uniq, inv = torch.unique(cls, return_inverse=True)
-        per_class = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, sums)
-        out.append((i, uniq, per_class))
+        index.append(i)
+        labels.append(a.labels)
+        values.append((value.sum(others) if others else value).reshape(-1).expand(t.shape[dim]))
+    if not index:
+        return []
+    # one class lookup for all members; a member's classes are usually distinct and in
+    # order (its labels were numbered along it), and only the others need a unique
+    flat, tag = concat_tagged(labels)
+    cls = groups.class_of[flat]
+    sums = torch.cat([v.cpu() for v in values]).double()
+    sizes = [v.numel() for v in values]
+    out: list[MemberEntry] = list(zip(index, cls.split(sizes), sums.split(sizes)))
+    unordered = (cls[1:] <= cls[:-1]) & (tag[1:] == tag[:-1])
+    for m in torch.unique(tag[1:][unordered]).tolist():
+        i, c, v = out[m]
+        uniq, inv = torch.unique(c, return_inverse=True)
+        out[m] = (i, uniq, torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, v))
     return out
 
 
@@ -94,7 +104,7 @@ def reduce_members(n_classes: int, entries: list[MemberEntry], reduction: str) -
         return values
     cls = torch.cat([c for _, c, _ in entries])
     sc = torch.cat([s for _, _, s in entries])
-    member = torch.cat([torch.full_like(c, i) for i, c, _ in entries])
+    member = torch.repeat_interleave(torch.arange(len(entries)), torch.tensor([c.numel() for _, c, _ in entries]))
     if reduction == "first":
         order = torch.argsort(member, stable=True).flip(0)  # last write wins: the first member
         values[cls[order]] = sc[order]

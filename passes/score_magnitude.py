@@ -25,7 +25,10 @@ def member_norms(groups: ChannelGroups, p: float) -> list:
         return torch.linalg.vector_norm(t, p, dim=dims, keepdim=True).pow(p)
 
     entries = member_sums(groups, power, roles=WEIGHT_ROLES, summed=norm)
-    return [(i, c, v.pow(1.0 / p)) for i, c, v in entries]
+    if not entries:
+        return []
+    roots = torch.cat([v for _, _, v in entries]).pow(1.0 / p).split([v.numel() for _, _, v in entries])
+    return [(i, c, v) for (i, c, _), v in zip(entries, roots)]
 
 
 def magnitude_scores(groups: ChannelGroups, *, p: float = 2.0, reduction: str = "mean",
