@@ -74,7 +74,11 @@ def _visit(ctx: AnalysisContext, node: torch.fx.Node) -> None:
     if not has_meta(node):
         raise AnalysisError(f"{node.format_node()} has no shape; capture with fxprune.trace first")
     rule = lookup(node, ctx.gm)
-    if rule is None:
+    hooked = _opaque_module(ctx, node) if node.op == "call_module" else None
+    if hooked is not None:
+        ctx.barrier(hooked)
+        out = ctx.const_output()
+    elif rule is None:
         out = _no_rule(ctx, node)
     else:
         try:
@@ -89,6 +93,29 @@ def _visit(ctx: AnalysisContext, node: torch.fx.Node) -> None:
     ctx.labels_of[node] = _check(ctx, out, meta)
     if not isinstance(meta, TensorMeta) and node.name not in ctx.channel_sized:
         _track_channel_sized(ctx, node)
+
+
+def _opaque_module(ctx: AnalysisContext, node: torch.fx.Node) -> str | None:
+    """Why the module called by ``node`` is opaque whatever its type: a parametrized
+    weight (``parametrizations.weight_norm``, ``spectral_norm``) is computed from other
+    tensors, and forward hooks on it or its children run in the pruned model as well (the
+    old ``weight_norm`` recomputes the weight from ``weight_g``/``weight_v`` in a
+    pre-hook); what they compute is not known here."""
+    for name, m in ctx.module.named_modules():
+        where = f"{node.target}.{name}" if name else node.target
+        if torch.nn.utils.parametrize.is_parametrized(m):
+            kinds = ", ".join(f"{k}: {', '.join(type(p).__name__ for p in plist)}"
+                              for k, plist in m.parametrizations.items())
+            return (f"{node.name}: module {where} has parametrized tensors ({kinds}); "
+                    f"its channels are kept. torch.nn.utils.parametrize.remove_parametrizations(module, "
+                    f"name) folds them into plain tensors that can be pruned")
+        hooks = list(m._forward_pre_hooks.values()) + list(m._forward_hooks.values())
+        if hooks:
+            kinds = ", ".join(sorted({getattr(h, "__name__", type(h).__name__) for h in hooks}))
+            return (f"{node.name}: module {where} has forward hooks ({kinds}) that would run in the "
+                    f"pruned model too; its channels are kept. Remove the hooks to prune it "
+                    f"(torch.nn.utils.remove_weight_norm folds the old weight_norm into the weight)")
+    return None
 
 
 def _track_channel_sized(ctx: AnalysisContext, node: torch.fx.Node) -> None:
