@@ -19,7 +19,7 @@ import torch.fx
 from fxprune.channels import ChannelGroups
 from fxprune.errors import RewriteError
 from fxprune.labels import label_tensors
-from fxprune.meta import META_KEY, copy_pytree_specs
+from fxprune.meta import META_KEY, copy_pytree_specs, get_meta
 from fxprune.passes_base import PruneState, TransformPass, register_pass
 from fxprune.rules.context import RewriteContext, get_module, get_tensor
 from fxprune.rules.registry import lookup
@@ -104,6 +104,24 @@ class _Rebuilder:
         return new
 
 
+def _is_number(value) -> bool:
+    """An int, float or bool, or a tuple of them (a size): what shape arithmetic makes."""
+    if isinstance(value, (tuple, list)):
+        return all(_is_number(v) for v in value)
+    return isinstance(value, (int, float, bool))
+
+
+def _drop_dead_sizes(env: dict[torch.fx.Node, torch.fx.Node]) -> None:
+    """Size arithmetic the rewrite replaced by constants (``C // heads``, ``x.shape[-1]``)
+    is left without users: remove it, so the generated code only computes what it uses.
+    Only non-tensor values that lost their last user here go; nothing the model computed
+    for no use is touched."""
+    for old, new in reversed(env.items()):
+        if (not new.users and old.users and new.op in ("call_function", "call_method")
+                and _is_number(get_meta(old)) and not new.is_impure()):
+            new.graph.erase_node(new)
+
+
 def rewrite_graph(groups: ChannelGroups, kept: torch.Tensor) -> torch.fx.GraphModule:
     """The pruned GraphModule for the classes ``kept`` (a bool per class)."""
     gm = groups.gm
@@ -131,6 +149,7 @@ def rewrite_graph(groups: ChannelGroups, kept: torch.Tensor) -> torch.fx.GraphMo
             except Exception as exc:
                 raise RewriteError(f"rewriting {old.format_node()} with rule {rule.name} failed: "
                                    f"{type(exc).__name__}: {exc}") from exc
+    _drop_dead_sizes(env)
     try:
         graph.lint()
     except Exception as exc:

@@ -237,3 +237,4 @@ def test_sizes_read_by_slice_and_negative_index_are_rewritten(policy):
     # not recomputed from the pruned x.shape[-1] with the old head count
     assert result.module(torch.randn(3, 7, 8)).shape == (3, 7, 5)
     assert result.groups.channel_sized, "x.shape[-1] // heads was not tracked as a channel count"
+    assert "//" not in result.module.code  # the size arithmetic it replaced is not left behind
