@@ -52,6 +52,9 @@ register(*_ops("split", "split_with_sizes", "chunk", "unsafe_split"), rewrite=sh
 register(aten.narrow, rewrite=shape.rewrite_narrow)(shape.relabel)
 register(aten.unbind)(shape.unbind)
 register(aten.roll)(shape.roll)
+register(aten.unfold)(shape.unfold_dim)
+register(aten.im2col)(shape.im2col)
+register(aten.col2im)(shape.col2im)
 register(*_ops("cat", "concat", "stack"))(shape.cat)
 register(*_ops("flatten", "permute", "transpose", "t", "squeeze", "unsqueeze", "movedim", "flip",
                "repeat", "repeat_interleave", "tile", "pixel_shuffle", "pixel_unshuffle",
