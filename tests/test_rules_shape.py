@@ -171,3 +171,54 @@ def test_integer_index_into_channels_pins_them():
     assert not groups.group_of("stem.weight").is_prunable or True
     g = groups.group_of("stem.weight")
     prune_and_verify(Net(body), torch.randn(2, 3, 8, 8), ratio=0.5, expect_removed=g.is_prunable)
+
+
+class OutlookWindows(nn.Module):
+    """VOLO-style: nn.Unfold the values into K windows per channel, weight them, F.fold back."""
+
+    def __init__(self, c=8, k=3):
+        super().__init__()
+        self.k = k
+        self.stem, self.v, self.head = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, c, 1), nn.Conv2d(c, 4, 1)
+        self.unfold = nn.Unfold(k, padding=1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        B, C, H, W = x.shape
+        v = self.unfold(self.v(x)).reshape(B, C, self.k * self.k, H * W)
+        v = v * torch.linspace(0.5, 1.5, self.k * self.k).reshape(1, 1, -1, 1)
+        y = F.fold(v.reshape(B, C * self.k * self.k, H * W), (H, W), self.k, padding=1)
+        return self.head(F.relu(y))
+
+
+class HaloWindows(nn.Module):
+    """HaloNet-style: Tensor.unfold over both spatial dims (overlapping blocks)."""
+
+    def __init__(self, c=8, over_channels=False):
+        super().__init__()
+        self.over_channels = over_channels
+        self.stem, self.kv, self.head = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, c, 1), nn.Linear(c, 4)
+
+    def forward(self, x):
+        kv = self.kv(F.relu(self.stem(x)))
+        if self.over_channels:  # windows across channels: channel i meets i + 1
+            return self.head(kv.unfold(1, 2, 1).mean((2, 3, 4)).repeat(1, 2)[:, :8])
+        kv = F.pad(kv, [1, 1, 1, 1]).unfold(2, 4, 2).unfold(3, 4, 2)  # B, C, nh, nw, 4, 4
+        return self.head(kv.mean((2, 3, 4, 5)))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("net", [OutlookWindows, HaloWindows])
+def test_sliding_windows_keep_channels_whole(net, frontend):
+    torch.manual_seed(0)
+    result, _ = prune_and_verify(net().eval(), torch.randn(2, 3, 8, 8), ratio=0.5, frontend=frontend)
+    assert not result.groups.barriers
+    assert result.report.after.params < 0.6 * result.report.before.params
+
+
+def test_windows_over_channels_pin_them():
+    torch.manual_seed(0)
+    m = HaloWindows(over_channels=True).eval()
+    groups = fxprune.analyze(m, torch.randn(2, 3, 8, 8))
+    assert any("unfold windows along a channel dim" in r for g in groups for r in g.pinned_reasons)
+    prune_and_verify(m, torch.randn(2, 3, 8, 8), ratio=0.5)
