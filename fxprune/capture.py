@@ -156,9 +156,14 @@ class _MetaProp(torch.fx.Interpreter):
     def call_module(self, target, args, kwargs):
         if not self.on_meta:
             return super().call_module(target, args, kwargs)
-        shape = _module_shape(self.fetch_attr(target), args, kwargs, self.shortcut_flops)
+        module = self.fetch_attr(target)
+        shape = _module_shape(module, args, kwargs, self.shortcut_flops)
         if shape is not None:  # the shape is known from the module's attributes: no kernel
             return torch.empty(shape, dtype=args[0].dtype, device="meta")
+        if self.shortcut_flops:
+            got = _recurrent_outputs(module, args, kwargs)
+            if got is not None:
+                return got
         shadow = self._meta_state.get(target)
         if shadow is None:
             shadow = self._meta_state[target] = _meta_shadow(self.fetch_attr(target))
@@ -252,6 +257,31 @@ def _module_shape(module: nn.Module, args: tuple, kwargs: dict,
     if type(module) is nn.Linear and shape and shape[-1] == module.in_features:
         return (*shape[:-1], module.out_features)
     return None
+
+
+def _recurrent_outputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    """(output, h_n) of nn.RNN/GRU, (output, (h_n, c_n)) of nn.LSTM, as meta tensors from
+    the module's attributes: on meta these run a Python decomposition step by step (half
+    a second for one bidirectional LSTM over 14 steps). Only for a plain input tensor and
+    no initial state; anything else goes to the kernel, which checks it."""
+    if type(module) not in (nn.LSTM, nn.GRU, nn.RNN) or kwargs or len(args) != 1:
+        return None
+    x = args[0]
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim not in (2, 3) \
+            or x.shape[-1] != module.input_size or min(x.shape) < 1:
+        return None
+    d = 2 if module.bidirectional else 1
+    out_size = getattr(module, "proj_size", 0) or module.hidden_size
+    batch = () if x.ndim == 2 else (x.shape[0 if module.batch_first else 1],)
+    output = (*x.shape[:-1], d * out_size)
+
+    def meta(*shape):
+        return torch.empty(shape, dtype=x.dtype, device="meta")
+
+    h_n = meta(d * module.num_layers, *batch, out_size)
+    if type(module) is nn.LSTM:
+        return meta(*output), (h_n, meta(d * module.num_layers, *batch, module.hidden_size))
+    return meta(*output), h_n
 
 
 _BINARY = frozenset({operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul})

@@ -198,6 +198,29 @@ def test_module_shape_shortcuts_leave_bad_inputs_to_the_module():
     assert capture._module_shape(nn.GroupNorm(2, 4), (torch.randn(2, 6, 3),), {}) is None
 
 
+@pytest.mark.parametrize("module, shape", [
+    (nn.LSTM(6, 5), (7, 6)),  # unbatched
+    (nn.LSTM(6, 5, num_layers=2, bidirectional=True, batch_first=True), (3, 7, 6)),
+    (nn.LSTM(6, 5, proj_size=3, bidirectional=True), (7, 3, 6)),
+    (nn.GRU(6, 5, num_layers=3, batch_first=True), (3, 7, 6)),
+    (nn.RNN(6, 5, bidirectional=True), (7, 2, 6)),
+])
+def test_recurrent_shape_shortcuts_match_the_modules(module, shape):
+    x = torch.randn(shape)
+    got = capture._recurrent_outputs(module, (x,), {})
+    want = module(x)
+    assert [t.shape for t in torch.utils._pytree.tree_leaves(got)] == \
+        [t.shape for t in torch.utils._pytree.tree_leaves(want)]
+    assert all(t.device.type == "meta" for t in torch.utils._pytree.tree_leaves(got))
+
+
+def test_recurrent_shape_shortcuts_leave_bad_inputs_and_states_to_the_module():
+    lstm = nn.LSTM(6, 5)
+    assert capture._recurrent_outputs(lstm, (torch.randn(7, 2, 4),), {}) is None  # wrong width
+    state = (torch.zeros(1, 2, 5), torch.zeros(1, 2, 5))
+    assert capture._recurrent_outputs(lstm, (torch.randn(7, 2, 6), state), {}) is None
+
+
 def test_tensors_made_inside_forward_get_shapes_on_meta():
     class Ramp(nn.Module):
         def __init__(self):
