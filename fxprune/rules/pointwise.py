@@ -57,13 +57,24 @@ def broadcast_labels(ctx, node, operands) -> torch.Tensor:
         labels = _right_align(labels if labels is not None else const_like(len(own_shape)), ndim)
         entries.append((labels, shape))
     varying = {d for labels, _ in entries for d in range(ndim) if labels.shape[d] > 1}
-    aligned = []
+    aligned, spanning_constant = [], False
     for labels, shape in entries:
-        if all(shape[d] == out_shape[d] for d in varying):
-            aligned.append(labels)
-        else:
+        if not all(shape[d] == out_shape[d] for d in varying):
             ctx.pin(labels, f"{node.name}: broadcast across channels of another operand")
+        elif any(shape[d] > 1 and labels.shape[d] == 1 for d in varying) and not bool(labels.any()):
+            # no channel at full size along another operand's channels (a bias built with
+            # torch.arange(...).expand(B * heads, ...), a model input): its size would not follow
+            spanning_constant = True
+        else:
+            aligned.append(labels)
     if not aligned:
+        return const_like(ndim)
+    if spanning_constant:  # the output carries no channel there; the operands say why
+        for labels in aligned:
+            ctx.pin(labels, f"{node.name}: combined with an operand that carries no prunable channel "
+                            f"at these positions (a model input, or a constant made in forward)")
+        for other in aligned[1:]:
+            ctx.union(aligned[0], other)
         return const_like(ndim)
     first = aligned[0]
     for other in aligned[1:]:
