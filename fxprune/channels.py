@@ -82,7 +82,7 @@ class ChannelGroups:
     class_inexact: torch.Tensor
     node_labels: dict[str, Any]
     alignments: tuple[Alignment, ...]
-    consumers: tuple[tuple[str, int], ...]
+    consumers: tuple[tuple[str, int | str], ...]  # (node, input position or keyword)
     groups: tuple[ChannelGroup, ...]
     group_of_class: torch.Tensor
     barriers: tuple[str, ...] = ()

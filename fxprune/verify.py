@@ -54,7 +54,7 @@ def _flat(out: Any) -> list[torch.Tensor]:
 class _Masked(torch.fx.Interpreter):
     """Runs the original graph, zeroing removed channels at every consumer input."""
 
-    def __init__(self, gm, masks: dict[str, dict[int, torch.Tensor]],
+    def __init__(self, gm, masks: dict[str, dict[int | str, torch.Tensor]],
                  modules: dict[str, torch.nn.Module] | None = None):
         super().__init__(gm)
         self.masks = masks
@@ -73,21 +73,25 @@ class _Masked(torch.fx.Interpreter):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             args = list(args)
             for pos, mask in masks.items():
-                if pos < len(args):
+                if isinstance(pos, int) and pos < len(args):
                     args[pos] = args[pos] * mask.to(args[pos].dtype)
-                else:
+                else:  # passed by keyword: its name, or "input"
+                    key = pos if isinstance(pos, str) else "input"
                     kwargs = dict(kwargs)
-                    kwargs["input"] = kwargs["input"] * mask.to(kwargs["input"].dtype)
+                    kwargs[key] = kwargs[key] * mask.to(kwargs[key].dtype)
             return getattr(self, n.op)(n.target, tuple(args), kwargs)
 
 
-def consumer_masks(groups, kept: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
+def consumer_masks(groups, kept: torch.Tensor) -> dict[str, dict[int | str, torch.Tensor]]:
     """Per consumer node and argument: a broadcastable 0/1 mask of kept channels."""
     nodes = {n.name: n for n in groups.gm.graph.nodes}
-    masks: dict[str, dict[int, torch.Tensor]] = {}
+    masks: dict[str, dict[int | str, torch.Tensor]] = {}
     for name, pos in groups.consumers:
         node = nodes[name]
-        arg = node.args[pos] if pos < len(node.args) else node.kwargs.get("input")
+        if isinstance(pos, int) and pos < len(node.args):
+            arg = node.args[pos]
+        else:
+            arg = node.kwargs.get(pos if isinstance(pos, str) else "input")
         labels = groups.node_labels.get(arg.name) if isinstance(arg, torch.fx.Node) else None
         if not isinstance(labels, torch.Tensor):
             continue

@@ -238,3 +238,45 @@ def test_sizes_read_by_slice_and_negative_index_are_rewritten(policy):
     assert result.module(torch.randn(3, 7, 8)).shape == (3, 7, 5)
     assert result.groups.channel_sized, "x.shape[-1] // heads was not tracked as a channel count"
     assert "//" not in result.module.code  # the size arithmetic it replaced is not left behind
+
+
+class AlibiScores(nn.Module):
+    """BLOOM-style scores: ``bias.baddbmm(q, k, alpha=...)`` with a per-(batch x head)
+    constant bias, batch1/batch2 passed by keyword or by position."""
+
+    def __init__(self, d=16, heads=4, by_keyword=True):
+        super().__init__()
+        self.heads, self.by_keyword = heads, by_keyword
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        B, L, D = x.shape
+        hd = D // self.heads
+        q = self.q(x).view(B, L, self.heads, hd).transpose(1, 2).reshape(B * self.heads, L, hd)
+        k = self.k(x).view(B, L, self.heads, hd).permute(0, 2, 3, 1).reshape(B * self.heads, hd, L)
+        v = self.v(x).view(B, L, self.heads, hd).transpose(1, 2).reshape(B * self.heads, L, hd)
+        bias = torch.arange(L, dtype=x.dtype).expand(B * self.heads, 1, L)
+        if self.by_keyword:
+            scores = bias.baddbmm(batch1=q, batch2=k, beta=1.0, alpha=0.5)
+        else:
+            scores = torch.baddbmm(bias, q, k, alpha=0.5)
+        y = torch.bmm(scores.softmax(-1), v).view(B, self.heads, L, hd).transpose(1, 2).reshape(B, L, D)
+        return self.o(y)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("by_keyword", [True, False])
+def test_baddbmm_scores_prune_head_dim_exactly(by_keyword, frontend):
+    torch.manual_seed(0)
+    m = AlibiScores(by_keyword=by_keyword).eval()
+    result, _ = prune_and_verify(m, torch.randn(2, 5, 16), ratio=0.5, policy="head_dim", frontend=frontend)
+    assert not result.groups.barriers
+    # q and k channels meet in the contraction: the oracle zeroes them there, by keyword too
+    assert any(n.startswith("baddbmm") for n, _ in result.groups.consumers)
+    # the bias spans batch x heads as a constant made in forward, so whole heads cannot
+    # go, and the group says so (it used to vanish into the constants without a word)
+    groups = fxprune.analyze(m, torch.randn(2, 5, 16), policy="heads", frontend=frontend)
+    heads = groups.group_of("q.weight" if frontend == "fx" else next(
+        a.path for a in groups.alignments if a.role == "out" and a.path.startswith("q")))
+    assert heads is not None and not heads.prunable
+    assert any("carries no prunable channel" in r for r in heads.pinned_reasons)

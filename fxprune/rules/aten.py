@@ -145,6 +145,19 @@ def addmm(ctx, node):
 register(aten.addmm, torch.addmm, "addmm")(addmm)
 
 
+def baddbmm(ctx, node):
+    """``beta * input + alpha * (batch1 @ batch2)``, batched (BLOOM's ALiBi attention
+    scores): a contraction over K plus a broadcast input."""
+    bias, a, b = ctx.arg(0, "input"), ctx.arg(1, "batch1"), ctx.arg(2, "batch2")
+    ctx.consume(1, "batch1")
+    product = contract.contract(ctx, node, [(a, "BIK"), (b, "BKJ")], "BIJ")
+    return pointwise.broadcast_labels(ctx, node, [(product, ctx.meta(node).shape),
+                                                  (ctx.labels(bias), ctx.meta(bias).shape)])
+
+
+register(aten.baddbmm, torch.baddbmm, "baddbmm")(baddbmm)
+
+
 # -- values that do not depend on the input's values ------------------------------------
 def fresh_constant(ctx, node):
     """``x.new_zeros(size)`` and friends: a constant made with ``x``'s dtype and device."""

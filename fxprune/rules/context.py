@@ -59,7 +59,7 @@ class AnalysisContext:
         self.policy = policy
         self.labels_of: dict[torch.fx.Node, Any] = {}
         self.alignments: list[tuple[str, torch.Tensor, str, str]] = []
-        self.consumers: list[tuple[str, int]] = []
+        self.consumers: list[tuple[str, int | str]] = []
         self.param_consumers: list[tuple[str, str, torch.Tensor]] = []
         self.barriers: list[str] = []
         # Python ints computed from a channel count (x.size(1), c // heads): True, or for a
@@ -210,10 +210,12 @@ class AnalysisContext:
             self._first_alignment[key] = labels
         self.alignments.append((path, labels, role, self.node.name if self.node is not None else ""))
 
-    def consume(self, argpos: int) -> None:
-        """The current op contracts over the labelled positions of its input ``argpos``:
-        the oracle zeroes removed channels there."""
-        self.consumers.append((self.node.name, argpos))
+    def consume(self, argpos: int, name: str | None = None) -> None:
+        """The current op contracts over the labelled positions of its input ``argpos``
+        (or of keyword argument ``name`` when it is not passed by position): the oracle
+        zeroes removed channels there."""
+        by_name = name is not None and argpos >= len(self.node.args) and name in self.node.kwargs
+        self.consumers.append((self.node.name, name if by_name else argpos))
 
     def consume_param(self, path: str, labels: torch.Tensor) -> None:
         """The current (opaque) module contracts over positions of its own tensor ``path``
