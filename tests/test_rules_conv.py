@@ -146,3 +146,37 @@ def test_modules_with_parametrizations_or_hooks_are_kept_and_say_why(kind):
     # the module's own channels (inputs and outputs) stay; the free conv pair is pruned
     assert result.module.get_submodule("2").weight.shape[:2] == (8, 8)
     assert result.module.get_submodule("4").out_channels == 4
+
+
+class HandLinear(nn.Module):
+    """A linear layer written by hand (Falcon's FalconLinear: ``x @ self.weight.T + b``)."""
+
+    def __init__(self, i, o, how):
+        super().__init__()
+        self.how = how
+        shape = (i, o) if how == "plain" else (o, i)  # plain: x @ W with W stored (in, out)
+        self.weight = nn.Parameter(torch.randn(shape) / i ** 0.5)
+        self.bias = nn.Parameter(torch.randn(o) * 0.1)
+
+    def forward(self, x):
+        if self.how == "T":
+            return x @ self.weight.T + self.bias
+        if self.how == "t":
+            return torch.matmul(x, self.weight.t()) + self.bias
+        if self.how == "transpose":
+            return x.matmul(self.weight.transpose(0, 1)) + self.bias
+        return x @ self.weight + self.bias
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("how", ["T", "t", "transpose", "plain"])
+def test_hand_written_linear_layers_prune_like_linear(how, frontend):
+    torch.manual_seed(0)
+    m = nn.Sequential(HandLinear(8, 16, how), nn.ReLU(), HandLinear(16, 12, how), nn.ReLU(), HandLinear(12, 3, how))
+    result, _ = prune_and_verify(m.eval(), torch.randn(4, 5, 8), ratio=0.5, frontend=frontend)
+    assert not result.groups.barriers
+    shapes = {k: tuple(p.shape) for k, p in result.module.named_parameters()}
+    rows_cols = (lambda s: s[::-1]) if how == "plain" else (lambda s: s)
+    # the weight matrix is sliced by rows and columns, like nn.Linear's
+    assert rows_cols(shapes["2.weight"]) == (6, 8) and shapes["2.bias"] == (6,)
+    assert rows_cols(shapes["4.weight"]) == (3, 6)

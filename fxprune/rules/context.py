@@ -16,6 +16,66 @@ from ..meta import TensorMeta, get_meta, tensor_meta
 
 MAX_FREE_LABELS = 1 << 20  # a larger free tensor is a constant (pinned), not a channel source
 
+_aten = torch.ops.aten
+# x @ W: the right operand of these is a weight matrix when it is a parameter
+_MATMULS = frozenset({torch.matmul, torch.mm, "matmul", "mm", "__matmul__", _aten.matmul.default,
+                      _aten.mm.default, __import__("operator").matmul})
+# ops that take a parameter by reference (their rules align it by path, never by value)
+_BY_PATH = frozenset({torch.nn.functional.embedding, torch.nn.functional.linear, _aten.embedding.default,
+                      _aten.linear.default})
+
+
+def _transposes(node: torch.fx.Node) -> bool | None:
+    """For a 2-d layout op: True when it transposes (t, .T, transpose(0, 1), permute(1, 0)),
+    False when it keeps the layout, None when it is not one."""
+    if node.op not in ("call_function", "call_method"):
+        return None  # (a submodule may be called "t")
+    t, args = node.target, node.args
+    if t in ("t", torch.t, _aten.t.default, _aten.numpy_T.default):
+        return True
+    if node.op == "call_function" and t is getattr and len(args) == 2 and args[1] in ("T", "mT"):
+        return True
+    if t in ("transpose", torch.transpose, _aten.transpose.int) and len(args) == 3:
+        return {args[1] % 2, args[2] % 2} == {0, 1} if all(isinstance(a, int) for a in args[1:]) else None
+    if t in ("permute", torch.permute, _aten.permute.default):
+        dims = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+        return [d % 2 for d in dims] == [1, 0] if all(isinstance(d, int) for d in dims) and len(dims) == 2 else None
+    return None
+
+
+def matrix_weight(root: torch.nn.Module, x: Any) -> tuple[str, bool] | None:
+    """(path, transposed) when ``x`` is a 2-d parameter, possibly seen through transposes,
+    and used only as the right operand of matmuls (``x @ self.weight.T``: a linear layer
+    written by hand, as in Falcon): such a matrix is a weight with rows and columns, not a
+    free tensor with a label per element. The parameter's other uses may only take it by
+    reference (a tied embedding); anything else and this is None."""
+    flips, node = False, x
+    while isinstance(node, torch.fx.Node) and node.op != "get_attr":
+        flip = _transposes(node)
+        if flip is None or len(node.users) != 1:
+            return None
+        flips, node = flips ^ flip, node.args[0]
+    if not isinstance(node, torch.fx.Node):
+        return None
+    t = get_tensor(root, node.target)
+    if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point():
+        return None
+    return (node.target, flips) if _weight_uses_only(node) else None
+
+
+def _weight_uses_only(node: torch.fx.Node) -> bool:
+    """Every use of ``node`` is by reference or, through transposes, as a matmul weight."""
+    for user in node.users:
+        operand = node
+        if user.op == "call_function" and user.target in _BY_PATH:
+            continue
+        while _transposes(user) is not None and len(user.users) == 1:
+            operand, user = user, next(iter(user.users))
+        if user.op not in ("call_function", "call_method") or user.target not in _MATMULS \
+                or len(user.args) != 2 or user.args[1] is not operand or user.args[0] is operand:
+            return False
+    return True
+
 
 def get_tensor(root: torch.nn.Module, path: str) -> torch.Tensor:
     """The tensor attribute at a dotted ``path`` of ``root``."""
@@ -129,6 +189,8 @@ class AnalysisContext:
             return None
         if t.ndim == 0 or not t.is_floating_point():
             return const_like(t.ndim)
+        if t.ndim == 2 and _weight_uses_only(node):  # matmul weights: their rules align them
+            return const_like(2)
         if t.numel() > MAX_FREE_LABELS:
             self.barriers.append(f"{node.name}: {node.target} has {t.numel()} elements; "
                                  f"treated as a constant")

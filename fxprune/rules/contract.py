@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..labels import channel_dim, const_like
+from .context import matrix_weight
 from .registry import register
 
 
@@ -111,6 +112,12 @@ def _matmul_letters(na: int, nb: int):
 
 def matmul(ctx, node):
     a, b = node.args[0], node.args[1]
+    weight = matrix_weight(ctx.gm, b)
+    if weight is not None:  # x @ W.T with a parameter W: a linear layer written by hand
+        from .conv import dense
+        path, transposed = weight
+        out_vec = dense(ctx, node, a, 0, path, None, out_dim=0 if transposed else 1)
+        return ctx.along(out_vec, -1, ctx.meta(node).ndim)
     la, lb, lo = _matmul_letters(ctx.meta(a).ndim, ctx.meta(b).ndim)
     ctx.consume(0)
     return contract(ctx, node, [(a, la), (b, lb)], lo)
