@@ -108,8 +108,11 @@ def rewrite_slice(r, old, new):
     start = args[2] if args[2] is not None else old.kwargs.get("start")
     end = args[3] if args[3] is not None else old.kwargs.get("end")
     end = None if isinstance(end, int) and end >= sys.maxsize else end
-    start, end = shape.new_bounds(r, x, cdim, kept, start, end)
     step = (list(old.args) + [None] * 5)[4] or old.kwargs.get("step", 1)
+    if step != 1:  # whole blocks of `step` went (see shape.index_labels): same offset, to the end
+        end = None
+    else:
+        start, end = shape.new_bounds(r, x, cdim, kept, start, end)
     new.args = (new.args[0], dim, start, end, step)
     new.kwargs = {}
 

@@ -186,12 +186,28 @@ def index_labels(ctx, node, x, value):
             if isinstance(i, int):
                 ctx.pin(labels, f"{node.name}: integer index into a channel dim")
             elif isinstance(i, slice) and i.step not in (None, 1):
-                ctx.pin(labels, f"{node.name}: strided slice of a channel dim")
+                if _strided_blocks(i, ctx.meta(x).shape[d]):
+                    # x[..., a::s]: aligned blocks of s channels go whole, so every kept
+                    # block still has its a-th entry at the same offset (interleaved rotary
+                    # pairs channel 2i with 2i + 1 this way)
+                    blocks = ctx.vector(x, d).reshape(-1, i.step)
+                    ctx.union(blocks, blocks[:, :1])
+                else:
+                    ctx.pin(labels, f"{node.name}: strided slice of a channel dim")
             fast.append(i)
         else:  # compressed dim: the label does not depend on the index
             fast.append(0 if isinstance(i, int) else slice(None))
     # slicing a compressed dim keeps size 1; shape check happens in the engine
     return labels[tuple(fast)]
+
+
+def _strided_blocks(i: slice, n: int) -> bool:
+    """Whether ``x[a::s]`` over ``n`` channels picks offset ``a`` of every aligned block of
+    ``s``: a positive step dividing ``n``, a start inside the first block, no early stop."""
+    if not all(v is None or isinstance(v, int) for v in (i.start, i.stop, i.step)):
+        return False
+    start, stop, step = i.indices(n)
+    return step > 1 and n % step == 0 and start < step and stop == n
 
 
 def new_bounds(r, x, cdim: int, kept: torch.Tensor, start, stop) -> tuple:
@@ -222,6 +238,9 @@ def rewrite_getitem(r, old, new):
     new_idx = list(new_index) if isinstance(new_index, tuple) else [new_index]
     for k, (i, d) in enumerate(zip(idx, dims)):
         if d != cdim or not isinstance(i, slice):
+            continue
+        if i.step not in (None, 1):  # whole blocks went (see index_labels): same offset, to the end
+            new_idx[k] = slice(i.start, None, i.step)
             continue
         start, stop = new_bounds(r, x, cdim, kept, i.start, i.stop)
         start = start if isinstance(i.start, int) else new_idx[k].start
