@@ -56,12 +56,15 @@ def broadcast_labels(ctx, node, operands) -> torch.Tensor:
         shape = (1,) * (ndim - len(own_shape)) + tuple(own_shape)
         labels = _right_align(labels if labels is not None else const_like(len(own_shape)), ndim)
         entries.append((labels, shape))
-    varying = {d for labels, _ in entries for d in range(ndim) if labels.shape[d] > 1}
+    # a dim of size 1, or expanded (stride 0: the labels of an arange expanded and
+    # unsqueezed by the shape rules), holds one label: it does not vary
+    varying = {d for labels, _ in entries for d in range(ndim) if labels.shape[d] > 1 and labels.stride(d)}
     aligned, spanning_constant = [], False
     for labels, shape in entries:
         if not all(shape[d] == out_shape[d] for d in varying):
             ctx.pin(labels, f"{node.name}: broadcast across channels of another operand")
-        elif any(shape[d] > 1 and labels.shape[d] == 1 for d in varying) and not bool(labels.any()):
+        elif any(shape[d] > 1 and (labels.shape[d] == 1 or not labels.stride(d)) for d in varying) \
+                and not bool(labels.any()):
             # no channel at full size along another operand's channels (a bias built with
             # torch.arange(...).expand(B * heads, ...), a model input): its size would not follow
             spanning_constant = True
