@@ -280,3 +280,54 @@ def test_baddbmm_scores_prune_head_dim_exactly(by_keyword, frontend):
         a.path for a in groups.alignments if a.role == "out" and a.path.startswith("q")))
     assert heads is not None and not heads.prunable
     assert any("carries no prunable channel" in r for r in heads.pinned_reasons)
+
+
+class InterleavedRotary(nn.Module):
+    """EVA02 / GPT-J style rotary: ``stack([-x[..., 1::2], x[..., ::2]], -1)`` pairs channel
+    2i with 2i + 1; the frequencies are a buffer, as in the real models."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.register_buffer("freqs", torch.linspace(0.1, 1.0, d // heads // 2).repeat_interleave(2))
+        self.q, self.k, self.v = (nn.Linear(8, d) for _ in range(3))
+        self.o = nn.Linear(d, 4)
+
+    @staticmethod
+    def rotate(x):
+        return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = (p(x).view(B, L, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        angle = torch.arange(L, dtype=x.dtype)[:, None] * self.freqs
+        q = q * angle.cos() + self.rotate(q) * angle.sin()
+        k = k * angle.cos() + self.rotate(k) * angle.sin()
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(B, L, -1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_interleaved_rotary_prunes_channel_pairs(frontend):
+    torch.manual_seed(0)
+    m = InterleavedRotary().eval()
+    result, _ = prune_and_verify(m, torch.randn(2, 5, 8), ratio=0.5, frontend=frontend, policy="head_dim")
+    assert not result.groups.barriers
+    p = dict(result.module.named_parameters())
+    assert p["q.weight"].shape[0] == 8 and p["k.weight"].shape[0] == 8  # q, k pruned, in pairs
+    # every kept pair is whole: the frequency buffer keeps both entries of each pair
+    freqs = dict(result.module.named_buffers())["freqs"]
+    assert torch.equal(freqs[0::2], freqs[1::2])
+
+
+def test_strided_slice_that_stops_early_pins_its_channels():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.b(self.a(x)[..., 1:7:2])
+
+    groups = fxprune.analyze(Net(), torch.randn(2, 4))
+    assert any("strided slice of a channel dim" in r for g in groups for r in g.pinned_reasons)
