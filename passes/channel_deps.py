@@ -27,8 +27,11 @@ from fxprune.rules.registry import describe_target, lookup
 
 
 # -- helpers -------------------------------------------------------------------
-def _check(ctx: AnalysisContext, labels: Any, meta: Any) -> Any:
-    """Normalize a rule's output labels and check they fit the node's shape."""
+def _check(ctx: AnalysisContext, labels: Any, meta: Any, free: bool = False) -> Any:
+    """Normalize a rule's output labels and check they fit the node's shape. A value made
+    from free tensors alone keeps its labels as they are: which of its dims is the channel
+    is decided where it meets one (a rotary table's chunk has more positions than
+    channels, and normalizing it early would keep the positions)."""
     if isinstance(meta, TensorMeta):
         if not isinstance(labels, torch.Tensor):
             raise AnalysisError(f"rule for {ctx.where()} returned {type(labels).__name__} "
@@ -36,6 +39,8 @@ def _check(ctx: AnalysisContext, labels: Any, meta: Any) -> Any:
         if labels.ndim != meta.ndim or any(l not in (1, s) for l, s in zip(labels.shape, meta.shape)):
             raise AnalysisError(f"rule for {ctx.where()} returned labels of shape {tuple(labels.shape)} "
                                 f"for a value of shape {meta.shape}")
+        if free:
+            return labels
         if not ctx.splits_channels:
             return normalize(ctx.space, labels, "auto")
         chose: list[int] = []
@@ -46,7 +51,7 @@ def _check(ctx: AnalysisContext, labels: Any, meta: Any) -> Any:
     if isinstance(meta, tuple):
         if not isinstance(labels, tuple) or len(labels) != len(meta):
             labels = (None,) * len(meta) if labels is None else labels
-        return tuple(_check(ctx, l, m) for l, m in zip(labels, meta))
+        return tuple(_check(ctx, l, m, free) for l, m in zip(labels, meta))
     return None
 
 
@@ -90,7 +95,11 @@ def _visit(ctx: AnalysisContext, node: torch.fx.Node) -> None:
                       f"({type(exc).__name__}: {exc})")
             ctx.barrier(reason)
             out = ctx.const_output()
-    ctx.labels_of[node] = _check(ctx, out, meta)
+    tensors = [i for i in node.all_input_nodes if _carries_tensor(get_meta(i)) or i.op == "get_attr"]
+    free = bool(tensors) and hooked is None and rule is not None and all(i in ctx.free_nodes for i in tensors)
+    if free:
+        ctx.free_nodes.add(node)
+    ctx.labels_of[node] = _check(ctx, out, meta, free)
     if not isinstance(meta, TensorMeta) and node.name not in ctx.channel_sized:
         _track_channel_sized(ctx, node)
 
@@ -328,9 +337,15 @@ def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
             space.pin(labels, why)
     # alignments are made separable once every union of the walk is known
     alignments = tuple(Alignment(p, normalize(space, l), r, nd) for p, l, r, nd in ctx.alignments)
-    # a free tensor's labels are left as created until its users are known; separable now
-    node_labels = {node.name: normalize(space, labels) if node.op == "get_attr" and isinstance(labels, torch.Tensor)
-                   else labels for node, labels in ctx.labels_of.items()}
+    # a free tensor's labels (and those of values made from free tensors alone) are left
+    # as created until their users are known; separable now
+    def separable(labels):
+        if isinstance(labels, tuple):
+            return tuple(separable(l) for l in labels)
+        return normalize(space, labels) if isinstance(labels, torch.Tensor) else labels
+
+    node_labels = {node.name: separable(labels) if node in ctx.free_nodes else labels
+                   for node, labels in ctx.labels_of.items()}
     class_of, n = _dense_classes(space)
     pinned, pin_why = space.class_notes(space.pinned, class_of, n)
     inexact, inexact_why = space.class_notes(space.inexact, class_of, n)

@@ -118,6 +118,9 @@ class AnalysisContext:
         self.space = space
         self.policy = policy
         self.labels_of: dict[torch.fx.Node, Any] = {}
+        # parameters used by value, and values computed from them alone (a chunk of a
+        # rotary table): their labels stay one per element until they meet a channel
+        self.free_nodes: set[torch.fx.Node] = set()
         self.alignments: list[tuple[str, torch.Tensor, str, str]] = []
         self.consumers: list[tuple[str, int | str]] = []
         self.param_consumers: list[tuple[str, str, torch.Tensor]] = []
@@ -199,6 +202,7 @@ class AnalysisContext:
         # frequencies): every position gets a fresh label, so it is sliced with what it meets
         labels = self.space.fresh(t.shape, Family(f"tensor {node.target}", node.name))
         self.align(node.target, labels, "free")
+        self.free_nodes.add(node)
         return labels  # not normalized here: the ops that use it decide which dim is the channel
 
     def full(self, x: Any) -> torch.Tensor:
