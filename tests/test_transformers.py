@@ -331,3 +331,38 @@ def test_strided_slice_that_stops_early_pins_its_channels():
 
     groups = fxprune.analyze(Net(), torch.randn(2, 4))
     assert any("strided slice of a channel dim" in r for g in groups for r in g.pinned_reasons)
+
+
+class RotaryTable(nn.Module):
+    """EVA02-style rotary: one (tokens, 2 x head_dim) sin|cos buffer, chunked in forward
+    and applied to q and k. The chunks have more positions than channels; they must not
+    decide that their positions are the channel dim before they meet q."""
+
+    def __init__(self, d=16, heads=2, tokens=12):  # more tokens than head_dim channels
+        super().__init__()
+        self.heads = heads
+        hd = d // heads
+        angle = torch.arange(tokens)[:, None] * torch.linspace(0.1, 1.0, hd // 2).repeat_interleave(2)
+        self.register_buffer("table", torch.cat([angle.sin(), angle.cos()], -1))
+        self.q, self.k, self.v = (nn.Linear(8, d) for _ in range(3))
+        self.o = nn.Linear(d, 4)
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = (p(x).view(B, L, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        sin, cos = self.table.chunk(2, -1)
+        q = q * cos + InterleavedRotary.rotate(q) * sin
+        k = k * cos + InterleavedRotary.rotate(k) * sin
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(B, L, -1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_chunked_rotary_table_keeps_channels_prunable(frontend):
+    torch.manual_seed(0)
+    m = RotaryTable().eval()
+    result, _ = prune_and_verify(m, torch.randn(2, 12, 8), ratio=0.5, frontend=frontend, policy="head_dim")
+    p = dict(result.module.named_parameters())
+    assert p["q.weight"].shape[0] == 8  # q and k lose half their channels, in pairs
+    table = dict(result.module.named_buffers())["table"]
+    assert table.shape == (12, 8)  # the sin and cos halves both follow the kept channels
