@@ -21,8 +21,10 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
        nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
-def _channel_tensors(ctx, node, names_positions):
-    """Attribute paths of per-channel tensors (module attributes or get_attr args)."""
+def _channel_tensors(ctx, node, names_positions, computed: list | None = None):
+    """Attribute paths of per-channel tensors (module attributes or get_attr args). Where
+    ``computed`` is given, tensors computed in the graph are collected there instead of
+    being refused."""
     found = []
     if node.op == "call_module":
         for name, _ in names_positions:
@@ -34,6 +36,9 @@ def _channel_tensors(ctx, node, names_positions):
         if a is None:
             continue
         path = ctx.attr_path(a)
+        if path is None and computed is not None and ctx.is_tensor(a):
+            computed.append(a)
+            continue
         if path is None:
             raise ValueError(f"{name} must be a parameter or buffer of the module (get_attr)")
         found.append((path, name))
@@ -54,8 +59,11 @@ def batch_norm(ctx, node):
         names = [("running_mean", 1), ("running_var", 2), ("weight", 3), ("bias", 4)]
     cdim = 1 if ctx.meta(x).ndim > 1 else 0
     vec = ctx.vector(x, cdim)
-    for path, name in _channel_tensors(ctx, node, names):
+    computed: list = []  # an affine weight computed in the graph (NFNet's gain * scale)
+    for path, name in _channel_tensors(ctx, node, names, computed):
         ctx.align(path, vec, _role(name))
+    for a in computed:
+        ctx.union(ctx.vector(a, 0), vec)
     out = ctx.labels(x) if ctx.labels(x) is not None else ctx.along(vec, cdim, ctx.meta(x).ndim)
     if is_multi(node):  # native batch norm ops: (output, saved statistics...)
         return (out, *(None if m is None else const_like(m.ndim) for m in get_meta(node)[1:]))
