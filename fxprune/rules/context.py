@@ -63,6 +63,28 @@ def matrix_weight(root: torch.nn.Module, x: Any) -> tuple[str, bool] | None:
     return (node.target, flips) if _weight_uses_only(node) else None
 
 
+_CONVS = frozenset({torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
+                    _aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default,
+                    _aten.convolution.default})
+
+
+def _feeds_conv_weight(node: torch.fx.Node, depth: int = 8) -> bool:
+    """Whether ``node``'s value reaches the weight argument of a convolution within
+    ``depth`` ops (a weight standardized in ``forward``)."""
+    frontier = [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for user in n.users:
+                if user.op == "call_function" and user.target in _CONVS:
+                    if len(user.args) > 1 and user.args[1] is n or user.kwargs.get("weight") is n:
+                        return True
+                    continue
+                nxt.append(user)
+        frontier = nxt
+    return False
+
+
 def _weight_uses_only(node: torch.fx.Node) -> bool:
     """Every use of ``node`` is by reference or, through transposes, as a matmul weight."""
     for user in node.users:
@@ -194,6 +216,14 @@ class AnalysisContext:
             return const_like(t.ndim)
         if t.ndim == 2 and _weight_uses_only(node):  # matmul weights: their rules align them
             return const_like(2)
+        if t.ndim >= 3 and _feeds_conv_weight(node):
+            # a conv weight computed from this one (weight standardization): one label per
+            # output channel; the conv aligns the input channels itself
+            labels = self.space.fresh((t.shape[0],) + (1,) * (t.ndim - 1),
+                                      Family(f"tensor {node.target}", node.name))
+            self.align(node.target, labels, "free")
+            self.free_nodes.add(node)
+            return labels
         if t.numel() > MAX_FREE_LABELS:
             self.barriers.append(f"{node.name}: {node.target} has {t.numel()} elements; "
                                  f"treated as a constant")

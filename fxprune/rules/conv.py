@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import torch
 from torch import nn
 
+from ..labels import constant_along
 from .registry import register
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -40,14 +41,49 @@ def _conv_parts(ctx, node):
     weight = ctx.attr_path(ctx.arg(1, "weight"))
     bias_arg = ctx.arg(2, "bias")
     bias = ctx.attr_path(bias_arg)
+    if weight is None and not transposed and isinstance(ctx.arg(1, "weight"), torch.fx.Node):
+        weight = ctx.arg(1, "weight")  # computed in the graph: see computed_weight
     if weight is None or (bias_arg is not None and bias is None):
         raise ValueError("weight and bias must be parameters of the module (get_attr)")
     groups = ctx.value(ctx.arg(6, "groups", 1))
     return ctx.arg(0, "input"), weight, bias, groups, transposed
 
 
+def computed_weight(ctx, node, weight: torch.fx.Node) -> str:
+    """The parameter a convolution weight computed in the graph is made from: weight
+    standardization (timm's StdConv2d, NFNet's ScaledStdConv2d: the weight normalized
+    per output channel over its fan-in, times a per-channel gain). It must come from one
+    parameter of the weight's shape and otherwise only from per-output-channel tensors
+    and scalars, and not from the model's inputs; anything else is refused."""
+    shape = tuple(ctx.meta(weight).shape)
+    source, seen, todo = None, set(), [weight]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            raise ValueError("the weight depends on the model's inputs")
+        if n.op == "get_attr":
+            t = ctx.tensor(n.target)
+            if not isinstance(t, torch.Tensor) or t.numel() == 1:
+                continue
+            if tuple(t.shape) == shape and source in (None, n.target):
+                source = n.target
+            elif t.ndim < 1 or any(s != 1 for s in t.shape[1:]) or t.shape[0] != shape[0]:
+                raise ValueError(f"the weight is computed from {n.target} of shape {tuple(t.shape)}, "
+                                 f"which is neither the weight nor a per-output-channel tensor")
+            continue
+        todo.extend(n.all_input_nodes)
+    if source is None:
+        raise ValueError("the weight is computed from no parameter of its shape")
+    return source
+
+
 def conv(ctx, node):
     x, weight, bias, groups, transposed = _conv_parts(ctx, node)
+    if isinstance(weight, torch.fx.Node):
+        return _conv_computed_weight(ctx, node, x, weight, bias, groups)
     w = ctx.tensor(weight)
     out_ndim = ctx.meta(node).ndim
     cdim = 1 if ctx.meta(x).ndim == w.ndim else 0  # batched or unbatched input
@@ -75,6 +111,43 @@ def conv(ctx, node):
         else:  # weight (C_out, C_in / g, k...)
             ctx.align(weight, ctx.along(out_vec, 0, wn), "out")
             ctx.align(weight, ctx.along(in_blocks[0], 1, wn), "in")
+    if bias is not None:
+        ctx.align(bias, out_vec, "out" if not (groups > 1 and groups == c_in) else "channel")
+    return ctx.along(out_vec, cdim, out_ndim)
+
+
+def _conv_computed_weight(ctx, node, x, weight, bias, groups):
+    """A convolution whose weight the graph computes from parameter P (see
+    :func:`computed_weight`): the weight's rows are fresh output channels (unioned with
+    the computed weight's own labels, so P's rows and every per-channel gain follow);
+    P's columns are the input channels, inexact because the computation mixes them."""
+    source = computed_weight(ctx, node, weight)
+    w_shape = ctx.meta(weight).shape
+    src_node = next(n for n in ctx.gm.graph.nodes if n.op == "get_attr" and n.target == source)
+    rows, src_rows = ctx.labels(weight), ctx.labels(src_node)
+    k = ctx.classes(rows) if rows is not None else None
+    if k is None or src_rows is None or k.shape[0] != w_shape[0] \
+            or not all(constant_along(k, d) for d in range(1, k.ndim)) \
+            or not torch.equal(k.reshape(k.shape[0], -1)[:, 0], ctx.classes(src_rows.reshape(-1))):
+        raise ValueError(f"the weight's rows are not {source}'s rows in order (the computation "
+                         f"moves them)")
+    out_ndim, wn = ctx.meta(node).ndim, len(w_shape)
+    cdim = 1 if ctx.meta(x).ndim == wn else 0
+    in_vec = ctx.vector(x, cdim)
+    c_in, c_out = in_vec.numel(), w_shape[0]
+    ctx.consume(0)
+    if groups > 1 and groups == c_in:  # depthwise: each output follows its input channel
+        out_vec = in_vec.repeat_interleave(c_out // c_in)
+    else:
+        out_vec = ctx.fresh((c_out,), f"{node.name} output channels")
+        in_blocks, out_blocks = in_vec.reshape(groups, -1), out_vec.reshape(groups, -1)
+        if groups > 1:  # equal group widths: the same local channels go in every group
+            ctx.union(in_blocks, in_blocks[:1])
+            ctx.union(out_blocks, out_blocks[:1])
+        ctx.align(source, ctx.along(in_blocks[0], 1, wn), "in")
+        ctx.inexact(in_vec, f"{node.name}: its weight is computed from {source} across the input "
+                            f"channels (weight standardization): removing inputs changes the kept weights")
+    ctx.union(ctx.vector(weight, 0), out_vec)  # the weight's rows, and every per-channel gain
     if bias is not None:
         ctx.align(bias, out_vec, "out" if not (groups > 1 and groups == c_in) else "channel")
     return ctx.along(out_vec, cdim, out_ndim)
