@@ -180,3 +180,49 @@ def test_hand_written_linear_layers_prune_like_linear(how, frontend):
     # the weight matrix is sliced by rows and columns, like nn.Linear's
     assert rows_cols(shapes["2.weight"]) == (6, 8) and shapes["2.bias"] == (6,)
     assert rows_cols(shapes["4.weight"]) == (3, 6)
+
+
+class StdConv(nn.Conv2d):
+    """timm's StdConv2d / NFNet's ScaledStdConv2d: the weight standardized per output
+    channel over its fan-in in forward, optionally times a per-channel gain."""
+
+    def __init__(self, *args, gain=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5) if gain else None
+
+    def forward(self, x):
+        scale = (self.gain * 0.7).view(-1) if self.gain is not None else None
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, weight=scale,
+                         training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("gain", [False, True])
+def test_standardized_weights_prune_rows_exactly_and_inputs_inexactly(gain, frontend):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), StdConv(8, 16, 3, padding=1, gain=gain), nn.ReLU(),
+                      StdConv(16, 16, 3, padding=1, groups=4, gain=gain), nn.ReLU(),
+                      StdConv(16, 16, 3, padding=1, groups=16, gain=gain), nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
+    result, v = prune_and_verify(m, torch.randn(2, 3, 8, 8), ratio=0.5, frontend=frontend)
+    assert not result.groups.barriers
+    p = dict(result.module.named_parameters())
+    assert p["2.weight"].shape == (8, 4, 3, 3) and p["4.weight"].shape == (8, 2, 3, 3)
+    if gain:
+        assert p["2.gain"].shape == (8, 1, 1, 1)
+    # the standardization mixes a conv's input channels: those groups are inexact, and
+    # the one feeding the plain last conv is checked exactly
+    assert v.inexact_groups >= 2 and v.exact_groups >= 1
+
+
+class MovedRows(nn.Conv2d):
+    def forward(self, x):
+        return F.conv2d(x, (self.weight * 2).transpose(0, 1), self.bias)
+
+
+def test_computed_weight_whose_rows_move_is_refused_with_a_reason():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), MovedRows(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    groups = fxprune.analyze(m, torch.randn(2, 3, 8, 8))
+    assert any("rows are not 2.weight's rows in order" in b for b in groups.barriers)
+    prune_and_verify(m, torch.randn(2, 3, 8, 8), ratio=0.5, expect_removed=False)
