@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torch
 from torch import nn
 
-from ..labels import constant_along
+from ..labels import const_like, constant_along
 from .registry import register
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -80,8 +80,35 @@ def computed_weight(ctx, node, weight: torch.fx.Node) -> str:
     return source
 
 
+def _channels_along_length(ctx, node, x, cdim: int):
+    """When ``x``'s channels lie along a spatial dim of the convolution (CoaT stacks class
+    tokens into (B, 3, C) and convolves over the 3; ECA convolves along the channels): a
+    position-wise conv (kernel 1, stride 1, no padding) keeps them where they are, and its
+    own output channels are kept; any other conv mixes neighbouring channels, which are
+    pinned. Returns the output labels, or None when the spatial dims carry no channel."""
+    labels = ctx.labels(x)
+    if labels is None:
+        return None
+    k = ctx.classes(labels)
+    along = [d for d in range(cdim + 1, k.ndim) if not constant_along(k, d)]
+    if not along:
+        return None
+    m = ctx.module if node.op == "call_module" else None
+    pointwise = m is not None and not isinstance(m, _CONV_T) and all(v == 1 for v in m.kernel_size) \
+        and all(v == 1 for v in m.stride) and not isinstance(m.padding, str) and not any(m.padding)
+    out_ndim = ctx.meta(node).ndim
+    if pointwise and ctx.meta(node).shape[cdim + 1:] == ctx.meta(x).shape[cdim + 1:]:
+        return labels.narrow(cdim, 0, 1) if labels.shape[cdim] > 1 else labels
+    ctx.pin(labels, f"{node.name}: the convolution slides along a dim that carries channels")
+    return const_like(out_ndim)
+
+
 def conv(ctx, node):
     x, weight, bias, groups, transposed = _conv_parts(ctx, node)
+    cdim = 1 if ctx.meta(x).ndim == ctx.meta(node).ndim else 0
+    along_length = _channels_along_length(ctx, node, x, cdim)
+    if along_length is not None:
+        return along_length
     if isinstance(weight, torch.fx.Node):
         return _conv_computed_weight(ctx, node, x, weight, bias, groups)
     w = ctx.tensor(weight)
