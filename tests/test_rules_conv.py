@@ -226,3 +226,36 @@ def test_computed_weight_whose_rows_move_is_refused_with_a_reason():
     groups = fxprune.analyze(m, torch.randn(2, 3, 8, 8))
     assert any("rows are not 2.weight's rows in order" in b for b in groups.barriers)
     prune_and_verify(m, torch.randn(2, 3, 8, 8), ratio=0.5, expect_removed=False)
+
+
+class AlongChannels(nn.Module):
+    """A Conv1d whose length dim carries channels: CoaT's aggregate (stack three (B, C)
+    vectors into (B, 3, C), Conv1d(3, 1, 1)) or ECA's gate (Conv1d(1, 1, 3) along C)."""
+
+    def __init__(self, eca=False):
+        super().__init__()
+        self.eca = eca
+        self.a, self.b, self.c = nn.Linear(5, 8), nn.Linear(5, 8), nn.Linear(5, 8)
+        self.mix = nn.Conv1d(1, 1, 3, padding=1) if eca else nn.Conv1d(3, 1, 1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        if self.eca:
+            h = self.a(x)
+            return self.head(h * torch.sigmoid(self.mix(h.unsqueeze(1)).squeeze(1)))
+        y = torch.stack([self.a(x), self.b(x), self.c(x)], dim=1)
+        return self.head(self.mix(y).squeeze(1))
+
+
+def test_position_wise_conv_along_channels_keeps_them_prunable():
+    torch.manual_seed(0)
+    result, _ = prune_and_verify(AlongChannels().eval(), torch.randn(4, 5), ratio=0.5)
+    p = dict(result.module.named_parameters())
+    # the three stacked vectors are coupled channel by channel and pruned together
+    assert p["a.weight"].shape[0] == p["b.weight"].shape[0] == p["c.weight"].shape[0] == 4
+    assert p["mix.weight"].shape == (1, 3, 1)
+
+
+def test_conv_sliding_along_channels_pins_them_with_a_reason():
+    groups = fxprune.analyze(AlongChannels(eca=True).eval(), torch.randn(4, 5))
+    assert any("slides along a dim that carries channels" in r for g in groups for r in g.pinned_reasons)
