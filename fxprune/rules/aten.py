@@ -21,7 +21,9 @@ import sys
 import torch
 
 from . import contract, conv, embedding, norm, pointwise, reduce, shape
-from .registry import register, register_tag
+from ..labels import const_like
+from .context import expert_weight
+from .registry import register, register_op_name, register_tag
 
 aten = torch.ops.aten
 
@@ -159,6 +161,47 @@ def baddbmm(ctx, node):
 
 
 register(aten.baddbmm, torch.baddbmm, "baddbmm")(baddbmm)
+
+
+# -- mixture of experts ---------------------------------------------------------------
+def grouped_mm(ctx, node):
+    """``grouped_mm(x, W, offs)``: tokens sorted by expert, each block of rows times its
+    expert's (in, out) matrix of W (experts, in, out). Every expert has the same width,
+    so an input or output feature goes from all experts at once, like a dense layer."""
+    x, weight = node.args[0], node.args[1]
+    found = expert_weight(ctx.gm, weight)
+    if found is None or ctx.meta(x).ndim != 2:
+        raise ValueError("grouped_mm with a weight that is not a parameter of expert matrices")
+    path, swapped = found
+    in_dim, out_dim = (2, 1) if swapped else (1, 2)  # stored (experts, out, in) when swapped
+    in_vec = ctx.vector(x, -1)
+    ctx.consume(0)
+    out_vec = ctx.fresh((ctx.tensor(path).shape[out_dim],), f"{node.name} output features")
+    ctx.align(path, ctx.along(in_vec, in_dim, 3), "in")
+    ctx.align(path, ctx.along(out_vec, out_dim, 3), "out")
+    return ctx.along(out_vec, -1, 2)
+
+
+register(getattr(aten, "_grouped_mm", None))(grouped_mm)
+register_op_name("transformers::grouped_mm_fallback")(grouped_mm)
+
+
+def topk(ctx, node):
+    """Values and indices of the k largest along ``dim``: which entries win depends on the
+    values there, so channels along ``dim`` are pinned; the other dims keep their labels."""
+    x = node.args[0]
+    labels = ctx.labels(x)
+    ndim = ctx.meta(x).ndim
+    dim = ctx.value(ctx.arg(2, "dim", -1)) % max(ndim, 1)
+    if labels is None:
+        return const_like(ndim), const_like(ndim)
+    if labels.shape[dim] > 1:
+        ctx.pin(labels, f"{node.name}: top-k over a channel dim")
+        labels = labels.narrow(dim, 0, 1)
+    return labels, const_like(ndim)
+
+
+register(aten.topk, torch.topk, "topk")(topk)
 
 
 # -- values that do not depend on the input's values ------------------------------------

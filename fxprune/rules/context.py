@@ -85,6 +85,46 @@ def _feeds_conv_weight(node: torch.fx.Node, depth: int = 8) -> bool:
     return False
 
 
+def _is_grouped_mm(node: torch.fx.Node) -> bool:
+    target = node.target
+    return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and \
+        target._schema.name in ("aten::_grouped_mm", "transformers::grouped_mm_fallback")
+
+
+def _swaps_last_two(node: torch.fx.Node, ndim: int) -> bool:
+    args = node.args
+    return node.op == "call_function" and node.target in (torch.transpose, _aten.transpose.int) \
+        and len(args) == 3 and all(isinstance(a, int) for a in args[1:]) \
+        and {args[1] % ndim, args[2] % ndim} == {ndim - 2, ndim - 1}
+
+
+def expert_weight(root: torch.nn.Module, x: Any) -> tuple[str, bool] | None:
+    """(path, swapped) when ``x`` is a 3-d parameter of expert matrices (experts, in, out),
+    or one stored (experts, out, in) and seen through a transpose of its last two dims,
+    used only as the weight of grouped matmuls."""
+    swapped = False
+    if isinstance(x, torch.fx.Node) and _swaps_last_two(x, 3) and len(x.users) == 1:
+        swapped, x = True, x.args[0]
+    if not isinstance(x, torch.fx.Node) or x.op != "get_attr":
+        return None
+    t = get_tensor(root, x.target)
+    if not isinstance(t, torch.Tensor) or t.ndim != 3 or not _expert_uses_only(x):
+        return None
+    return x.target, swapped
+
+
+def _expert_uses_only(node: torch.fx.Node) -> bool:
+    """Every use of ``node`` is as the weight of a grouped matmul, directly or through a
+    transpose of its last two dims."""
+    for user in node.users:
+        operand = node
+        if _swaps_last_two(user, 3) and len(user.users) == 1:
+            operand, user = user, next(iter(user.users))
+        if not _is_grouped_mm(user) or len(user.args) < 2 or user.args[1] is not operand:
+            return False
+    return True
+
+
 def _weight_uses_only(node: torch.fx.Node) -> bool:
     """Every use of ``node`` is by reference or, through transposes, as a matmul weight."""
     for user in node.users:
@@ -216,6 +256,8 @@ class AnalysisContext:
             return const_like(t.ndim)
         if t.ndim == 2 and _weight_uses_only(node):  # matmul weights: their rules align them
             return const_like(2)
+        if t.ndim == 3 and _expert_uses_only(node):  # expert weights: grouped_mm aligns them
+            return const_like(3)
         if t.ndim >= 3 and _feeds_conv_weight(node):
             # a conv weight computed from this one (weight standardization): one label per
             # output channel; the conv aligns the input channels itself

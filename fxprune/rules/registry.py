@@ -39,6 +39,7 @@ _FUNCTIONS: dict[Any, Rule] = {}
 _MODULES: dict[type, Rule] = {}
 _METHODS: dict[str, Rule] = {}
 _TAGS: dict[Any, Rule] = {}
+_OP_NAMES: dict[str, Rule] = {}  # custom ops by qualified name ("transformers::grouped_mm_fallback")
 
 
 def _table_for(key: Any) -> dict:
@@ -67,6 +68,20 @@ def register(*keys: Any, rewrite: Callable[..., None] | None = None) -> Callable
                 raise ValueError(f"a rule for {key!r} is already registered ({table[key].name}); "
                                  f"each op has exactly one rule")
             table[key] = rule
+        return fn
+
+    return deco
+
+
+def register_op_name(*names: str) -> Callable:
+    """Decorator: ``fn`` is the rule of the custom ops with these qualified names, which
+    exist only once the library defining them is imported (after fxprune may be)."""
+
+    def deco(fn: Callable) -> Callable:
+        for name in names:
+            if name in _OP_NAMES:
+                raise ValueError(f"a rule for {name} is already registered ({_OP_NAMES[name].name})")
+            _OP_NAMES[name] = Rule(fn.__name__, fn)
         return fn
 
     return deco
@@ -103,7 +118,7 @@ def lookup(node: torch.fx.Node, root: torch.nn.Module) -> Rule | None:
 def _aten_rule(op: torch._ops.OpOverload) -> Rule | None:
     """An ATen overload's rule: its packet's, its tags', or (an in-place ``relu_``) that of
     the out-of-place op it mutates its input into."""
-    rule = _FUNCTIONS.get(op.overloadpacket)
+    rule = _FUNCTIONS.get(op.overloadpacket) or _OP_NAMES.get(op._schema.name)
     for tag in op.tags if rule is None else ():
         rule = _TAGS.get(tag)
         if rule is not None:
@@ -130,4 +145,4 @@ def describe_target(node: torch.fx.Node, root: torch.nn.Module) -> str:
 
 
 def known_keys() -> int:
-    return len(_FUNCTIONS) + len(_MODULES) + len(_METHODS) + len(_TAGS)
+    return len(_FUNCTIONS) + len(_MODULES) + len(_METHODS) + len(_TAGS) + len(_OP_NAMES)
