@@ -143,6 +143,8 @@ MORE = {  # other attention layouts: fused qkv (GPT-NeoX), partial rotary (Phi),
     "t5": lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(  # relative bias as SDPA mask
         vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1, num_heads=4,
         use_cache=False, decoder_start_token_id=0)),
+    "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(  # experts: grouped_mm, topk
+        **SMALL, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, use_cache=False)),
     "vit": lambda: transformers.ViTForImageClassification(transformers.ViTConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=32,
         patch_size=8, num_labels=3)),
@@ -161,3 +163,15 @@ def test_more_hf_architectures_prune_heads_exactly(name):
     assert not result.groups.barriers, result.groups.barriers
     assert result.groups.head_groups  # heads were found from the shapes
     assert result.report.after.params < 0.7 * result.report.before.params
+
+
+def test_mixtral_experts_lose_the_same_hidden_units_and_the_router_keeps_every_expert():
+    torch.manual_seed(0)
+    model = MORE["mixtral"]().eval()
+    result, _ = prune_and_verify(model, torch.randint(2, 64, (2, 8)), ratio=0.5, min_effect=1e-3)
+    shapes = {k: tuple(p.shape) for k, p in result.module.named_parameters()}
+    gate_up = next(v for k, v in shapes.items() if k.endswith("experts.gate_up_proj"))
+    down = next(v for k, v in shapes.items() if k.endswith("experts.down_proj"))
+    router = next(v for k, v in shapes.items() if k.endswith("mlp.gate.weight"))
+    assert gate_up[0] == down[0] == router[0] == 4  # every expert stays (top-k pins the router)
+    assert gate_up[1] == 2 * down[2] == 48  # (experts, 2 x hidden, in): 48 -> 24 hidden units
