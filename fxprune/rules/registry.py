@@ -52,18 +52,16 @@ def _table_for(key: Any) -> dict:
     raise TypeError(f"cannot register a rule for {key!r}: not a method name, module type or callable")
 
 
-def register(*keys: Any, rewrite: Callable[..., None] | None = None) -> Callable:
-    """Decorator: register ``fn`` as the analysis rule for each key.
-
-    Keys that do not exist in this torch build (``None``) are skipped.
-    """
+def _registrar(keys, table_of: Callable[[Any], dict], rewrite: Callable[..., None] | None = None) -> Callable:
+    """A decorator that enters ``fn``'s rule under each key (skipping ``None``) in the
+    table ``table_of(key)``; a key registered twice is an error."""
 
     def deco(fn: Callable) -> Callable:
         rule = Rule(fn.__name__, fn, rewrite)
         for key in keys:
             if key is None:
                 continue
-            table = _table_for(key)
+            table = table_of(key)
             if key in table:
                 raise ValueError(f"a rule for {key!r} is already registered ({table[key].name}); "
                                  f"each op has exactly one rule")
@@ -73,32 +71,24 @@ def register(*keys: Any, rewrite: Callable[..., None] | None = None) -> Callable
     return deco
 
 
+def register(*keys: Any, rewrite: Callable[..., None] | None = None) -> Callable:
+    """Decorator: register ``fn`` as the analysis rule for each key.
+
+    Keys that do not exist in this torch build (``None``) are skipped.
+    """
+    return _registrar(keys, _table_for, rewrite)
+
+
 def register_op_name(*names: str) -> Callable:
     """Decorator: ``fn`` is the rule of the custom ops with these qualified names, which
     exist only once the library defining them is imported (after fxprune may be)."""
-
-    def deco(fn: Callable) -> Callable:
-        for name in names:
-            if name in _OP_NAMES:
-                raise ValueError(f"a rule for {name} is already registered ({_OP_NAMES[name].name})")
-            _OP_NAMES[name] = Rule(fn.__name__, fn)
-        return fn
-
-    return deco
+    return _registrar(names, lambda _: _OP_NAMES)
 
 
 def register_tag(*tags: Any) -> Callable:
     """Decorator: ``fn`` is the rule of every ATen overload tagged with one of ``tags``
     that has no rule of its own."""
-
-    def deco(fn: Callable) -> Callable:
-        for tag in tags:
-            if tag in _TAGS:
-                raise ValueError(f"a rule for tag {tag} is already registered ({_TAGS[tag].name})")
-            _TAGS[tag] = Rule(fn.__name__, fn)
-        return fn
-
-    return deco
+    return _registrar(tags, lambda _: _TAGS)
 
 
 def lookup(node: torch.fx.Node, root: torch.nn.Module) -> Rule | None:
