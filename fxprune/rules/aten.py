@@ -22,7 +22,7 @@ import torch
 
 from . import contract, conv, embedding, norm, pointwise, reduce, shape
 from ..labels import const_like
-from .context import expert_weight
+from .context import weight_operand
 from .registry import register, register_op_name, register_tag
 
 aten = torch.ops.aten
@@ -169,7 +169,7 @@ def grouped_mm(ctx, node):
     expert's (in, out) matrix of W (experts, in, out). Every expert has the same width,
     so an input or output feature goes from all experts at once, like a dense layer."""
     x, weight = node.args[0], node.args[1]
-    found = expert_weight(ctx.gm, weight)
+    found = weight_operand(ctx.gm, weight, 3)
     if found is None or ctx.meta(x).ndim != 2:
         raise ValueError("grouped_mm with a weight that is not a parameter of expert matrices")
     path, swapped = found

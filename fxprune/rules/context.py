@@ -4,6 +4,7 @@ kept indices)."""
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -19,53 +20,80 @@ MAX_FREE_LABELS = 1 << 20  # a larger free tensor is a constant (pinned), not a 
 _aten = torch.ops.aten
 # x @ W: the right operand of these is a weight matrix when it is a parameter
 _MATMULS = frozenset({torch.matmul, torch.mm, "matmul", "mm", "__matmul__", _aten.matmul.default,
-                      _aten.mm.default, __import__("operator").matmul})
+                      _aten.mm.default, operator.matmul})
+# grouped (per-expert) matmuls: the second operand is a (experts, in, out) parameter
+_GROUPED_MM = ("aten::_grouped_mm", "transformers::grouped_mm_fallback")
 # ops that take a parameter by reference (their rules align it by path, never by value)
 _BY_PATH = frozenset({torch.nn.functional.embedding, torch.nn.functional.linear, _aten.embedding.default,
                       _aten.linear.default})
+_CONVS = frozenset({torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
+                    _aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default,
+                    _aten.convolution.default})
 
 
-def _transposes(node: torch.fx.Node) -> bool | None:
-    """For a 2-d layout op: True when it transposes (t, .T, transpose(0, 1), permute(1, 0)),
-    False when it keeps the layout, None when it is not one."""
+def _transposes(node: torch.fx.Node, ndim: int) -> bool | None:
+    """For a layout op on an ``ndim``-d tensor: True when it swaps the last two dims (t,
+    .T, .mT, transpose, permute), False when it keeps the layout, None when it is not one."""
     if node.op not in ("call_function", "call_method"):
         return None  # (a submodule may be called "t")
     t, args = node.target, node.args
     if t in ("t", torch.t, _aten.t.default, _aten.numpy_T.default):
-        return True
+        return True if ndim == 2 else None
     if node.op == "call_function" and t is getattr and len(args) == 2 and args[1] in ("T", "mT"):
-        return True
+        return True if ndim == 2 or args[1] == "mT" else None
     if t in ("transpose", torch.transpose, _aten.transpose.int) and len(args) == 3:
-        return {args[1] % 2, args[2] % 2} == {0, 1} if all(isinstance(a, int) for a in args[1:]) else None
+        if not all(isinstance(a, int) for a in args[1:]):
+            return None
+        a, b = args[1] % ndim, args[2] % ndim
+        return False if a == b else {a, b} == {ndim - 2, ndim - 1} or None
     if t in ("permute", torch.permute, _aten.permute.default):
         dims = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
-        return [d % 2 for d in dims] == [1, 0] if all(isinstance(d, int) for d in dims) and len(dims) == 2 else None
+        if len(dims) != ndim or not all(isinstance(d, int) for d in dims):
+            return None
+        dims = [d % ndim for d in dims]
+        keep = list(range(ndim))
+        return False if dims == keep else dims == keep[:-2] + [ndim - 1, ndim - 2] or None
     return None
 
 
-def matrix_weight(root: torch.nn.Module, x: Any) -> tuple[str, bool] | None:
-    """(path, transposed) when ``x`` is a 2-d parameter, possibly seen through transposes,
-    and used only as the right operand of matmuls (``x @ self.weight.T``: a linear layer
-    written by hand, as in Falcon): such a matrix is a weight with rows and columns, not a
-    free tensor with a label per element. The parameter's other uses may only take it by
-    reference (a tied embedding); anything else and this is None."""
+def weight_operand(root: torch.nn.Module, x: Any, ndim: int) -> tuple[str, bool] | None:
+    """(path, transposed) when ``x`` is a parameter of ``ndim`` dims, possibly seen through
+    transposes of its last two dims, used only as the weight of matmuls (``ndim=2``:
+    ``x @ self.weight.T``, a linear layer written by hand as in Falcon) or of grouped
+    matmuls (``ndim=3``: the (experts, in, out) matrices of a mixture of experts). Such a
+    tensor is a weight with rows and columns, not a free tensor with a label per element.
+    Its other uses may only take it by reference (a tied embedding); else None."""
     flips, node = False, x
     while isinstance(node, torch.fx.Node) and node.op != "get_attr":
-        flip = _transposes(node)
+        flip = _transposes(node, ndim)
         if flip is None or len(node.users) != 1:
             return None
         flips, node = flips ^ flip, node.args[0]
     if not isinstance(node, torch.fx.Node):
         return None
     t = get_tensor(root, node.target)
-    if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point():
+    if not isinstance(t, torch.Tensor) or t.ndim != ndim or not t.is_floating_point():
         return None
-    return (node.target, flips) if _weight_uses_only(node) else None
+    return (node.target, flips) if _weight_uses_only(node, ndim) else None
 
 
-_CONVS = frozenset({torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
-                    _aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default,
-                    _aten.convolution.default})
+def _weight_uses_only(node: torch.fx.Node, ndim: int) -> bool:
+    """Every use of ``node`` is by reference or, through transposes, as the weight operand
+    of a matmul (2-d) or a grouped matmul (3-d)."""
+    for user in node.users:
+        operand = node
+        if user.op == "call_function" and user.target in _BY_PATH:
+            continue
+        while _transposes(user, ndim) is not None and len(user.users) == 1:
+            operand, user = user, next(iter(user.users))
+        if user.op not in ("call_function", "call_method") or len(user.args) < 2 \
+                or user.args[1] is not operand or user.args[0] is operand:
+            return False
+        if ndim == 2 and (user.target not in _MATMULS or len(user.args) != 2):
+            return False
+        if ndim == 3 and getattr(getattr(user.target, "_schema", None), "name", None) not in _GROUPED_MM:
+            return False
+    return True
 
 
 def _feeds_conv_weight(node: torch.fx.Node, depth: int = 8) -> bool:
@@ -83,60 +111,6 @@ def _feeds_conv_weight(node: torch.fx.Node, depth: int = 8) -> bool:
                 nxt.append(user)
         frontier = nxt
     return False
-
-
-def _is_grouped_mm(node: torch.fx.Node) -> bool:
-    target = node.target
-    return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and \
-        target._schema.name in ("aten::_grouped_mm", "transformers::grouped_mm_fallback")
-
-
-def _swaps_last_two(node: torch.fx.Node, ndim: int) -> bool:
-    args = node.args
-    return node.op == "call_function" and node.target in (torch.transpose, _aten.transpose.int) \
-        and len(args) == 3 and all(isinstance(a, int) for a in args[1:]) \
-        and {args[1] % ndim, args[2] % ndim} == {ndim - 2, ndim - 1}
-
-
-def expert_weight(root: torch.nn.Module, x: Any) -> tuple[str, bool] | None:
-    """(path, swapped) when ``x`` is a 3-d parameter of expert matrices (experts, in, out),
-    or one stored (experts, out, in) and seen through a transpose of its last two dims,
-    used only as the weight of grouped matmuls."""
-    swapped = False
-    if isinstance(x, torch.fx.Node) and _swaps_last_two(x, 3) and len(x.users) == 1:
-        swapped, x = True, x.args[0]
-    if not isinstance(x, torch.fx.Node) or x.op != "get_attr":
-        return None
-    t = get_tensor(root, x.target)
-    if not isinstance(t, torch.Tensor) or t.ndim != 3 or not _expert_uses_only(x):
-        return None
-    return x.target, swapped
-
-
-def _expert_uses_only(node: torch.fx.Node) -> bool:
-    """Every use of ``node`` is as the weight of a grouped matmul, directly or through a
-    transpose of its last two dims."""
-    for user in node.users:
-        operand = node
-        if _swaps_last_two(user, 3) and len(user.users) == 1:
-            operand, user = user, next(iter(user.users))
-        if not _is_grouped_mm(user) or len(user.args) < 2 or user.args[1] is not operand:
-            return False
-    return True
-
-
-def _weight_uses_only(node: torch.fx.Node) -> bool:
-    """Every use of ``node`` is by reference or, through transposes, as a matmul weight."""
-    for user in node.users:
-        operand = node
-        if user.op == "call_function" and user.target in _BY_PATH:
-            continue
-        while _transposes(user) is not None and len(user.users) == 1:
-            operand, user = user, next(iter(user.users))
-        if user.op not in ("call_function", "call_method") or user.target not in _MATMULS \
-                or len(user.args) != 2 or user.args[1] is not operand or user.args[0] is operand:
-            return False
-    return True
 
 
 def get_tensor(root: torch.nn.Module, path: str) -> torch.Tensor:
@@ -254,10 +228,8 @@ class AnalysisContext:
             return None
         if t.ndim == 0 or not t.is_floating_point():
             return const_like(t.ndim)
-        if t.ndim == 2 and _weight_uses_only(node):  # matmul weights: their rules align them
-            return const_like(2)
-        if t.ndim == 3 and _expert_uses_only(node):  # expert weights: grouped_mm aligns them
-            return const_like(3)
+        if t.ndim in (2, 3) and _weight_uses_only(node, t.ndim):  # (grouped) matmul weights:
+            return const_like(t.ndim)                            # their rules align them
         if t.ndim >= 3 and _feeds_conv_weight(node):
             # a conv weight computed from this one (weight standardization): one label per
             # output channel; the conv aligns the input channels itself

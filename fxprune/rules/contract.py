@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..labels import channel_dim, const_like
-from .context import matrix_weight
+from .context import weight_operand
+from .conv import dense
 from .registry import register
 
 
@@ -112,9 +113,8 @@ def _matmul_letters(na: int, nb: int):
 
 def matmul(ctx, node):
     a, b = node.args[0], node.args[1]
-    weight = matrix_weight(ctx.gm, b)
+    weight = weight_operand(ctx.gm, b, 2)
     if weight is not None:  # x @ W.T with a parameter W: a linear layer written by hand
-        from .conv import dense
         path, transposed = weight
         out_vec = dense(ctx, node, a, 0, path, None, out_dim=0 if transposed else 1)
         return ctx.along(out_vec, -1, ctx.meta(node).ndim)
