@@ -259,3 +259,10 @@ def test_position_wise_conv_along_channels_keeps_them_prunable():
 def test_conv_sliding_along_channels_pins_them_with_a_reason():
     groups = fxprune.analyze(AlongChannels(eca=True).eval(), torch.randn(4, 5))
     assert any("slides along a dim that carries channels" in r for g in groups for r in g.pinned_reasons)
+
+
+def test_unbatched_conv_input_prunes_exactly():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv1d(3, 8, 3), nn.ReLU(), nn.Conv1d(8, 4, 1)).eval()
+    result, _ = prune_and_verify(m, torch.randn(3, 10), ratio=0.5)  # (C, L): no batch dim
+    assert result.module.get_submodule("0").out_channels == 4

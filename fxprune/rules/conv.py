@@ -53,8 +53,9 @@ def computed_weight(ctx, node, weight: torch.fx.Node) -> str:
     """The parameter a convolution weight computed in the graph is made from: weight
     standardization (timm's StdConv2d, NFNet's ScaledStdConv2d: the weight normalized
     per output channel over its fan-in, times a per-channel gain). It must come from one
-    parameter of the weight's shape and otherwise only from per-output-channel tensors
-    and scalars, and not from the model's inputs; anything else is refused."""
+    parameter of the weight's shape, otherwise only from per-output-channel tensors and
+    scalars and not from the model's inputs, and keep that parameter's rows in order;
+    anything else is refused."""
     shape = tuple(ctx.meta(weight).shape)
     source, seen, todo = None, set(), [weight]
     while todo:
@@ -68,8 +69,8 @@ def computed_weight(ctx, node, weight: torch.fx.Node) -> str:
             t = ctx.tensor(n.target)
             if not isinstance(t, torch.Tensor) or t.numel() == 1:
                 continue
-            if tuple(t.shape) == shape and source in (None, n.target):
-                source = n.target
+            if tuple(t.shape) == shape and source in (None, n):
+                source = n
             elif t.ndim < 1 or any(s != 1 for s in t.shape[1:]) or t.shape[0] != shape[0]:
                 raise ValueError(f"the weight is computed from {n.target} of shape {tuple(t.shape)}, "
                                  f"which is neither the weight nor a per-output-channel tensor")
@@ -77,7 +78,14 @@ def computed_weight(ctx, node, weight: torch.fx.Node) -> str:
         todo.extend(n.all_input_nodes)
     if source is None:
         raise ValueError("the weight is computed from no parameter of its shape")
-    return source
+    rows, src_rows = ctx.labels(weight), ctx.labels(source)
+    k = ctx.classes(rows) if rows is not None else None
+    if k is None or src_rows is None or k.shape[0] != shape[0] \
+            or not all(constant_along(k, d) for d in range(1, k.ndim)) \
+            or not torch.equal(k.reshape(k.shape[0], -1)[:, 0], ctx.classes(src_rows.reshape(-1))):
+        raise ValueError(f"the weight's rows are not {source.target}'s rows in order (the computation "
+                         f"moves them)")
+    return source.target
 
 
 def _channels_along_length(ctx, node, x, cdim: int):
@@ -103,103 +111,81 @@ def _channels_along_length(ctx, node, x, cdim: int):
     return const_like(out_ndim)
 
 
+def _conv_channels(ctx, node, in_vec: torch.Tensor, c_out: int, groups: int):
+    """(output channel labels, input and output channels of one group), or (output
+    labels, None, None) for a depthwise conv, whose outputs follow their input channel.
+    Grouped convs keep equal group widths: the same local channels go in every group."""
+    c_in = in_vec.numel()
+    if groups > 1 and groups == c_in:
+        return in_vec.repeat_interleave(c_out // c_in), None, None
+    out_vec = ctx.fresh((c_out,), f"{node.name} output channels")
+    in_blocks, out_blocks = in_vec.reshape(groups, -1), out_vec.reshape(groups, -1)
+    if groups > 1:
+        ctx.union(in_blocks, in_blocks[:1])
+        ctx.union(out_blocks, out_blocks[:1])
+    return out_vec, in_blocks[0], out_blocks[0]
+
+
 def conv(ctx, node):
     x, weight, bias, groups, transposed = _conv_parts(ctx, node)
-    cdim = 1 if ctx.meta(x).ndim == ctx.meta(node).ndim else 0
+    computed = isinstance(weight, torch.fx.Node)
+    w_shape = ctx.meta(weight).shape if computed else ctx.tensor(weight).shape
+    out_ndim, wn = ctx.meta(node).ndim, len(w_shape)
+    cdim = 1 if ctx.meta(x).ndim == wn else 0  # batched or unbatched input
     along_length = _channels_along_length(ctx, node, x, cdim)
     if along_length is not None:
         return along_length
-    if isinstance(weight, torch.fx.Node):
-        return _conv_computed_weight(ctx, node, x, weight, bias, groups)
-    w = ctx.tensor(weight)
-    out_ndim = ctx.meta(node).ndim
-    cdim = 1 if ctx.meta(x).ndim == w.ndim else 0  # batched or unbatched input
-    wn = w.ndim
+    # a weight computed in forward (see computed_weight) is checked before anything is linked
+    source = computed_weight(ctx, node, weight) if computed else None
     in_vec = ctx.vector(x, cdim)
-    c_in = in_vec.numel()
-    c_out = w.shape[1] * groups if transposed else w.shape[0]
+    c_out = w_shape[1] * groups if transposed else w_shape[0]
     ctx.consume(0)
-    if groups > 1 and groups == c_in:
-        out_vec = in_vec.repeat_interleave(c_out // c_in)
-        if transposed:  # weight (C_in, mult, k...)
-            ctx.align(weight, ctx.along(in_vec, 0, wn), "channel")
-        else:  # weight (C_out, 1, k...)
-            ctx.align(weight, ctx.along(out_vec, 0, wn), "channel")
-    else:
-        out_vec = ctx.fresh((c_out,), f"{node.name} output channels")
-        in_blocks = in_vec.reshape(groups, -1)
-        out_blocks = out_vec.reshape(groups, -1)
-        if groups > 1:  # equal group widths: the same local channels go in every group
-            ctx.union(in_blocks, in_blocks[:1])
-            ctx.union(out_blocks, out_blocks[:1])
-        if transposed:  # weight (C_in, C_out / g, k...)
-            ctx.align(weight, ctx.along(in_vec, 0, wn), "in")
-            ctx.align(weight, ctx.along(out_blocks[0], 1, wn), "out")
-        else:  # weight (C_out, C_in / g, k...)
-            ctx.align(weight, ctx.along(out_vec, 0, wn), "out")
-            ctx.align(weight, ctx.along(in_blocks[0], 1, wn), "in")
+    out_vec, in_cols, out_cols = _conv_channels(ctx, node, in_vec, c_out, groups)
+    depthwise = in_cols is None
+    if source is not None:
+        # the computed weight's rows go with the output channels (so do the parameter's
+        # rows and every per-channel gain); the parameter's columns are the inputs,
+        # inexact because the computation mixes them
+        ctx.union(ctx.vector(weight, 0), out_vec)
+        if not depthwise:
+            ctx.align(source, ctx.along(in_cols, 1, wn), "in")
+            ctx.inexact(in_vec, f"{node.name}: its weight is computed from {source} across the input "
+                                f"channels (weight standardization): removing inputs changes the kept weights")
+    elif depthwise:  # weight (C_in, mult, k...) transposed, (C_out, 1, k...) otherwise
+        ctx.align(weight, ctx.along(in_vec if transposed else out_vec, 0, wn), "channel")
+    elif transposed:  # weight (C_in, C_out / g, k...)
+        ctx.align(weight, ctx.along(in_vec, 0, wn), "in")
+        ctx.align(weight, ctx.along(out_cols, 1, wn), "out")
+    else:  # weight (C_out, C_in / g, k...)
+        ctx.align(weight, ctx.along(out_vec, 0, wn), "out")
+        ctx.align(weight, ctx.along(in_cols, 1, wn), "in")
     if bias is not None:
-        ctx.align(bias, out_vec, "out" if not (groups > 1 and groups == c_in) else "channel")
+        ctx.align(bias, out_vec, "channel" if depthwise else "out")
     return ctx.along(out_vec, cdim, out_ndim)
 
 
-def _conv_computed_weight(ctx, node, x, weight, bias, groups):
-    """A convolution whose weight the graph computes from parameter P (see
-    :func:`computed_weight`): the weight's rows are fresh output channels (unioned with
-    the computed weight's own labels, so P's rows and every per-channel gain follow);
-    P's columns are the input channels, inexact because the computation mixes them."""
-    source = computed_weight(ctx, node, weight)
-    w_shape = ctx.meta(weight).shape
-    src_node = next(n for n in ctx.gm.graph.nodes if n.op == "get_attr" and n.target == source)
-    rows, src_rows = ctx.labels(weight), ctx.labels(src_node)
-    k = ctx.classes(rows) if rows is not None else None
-    if k is None or src_rows is None or k.shape[0] != w_shape[0] \
-            or not all(constant_along(k, d) for d in range(1, k.ndim)) \
-            or not torch.equal(k.reshape(k.shape[0], -1)[:, 0], ctx.classes(src_rows.reshape(-1))):
-        raise ValueError(f"the weight's rows are not {source}'s rows in order (the computation "
-                         f"moves them)")
-    out_ndim, wn = ctx.meta(node).ndim, len(w_shape)
-    cdim = 1 if ctx.meta(x).ndim == wn else 0
-    in_vec = ctx.vector(x, cdim)
-    c_in, c_out = in_vec.numel(), w_shape[0]
-    ctx.consume(0)
-    if groups > 1 and groups == c_in:  # depthwise: each output follows its input channel
-        out_vec = in_vec.repeat_interleave(c_out // c_in)
-    else:
-        out_vec = ctx.fresh((c_out,), f"{node.name} output channels")
-        in_blocks, out_blocks = in_vec.reshape(groups, -1), out_vec.reshape(groups, -1)
-        if groups > 1:  # equal group widths: the same local channels go in every group
-            ctx.union(in_blocks, in_blocks[:1])
-            ctx.union(out_blocks, out_blocks[:1])
-        ctx.align(source, ctx.along(in_blocks[0], 1, wn), "in")
-        ctx.inexact(in_vec, f"{node.name}: its weight is computed from {source} across the input "
-                            f"channels (weight standardization): removing inputs changes the kept weights")
-    ctx.union(ctx.vector(weight, 0), out_vec)  # the weight's rows, and every per-channel gain
-    if bias is not None:
-        ctx.align(bias, out_vec, "out" if not (groups > 1 and groups == c_in) else "channel")
-    return ctx.along(out_vec, cdim, out_ndim)
-
-
-def _new_groups(r, old, x, groups, c_in_old) -> int:
-    if groups > 1 and groups == c_in_old:
-        cdim = 1 if len(r.old_shape(x)) == len(r.old_shape(old)) else 0
-        return r.new_shape(x)[cdim]
-    return groups
+def _new_groups(r, x, cdim: int, groups: int, c_in_old: int) -> int:
+    return r.new_shape(x)[cdim] if groups > 1 and groups == c_in_old else groups
 
 
 def rewrite_conv(r, old, new):
     x = old.args[0] if old.args else old.kwargs["input"]
-    cdim = 1 if len(r.old_shape(x)) == len(r.old_shape(old)) else 0
+    if old.op == "call_module":
+        wn = r.module(old).weight.ndim
+    else:
+        w = old.args[1] if len(old.args) > 1 else old.kwargs["weight"]
+        wn = len(r.old_shape(w))
+    cdim = 1 if len(r.old_shape(x)) == wn else 0  # batched (N, C, ...) or unbatched (C, ...)
     c_in_old = r.old_shape(x)[cdim]
     if old.op == "call_module":
         m = r.module(old)
-        m.groups = _new_groups(r, old, x, m.groups, c_in_old)
+        m.groups = _new_groups(r, x, cdim, m.groups, c_in_old)
         m.in_channels = r.new_shape(x)[cdim]
         m.out_channels = r.new_shape(old)[cdim]
         return
     pos = 6  # groups, in F.conv*d, F.conv_transpose*d and their ATen ops alike
     groups = old.args[pos] if len(old.args) > pos else old.kwargs.get("groups", 1)
-    new_groups = _new_groups(r, old, x, groups, c_in_old)
+    new_groups = _new_groups(r, x, cdim, groups, c_in_old)
     if new_groups != groups:
         if len(new.args) > pos:
             args = list(new.args)
