@@ -72,16 +72,14 @@ def broadcast_labels(ctx, node, operands) -> torch.Tensor:
             aligned.append(labels)
     if not aligned:
         return const_like(ndim)
+    first = aligned[0]
+    for other in aligned[1:]:
+        ctx.union(first, other)
     if spanning_constant:  # the output carries no channel there; the operands say why
         for labels in aligned:
             ctx.pin(labels, f"{node.name}: combined with an operand that carries no prunable channel "
                             f"at these positions (a model input, or a constant made in forward)")
-        for other in aligned[1:]:
-            ctx.union(aligned[0], other)
         return const_like(ndim)
-    first = aligned[0]
-    for other in aligned[1:]:
-        ctx.union(first, other)
     # after the unions every operand has the same class at every output position, so the
     # smallest one describes the output (a (1, 1, C) stream plus a (1, T, C) position
     # table stays (1, 1, C) instead of growing to T * C labels)
