@@ -166,7 +166,7 @@ class _MetaProp(torch.fx.Interpreter):
                 return got
         shadow = self._meta_state.get(target)
         if shadow is None:
-            shadow = self._meta_state[target] = _meta_shadow(self.fetch_attr(target))
+            shadow = self._meta_state[target] = _meta_shadow(module)
         return shadow(*args, **kwargs)
 
     def get_attr(self, target, args, kwargs):

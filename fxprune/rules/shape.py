@@ -514,7 +514,7 @@ def unfold_dim(ctx, node):
 
 
 def _window_input(ctx, node, what: str):
-    """(input, its channel dim, its channel labels) of F.unfold / F.fold, or None when
+    """(channel dim, channel labels) of the input of F.unfold / F.fold, or None when
     channels also vary along the spatial (or block) dims, which are then pinned."""
     x = node.args[0] if node.args else node.kwargs["input"]
     labels = ctx.labels(x)
@@ -527,7 +527,7 @@ def _window_input(ctx, node, what: str):
     if any(not constant_along(cls, d) for d in range(ndim) if d != cdim):
         ctx.pin(labels, f"{node.name}: {what} of a tensor whose channels vary along its other dims")
         return None
-    return x, cdim, ctx.vector(x, cdim)
+    return cdim, ctx.vector(x, cdim)
 
 
 def im2col(ctx, node):
@@ -537,7 +537,7 @@ def im2col(ctx, node):
     got = _window_input(ctx, node, "unfold")
     if got is None:
         return ctx.const_output()
-    x, cdim, vec = got
+    cdim, vec = got
     k = ctx.meta(node).shape[cdim] // vec.numel()
     return ctx.along(vec.repeat_interleave(k), cdim, ctx.meta(node).ndim)
 
@@ -548,7 +548,7 @@ def col2im(ctx, node):
     got = _window_input(ctx, node, "fold")
     if got is None:
         return ctx.const_output()
-    x, cdim, vec = got
+    cdim, vec = got
     blocks = vec.reshape(ctx.meta(node).shape[cdim], -1)
     ctx.union(blocks, blocks[:, :1])
     return ctx.along(blocks[:, 0].contiguous(), cdim, ctx.meta(node).ndim)
