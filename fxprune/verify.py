@@ -51,6 +51,14 @@ def _flat(out: Any) -> list[torch.Tensor]:
     return []
 
 
+def _arg_key(pos: int | str, n_args: int) -> int | str:
+    """Where a consumer's input is: its position, or (recorded by name, or a position past
+    the positional arguments) its keyword, ``"input"`` by default."""
+    if isinstance(pos, int):
+        return pos if pos < n_args else "input"
+    return pos
+
+
 class _Masked(torch.fx.Interpreter):
     """Runs the original graph, zeroing removed channels at every consumer input."""
 
@@ -73,12 +81,11 @@ class _Masked(torch.fx.Interpreter):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             args = list(args)
             for pos, mask in masks.items():
-                if isinstance(pos, int) and pos < len(args):
-                    args[pos] = args[pos] * mask.to(args[pos].dtype)
-                else:  # passed by keyword: its name, or "input"
-                    key = pos if isinstance(pos, str) else "input"
-                    kwargs = dict(kwargs)
-                    kwargs[key] = kwargs[key] * mask.to(kwargs[key].dtype)
+                key = _arg_key(pos, len(args))
+                if isinstance(key, int):
+                    args[key] = args[key] * mask.to(args[key].dtype)
+                else:
+                    kwargs = {**kwargs, key: kwargs[key] * mask.to(kwargs[key].dtype)}
             return getattr(self, n.op)(n.target, tuple(args), kwargs)
 
 
@@ -88,10 +95,8 @@ def consumer_masks(groups, kept: torch.Tensor) -> dict[str, dict[int | str, torc
     masks: dict[str, dict[int | str, torch.Tensor]] = {}
     for name, pos in groups.consumers:
         node = nodes[name]
-        if isinstance(pos, int) and pos < len(node.args):
-            arg = node.args[pos]
-        else:
-            arg = node.kwargs.get(pos if isinstance(pos, str) else "input")
+        key = _arg_key(pos, len(node.args))
+        arg = node.args[key] if isinstance(key, int) else node.kwargs.get(key)
         labels = groups.node_labels.get(arg.name) if isinstance(arg, torch.fx.Node) else None
         if not isinstance(labels, torch.Tensor):
             continue
