@@ -259,6 +259,7 @@ def test_position_wise_conv_along_channels_keeps_them_prunable():
 def test_conv_sliding_along_channels_pins_them_with_a_reason():
     groups = fxprune.analyze(AlongChannels(eca=True).eval(), torch.randn(4, 5))
     assert any("slides along a dim that carries channels" in r for g in groups for r in g.pinned_reasons)
+    prune_and_verify(AlongChannels(eca=True).eval(), torch.randn(4, 5), ratio=0.5, expect_removed=False)
 
 
 def test_unbatched_conv_input_prunes_exactly():

@@ -282,14 +282,14 @@ def test_baddbmm_scores_prune_head_dim_exactly(by_keyword, frontend):
     assert any("carries no prunable channel" in r for r in heads.pinned_reasons)
 
 
-class InterleavedRotary(nn.Module):
-    """EVA02 / GPT-J style rotary: ``stack([-x[..., 1::2], x[..., ::2]], -1)`` pairs channel
-    2i with 2i + 1; the frequencies are a buffer, as in the real models."""
+class _RotaryAttention(nn.Module):
+    """q, k, v, o projections around SDPA, with an interleaved rotary embedding
+    (``stack([-x[..., 1::2], x[..., ::2]], -1)`` pairs channel 2i with 2i + 1) whose sin
+    and cos come from ``sin_cos``."""
 
     def __init__(self, d=16, heads=2):
         super().__init__()
         self.heads = heads
-        self.register_buffer("freqs", torch.linspace(0.1, 1.0, d // heads // 2).repeat_interleave(2))
         self.q, self.k, self.v = (nn.Linear(8, d) for _ in range(3))
         self.o = nn.Linear(d, 4)
 
@@ -300,11 +300,23 @@ class InterleavedRotary(nn.Module):
     def forward(self, x):
         B, L, _ = x.shape
         q, k, v = (p(x).view(B, L, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
-        angle = torch.arange(L, dtype=x.dtype)[:, None] * self.freqs
-        q = q * angle.cos() + self.rotate(q) * angle.sin()
-        k = k * angle.cos() + self.rotate(k) * angle.sin()
+        sin, cos = self.sin_cos(L, x.dtype)
+        q = q * cos + self.rotate(q) * sin
+        k = k * cos + self.rotate(k) * sin
         y = F.scaled_dot_product_attention(q, k, v)
         return self.o(y.transpose(1, 2).reshape(B, L, -1))
+
+
+class InterleavedRotary(_RotaryAttention):
+    """EVA02 / GPT-J style rotary; the frequencies are a buffer, as in the real models."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__(d, heads)
+        self.register_buffer("freqs", torch.linspace(0.1, 1.0, d // heads // 2).repeat_interleave(2))
+
+    def sin_cos(self, length, dtype):
+        angle = torch.arange(length, dtype=dtype)[:, None] * self.freqs
+        return angle.sin(), angle.cos()
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
@@ -331,30 +343,21 @@ def test_strided_slice_that_stops_early_pins_its_channels():
 
     groups = fxprune.analyze(Net(), torch.randn(2, 4))
     assert any("strided slice of a channel dim" in r for g in groups for r in g.pinned_reasons)
+    prune_and_verify(Net().eval(), torch.randn(2, 4), ratio=0.5, expect_removed=False)
 
 
-class RotaryTable(nn.Module):
-    """EVA02-style rotary: one (tokens, 2 x head_dim) sin|cos buffer, chunked in forward
-    and applied to q and k. The chunks have more positions than channels; they must not
-    decide that their positions are the channel dim before they meet q."""
+class RotaryTable(_RotaryAttention):
+    """EVA02-style rotary: one (tokens, 2 x head_dim) sin|cos buffer, chunked in forward.
+    The chunks have more positions than channels; they must not decide that their
+    positions are the channel dim before they meet q."""
 
     def __init__(self, d=16, heads=2, tokens=12):  # more tokens than head_dim channels
-        super().__init__()
-        self.heads = heads
-        hd = d // heads
-        angle = torch.arange(tokens)[:, None] * torch.linspace(0.1, 1.0, hd // 2).repeat_interleave(2)
+        super().__init__(d, heads)
+        angle = torch.arange(tokens)[:, None] * torch.linspace(0.1, 1.0, d // heads // 2).repeat_interleave(2)
         self.register_buffer("table", torch.cat([angle.sin(), angle.cos()], -1))
-        self.q, self.k, self.v = (nn.Linear(8, d) for _ in range(3))
-        self.o = nn.Linear(d, 4)
 
-    def forward(self, x):
-        B, L, _ = x.shape
-        q, k, v = (p(x).view(B, L, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
-        sin, cos = self.table.chunk(2, -1)
-        q = q * cos + InterleavedRotary.rotate(q) * sin
-        k = k * cos + InterleavedRotary.rotate(k) * sin
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.o(y.transpose(1, 2).reshape(B, L, -1))
+    def sin_cos(self, length, dtype):
+        return self.table.chunk(2, -1)
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
