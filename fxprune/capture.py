@@ -8,6 +8,7 @@ and only as a last resort with the real example inputs.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import linecache
@@ -32,6 +33,42 @@ from .rules.context import get_tensor
 from .passes_base import Pass, PruneState, register_pass
 
 
+class _Proxy(torch.fx.Proxy):
+    """A Proxy whose ``__iter__`` (``a, b = x.shape``: torch.fx reads the calling bytecode
+    to learn how many values are unpacked) disassembles each code object once per trace
+    instead of once per unpacking."""
+
+    def __iter__(self):
+        import bisect
+        import dis
+
+        frame = sys._getframe(1)
+        code = frame.f_code
+        cache = self.tracer._instructions
+        got = cache.get(code)
+        if got is None:
+            insts = list(dis.get_instructions(code))
+            got = cache[code] = ([i.offset for i in insts], insts)
+        offsets, insts = got
+        if sys.version_info >= (3, 11):
+            k = bisect.bisect_left(offsets, frame.f_lasti)
+        else:
+            k = frame.f_lasti // 2
+        inst = insts[k] if k < len(insts) else None
+        if inst is not None and inst.opname == "UNPACK_SEQUENCE":
+            return (self[i] for i in range(inst.argval))
+        return self.tracer.iter(self)
+
+
+class _ModuleStack(collections.OrderedDict):
+    """The tracer's module stack, copied onto every node it creates: ``copy.copy`` of an
+    OrderedDict goes through the pickle protocol (a quarter of a transformer's tracing
+    time); this copies it directly, to the same plain OrderedDict."""
+
+    def __copy__(self):
+        return collections.OrderedDict(self)
+
+
 class _Tracer(torch.fx.Tracer):
     """A symbolic tracer with extra leaf modules that remembers the module stack,
     so a failure can name the module being traced."""
@@ -43,6 +80,7 @@ class _Tracer(torch.fx.Tracer):
         self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self._leaf_ids = {id(m) for m in leaf_modules if isinstance(m, nn.Module)}
         self._fxp_stack: list[tuple[str, str]] = []
+        self.module_stack = _ModuleStack()
 
     def is_leaf_user(self, m: nn.Module, qualname: str) -> bool:
         """Whether the user asked for ``m`` to stay opaque."""
@@ -54,6 +92,40 @@ class _Tracer(torch.fx.Tracer):
                 or id(m) in self._leaf_ids:
             return True
         return super().is_leaf_module(m, qualname)
+
+    def trace(self, root, concrete_args=None):
+        self._attr_names: dict[int, str] | None = None
+        self._instructions: dict[types.CodeType, tuple[list[int], list]] = {}
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            self._instructions = {}
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        """torch.fx's ``getattr``, with the attribute's qualified name found in a table
+        built once per trace (torch.fx walks every named parameter, then every buffer, on
+        each first access of one: quadratic in a transformer's parameter count)."""
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        if self._attr_names is None:
+            names: dict[int, str] = {}
+            for n, t in self.root.named_parameters():
+                names.setdefault(id(t), n)
+            self._param_ids = set(names)
+            for n, t in self.root.named_buffers():
+                names.setdefault(id(t), n)
+            self._attr_names = names
+        name = self._attr_names.get(id(attr_val))
+        is_param = isinstance(attr_val, torch.nn.Parameter)
+        if name is None or (not is_param and id(attr_val) in self._param_ids) \
+                or (is_param and id(attr_val) not in self._param_ids):
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
+    def proxy(self, node):
+        return _Proxy(node, self)
 
     def call_module(self, m, forward, args, kwargs):
         replacement = decomposition(m, kwargs)
