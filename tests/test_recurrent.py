@@ -51,3 +51,44 @@ def test_gate_blocks_move_together():
     assert g.size == 16  # 16 hidden units, each owning one row in each of the 4 gate blocks
     rows = {m.path for m in g.members}
     assert {"rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0", "rnn.bias_hh_l0", "head.weight"} <= rows
+
+
+class ProjLM(nn.Module):
+    """An LSTM with projections (h = W_hr (o * tanh(c))), using both returned states."""
+
+    def __init__(self, layers, bidirectional):
+        super().__init__()
+        self.embed = nn.Embedding(30, 12)
+        self.rnn = nn.LSTM(12, 16, num_layers=layers, bidirectional=bidirectional, batch_first=True,
+                           proj_size=6)
+        d = 2 if bidirectional else 1
+        self.head = nn.Linear(6 * d, 30)
+        self.h_head = nn.Linear(6, 30)
+        self.c_head = nn.Linear(16, 30)
+
+    def forward(self, ids):
+        out, (h, c) = self.rnn(self.embed(ids))
+        return self.head(out) + self.h_head(h[-1]).unsqueeze(1) + self.c_head(c[-1]).unsqueeze(1)
+
+
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)])
+def test_lstm_projection_prunes_cells_and_projections(layers, bidirectional):
+    """The cell's hidden units (gate rows, projection columns, c) and the projected units
+    (projection rows, recurrent columns, output, h, the next layer's input) are two
+    groups, both pruned; the module's sizes follow the weights."""
+    torch.manual_seed(0)
+    model = ProjLM(layers, bidirectional).eval()
+    ids = torch.randint(0, 30, (2, 7))
+    groups = fxprune.analyze(model, ids)
+    cells, projected = groups.group_of("rnn.weight_ih_l0"), groups.group_of("rnn.weight_hr_l0")
+    assert (cells.size, projected.size) == (16, 6) and cells is not projected
+    assert {"rnn.weight_hh_l0", "c_head.weight"} <= {m.path for m in cells.members}
+    assert {"rnn.weight_hh_l0", "h_head.weight", "head.weight"} <= {m.path for m in projected.members}
+    result, _ = prune_and_verify(model, ids, ratio=0.5, healthy=False)
+    rnn = result.module.rnn
+    assert (rnn.hidden_size, rnn.proj_size, rnn.input_size) == (8, 3, 6)
+    assert rnn.weight_hh_l0.shape == (32, 3) and rnn.weight_hr_l0.shape == (3, 8)
+    with torch.device("meta"):  # the sizes the module states are the ones its weights have
+        import copy
+
+        copy.deepcopy(rnn).to("meta")(torch.empty(2, 7, 6))
