@@ -218,24 +218,30 @@ class _MetaProp(torch.fx.Interpreter):
     are called through ``torch.func.functional_call`` so they are not touched.
     """
 
-    shortcut_flops = True  # conv/linear shapes from attributes (off when FLOPs are counted)
-
     def __init__(self, gm: torch.fx.GraphModule, on_meta: bool = False):
         super().__init__(gm)
         self.on_meta = on_meta
         self._meta_state: dict[str, nn.Module] = {}
 
+    def skipped(self, kind: str, args: tuple, out_shape: tuple[int, ...], module: nn.Module | None = None) -> None:
+        """Called when a shortcut gave the output of a conv, linear, attention or recurrent
+        layer (``kind``) without running its kernel; a FLOP counter adds what the kernel
+        would have counted."""
+
     def call_module(self, target, args, kwargs):
         if not self.on_meta:
             return super().call_module(target, args, kwargs)
         module = self.fetch_attr(target)
-        shape = _module_shape(module, args, kwargs, self.shortcut_flops)
+        shape = _module_shape(module, args, kwargs)
         if shape is not None:  # the shape is known from the module's attributes: no kernel
+            kind = _COUNTED_MODULES.get(type(module))
+            if kind is not None:
+                self.skipped(kind, args, shape, module)
             return torch.empty(shape, dtype=args[0].dtype, device="meta")
-        if self.shortcut_flops:
-            got = _recurrent_outputs(module, args, kwargs)
-            if got is not None:
-                return got
+        got = _recurrent_outputs(module, args, kwargs)
+        if got is not None:
+            self.skipped("recurrent", args, tuple(got[0].shape), module)
+            return got
         shadow = self._meta_state.get(target)
         if shadow is None:
             shadow = self._meta_state[target] = _meta_shadow(module)
@@ -248,9 +254,12 @@ class _MetaProp(torch.fx.Interpreter):
     def call_function(self, target, args, kwargs):
         if self.on_meta and "device" in kwargs:  # exported graphs name the capture's device
             kwargs = {**kwargs, "device": torch.device("meta")}
-        if self.on_meta and self.shortcut_flops:
+        if self.on_meta:
             got = _function_shape(target, args, kwargs)
             if got is not None:  # known from the argument shapes: no (Python) meta kernel
+                kind = _COUNTED_FUNCTIONS.get(target)
+                if kind is not None:
+                    self.skipped(kind, args, got[0])
                 return torch.empty(got[0], dtype=got[1], device="meta")
         return super().call_function(target, args, kwargs)
 
@@ -290,11 +299,9 @@ _SAME_SHAPE = frozenset({nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU
 _ADAPTIVE_AVG = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
 
 
-def _module_shape(module: nn.Module, args: tuple, kwargs: dict,
-                  with_flops: bool = True) -> tuple[int, ...] | None:
+def _module_shape(module: nn.Module, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
     """Output shape of common layers from their attributes (meta kernels for batch norm
-    run Python decompositions: computing the shape is ~100x cheaper); None otherwise.
-    ``with_flops=False`` leaves out the layers a FLOP counter must see run."""
+    run Python decompositions: computing the shape is ~100x cheaper); None otherwise."""
     if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
         return None
     shape = tuple(args[0].shape)
@@ -317,8 +324,6 @@ def _module_shape(module: nn.Module, args: tuple, kwargs: dict,
         if len(shape) not in (k + 1, k + 2) or len(size) != k or min(shape[-k:]) < 1:
             return None
         return shape[:-k] + tuple(n if o is None else o for o, n in zip(size, shape[-k:]))
-    if not with_flops:
-        return None
     if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         k = len(module.kernel_size)
         if len(shape) != k + 2 or shape[1] != module.in_channels or isinstance(module.padding, str):
@@ -354,6 +359,10 @@ def _recurrent_outputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple | 
     if type(module) is nn.LSTM:
         return meta(*output), (h_n, meta(d * module.num_layers, *batch, module.hidden_size))
     return meta(*output), h_n
+
+
+# shortcut layers whose kernels a FLOP counter counts (see _MetaProp.skipped)
+_COUNTED_MODULES = {nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv", nn.Linear: "linear"}
 
 
 _BINARY = frozenset({operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul})
@@ -436,6 +445,11 @@ def _function_shape(target: Any, args: tuple, kwargs: dict) -> tuple[tuple[int, 
                 return None
         return (*q.shape[:-1], v.shape[-1]), q.dtype
     return None
+
+
+_COUNTED_FUNCTIONS = {torch._C._nn.linear: "linear", F.linear: "linear",
+                      torch._C._nn.scaled_dot_product_attention: "attention",
+                      F.scaled_dot_product_attention: "attention"}
 
 
 def _meta_shadow(module: nn.Module) -> nn.Module:

@@ -209,3 +209,69 @@ def test_doctests():
     for module in (fxprune.report, fxprune._util):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+class _Mixed(nn.Module):
+    """Layers whose MACs the meta count takes from torch's formulas without running them
+    (conv, linear, attention), next to ones it runs (transposed conv, LSTM, matmul)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.group = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=4)
+        self.dw = nn.Conv2d(8, 8, 5, padding=2, groups=8, bias=False)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.c1 = nn.Conv1d(4, 6, 3)
+        self.c3 = nn.Conv3d(1, 2, (1, 3, 3))
+        self.proj = nn.Linear(6, 12)
+        self.w = nn.Parameter(torch.randn(12, 12))
+        self.lstm = nn.LSTM(12, 5, num_layers=2, bidirectional=True, batch_first=True)
+        self.gru = nn.GRU(10, 4)
+        self.rnn = nn.RNN(4, 3)
+        self.proj_lstm = nn.LSTM(3, 6, proj_size=2)
+        self.mha = nn.MultiheadAttention(10, 2, batch_first=True)
+
+    def forward(self, x):
+        y = self.up(self.dw(self.group(self.conv(x))))  # (1, 4, 8, 8)
+        z = self.c3(y[:, :1].unsqueeze(1))  # (1, 2, 1, 6, 6)
+        s = self.proj(self.c1(y.flatten(2)).transpose(1, 2))  # (1, 62, 12)
+        s = torch.nn.functional.linear(s, self.w)
+        q = s.reshape(1, 62, 2, 6).transpose(1, 2)
+        mask = torch.ones(62, 62, dtype=torch.bool).tril()
+        a = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+        a3 = torch.nn.functional.scaled_dot_product_attention(q[0], q[0], q[0])
+        h = self.lstm(s[:, :5])[0]  # (1, 5, 10): short sequences, for the reference run
+        m = self.mha(h, h, h, need_weights=False)[0]
+        r = self.proj_lstm(self.rnn(self.gru(h[0])[0])[0])[0]  # unbatched
+        return z.sum() + a.sum() + a3.sum() + m.sum() + (s @ self.w).sum() + r.sum()
+
+
+def _all_kernels_on_meta(gm, x) -> int:
+    """MACs of ``gm`` with every op run on meta tensors under torch's FLOP counter."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    on_meta = copy.deepcopy(gm).to("meta")
+    with torch.no_grad(), torch.device("meta"), FlopCounterMode(display=False) as counter:
+        on_meta(torch.empty_like(x, device="meta"))
+    return counter.get_total_flops() // 2
+
+
+def test_meta_count_skips_no_flops():
+    """The report's MACs (conv, linear and attention taken from torch's formulas, not run)
+    equal a meta run of every kernel under torch's FLOP counter, for the captured graph and
+    its pruned result."""
+    import fxprune
+    from passes.select_budget import meta_stats
+
+    torch.manual_seed(0)
+    model, x = _Mixed().eval(), torch.randn(1, 3, 8, 8)
+    gm = fxprune.trace(model, x)
+    before = meta_stats(gm, (x,))
+    assert before.macs == _all_kernels_on_meta(gm, x) > 0
+    assert before.params == measure(model, x).params
+    result = fxprune.prune(model, x, ratio=0.5)
+    after = meta_stats(result.module, (x,))
+    assert after.macs == _all_kernels_on_meta(result.module, x) < before.macs
+    assert (result.report.before, result.report.after) == (before, after)
