@@ -18,8 +18,22 @@ from fxprune.scoring import WEIGHT_ROLES, ChannelScores, member_sums, normalize_
 
 def member_norms(groups: ChannelGroups, p: float) -> list:
     """For every member: (member index, classes, per-class p-norm of its slices)."""
+    buffer: list[torch.Tensor] = []
+
     def power(path, t):
-        return t * t if p == 2 else t.abs() if p == 1 else t.abs().pow(p)
+        # member_sums only sums this map (it is dropped before the next tensor's): a map
+        # that varies along two dims is written into one reused buffer, since a fresh
+        # multi-megabyte tensor costs more in first-touch page faults than the squares
+        out = None
+        if sum(n > 1 for n in t.shape) >= 2:
+            if not buffer or buffer[0].numel() < t.numel() or buffer[0].dtype != t.dtype \
+                    or buffer[0].device != t.device:
+                buffer[:] = [torch.empty(t.numel(), dtype=t.dtype, device=t.device)]
+            out = buffer[0][:t.numel()].view(t.shape)
+        if p == 2:
+            return torch.mul(t, t, out=out) if out is not None else t * t
+        a = torch.abs(t, out=out) if out is not None else t.abs()
+        return a if p == 1 else a.pow_(p)
 
     def norm(path, t, dims):  # the same sums, in one pass: no |w|^p map is allocated
         return torch.linalg.vector_norm(t, p, dim=dims, keepdim=True).pow(p)
