@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["as_tuple"]
+__all__ = ["as_tuple", "mutable_args"]
 
 
 def as_tuple(example_inputs: Any) -> tuple:
@@ -36,3 +36,23 @@ def as_tuple(example_inputs: Any) -> tuple:
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
     return (example_inputs,)
+
+
+def mutable_args(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A node's arguments with torch.fx's immutable lists and dicts made plain, as the
+    generated code passes them (a list literal there is a fresh list, and a wrapped
+    function may mutate it, as torchvision's video Swin does)."""
+    from torch.fx.immutable_collections import immutable_dict, immutable_list
+
+    def plain(a: Any) -> Any:
+        if isinstance(a, immutable_list):
+            return [plain(v) for v in a]
+        if isinstance(a, immutable_dict):
+            return {k: plain(v) for k, v in a.items()}
+        if type(a) is tuple:
+            return tuple(plain(v) for v in a)
+        return a
+
+    if not any(isinstance(a, (list, tuple, dict)) for a in (*args, *kwargs.values())):
+        return args, kwargs
+    return plain(args), plain(kwargs)

@@ -25,7 +25,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ._util import as_tuple
+from ._util import as_tuple, mutable_args
 from .decompose import decomposition
 from .errors import InputError, TraceError
 from .meta import FRONTEND_KEY, LIFTED_KEY, TensorMeta, copy_pytree_specs, get_meta, set_meta
@@ -246,6 +246,9 @@ class _MetaProp(torch.fx.Interpreter):
         if shadow is None:
             shadow = self._meta_state[target] = _meta_shadow(module)
         return shadow(*args, **kwargs)
+
+    def fetch_args_kwargs_from_env(self, n: torch.fx.Node) -> tuple[tuple, dict]:
+        return mutable_args(*super().fetch_args_kwargs_from_env(n))
 
     def get_attr(self, target, args, kwargs):
         value = super().get_attr(target, args, kwargs)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from ._util import as_tuple
+from ._util import as_tuple, mutable_args
 from .errors import DegenerateReferenceError, VerificationError
 from .meta import graph_inputs
 
@@ -72,6 +72,9 @@ class _Masked(torch.fx.Interpreter):
         if target in self.modules:
             return self.modules[target](*args, **kwargs)
         return super().call_module(target, args, kwargs)
+
+    def fetch_args_kwargs_from_env(self, n: torch.fx.Node) -> tuple[tuple, dict]:
+        return mutable_args(*super().fetch_args_kwargs_from_env(n))
 
     def run_node(self, n: torch.fx.Node) -> Any:
         masks = self.masks.get(n.name)

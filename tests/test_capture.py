@@ -235,3 +235,34 @@ def test_tensors_made_inside_forward_get_shapes_on_meta():
     gm = fxprune.trace(Ramp(), x)
     assert capture.propagate_shapes(gm, (x,)) == "meta"  # no fallback to fake or real tensors
     assert tensor_meta([n for n in gm.graph.nodes if n.op == "output"][0].args[0]).shape == (2, 5, 6)
+
+
+@torch.fx.wrap
+def _clamped_sizes(sizes, limit):
+    """Mutates its list argument (as torchvision's video Swin does with its window size)."""
+    for i in range(len(sizes)):
+        sizes[i] = min(sizes[i], limit)
+    return sizes
+
+
+class _WrappedMutation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        return self.head(F.adaptive_avg_pool2d(y, _clamped_sizes([6, 6], y.shape[-1])))
+
+
+def test_wrapped_function_may_mutate_its_list_argument():
+    """torch.fx passes a node's list literal to the interpreter as an immutable list, where
+    the generated code passes a fresh list: shape propagation and the oracle run what the
+    model runs."""
+    torch.manual_seed(0)
+    model, x = _WrappedMutation().eval(), torch.randn(1, 3, 4, 4)
+    result, _ = prune_and_verify(model, x, ratio=0.5, frontend="fx")
+    assert result.frontend == "fx"
+    assert tensor_meta(next(n for n in result.groups.gm.graph.nodes if n.op == "output").args[0]).shape == (1, 4, 4, 4)
+    assert result.module.conv.out_channels == 4
