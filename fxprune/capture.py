@@ -59,6 +59,15 @@ class _Proxy(torch.fx.Proxy):
             return (self[i] for i in range(inst.argval))
         return self.tracer.iter(self)
 
+    def __setitem__(self, key, value):
+        """``x[index] = v`` with a basic index becomes an ``operator.setitem`` node (torch.fx
+        has none: such models fell back to export); other indices still fail the trace."""
+        if not _basic_index(key) or not isinstance(value, (torch.fx.Proxy, int, float)) \
+                or isinstance(value, bool):
+            raise TypeError(f"'{type(self).__name__}' object does not support item assignment "
+                            f"with index {key!r}")
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
 
 class _ModuleStack(collections.OrderedDict):
     """The tracer's module stack, copied onto every node it creates: ``copy.copy`` of an
@@ -67,6 +76,19 @@ class _ModuleStack(collections.OrderedDict):
 
     def __copy__(self):
         return collections.OrderedDict(self)
+
+
+def _basic_index(key: Any) -> bool:
+    """Ints, slices of ints, None and Ellipsis (alone or in a tuple): an index whose written
+    region is known when tracing."""
+    entries = key if isinstance(key, tuple) else (key,)
+    for e in entries:
+        if isinstance(e, slice):
+            if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (e.start, e.stop, e.step)):
+                return False
+        elif not (e is None or e is Ellipsis or (isinstance(e, int) and not isinstance(e, bool))):
+            return False
+    return True
 
 
 class _Tracer(torch.fx.Tracer):

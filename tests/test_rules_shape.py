@@ -222,3 +222,66 @@ def test_windows_over_channels_pin_them():
     groups = fxprune.analyze(m, torch.randn(2, 3, 8, 8))
     assert any("unfold windows along a channel dim" in r for g in groups for r in g.pinned_reasons)
     prune_and_verify(m, torch.randn(2, 3, 8, 8), ratio=0.5)
+
+
+def b_tensor_split(m, h, x):
+    a, b, c = torch.tensor_split(h, [2, 5], dim=1)  # channel pieces of 2, 3 and 3
+    top, bottom = h.tensor_split(2, dim=2)  # spatial halves: channels untouched
+    return torch.cat([a, F.relu(b), c * 2.0], 1) + torch.cat([bottom, top], 2)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_tensor_split_pieces_get_new_sizes(frontend):
+    """tensor_split at indices along channels couples nothing across pieces; each piece
+    keeps its share, and the rewrite splits at the new sizes (mvit's q/k/v pieces)."""
+    torch.manual_seed(0)
+    net = Net(b_tensor_split).eval()
+    groups = fxprune.analyze(net, torch.randn(2, 3, 8, 8), frontend=frontend)
+    assert not groups.barriers
+    result, _ = prune_and_verify(net, torch.randn(2, 3, 8, 8), ratio=0.5, frontend=frontend)
+    assert result.frontend == frontend
+    # every piece loses half its channels, rounded down (2, 3, 3 -> 1, 2, 2), as with split
+    assert dict(result.module.named_parameters())["head.weight"].shape[1] == 5
+
+
+class SliceAssign(nn.Module):
+    """In-place writes into slices (mvit's relative-position update, a class token set
+    apart): fx traces operator.setitem, export an aten copy_ into a slice."""
+
+    def __init__(self, partial=False):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 3, 1)
+        self.partial = partial
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        y[:, :, 0] = 0.0  # a row of every channel: channels untouched
+        y[:, :, 1:] = y[:, :, 1:] + F.relu(self.b(x))[:, :, 1:]  # couples a's and b's channels
+        z = self.c(x)
+        if self.partial:
+            z[:, :2] = y[:, :2]  # part of the channels: their count must stay
+        return self.head(y * z)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_slice_assignment_couples_the_written_region(frontend):
+    torch.manual_seed(0)
+    net = SliceAssign().eval()
+    groups = fxprune.analyze(net, torch.randn(2, 3, 8, 8), frontend=frontend)
+    assert not groups.barriers
+    g = groups.group_of("a.weight")
+    assert g is groups.group_of("b.weight") and g.size == 8
+    result, _ = prune_and_verify(net, torch.randn(2, 3, 8, 8), ratio=0.5, frontend=frontend)
+    assert dict(result.module.named_parameters())["b.weight"].shape[0] == 4
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_assignment_into_part_of_the_channels_rewrites_its_bounds(frontend):
+    """z[:, :2] = y[:, :2]: the two written channels of z go with y's first two; the
+    bounds follow the channels kept there."""
+    torch.manual_seed(0)
+    net = SliceAssign(partial=True).eval()
+    result, _ = prune_and_verify(net, torch.randn(2, 3, 8, 8), ratio=0.5, frontend=frontend)
+    assert not result.groups.barriers
+    assert dict(result.module.named_parameters())["c.weight"].shape[0] == 4

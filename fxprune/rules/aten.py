@@ -51,6 +51,7 @@ register(*_ops("view", "_unsafe_view", "reshape"), rewrite=shape.rewrite_sizes)(
 register(aten.expand, rewrite=shape.rewrite_sizes)(shape.expand)
 register(aten.unflatten, rewrite=shape.rewrite_unflatten)(shape.split_relabel)
 register(*_ops("split", "split_with_sizes", "chunk", "unsafe_split"), rewrite=shape.rewrite_split)(shape.relabel)
+register(*_ops("tensor_split"), rewrite=shape.rewrite_split)(shape.tensor_split)
 register(aten.narrow, rewrite=shape.rewrite_narrow)(shape.relabel)
 register(aten.unbind)(shape.unbind)
 register(aten.roll)(shape.roll)
@@ -79,7 +80,7 @@ register(*_ops("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "
 register(*_ops("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "alias",
                "clone", "contiguous", "detach", "to", "_to_copy", "type_as", "lift_fresh_copy",
                "zeros_like", "ones_like", "empty_like", "full_like", "hardswish", "__and__",
-               "__or__", "__xor__", "fill", "zero", "where", "masked_fill"))(pointwise.pointwise)
+               "__or__", "__xor__", "fill", "zero", "where", "masked_fill", "copy_", "copy"))(pointwise.pointwise)
 register_tag(torch.Tag.pointwise)(pointwise.pointwise)
 
 

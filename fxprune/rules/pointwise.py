@@ -46,10 +46,11 @@ def broadcast_union(ctx, node, inputs) -> torch.Tensor:
     return broadcast_labels(ctx, node, [(ctx.labels(a), ctx.meta(a).shape) for a in inputs])
 
 
-def broadcast_labels(ctx, node, operands) -> torch.Tensor:
+def broadcast_labels(ctx, node, operands, out_shape=None) -> torch.Tensor:
     """:func:`broadcast_union` over (labels or None, shape) pairs: operands that are not
-    graph nodes (a product computed inside a rule) broadcast the same way."""
-    out_shape = ctx.meta(node).shape
+    graph nodes (a product computed inside a rule) broadcast the same way. ``out_shape``
+    defaults to the node's."""
+    out_shape = tuple(ctx.meta(node).shape if out_shape is None else out_shape)
     ndim = len(out_shape)
     entries = []
     for labels, own_shape in operands:
@@ -148,7 +149,7 @@ _METHODS = ["add", "sub", "mul", "div", "neg", "abs", "exp", "log", "sqrt", "rsq
             "__add__", "__mul__", "__sub__", "__truediv__", "__radd__", "__rmul__", "where",
             "hardswish", "sin", "cos", "exp_", "pow_", "maximum", "minimum", "lerp", "sign",
             "floor", "ceil", "round", "eq", "ne", "lt", "le", "gt", "ge", "fill_", "zero_",
-            "addcmul", "clamp_min", "clamp_max", "logical_not", "silu"]
+            "addcmul", "clamp_min", "clamp_max", "logical_not", "silu", "copy_"]
 _ACT_MODULES = [nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
                 nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh,
                 nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Threshold,

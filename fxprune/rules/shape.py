@@ -131,6 +131,35 @@ def getitem(ctx, node):
     return index_labels(ctx, node, x, _concrete(ctx, index, full=False))
 
 
+def setitem(ctx, node):
+    """``x[index] = v`` (operator.setitem: x changes in place, nothing is returned). The
+    written region's channels go with v's, as in ``x[index] + v``; the region is found
+    (and its bounds rewritten) as for ``x[index]``."""
+    from .pointwise import broadcast_labels
+
+    x, index, v = node.args
+    if not ctx.is_tensor(x):
+        return None
+    value = _concrete(ctx, index, full=False)
+    entries, _ = _index_dims(value, ctx.meta(x).ndim)
+    if any(isinstance(i, (torch.Tensor, list)) for i in entries):
+        raise ValueError("assignment through index tensors is not analysed")
+    region = index_labels(ctx, node, x, value)
+    shape = torch.empty(ctx.meta(x).shape, device="meta")[value].shape
+    if ctx.is_tensor(v):
+        broadcast_labels(ctx, node, [(region, shape), (ctx.labels(v), ctx.meta(v).shape)], out_shape=shape)
+    return None
+
+
+def rewrite_setitem(r, old, new):
+    value = new.args[2]
+    rewrite_getitem(r, old, new)  # the index, as for x[index]
+    new.args = (*new.args[:2], value)
+
+
+register(operator.setitem, rewrite=rewrite_setitem)(setitem)
+
+
 def gather_labels(ctx, node, x, entries, *, aten_list: bool = False):
     """Labels of ``x[idx]`` with index tensors (a relative-position bias table indexed by
     a buffer). Which positions an index tensor picks is data, so the indexed dims of
@@ -226,7 +255,7 @@ def new_bounds(r, x, cdim: int, kept: torch.Tensor, start, stop) -> tuple:
 
 
 def rewrite_getitem(r, old, new):
-    x, index = old.args
+    x, index = old.args[:2]
     if not isinstance(x, torch.fx.Node) or r.node_labels(x) is None:
         return
     got = r.kept_index(r.node_labels(x))
@@ -456,6 +485,18 @@ def rewrite_split(r, old, new):
 
 
 register("split", "chunk", "split_with_sizes", torch.split, torch.chunk, rewrite=rewrite_split)(relabel)
+
+
+def tensor_split(ctx, node):
+    """tensor_split(x, sections or indices, dim): pieces of ``x`` like split (the rewrite
+    gives the pieces their new sizes); indices passed as a tensor are not analysed."""
+    if isinstance(node.args[1] if len(node.args) > 1 else node.kwargs.get("indices_or_sections",
+                  node.kwargs.get("indices", node.kwargs.get("sections"))), torch.fx.Node):
+        raise ValueError("split points computed in the graph are not analysed")
+    return relabel(ctx, node)
+
+
+register("tensor_split", torch.tensor_split, rewrite=rewrite_split)(tensor_split)
 
 
 def rewrite_narrow(r, old, new):
