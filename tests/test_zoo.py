@@ -47,3 +47,32 @@ def test_model_prunes_at_half_and_matches_oracle(name):
     assert v.exact_groups > 0
     assert not result.groups.barriers, result.groups.barriers
     assert result.frontend == ("export" if name.startswith("swin") else "fx")
+
+
+# beyond classification: video (3-d convs, factorized (2+1)-d convs, 3-d shifted-window
+# attention whose wrapped helper mutates its list argument) and segmentation heads (ASPP
+# branches concatenated, a low-resolution branch gating a high-resolution one)
+OTHER_TASKS = {"r3d_18": (1, 3, 4, 32, 32), "mc3_18": (1, 3, 4, 32, 32), "r2plus1d_18": (1, 3, 4, 32, 32),
+               "swin3d_t": (1, 3, 8, 64, 64), "lraspp_mobilenet_v3_large": (1, 3, 64, 64),
+               "fcn_resnet50": (1, 3, 64, 64), "deeplabv3_mobilenet_v3_large": (1, 3, 64, 64)}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_TASKS))
+def test_video_and_segmentation_models_prune(name):
+    import fxprune
+    from healthy import make_healthy
+
+    torch.manual_seed(0)
+    extra = {"weights_backbone": None} if name not in ("r3d_18", "mc3_18", "r2plus1d_18", "swin3d_t") else {}
+    model = torchvision.models.get_model(name, weights=None, **extra).eval()
+    x = torch.randn(OTHER_TASKS[name])
+    make_healthy(model, x.shape)
+    result = fxprune.prune(model, x, ratio=0.5)
+    assert not result.groups.barriers, result.groups.barriers
+    assert result.report.after.params < 0.3 * result.report.before.params
+    v = fxprune.verify(model, result, x)
+    assert v.max_rel_err < 1e-4 and v.exact_groups > 0 and v.effect > 1e-3
+    with torch.no_grad():
+        out_ref, out = model(x), result.module(x)
+    ref = out_ref["out"] if isinstance(out_ref, dict) else out_ref  # fx returns a plain dict
+    assert (out["out"] if isinstance(out, dict) else out).shape == ref.shape
