@@ -691,6 +691,63 @@ _CHECKS = ("_assert_tensor_metadata", "_assert_scalar", "_assert_async", "sym_co
            "sym_constrain_range_for_size", "_guards_fn")
 
 
+def _inline_scopes(root: nn.Module, graph: torch.fx.Graph) -> None:
+    """Higher-order ops that run a subgraph under a mode (a ``with torch.autocast(...)``
+    or ``with torch.no_grad()`` block inside ``forward``) become the subgraph's ops in
+    line, between calls that enter and leave the mode: every op gets its own rule, and the
+    pruned model still runs the block under the mode."""
+    hop = getattr(torch.ops, "higher_order", None)
+    autocast = getattr(hop, "wrap_with_autocast", None)
+    grad_mode = getattr(hop, "wrap_with_set_grad_enabled", None)
+    changed = True
+    while changed:  # a block inside a block: its op arrives with the outer block's ops
+        changed = False
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target not in (autocast, grad_mode) or node.target is None:
+                continue
+            n_mode = 4 if node.target is autocast else 1
+            body_node, operands = node.args[n_mode], node.args[n_mode + 1:]
+            if body_node.op != "get_attr" or any(
+                    u.target is not operator.getitem or not isinstance(u.args[1], int) for u in node.users):
+                continue
+            body = root.get_submodule(body_node.target)
+            with graph.inserting_before(node):
+                if node.target is autocast:
+                    enter = graph.call_function(torch.amp.autocast_mode._enter_autocast, node.args[:n_mode])
+                    mode_nodes = [enter]
+                else:  # the mode it had, to restore
+                    enter = graph.call_function(torch.is_grad_enabled)
+                    enter.meta["val"] = torch.is_grad_enabled()
+                    mode_nodes = [graph.call_function(torch._C._set_grad_enabled, node.args[:1])]
+                env: dict[torch.fx.Node, Any] = {}
+                inputs = iter(operands)
+                outs: Any = ()
+                for n in body.graph.nodes:
+                    if n.op == "placeholder":
+                        env[n] = next(inputs)
+                    elif n.op == "output":
+                        outs = torch.fx.node.map_arg(n.args[0], lambda a: env[a])
+                    else:
+                        new = graph.node_copy(n, lambda a: env[a])
+                        if n.op in ("get_attr", "call_module"):
+                            new.target = f"{body_node.target}.{n.target}"
+                        env[n] = new
+                if node.target is autocast:
+                    mode_nodes.append(graph.call_function(torch.amp.autocast_mode._exit_autocast, (enter,)))
+                else:
+                    mode_nodes.append(graph.call_function(torch._C._set_grad_enabled, (enter,)))
+            for mode_node in mode_nodes:  # an autocast state, or nothing: no shape to find
+                mode_node.meta["val"] = None
+            outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+            for user in list(node.users):
+                user.replace_all_uses_with(outs[user.args[1]])
+                graph.erase_node(user)
+            graph.erase_node(node)
+            if not body_node.users:
+                graph.erase_node(body_node)
+            changed = True
+
+
 def _dynamic_dims(t: Any) -> dict | None:
     """The dims of an example input that may stay symbolic: the batch dim, and every dim of
     an integer input (token ids: batch and sequence length). Spatial dims of images stay
@@ -733,6 +790,7 @@ def export_capture(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
                          f"and use frontend='fx'.") from exc
     exported = program.module()
     graph = _copy_graph(exported.graph)
+    _inline_scopes(exported, graph)
     for node in reversed(list(graph.nodes)):
         name = node.target if node.op == "call_module" else getattr(node.target, "__name__", "")
         if not node.users and name.split(".")[0] in _CHECKS:

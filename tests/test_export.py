@@ -198,3 +198,41 @@ def test_op_without_rule_on_constants_is_not_a_barrier(frontend):
     loud = fxprune.analyze(MaskFromPositions(True), x, frontend=frontend)
     assert any("diff" in b for b in loud.barriers)
     assert not loud.group_of("a.weight").prunable  # its channels met an op with no rule
+
+
+class ModeBlocks(nn.Module):
+    """``with`` blocks inside forward: autocast off around an fp32 computation (EfficientViT's
+    attention), grad mode set around a gate (capture runs under no_grad, so enable_grad is
+    the block it records), one nested in the other. Export hands each block over as a
+    higher-order op running a subgraph."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(8, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        with torch.autocast(device_type="cpu", enabled=False):
+            h = F.relu(h.float()) * 2
+        with torch.enable_grad():
+            gate = torch.sigmoid(self.b(x))
+            with torch.autocast(device_type="cpu", enabled=False):
+                gate = gate.float() * 0.5
+        return self.out(h * gate)
+
+
+def test_mode_blocks_are_analysed_op_by_op():
+    """The blocks' ops are inlined between calls that enter and leave the mode: no barrier,
+    a and b prune together (multiplied), and the pruned model still runs the blocks."""
+    torch.manual_seed(0)
+    model, x = ModeBlocks().eval(), torch.randn(2, 8)
+    groups = fxprune.analyze(model, x, frontend="export")
+    assert not groups.barriers
+    assert groups.group_of("a.weight") is groups.group_of("b.weight")
+    result, _ = prune_and_verify(model, x, ratio=0.5, frontend="export")
+    code = result.module.code
+    assert "_enter_autocast" in code and "_exit_autocast" in code and "_set_grad_enabled" in code
+    assert "higher_order" not in code
+    assert dict(result.module.named_parameters())["b.weight"].shape == (8, 8)
+    assert torch.is_grad_enabled()  # the graph restored the mode it found
