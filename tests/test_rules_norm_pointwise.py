@@ -190,3 +190,33 @@ def test_functional_normalize_over_channels_is_inexact_else_exact():
     assert not over.barriers and not along.barriers
     assert not over.group_of("a.weight").exact and along.group_of("a.weight").exact
     prune_and_verify(Normalized(1), x, ratio=0.5, healthy=False)
+
+
+class ResampledPositions(nn.Module):
+    """A learned position table at a fixed grid, resampled to the feature map and added
+    (Hiera, SAM): the table's channels go with the features'."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.pos = nn.Parameter(torch.randn(1, 8, 3, 3))
+        self.head = nn.Conv2d(8, 4, 1)
+        self.mode = mode
+
+    def forward(self, x):
+        h = self.conv(x)
+        pos = F.interpolate(self.pos, size=h.shape[-2:], mode=self.mode)
+        return self.head(F.relu(h + pos))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("mode", ["bicubic", "nearest"])
+def test_resampled_position_table_prunes_with_the_features(mode, frontend):
+    torch.manual_seed(0)
+    model, x = ResampledPositions(mode).eval(), torch.randn(1, 3, 16, 16)
+    groups = fxprune.analyze(model, x, frontend=frontend)
+    assert not groups.barriers
+    g = groups.group_of("conv.weight")
+    assert "pos" in {m.path for m in g.members} and g.exact
+    result, _ = prune_and_verify(model, x, ratio=0.5, frontend=frontend)
+    assert dict(result.module.named_parameters())["pos"].shape == (1, 4, 3, 3)

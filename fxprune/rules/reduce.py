@@ -92,6 +92,13 @@ def spatial(ctx, node):
     if cd is not None and cd >= ndim - k:
         ctx.pin(labels, f"{node.name}: spatial op over a channel dim")
         labels = const_like(ndim)
+    for d in range(ndim - k, ndim):
+        # a value not yet normalized (a position table interpolated to the input's size)
+        # has a label per position: each output position mixes several of them
+        if labels.shape[d] > 1:
+            rows = labels.movedim(d, 0)
+            ctx.union(rows, rows[:1])
+            labels = labels.narrow(d, 0, 1)
     return (labels, labels) if is_multi(node) else labels
 
 
@@ -155,14 +162,24 @@ _SHAPE_SINKS = {"view", "reshape", "expand", "split", "chunk", "narrow", "unflat
                 "transpose", "size", "_assert", "eq", "ne"}
 
 
-def _feeds_only_shapes(node: torch.fx.Node, seen=None) -> bool:
-    """True when every use of an int derived from a size ends up as a shape argument."""
+def _feeds_only_shapes(node: torch.fx.Node, seen=None, entries: tuple[int, set] | None = None) -> bool:
+    """True when every use of an int derived from a size ends up as a shape argument.
+    ``entries`` = (length, channel positions) when ``node`` is a size tuple: an index
+    that picks none of the channel positions (``x.shape[-2:]``) does not use them."""
     seen = seen if seen is not None else set()
     for user in node.users:
         if user in seen:
             continue
         seen.add(user)
         name = _name(user)
+        if entries is not None and user.op == "call_function" and user.target is operator.getitem \
+                and isinstance(user.args[1], (int, slice)):
+            n, channels = entries
+            index = user.args[1]
+            picked = range(n)[index] if isinstance(index, slice) else \
+                [index % n] if -n <= index < n else []
+            if not channels.intersection(picked if isinstance(picked, range) else picked):
+                continue
         if user.op == "call_function" and user.target in (operator.getitem, operator.floordiv,
                                                           operator.mul, operator.add, operator.sub,
                                                           operator.mod, builtins.int):
@@ -196,11 +213,13 @@ def size_query(ctx, node):
         if ctx.value(node.args[1]) % labels.ndim != cd:
             return None
         ctx.channel_sized[node.name] = True
-    elif node.target in ("size", "shape") or node.target is builtins.getattr:
+    entries = None
+    if node.target in ("size", "shape") or node.target is builtins.getattr:
         ctx.channel_sized[node.name] = {cd}  # a size tuple: which entries count channels
+        entries = (labels.ndim, {cd})
     else:
         ctx.channel_sized[node.name] = True
-    if not _feeds_only_shapes(node):
+    if not _feeds_only_shapes(node, entries=entries):
         ctx.inexact(labels, f"{node.name}: the channel count is used as a value")
     return None
 
