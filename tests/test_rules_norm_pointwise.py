@@ -205,12 +205,12 @@ class ResampledPositions(nn.Module):
 
     def forward(self, x):
         h = self.conv(x)
-        pos = F.interpolate(self.pos, size=h.shape[-2:], mode=self.mode)
+        pos = F.interpolate(self.pos, size=h.shape[-2:], mode=self.mode, antialias=self.mode == "bilinear")
         return self.head(F.relu(h + pos))
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
-@pytest.mark.parametrize("mode", ["bicubic", "nearest"])
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear", "nearest-exact"])
 def test_resampled_position_table_prunes_with_the_features(mode, frontend):
     torch.manual_seed(0)
     model, x = ResampledPositions(mode).eval(), torch.randn(1, 3, 16, 16)

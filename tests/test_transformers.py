@@ -369,3 +369,36 @@ def test_chunked_rotary_table_keeps_channels_prunable(frontend):
     assert p["q.weight"].shape[0] == 8  # q and k lose half their channels, in pairs
     table = dict(result.module.named_buffers())["table"]
     assert table.shape == (12, 8)  # the sin and cos halves both follow the kept channels
+
+
+class PositionTable(nn.Module):
+    """Tokens plus a learned position table, stored (1, positions, dim) or transposed."""
+
+    def __init__(self, transposed=False):
+        super().__init__()
+        self.proj, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.pos = nn.Parameter(torch.randn(8, 50) if transposed else torch.randn(1, 50, 8))
+        self.transposed = transposed
+
+    def forward(self, x):
+        return self.head(F.relu(self.proj(x) + (self.pos.t() if self.transposed else self.pos)))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_large_position_table_prunes_along_its_last_dim(frontend, monkeypatch):
+    """A table over the per-element label limit is labelled along its last dim only (a
+    Gemma/Qwen vision tower's position table has millions of entries): stored
+    (1, positions, dim), it prunes with the stream; transposed, its shared labels keep the
+    channels it meets whole, and nothing is sliced wrong."""
+    import fxprune.rules.context as context
+
+    monkeypatch.setattr(context, "MAX_FREE_LABELS", 64)  # the tables hold 400 entries
+    torch.manual_seed(0)
+    x = torch.randn(2, 50, 6)
+    result, _ = prune_and_verify(PositionTable().eval(), x, ratio=0.5, frontend=frontend)
+    assert not result.groups.barriers
+    assert dict(result.module.named_parameters())["pos"].shape == (1, 50, 4)
+    result, _ = prune_and_verify(PositionTable(transposed=True).eval(), x, ratio=0.5, frontend=frontend,
+                                 expect_removed=False)
+    assert not result.groups.barriers
+    assert dict(result.module.named_parameters())["pos"].shape == (8, 50)

@@ -72,7 +72,9 @@ register(*_ops("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indice
                "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_max_pool1d",
                "adaptive_max_pool2d", "adaptive_max_pool3d", "upsample_nearest1d",
                "upsample_nearest2d", "upsample_nearest3d", "upsample_bilinear2d",
-               "upsample_bicubic2d", "upsample_linear1d", "upsample_trilinear3d"))(reduce.spatial)
+               "upsample_bicubic2d", "upsample_linear1d", "upsample_trilinear3d",
+               "_upsample_bicubic2d_aa", "_upsample_bilinear2d_aa", "_upsample_nearest_exact1d",
+               "_upsample_nearest_exact2d", "_upsample_nearest_exact3d"))(reduce.spatial)
 register(*_ops("pad", "constant_pad_nd"))(reduce.pad)
 
 register(*_ops("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "cumprod"))(

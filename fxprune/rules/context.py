@@ -238,6 +238,16 @@ class AnalysisContext:
             self.align(node.target, labels, "free")
             self.free_nodes.add(node)
             return labels
+        if t.numel() > MAX_FREE_LABELS and t.ndim >= 2 and 1 < t.shape[-1] <= MAX_FREE_LABELS:
+            # too many elements to label one by one (a position table for thousands of
+            # positions): one label per entry of the last dim, where tables keep their
+            # channels; used along another dim, the shared labels couple what they meet
+            # (kept whole), never a wrong slice
+            labels = self.space.fresh((1,) * (t.ndim - 1) + (t.shape[-1],),
+                                      Family(f"tensor {node.target}", node.name))
+            self.align(node.target, labels, "free")
+            self.free_nodes.add(node)
+            return labels
         if t.numel() > MAX_FREE_LABELS:
             self.barriers.append(f"{node.name}: {node.target} has {t.numel()} elements; "
                                  f"treated as a constant")
