@@ -150,6 +150,54 @@ def _remove_lowest(kept, values, cand, n_remove):
     kept[order[:max(n_remove, 0)]] = False
 
 
+def segment_parts(groups: ChannelGroups, cands: dict[int, torch.Tensor]) -> dict[int, list[torch.Tensor]]:
+    """Per group: the candidate classes of every tensor's channel dim that holds some but
+    not all of the group's candidates (a split piece, the residual stream of a CSP stage
+    whose other half bypasses it, the value half of a fused qkv). Groups where every
+    tensor holds all or none of them have none."""
+    if not cands or not groups.segments:
+        return {}
+    n = groups.n_classes
+    owner = torch.full((n,), -1, dtype=torch.int64)
+    for gid, cand in cands.items():
+        owner[cand] = gid
+    size = {gid: cand.numel() for gid, cand in cands.items()}
+    parts: dict[int, dict[bytes, torch.Tensor]] = {}
+    for seg in groups.segments:
+        seg = torch.unique(seg)
+        own = owner[seg]
+        seg, own = seg[own >= 0], own[own >= 0]
+        for gid in torch.unique(own).tolist():
+            part = seg[own == gid]
+            if part.numel() < size[gid]:
+                parts.setdefault(gid, {}).setdefault(part.numpy().tobytes(), part)
+    return {gid: list(p.values()) for gid, p in parts.items()}
+
+
+def _remove_lowest_capped(kept, values, cand, n_remove, parts, ratio):
+    """Remove the ``n_remove`` lowest-scoring candidates, taking from no part (see
+    :func:`segment_parts`) more than ``ceil(ratio * its size)``: the group's channels
+    go evenly, and one tensor is not stripped because its channels score low together
+    (zero-initialized last norms of residual blocks do)."""
+    position = {int(c): k for k, c in enumerate(cand.tolist())}
+    member_of: list[list[int]] = [[] for _ in range(cand.numel())]
+    budget = []
+    for j, part in enumerate(parts):
+        budget.append(int(math.ceil(ratio * part.numel() - 1e-9)))
+        for c in part.tolist():
+            member_of[position[c]].append(j)
+    removed = 0
+    for k in torch.argsort(values[cand], stable=True).tolist():
+        if removed >= n_remove:
+            break
+        if all(budget[j] > 0 for j in member_of[k]):
+            for j in member_of[k]:
+                budget[j] -= 1
+            kept[cand[k]] = False
+            removed += 1
+    return removed
+
+
 def _global(pool, values, kept, ratio, round_to):
     """Rank the channels of ``pool`` (a list of (group, candidates, cap)) together."""
     everything = torch.cat([c for _, c, _ in pool])
@@ -172,6 +220,13 @@ def _global(pool, values, kept, ratio, round_to):
         if want < removed.numel():
             best = removed[torch.argsort(values[removed], descending=True, stable=True)]
             kept[best[:removed.numel() - want]] = True
+
+
+def _restore_best(kept, values, cand, n):
+    """Keep again the ``n`` best-scoring removed candidates."""
+    removed = cand[~kept[cand]]
+    best = removed[torch.argsort(values[removed], descending=True, stable=True)]
+    kept[best[:max(n, 0)]] = True
 
 
 def _keep_every_tensor_nonempty(groups, values, kept):
@@ -256,7 +311,10 @@ def select_channels(groups: ChannelGroups, scores, *, ratio: float = 0.5,
     own = own_ratios(groups, ratios)
     kept = torch.ones(groups.n_classes, dtype=torch.bool)
     pooled = []
-    for gid, cand in candidates(groups, ignore).items():
+    cands = candidates(groups, ignore)
+    local = {gid: c for gid, c in cands.items() if not ((global_ranking or isomorphic) and gid not in own)}
+    parts = segment_parts(groups, local)
+    for gid, cand in cands.items():
         g = groups.groups[gid]
         floor_keep = 0 if cand.numel() < g.size else 1
         if (global_ranking or isomorphic) and gid not in own:
@@ -266,8 +324,14 @@ def select_channels(groups: ChannelGroups, scores, *, ratio: float = 0.5,
         r = own.get(gid, ratio)
         if exact_heads and gid in groups.head_groups and cand.numel() > 1:
             _check_whole_heads(g, r, cand.numel())
-        n_remove = min(int(math.floor(r * cand.numel() + 1e-9)), cand.numel() - floor_keep)
-        _remove_lowest(kept, values, cand, _round_kept(g.size, n_remove, round_to))
+        n_remove = _round_kept(g.size, min(int(math.floor(r * cand.numel() + 1e-9)), cand.numel() - floor_keep),
+                               round_to)
+        if gid in parts and not exact_heads:
+            got = _remove_lowest_capped(kept, values, cand, n_remove, parts[gid], r)
+            if got < n_remove and round_to > 1:  # the caps stopped short: round the kept count up
+                _restore_best(kept, values, cand, got - _round_kept(g.size, got, round_to))
+        else:
+            _remove_lowest(kept, values, cand, n_remove)
     if pooled:
         by_id = {item[0].id: item for item in pooled}
         sets = isomorphic_sets(groups, list(by_id)) if isomorphic else [list(by_id)]

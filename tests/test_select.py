@@ -248,3 +248,51 @@ def test_doctests(name):
 
     result = doctest.testmod(importlib.import_module(name))
     assert result.attempted > 0 and result.failed == 0
+
+
+class CSPStage(nn.Module):
+    """A cross-stage-partial stage: one conv's output is split in two halves; one half is
+    the residual stream of two blocks whose last norm starts at zero (timm's init), the
+    other bypasses them; both are concatenated. Both halves are one group (one conv made
+    them), and the stream's channels all score low together."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.exp = nn.Conv2d(c, 2 * c, 1)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
+                                                  nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)) for _ in range(2))
+        for b in self.blocks:
+            nn.init.zeros_(b[3].weight)
+        self.trans = nn.Conv2d(2 * c, c, 1)
+        self.head = nn.Conv2d(c, 3, 1)
+
+    def forward(self, x):
+        bypass, stream = self.exp(torch.relu(self.stem(x))).chunk(2, dim=1)
+        for b in self.blocks:
+            stream = stream + b(stream)
+        return self.head(torch.relu(self.trans(torch.cat([bypass, stream], 1))))
+
+
+def test_local_ranking_takes_evenly_from_the_tensors_of_a_group():
+    """Half of the split conv's 16 channels go, and no half loses more than half of its
+    own: ranked as one pool, the stream's low-scoring channels would all go (the rest of
+    the stream then kept one channel)."""
+    torch.manual_seed(0)
+    model, x = CSPStage().eval(), torch.randn(1, 3, 8, 8)
+    groups = fxprune.analyze(model, x)
+    assert groups.group_of("exp.weight").size == 16
+    result, _ = prune_and_verify(model, x, ratio=0.5, healthy=False)
+    params = dict(result.module.named_parameters())
+    assert params["exp.weight"].shape[0] == 8
+    assert params["blocks.0.2.weight"].shape[0] == 4  # the stream: 8 -> 4
+    # the same scores ranked as one pool would strip the stream
+    from passes.select import _remove_lowest, candidates
+
+    g = groups.group_of("exp.weight")
+    assert groups.group_of("blocks.0.2.weight") is g
+    pooled = torch.ones(groups.n_classes, dtype=torch.bool)
+    _remove_lowest(pooled, result.scores.values, candidates(groups)[g.id], 8)
+    stream = torch.unique(torch.cat([groups.class_of[a.labels.reshape(-1)] for a in groups.alignments
+                                     if a.path == "blocks.0.2.weight" and a.role == "out"]))
+    assert int(pooled[stream].sum()) < 4
