@@ -158,19 +158,28 @@ def segment_parts(groups: ChannelGroups, cands: dict[int, torch.Tensor]) -> dict
     if not cands or not groups.segments:
         return {}
     n = groups.n_classes
+    gids = sorted(cands)
     owner = torch.full((n,), -1, dtype=torch.int64)
-    for gid, cand in cands.items():
-        owner[cand] = gid
-    size = {gid: cand.numel() for gid, cand in cands.items()}
+    size = torch.zeros(len(gids), dtype=torch.int64)
+    for k, gid in enumerate(gids):
+        owner[cands[gid]] = k
+        size[k] = cands[gid].numel()
+    seg_id = torch.repeat_interleave(torch.arange(len(groups.segments)),
+                                     torch.tensor([t.numel() for t in groups.segments]))
+    key = torch.unique(seg_id * n + torch.cat(groups.segments))  # distinct classes per segment
+    seg, cls = key // n, key % n
+    own = owner[cls]
+    seg, cls, own = seg[own >= 0], cls[own >= 0], own[own >= 0]
+    pair = seg * len(gids) + own  # sorted, as key was
+    uniq, counts = torch.unique_consecutive(pair, return_counts=True)
+    partial = counts < size[uniq % len(gids)]
+    if not bool(partial.any()):
+        return {}
     parts: dict[int, dict[bytes, torch.Tensor]] = {}
-    for seg in groups.segments:
-        seg = torch.unique(seg)
-        own = owner[seg]
-        seg, own = seg[own >= 0], own[own >= 0]
-        for gid in torch.unique(own).tolist():
-            part = seg[own == gid]
-            if part.numel() < size[gid]:
-                parts.setdefault(gid, {}).setdefault(part.numpy().tobytes(), part)
+    pieces = torch.split(cls, counts.tolist())
+    for k in torch.nonzero(partial).flatten().tolist():
+        gid = gids[int(uniq[k]) % len(gids)]
+        parts.setdefault(gid, {}).setdefault(pieces[k].numpy().tobytes(), pieces[k])
     return {gid: list(p.values()) for gid, p in parts.items()}
 
 
