@@ -51,12 +51,19 @@ def _flat(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def _arg_key(pos: int | str, n_args: int) -> int | str:
-    """Where a consumer's input is: its position, or (recorded by name, or a position past
-    the positional arguments) its keyword, ``"input"`` by default."""
+def _arg_key(pos: int | str | tuple[int, int], n_args: int) -> int | str | tuple[int, int]:
+    """Where a consumer's input is: its position, (position, entry) in a list argument,
+    or (recorded by name, or a position past the positional arguments) its keyword,
+    ``"input"`` by default."""
     if isinstance(pos, int):
         return pos if pos < n_args else "input"
     return pos
+
+
+def _get_arg(args, kwargs, key):
+    if isinstance(key, tuple):
+        return args[key[0]][key[1]]
+    return args[key] if isinstance(key, int) else kwargs.get(key)
 
 
 class _Masked(torch.fx.Interpreter):
@@ -85,7 +92,11 @@ class _Masked(torch.fx.Interpreter):
             args = list(args)
             for pos, mask in masks.items():
                 key = _arg_key(pos, len(args))
-                if isinstance(key, int):
+                if isinstance(key, tuple):
+                    entries = list(args[key[0]])
+                    entries[key[1]] = entries[key[1]] * mask.to(entries[key[1]].dtype)
+                    args[key[0]] = entries
+                elif isinstance(key, int):
                     args[key] = args[key] * mask.to(args[key].dtype)
                 else:
                     kwargs = {**kwargs, key: kwargs[key] * mask.to(kwargs[key].dtype)}
@@ -98,8 +109,7 @@ def consumer_masks(groups, kept: torch.Tensor) -> dict[str, dict[int | str, torc
     masks: dict[str, dict[int | str, torch.Tensor]] = {}
     for name, pos in groups.consumers:
         node = nodes[name]
-        key = _arg_key(pos, len(node.args))
-        arg = node.args[key] if isinstance(key, int) else node.kwargs.get(key)
+        arg = _get_arg(node.args, node.kwargs, _arg_key(pos, len(node.args)))
         labels = groups.node_labels.get(arg.name) if isinstance(arg, torch.fx.Node) else None
         if not isinstance(labels, torch.Tensor):
             continue

@@ -92,3 +92,46 @@ def test_key_padding_mask_stays_opaque_and_pinned():
     groups = fxprune.analyze(Masked(), (x, pad))
     assert not groups.group_of("inp.weight").is_prunable
     assert "MultiheadAttention" in str(groups)
+
+
+class EinsumRelativeAttention(nn.Module):
+    """torchvision MaxViT's attention: q, k, v chunked from one projection, scores and
+    output by einsum, a relative-position bias gathered from a table."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+
+        self.inp = nn.Linear(8, 16)
+        self.attn = RelativePositionalMultiHeadAttention(16, 4, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(self.attn(self.inp(x)))
+
+
+class ThreeWay(nn.Module):
+    """A three-operand einsum: the channel summed between the second and third operands
+    never meets the first."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 5), nn.Linear(6, 4), nn.Linear(6, 4)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):  # x: (n, 6)
+        a, b, c = self.a(x), self.b(x), self.c(x)
+        return self.head(torch.einsum("ni,nj,nj->ni", [a, b, c]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("net,shape", [(EinsumRelativeAttention, (1, 2, 16, 8)), (ThreeWay, (7, 6))])
+def test_einsum_contractions_are_zeroed_in_every_operand(net, shape, seed):
+    """The oracle zeroes removed channels in every einsum operand: with q/k channels
+    removed (contracted into the scores), or the channel summed between the last two
+    operands, the pruned model matches (the first operand alone does not carry them)."""
+    torch.manual_seed(0)
+    model, x = net().eval(), torch.randn(shape)
+    result, v = prune_and_verify(model, x, ratio=0.5,
+                                 pipeline=f"channel-deps,score-random{{seed={seed}}},select{{ratio=0.5}},rewrite")
+    assert v.exact_groups > 0 and not result.groups.barriers

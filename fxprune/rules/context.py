@@ -158,7 +158,7 @@ class AnalysisContext:
         # rotary table): their labels stay one per element until they meet a channel
         self.free_nodes: set[torch.fx.Node] = set()
         self.alignments: list[tuple[str, torch.Tensor, str, str]] = []
-        self.consumers: list[tuple[str, int | str]] = []
+        self.consumers: list[tuple[str, int | str | tuple[int, int]]] = []
         self.param_consumers: list[tuple[str, str, torch.Tensor]] = []
         self.barriers: list[str] = []
         # Python ints computed from a channel count (x.size(1), c // heads): True, or for a
@@ -330,10 +330,14 @@ class AnalysisContext:
             self._first_alignment[key] = labels
         self.alignments.append((path, labels, role, self.node.name if self.node is not None else ""))
 
-    def consume(self, argpos: int, name: str | None = None) -> None:
+    def consume(self, argpos: int, name: str | None = None, item: int | None = None) -> None:
         """The current op contracts over the labelled positions of its input ``argpos``
-        (or of keyword argument ``name`` when it is not passed by position): the oracle
-        zeroes removed channels there."""
+        (or of keyword argument ``name`` when it is not passed by position; ``item``: the
+        entry of a list passed there, as einsum's operands can be): the oracle zeroes
+        removed channels there."""
+        if item is not None:
+            self.consumers.append((self.node.name, (argpos, item)))
+            return
         by_name = name is not None and argpos >= len(self.node.args) and name in self.node.kwargs
         self.consumers.append((self.node.name, name if by_name else argpos))
 

@@ -127,12 +127,19 @@ register(torch.matmul, operator.matmul, "matmul", "__matmul__", torch.bmm, "bmm"
 
 
 def einsum(ctx, node):
+    """einsum(equation, *operands) or (equation, [operands]): a contraction; the oracle
+    zeroes removed channels in every operand (a channel summed over in the second and
+    third operands only is not reached through the first)."""
     eq = node.args[0]
     ops = node.args[1:]
+    listed = None  # the position of the operand list, when they come as one
     if isinstance(node.target, torch._ops.OpOverload):
-        ops = node.args[1]  # aten.einsum(equation, tensors, path=None)
+        ops, listed = node.args[1], 1  # aten.einsum(equation, tensors, path=None)
     if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
-        ops = ops[0]
+        ops, listed = ops[0], 1
+    for k, op in enumerate(ops):
+        if ctx.is_tensor(op):
+            ctx.consume(1 + k) if listed is None else ctx.consume(listed, item=k)
     eq = eq.replace(" ", "")
     if "..." in eq:
         raise ValueError("einsum with ellipsis is not analysed")
