@@ -185,14 +185,16 @@ def segment_parts(groups: ChannelGroups, cands: dict[int, torch.Tensor]) -> dict
 
 def _remove_lowest_capped(kept, values, cand, n_remove, parts, ratio):
     """Remove the ``n_remove`` lowest-scoring candidates, taking from no part (see
-    :func:`segment_parts`) more than ``ceil(ratio * its size)``: the group's channels
-    go evenly, and one tensor is not stripped because its channels score low together
-    (zero-initialized last norms of residual blocks do)."""
+    :func:`segment_parts`) more than ``floor(ratio * its size) + 1``: the group's
+    channels go evenly, and one tensor is not stripped because its channels score low
+    together (zero-initialized last norms of residual blocks do). The cap changes where
+    ``ratio * size`` reaches a whole number, as the group's count does, so the budget
+    search's ratio steps (:func:`passes.select_budget.ratio_steps`) see every plan."""
     position = {int(c): k for k, c in enumerate(cand.tolist())}
     member_of: list[list[int]] = [[] for _ in range(cand.numel())]
     budget = []
     for j, part in enumerate(parts):
-        budget.append(int(math.ceil(ratio * part.numel() - 1e-9)))
+        budget.append(min(part.numel(), int(math.floor(ratio * part.numel() + 1e-9)) + 1))
         for c in part.tolist():
             member_of[position[c]].append(j)
     removed = 0

@@ -36,7 +36,8 @@ from fxprune.passes_base import AnalysisPass, PruneState, register_pass
 from fxprune.report import ModelStats, count_params, human, measure
 
 from .rewrite import rewrite_graph
-from .select import candidates, ensure_scores, isomorphic_sets, own_ratios, ratio_pairs, select_channels
+from .select import (candidates, ensure_scores, isomorphic_sets, own_ratios, ratio_pairs, segment_parts,
+                     select_channels)
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,9 @@ def ratio_steps(groups: ChannelGroups, *, ignore=(), ratios=(), global_ranking=F
         sizes = [sum(cand[gid].numel() for gid in s) for s in isomorphic_sets(groups, free)]
     elif global_ranking:
         sizes = [sum(sizes)] if sizes else []
+    else:  # local ranking's caps on the tensors that hold part of a group
+        local = {gid: c for gid, c in candidates(groups, ignore).items() if gid not in own}
+        sizes += [p.numel() for parts in segment_parts(groups, local).values() for p in parts]
     steps = {Fraction(j, n) for n in sizes for j in range(n)} | {Fraction(0)}
     return [float(s) for s in sorted(steps)]
 

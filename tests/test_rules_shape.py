@@ -240,7 +240,7 @@ def test_tensor_split_pieces_get_new_sizes(frontend):
     assert not groups.barriers
     result, _ = prune_and_verify(net, torch.randn(2, 3, 8, 8), ratio=0.5, frontend=frontend)
     assert result.frontend == frontend
-    # half of the 8 channels go, no piece losing more than half of its own, rounded up
+    # half of the 8 channels go, no piece losing more than half of its own plus one
     assert dict(result.module.named_parameters())["head.weight"].shape[1] == 4
 
 
