@@ -76,3 +76,27 @@ def test_video_and_segmentation_models_prune(name):
         out_ref, out = model(x), result.module(x)
     ref = out_ref["out"] if isinstance(out_ref, dict) else out_ref  # fx returns a plain dict
     assert (out["out"] if isinstance(out, dict) else out).shape == ref.shape
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_fpn", "ssdlite320_mobilenet_v3_large"])
+def test_detection_backbone_prunes_and_goes_back_into_the_detector(name):
+    """Detectors take lists of images and branch on them (not capturable whole); their
+    backbone (with FPN: a dict of feature maps, whose channels stay) prunes, and the
+    detector runs with the pruned one in its place."""
+    import fxprune
+    from healthy import make_healthy
+
+    torch.manual_seed(0)
+    det = torchvision.models.get_model(name, weights=None, weights_backbone=None).eval()
+    x = torch.randn(1, 3, 128, 128)
+    make_healthy(det.backbone, x.shape)
+    result = fxprune.prune(det.backbone, x, ratio=0.5)
+    assert not result.groups.barriers
+    assert result.report.after.params < 0.5 * result.report.before.params
+    v = fxprune.verify(det.backbone, result, x)
+    assert v.max_rel_err < 1e-4 and v.effect > 1e-3
+    with torch.no_grad():
+        before = det([torch.rand(3, 128, 128)])
+        det.backbone = result.module
+        after = det([torch.rand(3, 128, 128)])
+    assert len(after) == len(before) == 1 and set(after[0]) == set(before[0])
