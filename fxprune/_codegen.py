@@ -324,8 +324,10 @@ def emit_module(gm: torch.fx.GraphModule) -> Emitted:
         If the module uses a class, function or attribute that cannot be
         written as importable source (the message names it and the fix).
     """
+    from .capture import _OrderedDictOutput
+
     pytree_io = type(gm.graph._codegen) is torch.fx.graph._PyTreeCodeGen
-    if type(gm.graph._codegen) is not torch.fx.graph.CodeGen and not pytree_io:
+    if type(gm.graph._codegen) not in (torch.fx.graph.CodeGen, _OrderedDictOutput) and not pytree_io:
         raise SaveError(f"the graph uses a custom code generator "
                         f"({type(gm.graph._codegen).__name__}), which cannot be saved; "
                         "save a graph traced with torch.fx.symbolic_trace")

@@ -69,6 +69,22 @@ class _Proxy(torch.fx.Proxy):
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
 
+class _OrderedDictOutput(torch.fx.graph.CodeGen):
+    """Generated code that returns an ``OrderedDict`` where the model did (torch.fx
+    records a model's returned OrderedDict as a plain dict: torchvision's segmentation
+    models and FPN backbones would come back with another output type)."""
+
+    def generate_output(self, output_args, **kwargs):
+        plain = super().generate_output(output_args, **kwargs)
+        return "return collections.OrderedDict(" + plain[len("return "):] + ")"
+
+    def process_outputs(self, outputs):
+        return collections.OrderedDict(outputs)
+
+    def additional_globals(self):
+        return [("collections", collections)]
+
+
 class _ModuleStack(collections.OrderedDict):
     """The tracer's module stack, copied onto every node it creates: ``copy.copy`` of an
     OrderedDict goes through the pickle protocol (a quarter of a transformer's tracing
@@ -118,10 +134,16 @@ class _Tracer(torch.fx.Tracer):
     def trace(self, root, concrete_args=None):
         self._attr_names: dict[int, str] | None = None
         self._instructions: dict[types.CodeType, tuple[list[int], list]] = {}
+        self._ordered_keys: list[list] = []
         try:
-            return super().trace(root, concrete_args)
+            graph = super().trace(root, concrete_args)
         finally:
             self._instructions = {}
+        out = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
+        if out is not None and isinstance(out.args[0], dict) and list(out.args[0]) in self._ordered_keys \
+                and type(graph._codegen) is torch.fx.graph.CodeGen:
+            graph._codegen = _OrderedDictOutput()  # the model returned an OrderedDict
+        return graph
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         """torch.fx's ``getattr``, with the attribute's qualified name found in a table
@@ -148,6 +170,11 @@ class _Tracer(torch.fx.Tracer):
 
     def proxy(self, node):
         return _Proxy(node, self)
+
+    def create_arg(self, a):
+        if type(a) is collections.OrderedDict:
+            self._ordered_keys.append(list(a))
+        return super().create_arg(a)
 
     def call_module(self, m, forward, args, kwargs):
         replacement = decomposition(m, kwargs)

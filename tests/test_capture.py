@@ -266,3 +266,40 @@ def test_wrapped_function_may_mutate_its_list_argument():
     assert result.frontend == "fx"
     assert tensor_meta(next(n for n in result.groups.gm.graph.nodes if n.op == "output").args[0]).shape == (1, 4, 4, 4)
     assert result.module.conv.out_channels == 4
+
+
+class _Features(nn.Module):
+    """Returns an OrderedDict of feature maps, as torchvision's FPN backbones do."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        from collections import OrderedDict
+
+        out = OrderedDict()
+        out["high"] = F.relu(self.a(x))
+        out["low"] = self.b(out["high"]) * 1.0
+        out["pooled"] = out["low"].mean((2, 3))
+        return out
+
+
+def test_ordered_dict_output_keeps_its_type_through_prune_and_save(tmp_path):
+    """torch.fx records a returned OrderedDict as a plain dict; the captured graph's code
+    returns an OrderedDict again, and so do the pruned module and its saved folder."""
+    from collections import OrderedDict
+
+    torch.manual_seed(0)
+    model, x = _Features().eval(), torch.randn(1, 3, 8, 8)
+    gm = fxprune.trace(model, x)
+    assert type(gm(x)) is OrderedDict and list(gm(x)) == ["high", "low", "pooled"]
+    result, _ = prune_and_verify(model, x, ratio=0.5, expect_removed=False)
+    with torch.no_grad():
+        out = result.module(x)
+    assert type(out) is OrderedDict and list(out) == ["high", "low", "pooled"]
+    fxprune.save(result, tmp_path / "saved")
+    loaded = fxprune.load(tmp_path / "saved")
+    with torch.no_grad():
+        again = loaded(x)
+    assert type(again) is OrderedDict and all(torch.equal(again[k], out[k]) for k in out)

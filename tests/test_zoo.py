@@ -74,7 +74,8 @@ def test_video_and_segmentation_models_prune(name):
     assert v.max_rel_err < 1e-4 and v.exact_groups > 0 and v.effect > 1e-3
     with torch.no_grad():
         out_ref, out = model(x), result.module(x)
-    ref = out_ref["out"] if isinstance(out_ref, dict) else out_ref  # fx returns a plain dict
+    assert type(out) is type(out_ref)  # segmentation models return an OrderedDict
+    ref = out_ref["out"] if isinstance(out_ref, dict) else out_ref
     assert (out["out"] if isinstance(out, dict) else out).shape == ref.shape
 
 
@@ -95,6 +96,8 @@ def test_detection_backbone_prunes_and_goes_back_into_the_detector(name):
     assert result.report.after.params < 0.5 * result.report.before.params
     v = fxprune.verify(det.backbone, result, x)
     assert v.max_rel_err < 1e-4 and v.effect > 1e-3
+    with torch.no_grad():
+        assert type(result.module(x)) is type(det.backbone(x))  # FPN: an OrderedDict of maps
     with torch.no_grad():
         before = det([torch.rand(3, 128, 128)])
         det.backbone = result.module
