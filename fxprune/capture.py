@@ -160,10 +160,8 @@ class _Tracer(torch.fx.Tracer):
                 names.setdefault(id(t), n)
             self._attr_names = names
         name = self._attr_names.get(id(attr_val))
-        is_param = isinstance(attr_val, torch.nn.Parameter)
-        if name is None or (not is_param and id(attr_val) in self._param_ids) \
-                or (is_param and id(attr_val) not in self._param_ids):
-            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name is None or isinstance(attr_val, torch.nn.Parameter) != (id(attr_val) in self._param_ids):
+            return super().getattr(attr, attr_val, parameter_proxy_cache)  # what torch.fx does
         if name not in parameter_proxy_cache:
             parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
         return parameter_proxy_cache[name]
@@ -726,53 +724,54 @@ def _inline_scopes(root: nn.Module, graph: torch.fx.Graph) -> None:
     hop = getattr(torch.ops, "higher_order", None)
     autocast = getattr(hop, "wrap_with_autocast", None)
     grad_mode = getattr(hop, "wrap_with_set_grad_enabled", None)
-    changed = True
-    while changed:  # a block inside a block: its op arrives with the outer block's ops
-        changed = False
-        for node in list(graph.nodes):
-            if node.op != "call_function" or node.target not in (autocast, grad_mode) or node.target is None:
-                continue
-            n_mode = 4 if node.target is autocast else 1
-            body_node, operands = node.args[n_mode], node.args[n_mode + 1:]
-            if body_node.op != "get_attr" or any(
-                    u.target is not operator.getitem or not isinstance(u.args[1], int) for u in node.users):
-                continue
-            body = root.get_submodule(body_node.target)
-            with graph.inserting_before(node):
-                if node.target is autocast:
-                    enter = graph.call_function(torch.amp.autocast_mode._enter_autocast, node.args[:n_mode])
-                    mode_nodes = [enter]
-                else:  # the mode it had, to restore
-                    enter = graph.call_function(torch.is_grad_enabled)
-                    enter.meta["val"] = torch.is_grad_enabled()
-                    mode_nodes = [graph.call_function(torch._C._set_grad_enabled, node.args[:1])]
-                env: dict[torch.fx.Node, Any] = {}
-                inputs = iter(operands)
-                outs: Any = ()
-                for n in body.graph.nodes:
-                    if n.op == "placeholder":
-                        env[n] = next(inputs)
-                    elif n.op == "output":
-                        outs = torch.fx.node.map_arg(n.args[0], lambda a: env[a])
-                    else:
-                        new = graph.node_copy(n, lambda a: env[a])
-                        if n.op in ("get_attr", "call_module"):
-                            new.target = f"{body_node.target}.{n.target}"
-                        env[n] = new
-                if node.target is autocast:
-                    mode_nodes.append(graph.call_function(torch.amp.autocast_mode._exit_autocast, (enter,)))
-                else:
-                    mode_nodes.append(graph.call_function(torch._C._set_grad_enabled, (enter,)))
-            for mode_node in mode_nodes:  # an autocast state, or nothing: no shape to find
-                mode_node.meta["val"] = None
-            outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-            for user in list(node.users):
-                user.replace_all_uses_with(outs[user.args[1]])
-                graph.erase_node(user)
-            graph.erase_node(node)
-            if not body_node.users:
-                graph.erase_node(body_node)
-            changed = True
+    scopes = {t for t in (autocast, grad_mode) if t is not None}
+    todo = [n for n in graph.nodes if n.op == "call_function" and n.target in scopes]
+    while todo:
+        node = todo.pop()
+        n_mode = 4 if node.target is autocast else 1
+        body_node, operands = node.args[n_mode], node.args[n_mode + 1:]
+        if body_node.op != "get_attr" or any(
+                u.target is not operator.getitem or not isinstance(u.args[1], int) for u in node.users):
+            continue
+        with graph.inserting_before(node):
+            if node.target is autocast:
+                enter = graph.call_function(torch.amp.autocast_mode._enter_autocast, node.args[:n_mode])
+                set_mode = enter
+            else:  # the mode it had, to restore
+                enter = graph.call_function(torch.is_grad_enabled)
+                enter.meta["val"] = torch.is_grad_enabled()
+                set_mode = graph.call_function(torch._C._set_grad_enabled, node.args[:1])
+            outs, copied = _inline_body(graph, root.get_submodule(body_node.target), body_node.target, operands)
+            leave = graph.call_function(torch.amp.autocast_mode._exit_autocast if node.target is autocast
+                                        else torch._C._set_grad_enabled, (enter,))
+        set_mode.meta["val"] = leave.meta["val"] = None  # an autocast state, or nothing: no shape
+        todo += [n for n in copied if n.op == "call_function" and n.target in scopes]  # a block in the block
+        for user in list(node.users):
+            user.replace_all_uses_with(outs[user.args[1]])
+            graph.erase_node(user)
+        graph.erase_node(node)
+        if not body_node.users:
+            graph.erase_node(body_node)
+
+
+def _inline_body(graph: torch.fx.Graph, body: torch.fx.GraphModule, prefix: str,
+                 operands: tuple) -> tuple[tuple, list[torch.fx.Node]]:
+    """Copy ``body``'s ops into ``graph`` at its insertion point, its placeholders bound to
+    ``operands`` and its attributes named under ``prefix``: (its outputs, the new nodes)."""
+    env: dict[torch.fx.Node, Any] = {}
+    inputs = iter(operands)
+    outs: Any = ()
+    for n in body.graph.nodes:
+        if n.op == "placeholder":
+            env[n] = next(inputs)
+        elif n.op == "output":
+            outs = torch.fx.node.map_arg(n.args[0], lambda a: env[a])
+        else:
+            new = env[n] = graph.node_copy(n, lambda a: env[a])
+            if n.op in ("get_attr", "call_module"):
+                new.target = f"{prefix}.{n.target}"
+    copied = [v for k, v in env.items() if k.op != "placeholder"]
+    return (outs if isinstance(outs, (tuple, list)) else (outs,)), copied
 
 
 def _dynamic_dims(t: Any) -> dict | None:

@@ -226,11 +226,8 @@ def _global(pool, values, kept, ratio, round_to):
             kept[everything[i]] = False
             taken += 1
     for g, cand, _ in pool:  # round kept counts up, restoring the best removed channels
-        removed = cand[~kept[cand]]
-        want = _round_kept(g.size, removed.numel(), round_to)
-        if want < removed.numel():
-            best = removed[torch.argsort(values[removed], descending=True, stable=True)]
-            kept[best[:removed.numel() - want]] = True
+        n_removed = int((~kept[cand]).sum())
+        _restore_best(kept, values, cand, n_removed - _round_kept(g.size, n_removed, round_to))
 
 
 def _restore_best(kept, values, cand, n):
@@ -323,12 +320,12 @@ def select_channels(groups: ChannelGroups, scores, *, ratio: float = 0.5,
     kept = torch.ones(groups.n_classes, dtype=torch.bool)
     pooled = []
     cands = candidates(groups, ignore)
-    local = {gid: c for gid, c in cands.items() if not ((global_ranking or isomorphic) and gid not in own)}
-    parts = segment_parts(groups, local)
+    pooling = {gid for gid in cands if (global_ranking or isomorphic) and gid not in own}
+    parts = segment_parts(groups, {gid: c for gid, c in cands.items() if gid not in pooling})
     for gid, cand in cands.items():
         g = groups.groups[gid]
         floor_keep = 0 if cand.numel() < g.size else 1
-        if (global_ranking or isomorphic) and gid not in own:
+        if gid in pooling:
             cap = min(int(math.floor(max_ratio * cand.numel() + 1e-9)), cand.numel() - floor_keep)
             pooled.append((g, cand, cap))
             continue

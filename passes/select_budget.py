@@ -34,6 +34,7 @@ from fxprune.errors import ConfigError
 from fxprune.meta import graph_inputs
 from fxprune.passes_base import AnalysisPass, PruneState, register_pass
 from fxprune.report import ModelStats, count_params, human, measure
+from fxprune.rules.recurrent import _GATES
 
 from .rewrite import rewrite_graph
 from .select import (candidates, ensure_scores, isomorphic_sets, own_ratios, ratio_pairs, segment_parts,
@@ -119,7 +120,7 @@ class _Count(_MetaProp):
         elif kind == "recurrent":  # per layer and direction: input and hidden projections
             x, m = args[0], module
             rows = math.prod(x.shape[:-1])
-            gate = {"LSTM": 4, "GRU": 3}.get(type(m).__name__, 1) * m.hidden_size
+            gate = _GATES[type(m)] * m.hidden_size
             out = getattr(m, "proj_size", 0) or m.hidden_size
             d = 2 if m.bidirectional else 1
             for layer in range(m.num_layers):
@@ -140,16 +141,14 @@ def ratio_steps(groups: ChannelGroups, *, ignore=(), ratios=(), global_ranking=F
                 isomorphic=False) -> list[float]:
     """The ratios at which the plan of :func:`select_channels` can change, ascending from 0."""
     own = own_ratios(groups, ratios)
-    sizes = [c.numel() for gid, c in candidates(groups, ignore).items() if gid not in own]
+    free = {gid: c for gid, c in candidates(groups, ignore).items() if gid not in own}
+    sizes = [c.numel() for c in free.values()]
     if isomorphic:
-        cand = candidates(groups, ignore)
-        free = [gid for gid in cand if gid not in own]
-        sizes = [sum(cand[gid].numel() for gid in s) for s in isomorphic_sets(groups, free)]
+        sizes = [sum(free[gid].numel() for gid in s) for s in isomorphic_sets(groups, list(free))]
     elif global_ranking:
         sizes = [sum(sizes)] if sizes else []
     else:  # local ranking's caps on the tensors that hold part of a group
-        local = {gid: c for gid, c in candidates(groups, ignore).items() if gid not in own}
-        sizes += [p.numel() for parts in segment_parts(groups, local).values() for p in parts]
+        sizes += [p.numel() for parts in segment_parts(groups, free).values() for p in parts]
     steps = {Fraction(j, n) for n in sizes for j in range(n)} | {Fraction(0)}
     return [float(s) for s in sorted(steps)]
 

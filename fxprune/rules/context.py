@@ -238,23 +238,20 @@ class AnalysisContext:
             self.align(node.target, labels, "free")
             self.free_nodes.add(node)
             return labels
+        shape = tuple(t.shape)
         if t.numel() > MAX_FREE_LABELS and t.ndim >= 2 and 1 < t.shape[-1] <= MAX_FREE_LABELS:
             # too many elements to label one by one (a position table for thousands of
             # positions): one label per entry of the last dim, where tables keep their
             # channels; used along another dim, the shared labels couple what they meet
             # (kept whole), never a wrong slice
-            labels = self.space.fresh((1,) * (t.ndim - 1) + (t.shape[-1],),
-                                      Family(f"tensor {node.target}", node.name))
-            self.align(node.target, labels, "free")
-            self.free_nodes.add(node)
-            return labels
-        if t.numel() > MAX_FREE_LABELS:
+            shape = (1,) * (t.ndim - 1) + (t.shape[-1],)
+        elif t.numel() > MAX_FREE_LABELS:
             self.barriers.append(f"{node.name}: {node.target} has {t.numel()} elements; "
                                  f"treated as a constant")
             return const_like(t.ndim)
         # a parameter or buffer used by value (layer scale, positional embedding, rotary
         # frequencies): every position gets a fresh label, so it is sliced with what it meets
-        labels = self.space.fresh(t.shape, Family(f"tensor {node.target}", node.name))
+        labels = self.space.fresh(shape, Family(f"tensor {node.target}", node.name))
         self.align(node.target, labels, "free")
         self.free_nodes.add(node)
         return labels  # not normalized here: the ops that use it decide which dim is the channel

@@ -138,8 +138,12 @@ def einsum(ctx, node):
     if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
         ops, listed = ops[0], 1
     for k, op in enumerate(ops):
-        if ctx.is_tensor(op):
-            ctx.consume(1 + k) if listed is None else ctx.consume(listed, item=k)
+        if not ctx.is_tensor(op):
+            continue
+        if listed is None:
+            ctx.consume(1 + k)
+        else:
+            ctx.consume(listed, item=k)
     eq = eq.replace(" ", "")
     if "..." in eq:
         raise ValueError("einsum with ellipsis is not analysed")

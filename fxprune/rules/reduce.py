@@ -178,7 +178,7 @@ def _feeds_only_shapes(node: torch.fx.Node, seen=None, entries: tuple[int, set] 
             index = user.args[1]
             picked = range(n)[index] if isinstance(index, slice) else \
                 [index % n] if -n <= index < n else []
-            if not channels.intersection(picked if isinstance(picked, range) else picked):
+            if not channels.intersection(picked):
                 continue
         if user.op == "call_function" and user.target in (operator.getitem, operator.floordiv,
                                                           operator.mul, operator.add, operator.sub,

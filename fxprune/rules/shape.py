@@ -141,10 +141,7 @@ def setitem(ctx, node):
     if not ctx.is_tensor(x):
         return None
     value = _concrete(ctx, index, full=False)
-    entries, _ = _index_dims(value, ctx.meta(x).ndim)
-    if any(isinstance(i, (torch.Tensor, list)) for i in entries):
-        raise ValueError("assignment through index tensors is not analysed")
-    region = index_labels(ctx, node, x, value)
+    region = index_labels(ctx, node, x, value)  # refuses index tensors
     shape = torch.empty(ctx.meta(x).shape, device="meta")[value].shape
     if ctx.is_tensor(v):
         broadcast_labels(ctx, node, [(region, shape), (ctx.labels(v), ctx.meta(v).shape)], out_shape=shape)
@@ -490,8 +487,7 @@ register("split", "chunk", "split_with_sizes", torch.split, torch.chunk, rewrite
 def tensor_split(ctx, node):
     """tensor_split(x, sections or indices, dim): pieces of ``x`` like split (the rewrite
     gives the pieces their new sizes); indices passed as a tensor are not analysed."""
-    if isinstance(node.args[1] if len(node.args) > 1 else node.kwargs.get("indices_or_sections",
-                  node.kwargs.get("indices", node.kwargs.get("sections"))), torch.fx.Node):
+    if any(ctx.is_tensor(a) for a in (*node.args[1:], *node.kwargs.values())):
         raise ValueError("split points computed in the graph are not analysed")
     return relabel(ctx, node)
 
