@@ -107,6 +107,9 @@ def _basic_index(key: Any) -> bool:
     return True
 
 
+_PLAIN_ARGS = (int, float, bool, str, type(...))  # arguments a graph holds as they are
+
+
 class _Tracer(torch.fx.Tracer):
     """A symbolic tracer with extra leaf modules that remembers the module stack,
     so a failure can name the module being traced."""
@@ -170,7 +173,19 @@ class _Tracer(torch.fx.Tracer):
         return _Proxy(node, self)
 
     def create_arg(self, a):
-        if type(a) is collections.OrderedDict:
+        # the common exact types first: torch.fx's own fast path is keyed on its Proxy
+        # class (ours is a subclass), and its Tracer tests every argument against
+        # parameters, tensors, modules and opaque classes before reaching it
+        t = type(a)
+        if t is _Proxy:
+            return a.node
+        if t in _PLAIN_ARGS or a is None:
+            return a
+        if t is tuple:
+            return tuple([self.create_arg(e) for e in a])
+        if t is list:
+            return [self.create_arg(e) for e in a]
+        if t is collections.OrderedDict:
             self._ordered_keys.append(list(a))
         return super().create_arg(a)
 
@@ -278,7 +293,7 @@ class _MetaProp(torch.fx.Interpreter):
     def call_module(self, target, args, kwargs):
         if not self.on_meta:
             return super().call_module(target, args, kwargs)
-        module = self.fetch_attr(target)
+        module = self.submodules.get(target) or self.fetch_attr(target)
         shape = _module_shape(module, args, kwargs)
         if shape is not None:  # the shape is known from the module's attributes: no kernel
             kind = _COUNTED_MODULES.get(type(module))
@@ -292,7 +307,8 @@ class _MetaProp(torch.fx.Interpreter):
         shadow = self._meta_state.get(target)
         if shadow is None:
             shadow = self._meta_state[target] = _meta_shadow(module)
-        return shadow(*args, **kwargs)
+        with torch.device("meta"):  # a forward may make tensors from sizes
+            return shadow(*args, **kwargs)
 
     def fetch_args_kwargs_from_env(self, n: torch.fx.Node) -> tuple[tuple, dict]:
         return mutable_args(*super().fetch_args_kwargs_from_env(n))
@@ -329,10 +345,9 @@ class _MetaProp(torch.fx.Interpreter):
 
 
 def _may_make_tensors(n: torch.fx.Node) -> bool:
-    """Whether running ``n`` may create a tensor on the default device: a module (its
-    forward may), or a function or method none of whose inputs is a tensor."""
-    if n.op == "call_module":
-        return True
+    """Whether running ``n`` may create a tensor on the default device: a function or
+    method none of whose inputs is a tensor (a module's forward, which may too, is run
+    under the meta device by ``_MetaProp.call_module`` where no shortcut applies)."""
     if n.op not in ("call_function", "call_method"):
         return False
     return not any(isinstance(get_meta(i), TensorMeta) for i in n.all_input_nodes)
@@ -467,11 +482,15 @@ def _function_shape(target: Any, args: tuple, kwargs: dict) -> tuple[tuple[int, 
             return None
         return (*x.shape[:-1], w.shape[0]), x.dtype
     if target is torch.layer_norm or target is F.layer_norm:
-        if kwargs or len(args) < 2 or not isinstance(args[0], torch.Tensor):
+        names = ("input", "normalized_shape", "weight", "bias", "eps")
+        if len(args) > len(names) or set(kwargs) - set(names[len(args):]):
             return None
-        x, ns = args[0], args[1]
+        bound = {**dict(zip(names, args)), **kwargs}
+        x, ns = bound.get("input"), bound.get("normalized_shape")
+        if not isinstance(x, torch.Tensor) or not isinstance(ns, (int, tuple, list)):
+            return None
         ns = (ns,) if isinstance(ns, int) else tuple(ns)
-        params = [a for a in args[2:4] if a is not None]
+        params = [bound[k] for k in ("weight", "bias") if bound.get(k) is not None]
         if len(ns) > x.ndim or tuple(x.shape[x.ndim - len(ns):]) != ns or \
                 any(not isinstance(p, torch.Tensor) or tuple(p.shape) != ns for p in params):
             return None
