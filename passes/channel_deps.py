@@ -163,11 +163,14 @@ def _carries_channels(ctx: AnalysisContext, node: torch.fx.Node) -> bool:
 
 
 def _no_rule(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
-    if not any(_carries_tensor(get_meta(i)) for i in node.all_input_nodes):
+    # a layer with weights of its own makes channels from any input (a bag of embeddings
+    # looked up by integer ids): it is a barrier, named, whatever its inputs carry
+    own_weights = node.op == "call_module" and any(t.is_floating_point() for t in ctx.module.parameters())
+    if not own_weights and not any(_carries_tensor(get_meta(i)) for i in node.all_input_nodes):
         # Python arithmetic on sizes, or a tensor made from no tensor (arange, zeros): it
         # carries no channel; a size that came from a channel count is tracked separately
         return ctx.const_output()
-    if not any(_carries_channels(ctx, i) for i in node.all_input_nodes):
+    if not own_weights and not any(_carries_channels(ctx, i) for i in node.all_input_nodes):
         # every input is a constant as far as channels go (a mask or position ids built
         # from arange): whatever the op does, its output is constant too
         return ctx.const_output()

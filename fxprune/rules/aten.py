@@ -41,7 +41,10 @@ register(*_ops("batch_norm", "instance_norm", "_native_batch_norm_legit_no_train
                "_native_batch_norm_legit", "native_batch_norm"))(norm.batch_norm)
 register(*_ops("layer_norm", "rms_norm"), rewrite=norm.rewrite_layer_norm)(norm.layer_norm)
 register(aten.group_norm, rewrite=norm.rewrite_group_norm)(norm.group_norm)
-register(aten.embedding)(embedding.embedding)
+register(*_ops("embedding", "embedding_bag", "_embedding_bag"))(embedding.embedding)
+register(aten.bilinear)(conv.bilinear)
+register(aten.glu)(pointwise.glu)
+register(*_ops("prelu", "_prelu_kernel"))(pointwise.prelu)
 
 register(*_ops("matmul", "mm", "bmm"))(contract.matmul)
 register(aten.einsum)(contract.einsum)

@@ -240,3 +240,34 @@ def rewrite_linear(r, old, new):
 
 
 register(nn.Linear, F.linear, rewrite=rewrite_linear)(linear)
+
+
+def bilinear(ctx, node):
+    """y_k = x1 W_k x2^T + b_k: the weight (out, in1, in2) consumes the last dim of both
+    inputs; its rows are fresh output features."""
+    if node.op == "call_module":
+        weight = f"{node.target}.weight"
+        bias = f"{node.target}.bias" if ctx.module.bias is not None else None
+    else:
+        weight, bias = ctx.attr_path(ctx.arg(2, "weight")), ctx.attr_path(ctx.arg(3, "bias"))
+        if weight is None or (bias is None and ctx.arg(3, "bias") is not None):
+            raise ValueError("the weight and bias must be parameters of the module (get_attr)")
+    x1 = node.args[0] if node.args else node.kwargs["input1"]
+    x2 = node.args[1] if len(node.args) > 1 else node.kwargs["input2"]
+    out_vec = ctx.fresh((ctx.tensor(weight).shape[0],), f"{node.name} output features")
+    ctx.align(weight, ctx.along(out_vec, 0, 3), "out")
+    for pos, (name, x) in enumerate((("input1", x1), ("input2", x2))):
+        ctx.align(weight, ctx.along(ctx.vector(x, -1), pos + 1, 3), "in")
+        ctx.consume(pos, name)
+    if bias is not None:
+        ctx.align(bias, out_vec, "out")
+    return ctx.along(out_vec, -1, ctx.meta(node).ndim)
+
+
+def rewrite_bilinear(r, old, new):
+    if old.op == "call_module":
+        m = r.module(old)
+        m.out_features, m.in1_features, m.in2_features = m.weight.shape
+
+
+register(nn.Bilinear, F.bilinear, rewrite=rewrite_bilinear)(bilinear)

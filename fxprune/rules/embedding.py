@@ -1,4 +1,4 @@
-"""Embedding lookups: the embedding dim is a fresh channel source (the weight's
+"""Embedding lookups (and bags of them, summed, averaged or maxed per bag): the embedding dim is a fresh channel source (the weight's
 columns). A weight tied to an output projection is the same tensor: its
 alignments are unioned, so both uses prune together."""
 
@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..labels import const_like
+from ..meta import get_meta, is_multi
 from .registry import register
 
 
@@ -22,6 +24,9 @@ def embedding(ctx, node):
     w = ctx.tensor(weight)
     vec = ctx.fresh((w.shape[1],), f"{node.name} embedding dim")
     ctx.align(weight, ctx.along(vec, 1, 2), "out")
+    if is_multi(node):  # aten embedding_bag: (output, offsets to bags, bag sizes, max indices)
+        out, *rest = get_meta(node)
+        return (ctx.along(vec, -1, out.ndim), *(None if m is None else const_like(m.ndim) for m in rest))
     return ctx.along(vec, -1, ctx.meta(node).ndim)
 
 
@@ -31,4 +36,4 @@ def rewrite_embedding(r, old, new):
         m.embedding_dim = m.weight.shape[1]
 
 
-register(nn.Embedding, F.embedding, rewrite=rewrite_embedding)(embedding)
+register(nn.Embedding, nn.EmbeddingBag, F.embedding, F.embedding_bag, rewrite=rewrite_embedding)(embedding)

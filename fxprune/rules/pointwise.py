@@ -181,3 +181,62 @@ register(F.normalize)(normalize)
 register(nn.Softmax, nn.LogSoftmax, nn.Softmin, F.softmax, F.log_softmax, F.softmin,
          torch.softmax, torch.log_softmax, torch.cumsum, torch.cumprod, "softmax", "log_softmax",
          "cumsum", "cumprod")(mixing_along_dim)
+
+
+def glu(ctx, node):
+    """glu(x, dim): the first half along ``dim`` gated by the second, so channel ``i`` of the
+    output holds input channels ``i`` and ``i + half``: those go together."""
+    x = node.args[0] if node.args else node.kwargs["input"]
+    dim = ctx.module.dim if node.op == "call_module" else ctx.value(ctx.arg(1, "dim", -1))
+    labels = ctx.labels(x)
+    if labels is None:
+        return const_like(ctx.meta(node).ndim)
+    d = dim % labels.ndim
+    if labels.shape[d] == 1:
+        return labels
+    half = labels.shape[d] // 2
+    first = labels.narrow(d, 0, half)
+    ctx.union(first, labels.narrow(d, half, half))
+    return first
+
+
+register(nn.GLU, F.glu)(glu)
+
+
+def prelu(ctx, node):
+    """PReLU: elementwise, with one learned slope per channel (dim 1, or dim 0 of a 1-d
+    input) unless a single slope is shared."""
+    x = node.args[0] if node.args else node.kwargs["input"]
+    if node.op == "call_module":
+        weight, path = None, f"{node.target}.weight"
+    else:
+        weight = ctx.arg(1, "weight")
+        path = ctx.attr_path(weight)
+    n = ctx.tensor(path).numel() if path is not None else ctx.meta(weight).numel()
+    ndim = ctx.meta(x).ndim
+    if n == 1:
+        return first_input(ctx, node)
+    vec = ctx.vector(x, 1 if ndim > 1 else 0)
+    if path is not None:
+        ctx.align(path, vec, "channel")
+    else:  # slopes computed in the graph: their positions go with the channels they scale
+        ctx.union(ctx.vector(weight, 0), vec)
+    return ctx.labels(x) if ctx.labels(x) is not None else ctx.along(vec, 1 if ndim > 1 else 0, ndim)
+
+
+def rewrite_prelu(r, old, new):
+    if old.op == "call_module":
+        m = r.module(old)
+        m.num_parameters = m.weight.numel()
+
+
+register(nn.PReLU, F.prelu, rewrite=rewrite_prelu)(prelu)
+
+
+def local_response_norm(ctx, node):
+    """Local response normalization divides each channel by the energy of its neighbours
+    along dim 1: removing a channel changes its neighbours' values (inexact)."""
+    return _mixing(ctx, node, 1)
+
+
+register(nn.LocalResponseNorm, F.local_response_norm)(local_response_norm)
