@@ -183,11 +183,43 @@ def _walk(w: _Writer, parent: torch.nn.Module, prefix: str, seen: dict) -> None:
             w.init.append(f"_put(self, {path!r}, self.get_submodule({seen[id(child)]!r}))")
             continue
         seen[id(child)] = path
+        if _weight_normed(w, child, path, seen):
+            continue
         _check_module(child, path)
         expr = w.constructor(child) or w.generic(child, path)
         w.init.append(f"_put(self, {path!r}, {expr})")
         _record_tensors(w, child, path, seen)
         _walk(w, child, path + ".", seen)
+
+
+def _weight_normed(w: _Writer, module: torch.nn.Module, path: str, seen: dict) -> bool:
+    """Write a weight-normalized layer as its plain layer wrapped by the torch call that
+    made it (``parametrizations.weight_norm(Conv1d(...), dim=0)``), so the saved file
+    rebuilds the same parameters (g and v, which the weights then fill); False for any
+    other module."""
+    from torch.nn.utils import parametrizations
+
+    from fxprune.weight_norm import weight_norm_of
+
+    norm = weight_norm_of(module)
+    if norm is None:
+        return False
+    base = type(module).__bases__[0] if not norm.hooked else type(module)
+    plain = base.__new__(base)
+    plain.__dict__.update({k: v for k, v in vars(module).items() if k not in ("weight", "_modules")})
+    v = module.get_parameter(norm.v)
+    plain.__dict__.update(_modules={}, _forward_pre_hooks={},
+                          _parameters={"weight": v, **{k: t for k, t in module._parameters.items()
+                                                       if k not in ("weight_g", "weight_v")}})
+    _check_module(plain, path)
+    expr = w.constructor(plain) or w.generic(plain, path)
+    wrap = parametrizations.weight_norm if not norm.hooked else torch.nn.utils.weight_norm
+    w.init.append(f"_put(self, {path!r}, {w.ref(wrap, 'function')}({expr}, dim={norm.dim}))")
+    for name, m in module.named_modules(prefix=path):
+        _record_tensors(w, m, name, seen)
+    if norm.hooked:  # recomputed from g and v before every forward, not loaded
+        w.extra.pop(f"{path}.weight", None)
+    return True
 
 
 def _record_tensors(w: _Writer, module: torch.nn.Module, path: str, seen: dict) -> None:

@@ -24,6 +24,7 @@ from fxprune.meta import TensorMeta, get_meta, has_meta
 from fxprune.passes_base import AnalysisPass, PruneState, register_pass
 from fxprune.rules.context import AnalysisContext
 from fxprune.rules.registry import describe_target, lookup
+from fxprune.weight_norm import weight_norm_of
 
 
 # -- helpers -------------------------------------------------------------------
@@ -106,12 +107,16 @@ def _visit(ctx: AnalysisContext, node: torch.fx.Node) -> None:
 
 def _opaque_module(ctx: AnalysisContext, node: torch.fx.Node) -> str | None:
     """Why the module called by ``node`` is opaque whatever its type: a parametrized
-    weight (``parametrizations.weight_norm``, ``spectral_norm``) is computed from other
-    tensors, and forward hooks on it or its children run in the pruned model as well (the
-    old ``weight_norm`` recomputes the weight from ``weight_g``/``weight_v`` in a
-    pre-hook); what they compute is not known here."""
+    weight (``spectral_norm``, ``orthogonal``) is computed from other tensors, and forward
+    hooks on it or its children run in the pruned model as well; what they compute is not
+    known here. Weight normalization, in either form, is known (``fxprune.weight_norm``):
+    it is recorded for the rule instead."""
     for name, m in ctx.module.named_modules():
         where = f"{node.target}.{name}" if name else node.target
+        norm = weight_norm_of(m) if not name else None
+        if norm is not None:  # weight normalization: analysed through its g and v (fxprune.weight_norm)
+            ctx.weight_norms[f"{where}.weight"] = (where, norm)
+            continue
         if torch.nn.utils.parametrize.is_parametrized(m):
             kinds = ", ".join(f"{k}: {', '.join(type(p).__name__ for p in plist)}"
                               for k, plist in m.parametrizations.items())

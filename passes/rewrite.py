@@ -10,6 +10,7 @@ modules are never modified: every tensor of the result is a fresh copy.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from fxprune.meta import META_KEY, copy_pytree_specs, get_meta
 from fxprune.passes_base import PruneState, TransformPass, register_pass
 from fxprune.rules.context import RewriteContext, get_module, get_tensor
 from fxprune.rules.registry import lookup
+from fxprune.weight_norm import fold_gain, recompute_hooked_weight, weight_norm_of
 
 
 # -- pure helpers ---------------------------------------------------------------
@@ -91,7 +93,10 @@ class _Rebuilder:
             return got
         old = get_module(self.gm, target)
         if any(child is not None for child in old._modules.values()):
-            new = copy.deepcopy(old)  # an opaque leaf with children: copied whole, never sliced
+            # copied whole with its tensors rebuilt: an opaque leaf's are only cloned, the g
+            # and v of a parametrized weight norm are sliced
+            memo = {id(t): self.tensor(t) for t in itertools.chain(old.parameters(), old.buffers())}
+            new = copy.deepcopy(old, memo)
         else:
             new = _shallow_copy(old)
             state = new.__dict__
@@ -100,6 +105,13 @@ class _Rebuilder:
                     state[key] = value.copy() if type(value) in (dict, OrderedDict) else copy.copy(value)
             state["_parameters"] = {k: (None if v is None else self.tensor(v)) for k, v in old._parameters.items()}
             state["_buffers"] = {k: (None if v is None else self.tensor(v)) for k, v in old._buffers.items()}
+        norm = weight_norm_of(old)
+        if norm is not None:
+            v_old = get_tensor(old, norm.v)
+            kept = (self.plan.get(id(v_old)) or {}).get(norm.dim)
+            fold_gain(get_tensor(new, norm.g), v_old, get_tensor(new, norm.v), kept, norm.dim)
+            if norm.hooked:
+                recompute_hooked_weight(new, norm)
         self.modules[target] = new
         return new
 

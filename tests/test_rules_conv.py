@@ -124,24 +124,19 @@ def _hooked(kind):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
                       nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1))
-    if kind == "weight_norm":
-        torch.nn.utils.parametrizations.weight_norm(m[2])
-    elif kind == "spectral_norm":
+    if kind == "spectral_norm":
         torch.nn.utils.parametrizations.spectral_norm(m[2])
-    elif kind == "old_weight_norm":  # the weight is recomputed from weight_g, weight_v in a pre-hook
-        with pytest.warns(FutureWarning):
-            torch.nn.utils.weight_norm(m[2])
     else:
         m[2].register_forward_hook(lambda mod, args, out: out * 2)
     return m.eval()
 
 
-@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "old_weight_norm", "forward_hook"])
+@pytest.mark.parametrize("kind", ["spectral_norm", "forward_hook"])  # weight norm: test_weight_norm.py
 def test_modules_with_parametrizations_or_hooks_are_kept_and_say_why(kind):
     m = _hooked(kind)
     result, _ = prune_and_verify(m, torch.randn(1, 3, 12, 12), ratio=0.5)
     reason = " ".join(result.groups.barriers)
-    assert ("forward hooks" if kind in ("old_weight_norm", "forward_hook") else "parametrized") in reason
+    assert ("forward hooks" if kind == "forward_hook" else "parametrized") in reason
     assert "2" in reason
     # the module's own channels (inputs and outputs) stay; the free conv pair is pruned
     assert result.module.get_submodule("2").weight.shape[:2] == (8, 8)

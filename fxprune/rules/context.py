@@ -146,6 +146,12 @@ def get_module(root: torch.nn.Module, target: str) -> torch.nn.Module:
     return obj
 
 
+def _only_along(labels: torch.Tensor, dim: int) -> torch.Tensor:
+    """``labels`` with every dim but ``dim`` cut to its first position."""
+    index = tuple(slice(None) if d == dim else slice(0, 1) for d in range(labels.ndim))
+    return labels[index]
+
+
 class AnalysisContext:
     """The state of the channel-dependency analysis, and the API op rules use."""
 
@@ -172,6 +178,8 @@ class AnalysisContext:
         self.head_splits: list[tuple[str, torch.Tensor]] = []  # views where the policy chose
         self.gqa = "kv_groups"  # grouped-query attention: remove whole kv groups or q heads
         self.opaque_tensors: dict[int, str] = {}  # id(tensor) -> why it must not be sliced
+        # "layer.weight" of a weight-normalized layer -> ("layer", its WeightNorm)
+        self.weight_norms: dict[str, tuple[str, Any]] = {}
 
     # -- reading the graph ----------------------------------------------
     @property
@@ -314,7 +322,16 @@ class AnalysisContext:
 
     def align(self, path: str, labels: torch.Tensor, role: str) -> None:
         """Record that the tensor at ``path`` is sliced by ``labels`` (broadcastable to its
-        shape). A tensor reached twice (tied weights) has its alignments unioned."""
+        shape). A tensor reached twice (tied weights) has its alignments unioned. The
+        weight of a weight-normalized layer is computed: its ``v`` is aligned instead, and
+        its ``g`` along the dim it varies on."""
+        normed = self.weight_norms.get(path)
+        if normed is not None:
+            layer, norm = normed
+            self.align(f"{layer}.{norm.v}", labels, role)
+            if norm.dim != -1 and labels.shape[norm.dim] > 1:
+                self.align(f"{layer}.{norm.g}", _only_along(labels, norm.dim), "norm")
+            return
         t = self.tensor(path)
         if labels.ndim != t.ndim:
             raise AnalysisError(f"{self.where()}: alignment of {path} has {labels.ndim} dims, "

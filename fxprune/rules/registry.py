@@ -101,7 +101,13 @@ def lookup(node: torch.fx.Node, root: torch.nn.Module) -> Rule | None:
     if node.op == "call_method":
         return _METHODS.get(node.target)
     if node.op == "call_module":
-        return _MODULES.get(type(get_module(root, node.target)))
+        module = get_module(root, node.target)
+        cls = type(module)
+        if torch.nn.utils.parametrize.is_parametrized(module) and "forward" not in vars(cls):
+            # torch.nn.utils.parametrize subclasses the layer (same forward); which
+            # parametrizations the analysis understands is decided before any rule runs
+            cls = cls.__bases__[0]
+        return _MODULES.get(cls)
     return None
 
 
