@@ -115,7 +115,7 @@ def _opaque_module(ctx: AnalysisContext, node: torch.fx.Node) -> str | None:
         where = f"{node.target}.{name}" if name else node.target
         norm = weight_norm_of(m) if not name else None
         if norm is not None:  # weight normalization: analysed through its g and v (fxprune.weight_norm)
-            ctx.weight_norms[f"{where}.weight"] = (where, norm)
+            ctx.weight_norms[f"{where}.weight"] = (f"{where}.{norm.g}", f"{where}.{norm.v}", norm.dim)
             continue
         if torch.nn.utils.parametrize.is_parametrized(m):
             kinds = ", ".join(f"{k}: {', '.join(type(p).__name__ for p in plist)}"

@@ -139,7 +139,7 @@ def rewrite_graph(groups: ChannelGroups, kept: torch.Tensor) -> torch.fx.GraphMo
     gm = groups.gm
     rctx = RewriteContext(groups, kept)
     rebuild = _Rebuilder(gm, slice_plan(groups, rctx))
-    rctx.module_for = rebuild.module
+    rctx.module_for, rctx.tensor_for, rctx.slices = rebuild.module, rebuild.tensor, rebuild.plan
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     root: dict[str, object] = {}

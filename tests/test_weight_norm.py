@@ -92,3 +92,13 @@ def test_other_parametrizations_stay_pinned_with_the_reason():
     groups = fxprune.analyze(Net(), torch.randn(1, 3, 8, 8))
     assert not groups.prunable
     assert any("parametrized tensors" in b and "_SpectralNorm" in b for b in groups.barriers)
+
+
+@pytest.mark.parametrize("dim", [0, 2])
+def test_exported_weight_norm_prunes_exactly(dim):
+    # torch.export writes the layer as _weight_norm(v, g, dim) feeding a functional conv
+    torch.manual_seed(0)
+    model = Vocoder("parametrization", dim)
+    result, v = prune_and_verify(model, INPUTS, ratio=0.5, healthy=False, frontend="export")
+    assert result.frontend == "export" and not result.groups.barriers and v.exact_groups == 3
+    assert result.module.get_parameter("pre.parametrizations.weight.original1").shape == (16, 4, 7)

@@ -22,7 +22,8 @@ import torch
 
 from . import contract, conv, embedding, norm, pointwise, reduce, shape
 from ..labels import const_like
-from .context import weight_operand
+from ..weight_norm import fold_gain
+from .context import get_tensor, weight_operand
 from .registry import register, register_op_name, register_tag
 
 aten = torch.ops.aten
@@ -43,6 +44,27 @@ register(*_ops("layer_norm", "rms_norm"), rewrite=norm.rewrite_layer_norm)(norm.
 register(aten.group_norm, rewrite=norm.rewrite_group_norm)(norm.group_norm)
 register(*_ops("embedding", "embedding_bag", "_embedding_bag"))(embedding.embedding)
 register(aten.bilinear)(conv.bilinear)
+
+
+def weight_norm(ctx, node):
+    """``_weight_norm(v, g, dim)``, an exported weight-normalized layer: its users align
+    the weight through ``g`` and ``v`` (``AnalysisContext.align``); the value itself is
+    only known as a weight."""
+    v, g = ctx.attr_path(node.args[0]), ctx.attr_path(node.args[1])
+    if v is None or g is None:
+        raise ValueError("g and v must be parameters of the module (get_attr)")
+    ctx.weight_norms[f"<{node.name}>"] = (g, v, ctx.value(ctx.arg(2, "dim", 0)))
+    return const_like(ctx.meta(node).ndim)
+
+
+def rewrite_weight_norm(r, old, new):
+    """Fold the change of the kept norms into the rebuilt g (``fxprune.weight_norm``)."""
+    v, g = (get_tensor(r.groups.gm, a.target) for a in old.args[:2])
+    dim = old.args[2] if len(old.args) > 2 else old.kwargs.get("dim", 0)
+    fold_gain(r.tensor_for(g), v, r.tensor_for(v), (r.slices.get(id(v)) or {}).get(dim), dim)
+
+
+register(aten._weight_norm, rewrite=rewrite_weight_norm)(weight_norm)
 register(aten.glu)(pointwise.glu)
 register(*_ops("prelu", "_prelu_kernel"))(pointwise.prelu)
 

@@ -178,8 +178,9 @@ class AnalysisContext:
         self.head_splits: list[tuple[str, torch.Tensor]] = []  # views where the policy chose
         self.gqa = "kv_groups"  # grouped-query attention: remove whole kv groups or q heads
         self.opaque_tensors: dict[int, str] = {}  # id(tensor) -> why it must not be sliced
-        # "layer.weight" of a weight-normalized layer -> ("layer", its WeightNorm)
-        self.weight_norms: dict[str, tuple[str, Any]] = {}
+        # a weight-normalized weight ("layer.weight", or "<node>" for an exported
+        # _weight_norm) -> the paths of its g and v, and the dim g varies along
+        self.weight_norms: dict[str, tuple[str, str, int]] = {}
 
     # -- reading the graph ----------------------------------------------
     @property
@@ -312,12 +313,19 @@ class AnalysisContext:
 
     # -- parameters --------------------------------------------------------
     def tensor(self, path: str) -> torch.Tensor:
-        return get_tensor(self.gm, path)
+        """The tensor at ``path`` (for a weight-normalized weight, its ``v``: same shape)."""
+        normed = self.weight_norms.get(path)
+        return get_tensor(self.gm, normed[1] if normed is not None else path)
 
     def attr_path(self, x: Any) -> str | None:
-        """The attribute path when argument ``x`` is a ``get_attr`` node, else None."""
-        if isinstance(x, torch.fx.Node) and x.op == "get_attr":
-            return x.target
+        """The attribute path when argument ``x`` is a ``get_attr`` node (or the key of an
+        exported weight normalization, aligned through its g and v), else None."""
+        if isinstance(x, torch.fx.Node):
+            if x.op == "get_attr":
+                return x.target
+            key = f"<{x.name}>"
+            if key in self.weight_norms:
+                return key
         return None
 
     def align(self, path: str, labels: torch.Tensor, role: str) -> None:
@@ -327,10 +335,10 @@ class AnalysisContext:
         its ``g`` along the dim it varies on."""
         normed = self.weight_norms.get(path)
         if normed is not None:
-            layer, norm = normed
-            self.align(f"{layer}.{norm.v}", labels, role)
-            if norm.dim != -1 and labels.shape[norm.dim] > 1:
-                self.align(f"{layer}.{norm.g}", _only_along(labels, norm.dim), "norm")
+            g, v, dim = normed
+            self.align(v, labels, role)
+            if dim != -1 and labels.shape[dim] > 1:
+                self.align(g, _only_along(labels, dim), "norm")
             return
         t = self.tensor(path)
         if labels.ndim != t.ndim:
@@ -397,6 +405,8 @@ class RewriteContext:
         self.groups = groups
         self.kept = kept
         self.module_for: Any = None  # set by the rewrite: target -> the rebuilt module
+        self.tensor_for: Any = None  # ... original tensor -> its rebuilt copy
+        self.slices: dict[int, dict[int, torch.Tensor]] = {}  # ... id(tensor) -> dim -> kept
         self._kept: dict[int, tuple[torch.Tensor, Any]] = {}  # id(labels) -> (labels, answer)
 
     def module(self, old: torch.fx.Node) -> torch.nn.Module:
