@@ -17,7 +17,7 @@ from torch import nn
 from ._util import as_tuple
 from .capture import Capture
 from .channels import ChannelGroups
-from .errors import ConfigError
+from .errors import ConfigError, InputError, RewriteError
 from .meta import graph_inputs
 from .passes_base import AnalysisPass, Pass, Pipeline, PruneState, known_passes, make_pass, parse_pipeline
 
@@ -298,9 +298,36 @@ def _report(model, state: PruneState, inputs: tuple):
     channels = sum(g.size for g in groups.groups)
     g_inputs = graph_inputs(state.gm, inputs)
     before = ModelStats(count_params(model), meta_stats(state.gm, g_inputs).macs)
-    return PruneReport(before=before, after=meta_stats(state.module, g_inputs),
+    try:
+        after = meta_stats(state.module, g_inputs)
+    except InputError as exc:  # the model ran on these inputs: the pruned one must too
+        raise RewriteError(_stale_shape_message(state.module, g_inputs, exc)) from exc
+    return PruneReport(before=before, after=after,
                        channels_before=channels, channels_after=channels - plan.n_removed,
                        groups_pruned=len(plan.removed_per_group), timings=state.timings)
+
+
+def _stale_shape_message(module: torch.fx.GraphModule, inputs: tuple, exc: Exception) -> str:
+    """Which node of a pruned model fails on inputs the model itself accepted, and in
+    which module of the user's model it sits."""
+    from .capture import _NodeFailure, _MetaProp
+
+    where, failure = "", exc.__cause__ or exc
+    try:
+        with torch.no_grad():
+            _MetaProp(module).run(*inputs)
+    except _NodeFailure as node_failure:
+        failure = node_failure.exc
+        stack = node_failure.node.meta.get("nn_module_stack") or {}
+        owner = next(reversed(stack.values()), None) if stack else None
+        where = f" at node {node_failure.node.format_node()}"
+        if owner is not None:
+            where += f" (in module '{owner[0]}'); keep that module with ignore=['{owner[0]}']"
+    except Exception:
+        pass
+    return (f"the pruned model does not run on the example inputs the model accepted{where}: "
+            f"{type(failure).__name__}: {failure}. A size there did not follow the removed "
+            f"channels: this is a bug in fxprune's analysis, please report it with the model")
 
 
 __all__ = ["AnalysisPass", "Capture", "PruneResult", "analyze", "prune"]

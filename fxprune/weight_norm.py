@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _WeightNorm
+from torch.nn.utils.weight_norm import WeightNorm as _HookWeightNorm
 
 
 @dataclass(frozen=True)
@@ -31,11 +34,7 @@ class WeightNorm:
 def weight_norm_of(module: nn.Module) -> WeightNorm | None:
     """The weight normalization of ``module``'s ``weight`` when that is all that computes
     its tensors (no other parametrization, no other hook); else None."""
-    from torch.nn.utils import parametrize
-    from torch.nn.utils.parametrizations import _WeightNorm
-    from torch.nn.utils.weight_norm import WeightNorm as _HookWeightNorm
-
-    if module._forward_hooks:
+    if module._forward_hooks or not (module._forward_pre_hooks or "parametrizations" in module._modules):
         return None
     pre_hooks = list(module._forward_pre_hooks.values())
     if parametrize.is_parametrized(module):

@@ -192,3 +192,26 @@ def test_the_pipeline_pauses_the_garbage_collector_and_restores_it():
         assert not gc.isenabled()  # a collector the caller had turned off stays off
     finally:
         gc.enable()
+
+
+def test_a_pruned_model_that_does_not_run_is_an_error_naming_the_node_and_module(monkeypatch):
+    # break the rewrite on purpose: the second conv loses one input channel too many, so the
+    # pruned model fails where the model itself ran; prune must say where, not blame the inputs
+    import passes.rewrite as rewrite
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    real = rewrite.rewrite_graph
+
+    def broken(groups, kept):
+        out = real(groups, kept)
+        conv = out.get_submodule("2")
+        conv.weight = torch.nn.Parameter(conv.weight[:, :-1].detach().clone())
+        conv.in_channels -= 1
+        return out
+
+    monkeypatch.setattr(rewrite, "rewrite_graph", broken)
+    with pytest.raises(fxprune.errors.RewriteError) as info:
+        fxprune.prune(model, torch.randn(1, 3, 8, 8), ratio=0.5)
+    msg = str(info.value)
+    assert "does not run on the example inputs" in msg and "node %_2" in msg
+    assert "in module '2'" in msg and "ignore=['2']" in msg
