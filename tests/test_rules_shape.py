@@ -285,3 +285,48 @@ def test_assignment_into_part_of_the_channels_rewrites_its_bounds(frontend):
     result, _ = prune_and_verify(net, torch.randn(2, 3, 8, 8), ratio=0.5, frontend=frontend)
     assert not result.groups.barriers
     assert dict(result.module.named_parameters())["c.weight"].shape[0] == 4
+
+
+class RelativeLogits(nn.Module):
+    """Relative-position logits as bottleneck/halo attention computes them: q @ rel.T with a
+    (2W - 1, dim) table, then a pad/flatten/reshape shift from relative to absolute
+    positions that uses the table's row count as a size."""
+
+    def __init__(self, dim=16, width=8):
+        super().__init__()
+        self.q = nn.Conv2d(8, dim, 1)
+        self.rel = nn.Parameter(torch.randn(2 * width - 1, dim) * 0.2)
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x):
+        q = self.q(x).permute(0, 2, 3, 1)  # (B, H, W, dim)
+        B, H, W, _ = q.shape
+        rel_size = self.rel.shape[0]
+        logits = (q @ self.rel.transpose(-1, -2)).reshape(-1, W, rel_size)
+        flat = F.pad(F.pad(logits, [0, 1]).flatten(1), [0, rel_size - W])
+        absolute = flat.reshape(-1, W + 1, rel_size)[:, :W, W - 1:]  # (B*H, W, W)
+        return self.head(absolute.reshape(B, H, W, W).mean(1))
+
+
+@pytest.mark.parametrize("width", [8, 14], ids=["fewer-rows-than-channels", "more-rows"])
+def test_a_table_met_by_a_contraction_keeps_its_positions_and_prunes_its_channels(width):
+    # the table's rows are positions: only its columns go, with q's channels (its rows once
+    # became prunable "output features" while the product said nothing changed: a stale size)
+    import copy
+
+    torch.manual_seed(0)
+    model, x = RelativeLogits(width=width), torch.randn(2, 8, width, width)
+    result, _ = prune_and_verify(model, x, ratio=0.5)
+    assert tuple(result.module.rel.shape) == (2 * width - 1, 8) and result.module.q.out_channels == 8
+    # the group is reported inexact (the table's shape is read while its dims are undecided),
+    # so check the values here: the original with the removed q channels zeroed
+    w_new = result.module.q.weight
+    kept = [i for i in range(16) if any(torch.equal(w_new[j], model.q.weight[i]) for j in range(8))]
+    assert len(kept) == 8
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        drop = [i for i in range(16) if i not in kept]
+        ref.q.weight[drop] = 0
+        ref.q.bias[drop] = 0
+        assert torch.allclose(result.module(x), ref(x), atol=1e-5)
+        assert not torch.allclose(model(x), ref(x), atol=1e-3)  # the removed channels mattered

@@ -18,7 +18,7 @@ import string
 import torch
 import torch.nn.functional as F
 
-from ..labels import channel_dim, const_like
+from ..labels import channel_dim, const_like, normalize
 from .context import weight_operand
 from .conv import dense
 from .registry import register
@@ -39,6 +39,24 @@ def _single_class(ctx, labels: torch.Tensor) -> bool:
     return bool((roots == roots[0]).all())
 
 
+def _varying(labels: torch.Tensor) -> int:
+    return sum(1 for n in labels.shape if n > 1)
+
+
+def _settle(ctx, labels: torch.Tensor, letters: str, met: set) -> torch.Tensor:
+    """The labels of an operand that still has one per element (a parameter used by value,
+    a relative-position table ``q @ rel_k.T``), made to vary along one letter: the one
+    another operand's channels vary along (its positions there go with those channels,
+    its other dims are not channels: they are unioned), else the analysis's usual choice."""
+    dims = [d for d, c in enumerate(letters) if c in met and labels.shape[d] > 1]
+    if not dims:
+        return normalize(ctx.space, labels)
+    d = dims[0]
+    rows = labels.movedim(d, 0).reshape(labels.shape[d], -1)
+    ctx.union(rows, rows[:, :1])
+    return ctx.along(rows[:, 0].contiguous(), d, labels.ndim)
+
+
 def contract(ctx, node, operands, out_letters):
     """Relate labels of ``operands`` (list of (node, letters)) contracted into ``out_letters``.
 
@@ -54,9 +72,16 @@ def contract(ctx, node, operands, out_letters):
     for (_, letters), shape in zip(operands, metas):
         for c, n in zip(letters, shape):
             size[c] = max(size.get(c, 1), n)
+    labs = []
     for (x, letters), shape in zip(operands, metas):
         lab = ctx.labels(x)
-        lab = lab if lab is not None else const_like(len(shape))
+        labs.append(lab if lab is not None else const_like(len(shape)))
+    settled = [_varying(lab) <= 1 for lab in labs]
+    met = {_channel_letter(lab, letters) for lab, (_, letters), ok in zip(labs, operands, settled) if ok}
+    for k, ((_, letters), lab) in enumerate(zip(operands, labs)):
+        if not settled[k]:  # a free tensor met here first: see _settle
+            labs[k] = _settle(ctx, lab, letters, met)
+    for (x, letters), shape, lab in zip(operands, metas, labs):
         if channel_dim(lab) is not None and _single_class(ctx, lab):
             lab = const_like(len(shape))  # distinct labels, one class (a bias merged into CONST)
         broadcast = {c for c, n in zip(letters, shape) if n == 1 and size[c] > 1}
