@@ -185,6 +185,8 @@ def rewrite_conv(r, old, new):
         return
     pos = 6  # groups, in F.conv*d, F.conv_transpose*d and their ATen ops alike
     groups = old.args[pos] if len(old.args) > pos else old.kwargs.get("groups", 1)
+    if isinstance(groups, torch.fx.Node):
+        return  # computed in forward (x.shape[1], batch x groups): it follows the sizes it is made of
     new_groups = _new_groups(r, x, cdim, groups, c_in_old)
     if new_groups != groups:
         if len(new.args) > pos:
