@@ -103,7 +103,8 @@ def lookup(node: torch.fx.Node, root: torch.nn.Module) -> Rule | None:
     if node.op == "call_module":
         module = get_module(root, node.target)
         cls = type(module)
-        if torch.nn.utils.parametrize.is_parametrized(module) and "forward" not in vars(cls):
+        if "parametrizations" in module._modules and torch.nn.utils.parametrize.is_parametrized(module) \
+                and "forward" not in vars(cls):
             # torch.nn.utils.parametrize subclasses the layer (same forward); which
             # parametrizations the analysis understands is decided before any rule runs
             cls = cls.__bases__[0]
