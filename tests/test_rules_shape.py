@@ -330,3 +330,29 @@ def test_a_table_met_by_a_contraction_keeps_its_positions_and_prunes_its_channel
         ref.q.bias[drop] = 0
         assert torch.allclose(result.module(x), ref(x), atol=1e-5)
         assert not torch.allclose(model(x), ref(x), atol=1e-3)  # the removed channels mattered
+
+
+class FieldsOfResults(nn.Module):
+    """``.values`` of max over space (per channel: prunable) and of topk over channels
+    (which channels come first depends on all of them: kept)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 16, 3)
+        self.h = nn.Conv2d(16, 8, 1)
+        self.o = nn.Linear(16, 2)
+        self.o2 = nn.Linear(4, 2)
+
+    def forward(self, x):
+        f = F.relu(self.c(x))
+        v = f.flatten(2).max(dim=2).values
+        t = self.h(f).mean((2, 3)).topk(4, dim=1).values
+        return self.o(v) + self.o2(t)
+
+
+def test_fields_of_returned_structures_carry_their_labels():
+    # getattr(result, "values") crashed the analysis (no labels for a field of a tuple value)
+    torch.manual_seed(0)
+    result, _ = prune_and_verify(FieldsOfResults(), torch.randn(2, 3, 10, 10), ratio=0.5)
+    assert result.module.c.out_channels == 8 and result.module.h.out_channels == 8
+    assert not result.groups.barriers

@@ -111,7 +111,9 @@ _POOL_FUNCTIONS = ["max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_
                    "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
                    "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool1d",
                    "lp_pool2d", "interpolate", "upsample", "upsample_nearest", "upsample_bilinear",
-                   "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices"]
+                   "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices",
+                   "adaptive_max_pool1d_with_indices", "adaptive_max_pool2d_with_indices",
+                   "adaptive_max_pool3d_with_indices"]
 _fs = []
 for n in _POOL_FUNCTIONS:
     for owner in (F, torch):
@@ -194,6 +196,10 @@ def _feeds_only_shapes(node: torch.fx.Node, seen=None, entries: tuple[int, set] 
     return True
 
 
+# fields of torch.return_types (max, min, sort, topk, kthvalue, mode, median, cummax, ...)
+_FIELDS = {"values": 0, "indices": 1}
+
+
 def size_query(ctx, node):
     """x.size(), x.shape, x.dim(), x.numel(): no labels; using a channel count as a
     *value* (not a shape) changes results when channels go, so it marks them inexact."""
@@ -204,7 +210,15 @@ def size_query(ctx, node):
         if node.args[1] in ("T", "mT", "H", "mH"):
             from .shape import relabel
             return relabel(ctx, node)
-        return ctx.labels(x)  # .real, .imag, .data: same positions
+        if ctx.labels(x) is not None:
+            return ctx.labels(x)  # .real, .imag, .data: same positions
+        # a field of a returned structure (x.max(dim).values, topk(...).indices)
+        parts, index = ctx.tuple_labels(x), _FIELDS.get(node.args[1])
+        if parts is not None and index is not None and index < len(parts) and parts[index] is not None:
+            return parts[index]
+        ctx.barrier(f"{node.name}: attribute {node.args[1]!r} of {x.name if hasattr(x, 'name') else x} "
+                    f"is not known")
+        return ctx.const_output()
     labels = ctx.labels(x)
     if labels is None or channel_dim(labels) is None:
         return None
