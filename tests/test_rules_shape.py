@@ -356,3 +356,53 @@ def test_fields_of_returned_structures_carry_their_labels():
     result, _ = prune_and_verify(FieldsOfResults(), torch.randn(2, 3, 10, 10), ratio=0.5)
     assert result.module.c.out_channels == 8 and result.module.h.out_channels == 8
     assert not result.groups.barriers
+
+
+class SpatialTransformer(nn.Module):
+    """A spatial transformer: affine coefficients from pooled features, a sampling grid,
+    and grid_sample resampling every channel on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 16, 3, padding=1)
+        self.loc = nn.Linear(16, 6)
+        self.head = nn.Conv2d(16, 2, 3)
+
+    def forward(self, x):
+        f = F.relu(self.c(x))
+        theta = self.loc(f.mean((2, 3))).view(-1, 2, 3)
+        grid = F.affine_grid(theta, [f.shape[0], 2, f.shape[2], f.shape[3]], align_corners=False)
+        return self.head(F.grid_sample(f, grid, align_corners=False))
+
+
+@pytest.mark.parametrize("frontend", ["auto", "export"])
+def test_grid_sample_resamples_each_channel_and_keeps_the_coordinates(frontend):
+    torch.manual_seed(0)
+    model = SpatialTransformer()
+    with torch.no_grad():
+        model.loc.weight.mul_(0.05)
+        model.loc.bias.copy_(torch.tensor([1.0, 0.1, 0.0, -0.1, 1.0, 0.0]))  # near identity
+    result, v = prune_and_verify(model, torch.randn(2, 3, 10, 10), ratio=0.5, frontend=frontend)
+    assert not result.groups.barriers and v.exact_groups == 1
+    assert result.module.get_parameter("c.weight").shape[0] == 8
+    assert result.module.get_parameter("loc.weight").shape == (6, 8)  # 6 coefficients stay
+
+
+@pytest.mark.parametrize("fn", [torch.var_mean, torch.std_mean], ids=["var_mean", "std_mean"])
+def test_statistics_pairs_over_channels_are_inexact_over_space_exact(fn):
+    class Net(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.dim = dim
+            self.c, self.o = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 2, 1)
+
+        def forward(self, x):
+            f = F.relu(self.c(x))
+            s, m = fn(f, dim=self.dim, keepdim=True)
+            return self.o((f - m) / (s + 1e-3))
+
+    torch.manual_seed(0)
+    across, _ = prune_and_verify(Net(1), torch.randn(2, 3, 8, 8), ratio=0.5)
+    assert across.groups.prunable[0].exact is False
+    spatial, v = prune_and_verify(Net((2, 3)), torch.randn(2, 3, 8, 8), ratio=0.5)
+    assert spatial.groups.prunable[0].exact and v.exact_groups == 1

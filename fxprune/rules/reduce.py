@@ -123,6 +123,28 @@ for n in _POOL_FUNCTIONS:
 register(*_POOL_MODULES, *_fs)(spatial)
 
 
+def grid_sample(ctx, node):
+    """Sampling at given coordinates: each channel is resampled on its own (the grid's
+    last dim holds coordinates, never channels)."""
+    ctx.pin(ctx.labels(ctx.arg(1, "grid")), f"{node.name}: sampling coordinates")
+    return spatial(ctx, node)
+
+
+def affine_grid(ctx, node):
+    """Sampling coordinates from affine coefficients: they are not channels."""
+    ctx.pin(ctx.labels(ctx.arg(0, "theta")), f"{node.name}: affine transform coefficients")
+    return const_like(ctx.meta(node).ndim)
+
+
+_aten = torch.ops.aten
+register(F.grid_sample, *[getattr(_aten, n) for n in ("grid_sampler", "grid_sampler_2d", "grid_sampler_3d")
+                          if hasattr(_aten, n)])(grid_sample)
+register(F.affine_grid, getattr(_aten, "affine_grid_generator", None))(affine_grid)
+
+
+register(torch.var_mean, torch.std_mean)(reduce)  # two reductions over the same dims
+
+
 def pad(ctx, node):
     """Constant padding of the channel dim adds CONST channels; other dims pass through."""
     x = node.args[0] if node.args else node.kwargs["input"]
