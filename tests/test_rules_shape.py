@@ -406,3 +406,21 @@ def test_statistics_pairs_over_channels_are_inexact_over_space_exact(fn):
     assert across.groups.prunable[0].exact is False
     spatial, v = prune_and_verify(Net((2, 3)), torch.randn(2, 3, 8, 8), ratio=0.5)
     assert spatial.groups.prunable[0].exact and v.exact_groups == 1
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("dims", [(2, 3), (1, 2)], ids=["spatial", "through-channels"])
+def test_rot90_moves_labels_like_the_values(dims, frontend):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 8, 3, padding=1)
+            self.head = nn.Linear(8 * 8 * 8, 2)
+
+        def forward(self, x):
+            return self.head(torch.rot90(F.relu(self.c(x)), 1, dims).flatten(1))
+
+    torch.manual_seed(0)
+    result, v = prune_and_verify(Net(), torch.randn(2, 3, 8, 8), ratio=0.5, frontend=frontend)
+    assert not result.groups.barriers and v.exact_groups == 1
+    assert result.module.get_parameter("c.weight").shape[0] == 4

@@ -84,7 +84,7 @@ register(aten.unfold)(shape.unfold_dim)
 register(aten.im2col)(shape.im2col)
 register(aten.col2im)(shape.col2im)
 register(*_ops("cat", "concat", "stack"))(shape.cat)
-register(*_ops("flatten", "permute", "transpose", "t", "squeeze", "unsqueeze", "movedim", "flip",
+register(*_ops("flatten", "permute", "transpose", "t", "squeeze", "unsqueeze", "movedim", "flip", "rot90",
                "repeat", "repeat_interleave", "tile", "pixel_shuffle", "pixel_unshuffle",
                "numpy_T", "mT", "expand_as", "view_as", "reshape_as"))(shape.relabel)
 register(*_ops("channel_shuffle", "native_channel_shuffle"))(shape.channel_shuffle)

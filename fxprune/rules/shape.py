@@ -511,10 +511,10 @@ register("unbind", torch.unbind)(unbind)
 register("roll", torch.roll)(roll)
 
 register("flatten", "permute", "transpose", "t", "squeeze", "unsqueeze", "movedim", "moveaxis",
-         "swapaxes", "swapdims", "flip", "repeat", "repeat_interleave", "tile", "view_as",
+         "swapaxes", "swapdims", "flip", "rot90", "repeat", "repeat_interleave", "tile", "view_as",
          "reshape_as", "expand_as", "mT",
          torch.flatten, torch.permute, torch.transpose, torch.t, torch.squeeze, torch.unsqueeze,
-         torch.movedim, torch.moveaxis, torch.swapaxes, torch.swapdims, torch.flip,
+         torch.movedim, torch.moveaxis, torch.swapaxes, torch.swapdims, torch.flip, torch.rot90,
          torch.repeat_interleave, torch.tile, torch.pixel_shuffle, torch.pixel_unshuffle,
          nn.Flatten, nn.PixelShuffle, nn.PixelUnshuffle)(relabel)
 
