@@ -80,6 +80,7 @@ class _Rebuilder:
         self.plan = plan
         self.tensors: dict[int, torch.Tensor] = {}
         self.modules: dict[str, torch.nn.Module] = {}
+        self._folded: set[int] = set()
 
     def tensor(self, t: torch.Tensor) -> torch.Tensor:
         got = self.tensors.get(id(t))
@@ -107,13 +108,18 @@ class _Rebuilder:
             state["_buffers"] = {k: (None if v is None else self.tensor(v)) for k, v in old._buffers.items()}
         norm = weight_norm_of(old)
         if norm is not None:
-            v_old = get_tensor(old, norm.v)
-            kept = (self.plan.get(id(v_old)) or {}).get(norm.dim)
-            fold_gain(get_tensor(new, norm.g), v_old, get_tensor(new, norm.v), kept, norm.dim)
+            self.fold_weight_norm(get_tensor(old, norm.g), get_tensor(old, norm.v), norm.dim)
             if norm.hooked:
                 recompute_hooked_weight(new, norm)
         self.modules[target] = new
         return new
+
+    def fold_weight_norm(self, g: torch.Tensor, v: torch.Tensor, dim: int) -> None:
+        """Fold the change of the kept norms into the rebuilt ``g`` (``fxprune.weight_norm``),
+        once however many times the layer is used."""
+        if id(g) not in self._folded:
+            self._folded.add(id(g))
+            fold_gain(self.tensor(g), v, self.tensor(v), (self.plan.get(id(v)) or {}).get(dim), dim)
 
 
 def _is_number(value) -> bool:
@@ -139,7 +145,7 @@ def rewrite_graph(groups: ChannelGroups, kept: torch.Tensor) -> torch.fx.GraphMo
     gm = groups.gm
     rctx = RewriteContext(groups, kept)
     rebuild = _Rebuilder(gm, slice_plan(groups, rctx))
-    rctx.module_for, rctx.tensor_for, rctx.slices = rebuild.module, rebuild.tensor, rebuild.plan
+    rctx.module_for, rctx.fold_weight_norm = rebuild.module, rebuild.fold_weight_norm
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     root: dict[str, object] = {}

@@ -102,3 +102,23 @@ def test_exported_weight_norm_prunes_exactly(dim):
     result, v = prune_and_verify(model, INPUTS, ratio=0.5, healthy=False, frontend="export")
     assert result.frontend == "export" and not result.groups.barriers and v.exact_groups == 3
     assert result.module.get_parameter("pre.parametrizations.weight.original1").shape == (16, 4, 7)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_weight_normed_layer_used_twice_is_folded_once(frontend):
+    # export writes one _weight_norm per use: folding g at each of them shrank it twice
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv1d(4, 16, 3, padding=1)
+            self.b = parametrizations.weight_norm(nn.Conv1d(16, 16, 3, padding=1), dim=0)
+            self.out = nn.Conv1d(16, 2, 1)
+
+        def forward(self, x):
+            h = F.relu(self.b(F.relu(self.a(x))))
+            return self.out(F.relu(self.b(h)))
+
+    torch.manual_seed(0)
+    result, v = prune_and_verify(Twice(), torch.randn(2, 4, 10), ratio=0.5, healthy=False, frontend=frontend)
+    assert v.exact_groups == 1
+    assert result.module.get_parameter("b.parametrizations.weight.original1").shape == (8, 8, 3)

@@ -22,7 +22,6 @@ import torch
 
 from . import contract, conv, embedding, norm, pointwise, reduce, shape
 from ..labels import const_like
-from ..weight_norm import fold_gain
 from .context import get_tensor, weight_operand
 from .registry import register, register_op_name, register_tag
 
@@ -58,10 +57,8 @@ def weight_norm(ctx, node):
 
 
 def rewrite_weight_norm(r, old, new):
-    """Fold the change of the kept norms into the rebuilt g (``fxprune.weight_norm``)."""
     v, g = (get_tensor(r.groups.gm, a.target) for a in old.args[:2])
-    dim = old.args[2] if len(old.args) > 2 else old.kwargs.get("dim", 0)
-    fold_gain(r.tensor_for(g), v, r.tensor_for(v), (r.slices.get(id(v)) or {}).get(dim), dim)
+    r.fold_weight_norm(g, v, old.args[2] if len(old.args) > 2 else old.kwargs.get("dim", 0))
 
 
 register(aten._weight_norm, rewrite=rewrite_weight_norm)(weight_norm)

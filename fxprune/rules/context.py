@@ -405,8 +405,7 @@ class RewriteContext:
         self.groups = groups
         self.kept = kept
         self.module_for: Any = None  # set by the rewrite: target -> the rebuilt module
-        self.tensor_for: Any = None  # ... original tensor -> its rebuilt copy
-        self.slices: dict[int, dict[int, torch.Tensor]] = {}  # ... id(tensor) -> dim -> kept
+        self.fold_weight_norm: Any = None  # ... (g, v, dim) of a weight norm: see fxprune.weight_norm
         self._kept: dict[int, tuple[torch.Tensor, Any]] = {}  # id(labels) -> (labels, answer)
 
     def module(self, old: torch.fx.Node) -> torch.nn.Module:
