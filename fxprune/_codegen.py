@@ -206,11 +206,10 @@ def _weight_normed(w: _Writer, module: torch.nn.Module, path: str, seen: dict) -
         return False
     base = type(module).__bases__[0] if not norm.hooked else type(module)
     plain = base.__new__(base)
-    plain.__dict__.update({k: a for k, a in vars(module).items() if k not in ("weight", "_modules")})
     direction = module.get_parameter(norm.v)  # the plain layer's weight has its shape
-    plain.__dict__.update(_modules={}, _forward_pre_hooks={},
-                          _parameters={"weight": direction, **{k: t for k, t in module._parameters.items()
-                                                       if k not in ("weight_g", "weight_v")}})
+    own = {k: t for k, t in module._parameters.items() if k not in ("weight_g", "weight_v")}
+    plain.__dict__.update({k: a for k, a in vars(module).items() if k != "weight"},
+                          _modules={}, _forward_pre_hooks={}, _parameters={"weight": direction, **own})
     _check_module(plain, path)
     expr = w.constructor(plain) or w.generic(plain, path)
     wrap = parametrizations.weight_norm if not norm.hooked else torch.nn.utils.weight_norm

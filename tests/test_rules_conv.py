@@ -94,19 +94,24 @@ def test_depthwise_groups_follow_channels():
     assert dw.groups == dw.in_channels == dw.out_channels == 6
 
 
+class FunctionalDepthwise(nn.Module):
+    """A functional depthwise conv, its group count a constant or read from the input's shape."""
+
+    def __init__(self, c, by_shape=False):
+        super().__init__()
+        self.c, self.by_shape = c, by_shape
+        self.pw = nn.Conv2d(3, c, 1)
+        self.w = nn.Parameter(torch.randn(c, 1, 3, 3))
+        self.head = nn.Conv2d(c, 2, 1)
+
+    def forward(self, x):
+        y = F.relu(self.pw(x))
+        return self.head(F.relu(F.conv2d(y, self.w, None, 1, 1, 1, y.shape[1] if self.by_shape else self.c)))
+
+
 def test_functional_depthwise_groups_argument_is_rewritten():
-    class DW(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.pw = nn.Conv2d(3, 8, 1)
-            self.w = nn.Parameter(torch.randn(8, 1, 3, 3))
-            self.head = nn.Conv2d(8, 2, 1)
-
-        def forward(self, x):
-            return self.head(F.relu(F.conv2d(F.relu(self.pw(x)), self.w, None, 1, 1, 1, 8)))
-
     torch.manual_seed(0)
-    result, _ = prune_and_verify(DW(), torch.randn(2, 3, 6, 6), ratio=0.5)
+    result, _ = prune_and_verify(FunctionalDepthwise(8), torch.randn(2, 3, 6, 6), ratio=0.5)
     assert "groups = 4" in result.module.code or ", 4)" in result.module.code
     assert result.module.w.shape == (4, 1, 3, 3)
 
@@ -264,26 +269,12 @@ def test_unbatched_conv_input_prunes_exactly():
     assert result.module.get_submodule("0").out_channels == 4
 
 
-class DepthwiseByShape(nn.Module):
-    """A functional depthwise conv whose group count is read from the input's shape."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 16, 1)
-        self.w = nn.Parameter(torch.randn(16, 1, 3, 3))
-        self.b = nn.Conv2d(16, 4, 1)
-
-    def forward(self, x):
-        y = F.relu(self.a(x))
-        return self.b(F.conv2d(y, self.w, padding=1, groups=y.shape[1]))
-
-
 def test_group_count_computed_in_forward_follows_the_channels():
     # the rewrite compared the group count with ints; computed, it is a graph node
     import copy
 
     torch.manual_seed(0)
-    model, x = DepthwiseByShape(), torch.randn(2, 3, 8, 8)
+    model, x = FunctionalDepthwise(16, by_shape=True), torch.randn(2, 3, 8, 8)
     result, _ = prune_and_verify(model, x, ratio=0.5)
     assert tuple(result.module.w.shape) == (8, 1, 3, 3)
     # the group's channel count is used as a value, so it is reported inexact: check the
@@ -292,7 +283,7 @@ def test_group_count_computed_in_forward_follows_the_channels():
     ref = copy.deepcopy(model)
     with torch.no_grad():
         drop = [i for i in range(16) if i not in kept]
-        ref.a.weight[drop] = 0
-        ref.a.bias[drop] = 0
+        ref.pw.weight[drop] = 0
+        ref.pw.bias[drop] = 0
         assert len(kept) == 8 and torch.allclose(result.module(x), ref(x), atol=1e-5)
         assert not torch.allclose(model(x), ref(x), atol=1e-3)

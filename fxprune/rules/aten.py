@@ -62,6 +62,8 @@ def rewrite_weight_norm(r, old, new):
 
 
 register(aten._weight_norm, rewrite=rewrite_weight_norm)(weight_norm)
+register(*_ops("grid_sampler", "grid_sampler_2d", "grid_sampler_3d"))(reduce.grid_sample)
+register(getattr(aten, "affine_grid_generator", None))(reduce.affine_grid)
 register(aten.glu)(pointwise.glu)
 register(*_ops("prelu", "_prelu_kernel"))(pointwise.prelu)
 

@@ -1,6 +1,7 @@
-"""Embedding lookups (and bags of them, summed, averaged or maxed per bag): the embedding dim is a fresh channel source (the weight's
-columns). A weight tied to an output projection is the same tensor: its
-alignments are unioned, so both uses prune together."""
+"""Embedding lookups (and bags of them, summed, averaged or maxed per bag): the
+embedding dim is a fresh channel source (the weight's columns). A weight tied to an
+output projection is the same tensor: its alignments are unioned, so both uses prune
+together."""
 
 from __future__ import annotations
 

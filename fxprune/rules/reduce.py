@@ -136,10 +136,8 @@ def affine_grid(ctx, node):
     return const_like(ctx.meta(node).ndim)
 
 
-_aten = torch.ops.aten
-register(F.grid_sample, *[getattr(_aten, n) for n in ("grid_sampler", "grid_sampler_2d", "grid_sampler_3d")
-                          if hasattr(_aten, n)])(grid_sample)
-register(F.affine_grid, getattr(_aten, "affine_grid_generator", None))(affine_grid)
+register(F.grid_sample)(grid_sample)
+register(F.affine_grid)(affine_grid)
 
 
 register(torch.var_mean, torch.std_mean)(reduce)  # two reductions over the same dims
