@@ -68,7 +68,9 @@ def test_weight_normed_layers_prune_exactly(style, dim):
 @pytest.mark.parametrize("style", STYLES)
 def test_weight_normed_result_saves_and_loads_bit_exact(style, tmp_path):
     torch.manual_seed(0)
-    result = fxprune.prune(Vocoder(style, 0).eval(), INPUTS, ratio=0.5)
+    model = Vocoder(style, 0).eval()
+    result = fxprune.prune(model, INPUTS, ratio=0.5)
+    assert fxprune.verify(model, result, INPUTS).max_rel_err < 1e-4
     fxprune.save(result, tmp_path / "pruned")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
