@@ -59,6 +59,9 @@ def _policy(policy: str) -> str:
 
 def _names(model: nn.Module, items: Iterable, option: str) -> tuple[str, ...]:
     """Module objects or qualified names to qualified names, checked against ``model``."""
+    items = tuple(items)
+    if not items:
+        return ()
     by_id = {id(m): n for n, m in model.named_modules()}
     by_id.update({id(p): n for n, p in model.named_parameters()})
     known = set(by_id.values())
