@@ -183,6 +183,16 @@ def concat_tagged(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     return torch.cat([t.reshape(-1) for t in tensors]), tag
 
 
+def unique_runs(values: torch.Tensor) -> torch.Tensor:
+    """``torch.unique`` of a vector that is mostly runs of one value (labels numbered
+    together, a concatenation's parts): only the first value of each run is sorted."""
+    if values.numel() < 2:
+        return torch.unique(values)
+    starts = torch.ones_like(values, dtype=torch.bool)
+    torch.ne(values[1:], values[:-1], out=starts[1:])
+    return torch.unique(values[starts])
+
+
 def const_like(ndim: int) -> torch.Tensor:
     """A label tensor of ``ndim`` dims, all CONST."""
     return torch.full((1,) * ndim, CONST, dtype=torch.int64)

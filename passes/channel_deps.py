@@ -19,7 +19,7 @@ from fxprune import rules  # noqa: F401  (fills the registry)
 from fxprune.channels import Alignment, ChannelGroup, ChannelGroups, Member
 from fxprune.errors import AnalysisError
 from fxprune.errors import ConfigError
-from fxprune.labels import CONST, LabelSpace, concat_tagged, label_tensors, normalize
+from fxprune.labels import CONST, LabelSpace, concat_tagged, label_tensors, normalize, unique_runs
 from fxprune.meta import TensorMeta, get_meta, has_meta
 from fxprune.passes_base import AnalysisPass, PruneState, register_pass
 from fxprune.rules.context import AnalysisContext
@@ -246,7 +246,7 @@ def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inex
             members.setdefault(gid - 1, []).append(Member(a.path, a.dim, a.role))
     sources: dict[int, list[str]] = {}
     n_fam = len(space.families)
-    keys = torch.unique((group_of_class[class_of] + 1) * n_fam + fam)  # one key per (group, family)
+    keys = unique_runs((group_of_class[class_of] + 1) * n_fam + fam)  # one key per (group, family)
     for key in keys.tolist():
         gid, f = key // n_fam - 1, key % n_fam
         if gid >= 0 and f != 0:
@@ -294,7 +294,7 @@ def _tagged_distinct(labels: list[torch.Tensor], table: torch.Tensor, bound: int
     keys = [single * bound + lo[single]]
     mixed = (lo != hi)[tag]
     if bool(mixed.any()):
-        keys.append(torch.unique(tag[mixed] * bound + value[mixed]))
+        keys.append(unique_runs(tag[mixed] * bound + value[mixed]))  # a concat's parts: runs
     return torch.sort(torch.cat(keys)).values
 
 
