@@ -172,6 +172,10 @@ class _Tracer(torch.fx.Tracer):
     def proxy(self, node):
         return _Proxy(node, self)
 
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, (), {}, name, type_expr)
+        return _set_args(node, args, kwargs)
+
     def create_arg(self, a):
         # the common exact types first: torch.fx's own fast path is keyed on its Proxy
         # class (ours is a subclass), and its Tracer tests every argument against
@@ -722,6 +726,25 @@ def _export(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
     return gm
 
 
+def _set_args(node: torch.fx.Node, args: tuple, kwargs: dict) -> torch.fx.Node:
+    """Give a node made without arguments its arguments. ``Graph.create_node`` walks every
+    argument with pytree to warn about symbolic ints, a third of its cost; captured
+    shapes are concrete, so fxprune creates nodes bare and sets the arguments after."""
+    if args:
+        node.args = args
+    if kwargs:
+        node.kwargs = kwargs
+    return node
+
+
+def copy_node(graph: torch.fx.Graph, node: torch.fx.Node, arg_transform) -> torch.fx.Node:
+    """``graph.node_copy(node, arg_transform)`` without that walk (:func:`_set_args`)."""
+    new = graph.create_node(node.op, node.target, (), {}, node.name, node.type)
+    new.meta = copy.copy(node.meta)
+    return _set_args(new, torch.fx.node.map_arg(node.args, arg_transform),
+                     torch.fx.node.map_arg(node.kwargs, arg_transform))
+
+
 def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     new = torch.fx.Graph()
     out = new.graph_copy(graph, {})
@@ -786,7 +809,7 @@ def _inline_body(graph: torch.fx.Graph, body: torch.fx.GraphModule, prefix: str,
         elif n.op == "output":
             outs = torch.fx.node.map_arg(n.args[0], lambda a: env[a])
         else:
-            new = env[n] = graph.node_copy(n, lambda a: env[a])
+            new = env[n] = copy_node(graph, n, lambda a: env[a])
             if n.op in ("get_attr", "call_module"):
                 new.target = f"{prefix}.{n.target}"
     copied = [v for k, v in env.items() if k.op != "placeholder"]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from fxprune.capture import copy_node
 from fxprune.channels import ChannelGroups
 from fxprune.errors import RewriteError
 from fxprune.labels import label_tensors
@@ -150,7 +151,7 @@ def rewrite_graph(groups: ChannelGroups, kept: torch.Tensor) -> torch.fx.GraphMo
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     root: dict[str, object] = {}
     for old in gm.graph.nodes:
-        new = graph.node_copy(old, lambda n: env[n])
+        new = copy_node(graph, old, lambda n: env[n])
         new.meta.pop(META_KEY, None)
         env[old] = new
         if old.op == "call_module":
