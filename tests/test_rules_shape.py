@@ -424,3 +424,88 @@ def test_rot90_moves_labels_like_the_values(dims, frontend):
     result, v = prune_and_verify(Net(), torch.randn(2, 3, 8, 8), ratio=0.5, frontend=frontend)
     assert not result.groups.barriers and v.exact_groups == 1
     assert result.module.get_parameter("c.weight").shape[0] == 4
+
+
+class TopKTokens(nn.Module):
+    """Token selection (EViT-style): scores from the input tokens, top-k indices, and
+    the kept tokens' features gathered with an index expanded across the channels."""
+
+    def __init__(self, size_from):
+        super().__init__()
+        self.size_from = size_from
+        self.proj, self.score = nn.Linear(6, 16), nn.Linear(6, 1)
+        self.mlp, self.head = nn.Linear(16, 16), nn.Linear(16, 2)
+
+    def forward(self, tokens):
+        h = F.gelu(self.proj(tokens))
+        idx = self.score(tokens).squeeze(-1).topk(4, dim=1).indices
+        c = {"shape": h.shape[-1], "literal": 16, "minus_one": -1}[self.size_from]
+        if self.size_from == "minus_one":
+            index = idx.unsqueeze(-1).expand_as(h[:, :4])
+        else:
+            index = idx.unsqueeze(-1).expand(-1, -1, c)
+        kept = torch.gather(h, 1, index)
+        return self.head(F.relu(self.mlp(kept)).mean(1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("size_from", ["shape", "literal", "minus_one"])
+def test_gather_of_tokens_keeps_the_channels_prunable(size_from, frontend):
+    torch.manual_seed(0)
+    result, v = prune_and_verify(TopKTokens(size_from), torch.randn(2, 10, 6), ratio=0.5, frontend=frontend)
+    assert not result.groups.barriers
+    assert result.module.get_parameter("proj.weight").shape == (8, 6)
+    assert result.module.get_parameter("mlp.weight").shape == (8, 8)
+    assert v.exact_groups == 2
+
+
+class NeighbourFeatures(nn.Module):
+    """Point features gathered at k neighbours (DGCNN-style): take_along_dim with an index
+    broadcast over the channels, and index_select of fixed anchor points."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.c = nn.Conv1d(3, 16, 1)
+        self.e = nn.Conv2d(16, 8, 1)
+        self.register_buffer("anchors", torch.tensor([0, 3, 5]))
+
+    def forward(self, pts):
+        f = F.relu(self.c(pts))                                 # (B, C, N)
+        if self.op == "index_select":
+            return self.e(f.index_select(2, self.anchors).unsqueeze(-1)).amax((2, 3))
+        d = torch.cdist(pts.transpose(1, 2), pts.transpose(1, 2))  # (B, N, N)
+        idx = d.topk(3, dim=-1, largest=False).indices          # (B, N, k)
+        idx = idx.reshape(pts.shape[0], 1, -1)                  # (B, 1, N * k)
+        g = torch.take_along_dim(f, idx, dim=2).view(f.shape[0], f.shape[1], -1, 3)
+        return self.e(g - f.unsqueeze(-1)).amax((2, 3))
+
+
+@pytest.mark.parametrize("op", ["take_along_dim", "index_select"])
+def test_take_along_dim_and_index_select_over_points_keep_the_channels(op):
+    torch.manual_seed(0)
+    result, v = prune_and_verify(NeighbourFeatures(op), torch.randn(2, 3, 12), ratio=0.5)
+    assert not result.groups.barriers and v.exact_groups == 1
+    assert result.module.get_parameter("c.weight").shape[0] == 8
+
+
+def test_gather_along_channels_or_with_a_constant_index_pins_with_the_reason():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv1d(3, 8, 1), nn.Conv1d(3, 8, 1)
+            self.head = nn.Conv1d(8, 2, 1)
+            self.register_buffer("perm", torch.arange(8).flip(0).view(1, 8, 1).repeat(1, 1, 5))
+
+        def forward(self, x):
+            a = torch.gather(F.relu(self.a(x)), 1, self.perm.expand(x.shape[0], -1, -1))
+            b = torch.gather(F.relu(self.b(x)), 2, self.perm.expand(x.shape[0], -1, -1) % 5)
+            return self.head(a + b)
+
+    torch.manual_seed(0)
+    result, _ = prune_and_verify(Net(), torch.randn(2, 3, 5), ratio=0.5, expect_removed=False)
+    reasons = [r for g in result.groups.groups for r in g.pinned_reasons]
+    assert any("gather along a channel dim" in r for r in reasons)
+    assert any("size of its own" in r for r in reasons)
+    assert result.module.get_parameter("a.weight").shape[0] == 8
+    assert result.module.get_parameter("b.weight").shape[0] == 8

@@ -247,6 +247,8 @@ def aten_index(ctx, node):
 
 
 register(aten.index)(aten_index)
+register(aten.gather, aten.take_along_dim, rewrite=shape.rewrite_gather)(shape.gather)
+register(aten.index_select)(shape.index_select)
 
 
 

@@ -177,11 +177,7 @@ def gather_labels(ctx, node, x, entries, *, aten_list: bool = False):
             meta = ctx.meta(e)
             if meta.dtype == torch.bool:
                 raise ValueError("boolean mask indexing is not analysed")
-            if labels.shape[d] > 1:
-                if channel_dim(labels) == d and ctx.labels(x) is not None and not _is_free(ctx, x):
-                    ctx.pin(labels, f"{node.name}: tensor index into a channel dim")
-                ctx.union(labels.movedim(d, 0), labels.movedim(d, 0)[:1])
-                labels = labels.narrow(d, 0, 1)
+            labels = _picked_by_data(ctx, node, x, labels, d, "tensor index into a channel dim")
             probe.append(torch.zeros(meta.shape, dtype=torch.int64))
         elif e is None or e is Ellipsis or (isinstance(e, slice) and e == slice(None)):
             probe.append(e)
@@ -190,6 +186,106 @@ def gather_labels(ctx, node, x, entries, *, aten_list: bool = False):
     if aten_list:
         return torch.ops.aten.index.Tensor(labels, probe)
     return labels[tuple(probe)]
+
+
+def _picked_by_data(ctx, node, x, labels, d, why):
+    """``labels`` of ``x`` made one class along dim ``d``, whose positions an index tensor
+    picks (which ones is data); a channel dim there is pinned with ``why``."""
+    if labels.shape[d] > 1:
+        if channel_dim(labels) == d and ctx.labels(x) is not None and not _is_free(ctx, x):
+            ctx.pin(labels, f"{node.name}: {why}")
+        ctx.union(labels.movedim(d, 0), labels.movedim(d, 0)[:1])
+        labels = labels.narrow(d, 0, 1)
+    return labels
+
+
+def _gather_args(node):
+    """(input, index, dim) of gather / take_along_dim (whose dim comes last, None: flat)."""
+    def arg(i, name, default=None):
+        return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+    if _op_name(node) == "take_along_dim":
+        return arg(0, "input"), arg(1, "indices"), arg(2, "dim")
+    return arg(0, "input"), arg(2, "index"), arg(1, "dim")
+
+
+def _copied_dims(index) -> list[int]:
+    """Dims along which ``index`` is a broadcast copy of a size-1 dim (``idx.expand(-1, C,
+    -1)``, expand_as, broadcast_to): its values do not change along them, so any prefix of
+    it there is the same index."""
+    from ..meta import tensor_meta
+
+    if not isinstance(index, torch.fx.Node) or _op_name(index) not in ("expand", "expand_as", "broadcast_to"):
+        return []
+    src, out = tensor_meta(index.args[0]), tensor_meta(index)
+    if src is None or out is None:
+        return []
+    ins = (1,) * (len(out.shape) - len(src.shape)) + tuple(src.shape)
+    return [k for k, (a, b) in enumerate(zip(ins, out.shape)) if a == 1 and b > 1]
+
+
+def gather(ctx, node):
+    """``torch.gather(x, dim, index)`` and ``take_along_dim``: ``out[.., i, ..] = x[..,
+    index[.., i, ..], ..]``. Along ``dim`` the positions are data (one class; a channel dim
+    there is pinned); along the other dims output position i is x's position i, so x's
+    channels go through (tokens kept by a top-k, neighbours gathered by k-NN). Where the
+    index spans those channels it must be a broadcast copy (``idx.expand(-1, C, -1)``:
+    the rewrite narrows it to the kept count); an index of its own size there pins them."""
+    x, index, dim = _gather_args(node)
+    dim = ctx.value(dim)
+    shape = ctx.meta(x).shape
+    labels = ctx.labels(x) if ctx.labels(x) is not None else const_like(len(shape))
+    if dim is None:  # take_along_dim over the flattened input
+        for d in range(len(shape)):
+            labels = _picked_by_data(ctx, node, x, labels, d, "take_along_dim over the flattened channels")
+        return const_like(ctx.meta(node).ndim)
+    d = dim % len(shape)
+    labels = _picked_by_data(ctx, node, x, labels, d, "gather along a channel dim")
+    index_shape = ctx.meta(index).shape
+    copied = _copied_dims(index)
+    for k in range(len(shape)):
+        if k == d or labels.shape[k] == 1 or index_shape[k] == 1 and _op_name(node) == "take_along_dim":
+            continue  # take_along_dim broadcasts the index; gather does not
+        if index_shape[k] != shape[k]:
+            labels = _picked_by_data(ctx, node, x, labels, k, "gather reads part of a channel dim")
+        elif k not in copied:
+            labels = _picked_by_data(ctx, node, x, labels, k, "gather index spans the channels with a "
+                                                             "size of its own, which would not follow them")
+    return labels
+
+
+def rewrite_gather(r, old, new):
+    """Narrow a broadcast-copied index to the kept count of the channels it spans."""
+    x, index, _ = _gather_args(old)
+    dims = [k for k in _copied_dims(index) if r.old_shape(x)[k] != r.new_shape(x)[k]]
+    if not dims:
+        return
+    pos = 1 if _op_name(old) == "take_along_dim" else 2
+    by_name = len(old.args) <= pos
+    value = new.kwargs["indices" if pos == 1 else "index"] if by_name else new.args[pos]
+    with new.graph.inserting_before(new):
+        for k in dims:
+            value = new.graph.call_method("narrow", (value, k, 0, r.new_shape(x)[k]))
+    if by_name:
+        new.kwargs = {**new.kwargs, ("indices" if pos == 1 else "index"): value}
+    else:
+        new.args = (*new.args[:pos], value, *new.args[pos + 1:])
+
+
+register(torch.gather, "gather", torch.take_along_dim, "take_along_dim", rewrite=rewrite_gather)(gather)
+
+
+def index_select(ctx, node):
+    """``x.index_select(dim, index)``: the positions along ``dim`` are data (one class; a
+    channel dim there is pinned); the other dims keep their labels."""
+    x = node.args[0]
+    shape = ctx.meta(x).shape
+    labels = ctx.labels(x) if ctx.labels(x) is not None else const_like(len(shape))
+    d = ctx.value(ctx.arg(1, "dim")) % len(shape)
+    return _picked_by_data(ctx, node, x, labels, d, "index_select along a channel dim")
+
+
+register(torch.index_select, "index_select")(index_select)
 
 
 def _is_free(ctx, x) -> bool:
