@@ -135,3 +135,37 @@ def test_einsum_contractions_are_zeroed_in_every_operand(net, shape, seed):
     result, v = prune_and_verify(model, x, ratio=0.5,
                                  pipeline=f"channel-deps,score-random{{seed={seed}}},select{{ratio=0.5}},rewrite")
     assert v.exact_groups > 0 and not result.groups.barriers
+
+
+class SDPAGroupedQuery(nn.Module):
+    """Grouped-query attention left to SDPA (``enable_gqa=True``): 4 query heads, 2 kv
+    heads, head_dim 4; no repeat_kv in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+        self.o, self.head = nn.Linear(16, 16), nn.Linear(16, 2)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 4, 4).transpose(1, 2)
+        k = self.k(x).view(b, t, 2, 4).transpose(1, 2)
+        v = self.v(x).view(b, t, 2, 4).transpose(1, 2)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.head(self.o(a.transpose(1, 2).reshape(b, t, 16)).mean(1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("policy, gqa, q_out, kv_out", [
+    ("head_dim", "kv_groups", 8, 4),  # 4 and 2 heads of head_dim 2
+    ("heads", "kv_groups", 8, 4),     # one kv head with its two query heads
+    ("heads", "q_heads", 8, 8),       # both kv heads, one query head each
+])
+def test_sdpa_enable_gqa_keeps_query_heads_per_kv_head(policy, gqa, q_out, kv_out, frontend):
+    torch.manual_seed(0)
+    result, v = prune_and_verify(SDPAGroupedQuery(), torch.randn(2, 5, 16), ratio=0.5, policy=policy,
+                                 gqa=gqa, frontend=frontend)
+    assert not result.groups.barriers and v.exact_groups >= 2
+    m = result.module
+    assert m.get_parameter("q.weight").shape[0] == q_out
+    assert m.get_parameter("k.weight").shape[0] == m.get_parameter("v.weight").shape[0] == kv_out

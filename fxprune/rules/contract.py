@@ -203,14 +203,44 @@ def sdpa(ctx, node):
         return batch[len(batch) - (n - 2):] + tail
 
     mask = ctx.arg(3, "attn_mask")
-    operands = [(q, letters(q, "LE")), (k, letters(k, "SE")), (v, letters(v, "SV"))]
+    kv_letters = letters(k, "SE"), letters(v, "SV")
+    if nq >= 3 and ctx.meta(k).ndim == nq and ctx.meta(k).shape[-3] not in (1, ctx.meta(q).shape[-3]):
+        _group_query_heads(ctx, node, q, k, v)
+        # kv heads get a letter of their own: query head h meets kv head h // rep, which
+        # _group_query_heads has coupled; the contraction pairs the rest
+        kv_letters = tuple(t[:-3] + "G" + t[-2:] for t in kv_letters)
+    operands = [(q, letters(q, "LE")), (k, kv_letters[0]), (v, kv_letters[1])]
     if ctx.is_tensor(mask):
         _couple_mask(ctx, node, q, letters(q, "LE"), mask, letters(mask, "LS"))
-    if ctx.meta(k).shape[-3:-2] != ctx.meta(q).shape[-3:-2] and nq >= 3 and \
-            ctx.meta(k).ndim == nq and ctx.meta(k).shape[-3] not in (1, ctx.meta(q).shape[-3]):
-        raise ValueError("grouped-query SDPA (enable_gqa) is not analysed; repeat k/v heads first")
     ctx.consume(0)
     return contract(ctx, node, operands, batch + "LV")
+
+
+def _group_query_heads(ctx, node, q, k, v):
+    """Grouped-query SDPA (``enable_gqa=True``): query head h attends with kv head
+    ``h // rep``. Where the heads are the channels, a kv head goes with its query heads
+    (``gqa="kv_groups"``), or the kv heads stay and every group loses the same query
+    heads (``gqa="q_heads"``); head_dim channels pair as in any attention."""
+    hq, hkv = ctx.meta(q).shape[-3], ctx.meta(k).shape[-3]
+    if hq % hkv:
+        raise ValueError(f"grouped-query SDPA with {hq} query heads and {hkv} kv heads")
+    labs = [ctx.labels(t) if ctx.labels(t) is not None else const_like(ctx.meta(t).ndim) for t in (q, k, v)]
+    on_heads = [channel_dim(l) == l.ndim - 3 for l in labs]
+    if not any(on_heads):
+        return
+    if not all(on_heads):
+        for l in labs:
+            ctx.pin(l, f"{node.name}: grouped-query attention whose query and kv heads are not all channels")
+        return
+    groups = _vector(labs[0]).reshape(hkv, hq // hkv)
+    for kv in labs[1:]:
+        if ctx.gqa == "q_heads":
+            heads = _vector(kv)
+            ctx.union(heads, heads[:1])
+        else:
+            ctx.union(groups, _vector(kv).reshape(hkv, 1))
+    if ctx.gqa == "q_heads":
+        ctx.union(groups, groups[:1])
 
 
 def _couple_mask(ctx, node, q, q_letters, mask, mask_letters):
