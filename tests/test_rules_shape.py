@@ -509,3 +509,56 @@ def test_gather_along_channels_or_with_a_constant_index_pins_with_the_reason():
     assert any("size of its own" in r for r in reasons)
     assert result.module.get_parameter("a.weight").shape[0] == 8
     assert result.module.get_parameter("b.weight").shape[0] == 8
+
+
+class MessagePassing(nn.Module):
+    """One graph-convolution step: node features gathered along edges, transformed, and
+    summed (or maxed) into the destination nodes."""
+
+    def __init__(self, agg):
+        super().__init__()
+        self.agg = agg
+        self.enc, self.msg, self.out = nn.Linear(5, 16), nn.Linear(16, 16), nn.Linear(16, 2)
+        self.register_buffer("src", torch.tensor([0, 1, 2, 3, 4, 5, 1, 2]))
+        self.register_buffer("dst", torch.tensor([1, 2, 3, 4, 5, 0, 0, 4]))
+
+    def forward(self, x):
+        h = F.relu(self.enc(x))
+        m = self.msg(h[self.src])
+        if self.agg == "index_add":
+            a = torch.zeros_like(h).index_add_(0, self.dst, m)
+        elif self.agg == "scatter_add":
+            a = torch.zeros_like(h).scatter_add(0, self.dst.unsqueeze(-1).expand_as(m), m)
+        else:  # an index expanded to a literal width, as hand-written GNN code does
+            index = self.dst.unsqueeze(-1).expand(-1, 16)
+            zeros = h.new_zeros(h.shape) if self.agg == "new_zeros" else torch.zeros_like(h)
+            a = zeros.scatter_reduce(0, index, m, "amax", include_self=False)
+        return self.out(F.relu(h + a)).mean(0)
+
+
+@pytest.mark.parametrize("agg, frontend", [
+    (agg, frontend) for agg in ("index_add", "scatter_add", "scatter_reduce") for frontend in ("fx", "export")
+] + [("new_zeros", "fx")])  # export writes h.new_zeros(h.shape) with a literal width: kept, pinned
+def test_scatter_into_nodes_keeps_the_feature_channels(agg, frontend):
+    torch.manual_seed(0)
+    result, v = prune_and_verify(MessagePassing(agg), torch.randn(6, 5), ratio=0.5, frontend=frontend)
+    assert not result.groups.barriers and v.exact_groups == 1
+    assert result.module.get_parameter("enc.weight").shape == (8, 5)
+    assert result.module.get_parameter("msg.weight").shape == (8, 8)
+
+
+def test_scatter_along_channels_pins_them_with_the_reason():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
+            self.register_buffer("slot", torch.tensor([[3, 1, 0, 2, 7, 6, 5, 4]]))
+
+        def forward(self, x):
+            h = F.relu(self.a(x))
+            return self.head(torch.zeros_like(h).scatter(1, self.slot.expand(x.shape[0], -1), h))
+
+    torch.manual_seed(0)
+    result, _ = prune_and_verify(Net(), torch.randn(3, 4), ratio=0.5, expect_removed=False)
+    assert any("scatter along a channel dim" in r for g in result.groups.groups for r in g.pinned_reasons)
+    assert result.module.get_parameter("a.weight").shape[0] == 8

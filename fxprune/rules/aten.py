@@ -233,8 +233,23 @@ register(aten.topk, torch.topk, "topk")(topk)
 
 # -- values that do not depend on the input's values ------------------------------------
 def fresh_constant(ctx, node):
-    """``x.new_zeros(size)`` and friends: a constant made with ``x``'s dtype and device."""
+    """``x.new_zeros(size)`` and friends: a constant made with ``x``'s dtype and device.
+    Made at another tensor's shape read in forward (``h.new_zeros(h.shape)``), it has
+    that tensor's positions, as ``zeros_like(h)`` does."""
+    size = node.args[1] if len(node.args) == 2 else node.kwargs.get("size")
+    of = _shape_read(size)
+    if of is not None and ctx.labels(of) is not None and ctx.meta(of).shape == ctx.meta(node).shape:
+        return ctx.labels(of)
     return ctx.const_output()
+
+
+def _shape_read(size):
+    """The tensor whose whole shape ``size`` is (``t.shape``, ``t.size()``), else None."""
+    if not isinstance(size, torch.fx.Node) or not size.args:
+        return None
+    whole = (size.op == "call_function" and size.target is getattr and size.args[1:] == ("shape",)) or \
+        (size.op == "call_method" and size.target == "size" and len(size.args) == 1 and not size.kwargs)
+    return size.args[0] if whole else None
 
 
 register(*_ops("new_zeros", "new_ones", "new_empty", "new_full", "scalar_tensor"),
@@ -249,6 +264,8 @@ def aten_index(ctx, node):
 register(aten.index)(aten_index)
 register(aten.gather, aten.take_along_dim, rewrite=shape.rewrite_gather)(shape.gather)
 register(aten.index_select)(shape.index_select)
+register(aten.scatter, aten.scatter_add, aten.scatter_reduce, aten.index_add, aten.index_copy, aten.index_reduce,
+         rewrite=shape.rewrite_scatter)(shape.scatter)
 
 
 

@@ -255,24 +255,85 @@ def gather(ctx, node):
 
 
 def rewrite_gather(r, old, new):
-    """Narrow a broadcast-copied index to the kept count of the channels it spans."""
-    x, index, _ = _gather_args(old)
+    x = _gather_args(old)[0]
+    _narrow_index(r, old, new, x, (1, "indices") if _op_name(old) == "take_along_dim" else (2, "index"))
+
+
+def _narrow_index(r, old, new, x, arg):
+    """Narrow a broadcast-copied index (argument ``arg``: position, name) to the kept
+    count of the channels of ``x`` it spans."""
+    pos, name = arg
+    by_name = len(old.args) <= pos
+    index = old.kwargs[name] if by_name else old.args[pos]
     dims = [k for k in _copied_dims(index) if r.old_shape(x)[k] != r.new_shape(x)[k]]
     if not dims:
         return
-    pos = 1 if _op_name(old) == "take_along_dim" else 2
-    by_name = len(old.args) <= pos
-    value = new.kwargs["indices" if pos == 1 else "index"] if by_name else new.args[pos]
+    value = new.kwargs[name] if by_name else new.args[pos]
     with new.graph.inserting_before(new):
         for k in dims:
             value = new.graph.call_method("narrow", (value, k, 0, r.new_shape(x)[k]))
     if by_name:
-        new.kwargs = {**new.kwargs, ("indices" if pos == 1 else "index"): value}
+        new.kwargs = {**new.kwargs, name: value}
     else:
         new.args = (*new.args[:pos], value, *new.args[pos + 1:])
 
 
 register(torch.gather, "gather", torch.take_along_dim, "take_along_dim", rewrite=rewrite_gather)(gather)
+
+
+_SCATTERS = ("scatter", "scatter_", "scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_")
+_INDEX_WRITES = ("index_add", "index_add_", "index_copy", "index_copy_", "index_reduce", "index_reduce_")
+
+
+def scatter(ctx, node):
+    """``x.scatter(dim, index, src)`` and friends (scatter_add, scatter_reduce, index_add,
+    index_copy, index_reduce; in place or not): ``src``'s positions along ``dim`` land
+    where the index says (data: that dim is one class, a channel dim there is pinned);
+    along the other dims position i of ``src`` is position i of ``x``, so their channels
+    go together (messages summed into nodes of a graph). A scatter index spans those
+    channels as a broadcast copy (narrowed by the rewrite) or pins them, as in gather."""
+    from .pointwise import broadcast_labels
+
+    x, dim = node.args[0], ctx.value(ctx.arg(1, "dim"))
+    index = ctx.arg(2, "index")
+    src = node.args[3] if len(node.args) > 3 else next(
+        (node.kwargs[k] for k in ("src", "source", "value") if k in node.kwargs), None)
+    shape = ctx.meta(x).shape
+    d = dim % len(shape)
+    why = f"{_op_name(node)} along a channel dim"
+    labels = _picked_by_data(ctx, node, x, ctx.labels(x) if ctx.labels(x) is not None else const_like(len(shape)),
+                             d, why)
+    real = [1 if k == d else n for k, n in enumerate(shape)]
+    operands = [(labels, real)]
+    if ctx.is_tensor(src):
+        src_shape = ctx.meta(src).shape
+        src_labels = _picked_by_data(ctx, node, src, ctx.labels(src) if ctx.labels(src) is not None
+                                     else const_like(len(src_shape)), d, why)
+        if _op_name(node) in _SCATTERS:  # the index's extent, not src's, is what is written
+            index_shape, copied = ctx.meta(index).shape, _copied_dims(index)
+            for k in range(len(shape)):
+                if k == d or (labels.shape[k] == 1 and src_labels.shape[k] == 1):
+                    continue
+                if not index_shape[k] == src_shape[k] == shape[k]:
+                    reason = "scatter writes part of a channel dim"
+                elif k not in copied:
+                    reason = "scatter index spans the channels with a size of its own, which would not follow them"
+                else:
+                    continue
+                labels = _picked_by_data(ctx, node, x, labels, k, reason)
+                src_labels = _picked_by_data(ctx, node, src, src_labels, k, reason)
+            operands = [(labels, real)]
+        operands.append((src_labels, [1 if k == d else n for k, n in enumerate(src_shape)]))
+    return broadcast_labels(ctx, node, operands, out_shape=real)
+
+
+def rewrite_scatter(r, old, new):
+    if _op_name(old) in _SCATTERS:
+        _narrow_index(r, old, new, old.args[0], (2, "index"))
+
+
+register(*_SCATTERS, *_INDEX_WRITES, torch.scatter, torch.scatter_add, torch.scatter_reduce, torch.index_add,
+         torch.index_copy, torch.index_reduce, rewrite=rewrite_scatter)(scatter)
 
 
 def index_select(ctx, node):
