@@ -97,7 +97,8 @@ def _visit(ctx: AnalysisContext, node: torch.fx.Node) -> None:
             ctx.barrier(reason)
             out = ctx.const_output()
     tensors = [i for i in node.all_input_nodes if _carries_tensor(get_meta(i)) or i.op == "get_attr"]
-    free = bool(tensors) and hooked is None and rule is not None and all(i in ctx.free_nodes for i in tensors)
+    free = node in ctx.free_nodes or (bool(tensors) and hooked is None and rule is not None
+                                      and all(i in ctx.free_nodes for i in tensors))
     if free:
         ctx.free_nodes.add(node)
     ctx.labels_of[node] = _check(ctx, out, meta, free)

@@ -562,3 +562,28 @@ def test_scatter_along_channels_pins_them_with_the_reason():
     result, _ = prune_and_verify(Net(), torch.randn(3, 4), ratio=0.5, expect_removed=False)
     assert any("scatter along a channel dim" in r for g in result.groups.groups for r in g.pinned_reasons)
     assert result.module.get_parameter("a.weight").shape[0] == 8
+
+
+class ZeroChannels(nn.Module):
+    """Zero channels of a literal count concatenated to a stream (a width-matching
+    shortcut written by hand), and ones of the stream's width added to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(12, 2, 1)
+
+    def forward(self, x):
+        h = F.relu(self.c(x)) + x.new_ones(1, 8, 1, 1)
+        pad = x.new_zeros(x.shape[0], 4, x.shape[2], x.shape[3])
+        return self.head(torch.cat([h, pad], 1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_constants_made_in_forward_are_sized_by_what_they_meet(frontend):
+    torch.manual_seed(0)
+    result, v = prune_and_verify(ZeroChannels(), torch.randn(2, 3, 6, 6), ratio=0.5, frontend=frontend)
+    assert not result.groups.barriers and v.exact_groups >= 1
+    assert result.module.get_parameter("c.weight").shape[0] == 4
+    assert result.module.get_parameter("head.weight").shape[1] in (6, 8)  # the zero channels prune too
+    if frontend == "fx":  # batch and size read at run time still follow (export fixed the size)
+        assert result.module(torch.randn(3, 3, 5, 5)).shape == (3, 2, 5, 5)

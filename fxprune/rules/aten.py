@@ -232,15 +232,48 @@ register(aten.topk, torch.topk, "topk")(topk)
 
 
 # -- values that do not depend on the input's values ------------------------------------
-def fresh_constant(ctx, node):
-    """``x.new_zeros(size)`` and friends: a constant made with ``x``'s dtype and device.
-    Made at another tensor's shape read in forward (``h.new_zeros(h.shape)``), it has
-    that tensor's positions, as ``zeros_like(h)`` does."""
-    size = node.args[1] if len(node.args) == 2 else node.kwargs.get("size")
+_FACTORIES = ("zeros", "ones", "empty", "full", "new_zeros", "new_ones", "new_empty", "new_full")
+
+
+def factory(ctx, node):
+    """A constant made in forward (``torch.zeros(size)``, ones, empty, full and the
+    ``x.new_*`` twins): every position holds the same value, so any of them may go. Its
+    positions are free labels, sized by what they meet (an LSTM's initial state, zero
+    channels concatenated to a stream, a buffer of accumulated messages); the rewrite
+    writes the kept counts into its size. Made at a tensor's shape read in forward
+    (``h.new_zeros(h.shape)``), it has that tensor's positions, as ``zeros_like(h)`` does."""
+    meta = ctx.meta(node)
+    size = _size_arg(node)[0]
     of = _shape_read(size)
-    if of is not None and ctx.labels(of) is not None and ctx.meta(of).shape == ctx.meta(node).shape:
+    if of is not None and ctx.labels(of) is not None and ctx.meta(of).shape == meta.shape:
         return ctx.labels(of)
-    return ctx.const_output()
+    if meta.ndim == 0 or size is None or isinstance(size, torch.fx.Node):  # computed in forward: kept
+        return ctx.const_output()
+    # only dims of a literal size: one read at run time (a batch or sequence length)
+    # follows its source by itself and is no channel
+    literal = [n if isinstance(v, int) else 1 for v, n in zip(size, meta.shape)]
+    if max(literal, default=1) == 1:
+        return ctx.const_output()
+    return ctx.free_labels(node, tuple(literal), f"constant {node.name}")
+
+
+def _size_arg(node) -> tuple:
+    """(size, how it is passed): ``"packed"`` (one list, tuple or shape node at ``at``),
+    ``"varargs"`` (ints from ``at`` on) or ``"kw"`` (the ``size`` keyword)."""
+    at = 1 if shape._op_name(node).startswith("new_") else 0
+    if len(node.args) > at:
+        first = node.args[at]
+        if isinstance(first, (list, tuple, torch.Size, torch.fx.Node)) and \
+                not (isinstance(first, torch.fx.Node) and _is_int(first)):
+            return first, ("packed", at)
+        return list(node.args[at:]), ("varargs", at)
+    return node.kwargs.get("size"), ("kw", at)
+
+
+def _is_int(n: torch.fx.Node) -> bool:
+    from ..meta import get_meta
+
+    return isinstance(get_meta(n), int)
 
 
 def _shape_read(size):
@@ -252,8 +285,28 @@ def _shape_read(size):
     return size.args[0] if whole else None
 
 
-register(*_ops("new_zeros", "new_ones", "new_empty", "new_full", "scalar_tensor"),
-         "new_zeros", "new_ones", "new_empty", "new_full")(fresh_constant)
+def rewrite_factory(r, old, new):
+    """The kept counts in the size of a constant whose positions were pruned."""
+    before, after = r.old_shape(old), r.new_shape(old)
+    if before == after:
+        return
+    size, (how, at) = _size_arg(old)  # (the new node's arguments have no shapes to tell)
+    if isinstance(size, torch.fx.Node):  # a shape read at run time: it follows by itself
+        return
+    sizes = list(new.kwargs["size"] if how == "kw" else new.args[at] if how == "packed" else new.args[at:])
+    for k, (a, b) in enumerate(zip(before, after)):
+        if a != b:
+            sizes[k] = b
+    if how == "kw":
+        new.kwargs = {**new.kwargs, "size": sizes}
+    elif how == "packed":
+        new.args = (*new.args[:at], sizes, *new.args[at + 1:])
+    else:
+        new.args = (*new.args[:at], *sizes)
+
+
+register(*_ops(*_FACTORIES, "scalar_tensor"), torch.zeros, torch.ones, torch.empty, torch.full,
+         "new_zeros", "new_ones", "new_empty", "new_full", rewrite=rewrite_factory)(factory)
 
 
 def aten_index(ctx, node):

@@ -4,6 +4,7 @@ kept indices)."""
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -247,23 +248,28 @@ class AnalysisContext:
             self.align(node.target, labels, "free")
             self.free_nodes.add(node)
             return labels
-        shape = tuple(t.shape)
-        if t.numel() > MAX_FREE_LABELS and t.ndim >= 2 and 1 < t.shape[-1] <= MAX_FREE_LABELS:
+        # a parameter or buffer used by value (layer scale, positional embedding, rotary
+        # frequencies): every position gets a fresh label, so it is sliced with what it meets
+        labels = self.free_labels(node, tuple(t.shape), f"tensor {node.target}")
+        if labels.any():
+            self.align(node.target, labels, "free")
+        return labels
+
+    def free_labels(self, node: torch.fx.Node, shape: tuple, what: str) -> torch.Tensor:
+        """A fresh label for every position of ``node``'s value, which is then *free*: not
+        normalized here, the ops that use it decide which dim is the channel."""
+        if math.prod(shape) > MAX_FREE_LABELS and len(shape) >= 2 and 1 < shape[-1] <= MAX_FREE_LABELS:
             # too many elements to label one by one (a position table for thousands of
             # positions): one label per entry of the last dim, where tables keep their
             # channels; used along another dim, the shared labels couple what they meet
             # (kept whole), never a wrong slice
-            shape = (1,) * (t.ndim - 1) + (t.shape[-1],)
-        elif t.numel() > MAX_FREE_LABELS:
-            self.barriers.append(f"{node.name}: {node.target} has {t.numel()} elements; "
+            shape = (1,) * (len(shape) - 1) + (shape[-1],)
+        elif math.prod(shape) > MAX_FREE_LABELS:
+            self.barriers.append(f"{node.name}: {what} has {math.prod(shape)} elements; "
                                  f"treated as a constant")
-            return const_like(t.ndim)
-        # a parameter or buffer used by value (layer scale, positional embedding, rotary
-        # frequencies): every position gets a fresh label, so it is sliced with what it meets
-        labels = self.space.fresh(shape, Family(f"tensor {node.target}", node.name))
-        self.align(node.target, labels, "free")
+            return const_like(len(shape))
         self.free_nodes.add(node)
-        return labels  # not normalized here: the ops that use it decide which dim is the channel
+        return self.space.fresh(shape, Family(what, node.name))
 
     def full(self, x: Any) -> torch.Tensor:
         """Label tensor of ``x`` expanded to its actual shape."""
