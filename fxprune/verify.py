@@ -70,15 +70,21 @@ class _Masked(torch.fx.Interpreter):
     """Runs the original graph, zeroing removed channels at every consumer input."""
 
     def __init__(self, gm, masks: dict[str, dict[int | str, torch.Tensor]],
-                 modules: dict[str, torch.nn.Module] | None = None):
+                 modules: dict[str, torch.nn.Module] | None = None, tensors: dict[str, torch.Tensor] | None = None):
         super().__init__(gm)
         self.masks = masks
         self.modules = modules or {}
+        self.tensors = tensors or {}
 
     def call_module(self, target, args, kwargs):
         if target in self.modules:
             return self.modules[target](*args, **kwargs)
         return super().call_module(target, args, kwargs)
+
+    def get_attr(self, target, args, kwargs):
+        if target in self.tensors:
+            return self.tensors[target]
+        return super().get_attr(target, args, kwargs)
 
     def fetch_args_kwargs_from_env(self, n: torch.fx.Node) -> tuple[tuple, dict]:
         return mutable_args(*super().fetch_args_kwargs_from_env(n))
@@ -109,8 +115,13 @@ def consumer_masks(groups, kept: torch.Tensor) -> dict[str, dict[int | str, torc
     masks: dict[str, dict[int | str, torch.Tensor]] = {}
     for name, pos in groups.consumers:
         node = nodes[name]
-        arg = _get_arg(node.args, node.kwargs, _arg_key(pos, len(node.args)))
-        labels = groups.node_labels.get(arg.name) if isinstance(arg, torch.fx.Node) else None
+        key = _arg_key(pos, len(node.args))
+        if isinstance(key, tuple) and isinstance(node.args[key[0]], torch.fx.Node):
+            whole = groups.node_labels.get(node.args[key[0]].name)  # an entry of a tuple-valued node
+            labels = whole[key[1]] if isinstance(whole, tuple) else None
+        else:
+            arg = _get_arg(node.args, node.kwargs, key)
+            labels = groups.node_labels.get(arg.name) if isinstance(arg, torch.fx.Node) else None
         if not isinstance(labels, torch.Tensor):
             continue
         mask = kept[groups.class_of[labels]]
@@ -119,18 +130,27 @@ def consumer_masks(groups, kept: torch.Tensor) -> dict[str, dict[int | str, torc
     return masks
 
 
-def masked_modules(groups, kept: torch.Tensor) -> dict[str, torch.nn.Module]:
+def masked_modules(groups, kept: torch.Tensor) -> tuple[dict[str, torch.nn.Module], dict[str, torch.Tensor]]:
     """Copies of opaque modules that consume channels through their own weights (recurrent
-    layers), with the removed weight columns zeroed."""
+    layers), with the removed weight columns zeroed; for an exported op (``aten.lstm``),
+    zeroed copies of the weights it is given, by attribute path."""
     import copy
+
+    from .rules.context import get_tensor
 
     nodes = {n.name: n for n in groups.gm.graph.nodes}
     out: dict[str, torch.nn.Module] = {}
+    tensors: dict[str, torch.Tensor] = {}
     for name, path, labels in groups.param_consumers:
         mask = kept[groups.class_of[labels]]
         if bool(mask.all()):
             continue
         target = nodes[name].target
+        if nodes[name].op != "call_module":
+            if path not in tensors:
+                tensors[path] = get_tensor(groups.gm, path).detach().clone()
+            tensors[path].mul_(mask.to(tensors[path].dtype))
+            continue
         if target not in out:
             out[target] = copy.deepcopy(groups.gm.get_submodule(target))
         attr = path[len(target) + 1:]
@@ -139,13 +159,13 @@ def masked_modules(groups, kept: torch.Tensor) -> dict[str, torch.nn.Module]:
     for m in out.values():
         if hasattr(m, "_init_flat_weights"):
             m._init_flat_weights()
-    return out
+    return out, tensors
 
 
 def masked_reference(groups, kept: torch.Tensor, inputs: tuple) -> Any:
     """Outputs of the original graph with removed channels zeroed at their consumers."""
     with torch.no_grad():
-        return _Masked(groups.gm, consumer_masks(groups, kept), masked_modules(groups, kept)).run(*inputs)
+        return _Masked(groups.gm, consumer_masks(groups, kept), *masked_modules(groups, kept)).run(*inputs)
 
 
 def _compare(a: list[torch.Tensor], b: list[torch.Tensor], what: str) -> float:

@@ -92,3 +92,71 @@ def test_lstm_projection_prunes_cells_and_projections(layers, bidirectional):
         import copy
 
         copy.deepcopy(rnn).to("meta")(torch.empty(2, 7, 6))
+
+
+class StatefulLM(nn.Module):
+    """A layer given its initial state, made in forward with torch.zeros of literal sizes
+    (hidden units along the last dim), or passed in from an encoder's final state."""
+
+    def __init__(self, cell, layers=2, bidirectional=True, from_encoder=False):
+        super().__init__()
+        self.embed = nn.Embedding(30, 12)
+        self.enc = nn.GRU(12, 16, num_layers=layers, bidirectional=bidirectional, batch_first=True)
+        self.rnn = cell(12, 16, num_layers=layers, bidirectional=bidirectional, batch_first=True)
+        self.head = nn.Linear(16 * (2 if bidirectional else 1), 30)
+        self.states = layers * (2 if bidirectional else 1)
+        self.from_encoder = from_encoder
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        h0 = torch.zeros(self.states, ids.shape[0], 16)
+        if self.from_encoder:
+            h0 = self.enc(x)[1] + h0
+        hx = (h0, torch.zeros(self.states, ids.shape[0], 16)) if isinstance(self.rnn, nn.LSTM) else h0
+        out, _ = self.rnn(x, hx)
+        return self.head(out)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("cell, from_encoder", [(nn.LSTM, False), (nn.GRU, False), (nn.RNN, True), (nn.LSTM, True)],
+                         ids=["lstm", "gru", "rnn-encoder-state", "lstm-encoder-state"])
+def test_initial_states_follow_the_hidden_units(cell, from_encoder, frontend):
+    torch.manual_seed(0)
+    model = StatefulLM(cell, from_encoder=from_encoder).eval()
+    result, v = prune_and_verify(model, torch.randint(0, 30, (2, 7)), ratio=0.5, healthy=False, frontend=frontend)
+    assert not result.groups.barriers
+    assert result.module.get_parameter("rnn.weight_hh_l0").shape[1] == 8
+    if from_encoder:  # the encoder's final state is the decoder's initial one: they prune together
+        assert result.module.get_parameter("enc.weight_hh_l0").shape[1] == 8
+
+
+class CellLoop(nn.Module):
+    """A cell stepped over time in forward, with a zero initial state of a literal size
+    (``torch.zeros(x.shape[0], 16)`` is not symbolically traceable: export captures it)."""
+
+    def __init__(self, cell, zeros):
+        super().__init__()
+        self.cell, self.head = cell(6, 16), nn.Linear(16, 3)
+        self.lstm = cell is nn.LSTMCell
+        self.zeros = zeros
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], 16) if self.zeros == "new_zeros" else torch.zeros(x.shape[0], 16)
+        state = (h, torch.zeros_like(h)) if self.lstm else h
+        for t in range(5):
+            state = self.cell(x[:, t], state)
+        return self.head(state[0] if self.lstm else state)
+
+
+@pytest.mark.parametrize("zeros, frontend", [("new_zeros", "fx"), ("new_zeros", "export"), ("zeros", "auto")])
+@pytest.mark.parametrize("cell", [nn.LSTMCell, nn.GRUCell, nn.RNNCell])
+def test_cells_stepped_in_forward_prune_their_hidden_units(cell, zeros, frontend):
+    torch.manual_seed(0)
+    result, v = prune_and_verify(CellLoop(cell, zeros).eval(), torch.randn(2, 5, 6), ratio=0.5, healthy=False,
+                                 frontend=frontend)
+    assert result.frontend == ("fx" if frontend == "fx" else "export")
+    assert not result.groups.barriers and v.exact_groups == 1
+    w_hh = result.module.get_parameter("cell.weight_hh")
+    assert w_hh.shape[1] == 8 and w_hh.shape[0] == 8 * {nn.LSTMCell: 4, nn.GRUCell: 3, nn.RNNCell: 1}[cell]
+    if frontend == "fx":
+        assert result.module.cell.hidden_size == 8

@@ -1,10 +1,14 @@
-"""Recurrent layers: nn.LSTM, nn.GRU, nn.RNN.
+"""Recurrent layers: nn.LSTM, nn.GRU, nn.RNN and their cells.
 
 The hidden size is one channel source shared by every layer and direction (the
 module has one ``hidden_size``). Each weight's rows are gate blocks of the hidden
 units (gate-major), so removing hidden unit j removes row j of every gate block;
 ``weight_hh`` columns and the next layer's ``weight_ih`` columns consume the
-hidden units inside the module, which the oracle zeroes there.
+hidden units inside the module, which the oracle zeroes there. An initial state
+passed in has the hidden units along its last dim (made with ``torch.zeros`` of a
+literal size, the rewrite writes the kept count there). A cell (LSTMCell, GRUCell,
+RNNCell) called step by step in ``forward`` gets the state as an argument: its
+``weight_hh`` columns consume it, and every call shares the cell's hidden units.
 """
 
 from __future__ import annotations
@@ -12,55 +16,103 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import shape
 from .registry import register
 
 _GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
 
 
+def _initial_state(ctx, node, states, vectors) -> None:
+    """Couple the state argument (``hx``: a tensor, or LSTM's (h, c)) with the hidden
+    units along its last dim; ``h`` (the first) is consumed by ``weight_hh``."""
+    by_name = len(node.args) < 2
+    hx = node.kwargs.get("hx") if by_name else node.args[1]
+    if hx is None:
+        return
+    if isinstance(hx, (tuple, list)):
+        parts = [ctx.labels(part) for part in hx]
+    else:  # one tensor, or (an LSTM cell's previous step) one node holding (h, c)
+        parts = list(ctx.tuple_labels(hx) or (ctx.labels(hx),))
+    if len(parts) != states or (states > 1 and by_name):
+        raise ValueError("the initial state must be passed by position as the layer's (h, c) or h")
+    for labels, vec in zip(parts, vectors):
+        if labels is not None:
+            ctx.union(labels, ctx.along(vec, -1, labels.ndim))
+    if states > 1:
+        ctx.consume(1, item=0)
+    else:
+        ctx.consume(1, "hx")
+
+
 def recurrent(ctx, node):
-    m = ctx.module
+    """nn.LSTM, nn.GRU and nn.RNN modules, and export's ``lstm``/``gru``/``rnn_*`` ops
+    (their weights passed as one list, per layer and direction: w_ih, w_hh, then the
+    biases, then LSTM's projection)."""
     x = node.args[0] if node.args else node.kwargs["input"]
-    if len(node.args) > 1 or node.kwargs.get("hx") is not None:
-        raise ValueError("an explicit initial state is not analysed")
-    gates = _GATES[type(m)]
-    dirs = 2 if m.bidirectional else 1
-    hvec = ctx.fresh((m.hidden_size,), f"{node.name} hidden units")
-    # with proj_size, h = W_hr (o * tanh(c)): the cell's hidden units feed only the
+    if node.op == "call_module":
+        m = ctx.module
+        gates, layers, dirs = _GATES[type(m)], m.num_layers, 2 if m.bidirectional else 1
+        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if m.bias else []) + \
+            (["weight_hr"] if getattr(m, "proj_size", 0) else [])
+        paths = [[f"{node.target}.{n}_l{layer}{suffix}" for n in names]
+                 for layer in range(layers) for suffix in ([""] if dirs == 1 else ["", "_reverse"])]
+        lstm = isinstance(m, nn.LSTM)
+    else:
+        name = shape._op_name(node)
+        if getattr(node.target, "_overloadname", "input") != "input":
+            raise ValueError(f"{node.target} (packed sequences) is not analysed")
+        gates = {"lstm": 4, "gru": 3}.get(name, 1)
+        flat, layers, dirs = node.args[2], node.args[4], 2 if node.args[7] else 1
+        per = len(flat) // (layers * dirs)
+        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if node.args[3] else []) + \
+            (["weight_hr"] if per in (3, 5) else [])
+        paths = [[ctx.attr_path(a) for a in flat[k * per:(k + 1) * per]] for k in range(layers * dirs)]
+        if len(names) != per or any(p is None for chunk in paths for p in chunk):
+            raise ValueError("the recurrent weights must be parameters of the module (get_attr)")
+        lstm = name == "lstm"
+    chunks = [dict(zip(names, chunk)) for chunk in paths]
+    hidden = ctx.tensor(chunks[0]["weight_ih"]).shape[0] // gates
+    hvec = ctx.fresh((hidden,), f"{node.name} hidden units")
+    # with a projection, h = W_hr (o * tanh(c)): the cell's hidden units feed only the
     # projection, whose units are what the recurrence, the output and the next layer see
-    proj = getattr(m, "proj_size", 0)
-    pvec = ctx.fresh((proj,), f"{node.name} projected units") if proj else hvec
-    rows = torch.cat([hvec] * gates)
+    proj = "weight_hr" in chunks[0]
+    pvec = ctx.fresh((ctx.tensor(chunks[0]["weight_hr"]).shape[0],), f"{node.name} projected units") \
+        if proj else hvec
+    rows = ctx.along(torch.cat([hvec] * gates), 0, 2)
     layer_in = ctx.vector(x, -1)
     ctx.consume(0)
-    for layer in range(m.num_layers):
-        for suffix in ([""] if dirs == 1 else ["", "_reverse"]):
-            base = f"{node.target}."
-            ctx.align(base + f"weight_ih_l{layer}{suffix}", ctx.along(rows, 0, 2), "out")
-            ctx.align(base + f"weight_ih_l{layer}{suffix}", ctx.along(layer_in, 1, 2), "in")
-            ctx.align(base + f"weight_hh_l{layer}{suffix}", ctx.along(rows, 0, 2), "out")
-            ctx.align(base + f"weight_hh_l{layer}{suffix}", ctx.along(pvec, 1, 2), "in")
-            ctx.consume_param(base + f"weight_hh_l{layer}{suffix}", ctx.along(pvec, 1, 2))
+    _initial_state(ctx, node, 2 if lstm else 1, (pvec, hvec))
+    for layer in range(layers):
+        for c in chunks[layer * dirs:(layer + 1) * dirs]:
+            ctx.align(c["weight_ih"], rows, "out")
+            ctx.align(c["weight_ih"], ctx.along(layer_in, 1, 2), "in")
+            ctx.align(c["weight_hh"], rows, "out")
+            ctx.align(c["weight_hh"], ctx.along(pvec, 1, 2), "in")
+            ctx.consume_param(c["weight_hh"], ctx.along(pvec, 1, 2))
             if layer > 0:
-                ctx.consume_param(base + f"weight_ih_l{layer}{suffix}", ctx.along(layer_in, 1, 2))
-            if m.bias:
-                ctx.align(base + f"bias_ih_l{layer}{suffix}", rows, "out")
-                ctx.align(base + f"bias_hh_l{layer}{suffix}", rows, "out")
+                ctx.consume_param(c["weight_ih"], ctx.along(layer_in, 1, 2))
+            for bias in ("bias_ih", "bias_hh"):
+                if bias in c:
+                    ctx.align(c[bias], rows.reshape(-1), "out")
             if proj:
-                ctx.align(base + f"weight_hr_l{layer}{suffix}", ctx.along(pvec, 0, 2), "out")
-                ctx.align(base + f"weight_hr_l{layer}{suffix}", ctx.along(hvec, 1, 2), "in")
-                ctx.consume_param(base + f"weight_hr_l{layer}{suffix}", ctx.along(hvec, 1, 2))
+                ctx.align(c["weight_hr"], ctx.along(pvec, 0, 2), "out")
+                ctx.align(c["weight_hr"], ctx.along(hvec, 1, 2), "in")
+                ctx.consume_param(c["weight_hr"], ctx.along(hvec, 1, 2))
         layer_in = torch.cat([pvec] * dirs)
     out_ndim = ctx.meta(x).ndim
     output = ctx.along(layer_in, -1, out_ndim)
     state = ctx.along(pvec, -1, out_ndim)
-    if isinstance(m, nn.LSTM):
-        return (output, (state, ctx.along(hvec, -1, out_ndim)))
-    return (output, state)
+    states = (state, ctx.along(hvec, -1, out_ndim)) if lstm else (state,)
+    if node.op == "call_module":
+        return (output, states if lstm else state)
+    return (output, *states)
 
 
 def rewrite_recurrent(r, old, new):
     """Sizes from the (sliced) weights: gate rows give the hidden size, the projection's
-    rows the projected size."""
+    rows the projected size (the exported ops read them from the weights)."""
+    if old.op != "call_module":
+        return
     m = r.module(old)
     m.hidden_size = m.weight_ih_l0.shape[0] // _GATES[type(m)]
     m.input_size = m.weight_ih_l0.shape[1]
@@ -69,4 +121,45 @@ def rewrite_recurrent(r, old, new):
     m._init_flat_weights()
 
 
-register(nn.LSTM, nn.GRU, nn.RNN, rewrite=rewrite_recurrent)(recurrent)
+register(nn.LSTM, nn.GRU, nn.RNN, *[getattr(torch.ops.aten, n) for n in ("lstm", "gru", "rnn_tanh", "rnn_relu")
+                                     if hasattr(torch.ops.aten, n)], rewrite=rewrite_recurrent)(recurrent)
+
+
+def cell(ctx, node):
+    """One step of an LSTMCell, GRUCell or RNNCell (or export's ``lstm_cell``,
+    ``gru_cell``, ``rnn_tanh_cell``, ``rnn_relu_cell``): (input, state) -> state."""
+    x = node.args[0] if node.args else node.kwargs["input"]
+    if node.op == "call_module":
+        paths = [f"{node.target}.{n}" for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        paths = [p if ctx.module.bias or "bias" not in p else None for p in paths]
+        lstm = isinstance(ctx.module, nn.LSTMCell)
+    else:
+        paths = [ctx.attr_path(a) if a is not None else None for a in node.args[2:6]]
+        if any(p is None and a is not None for p, a in zip(paths, node.args[2:6])) or None in paths[:2]:
+            raise ValueError("the cell's weights must be parameters of the module (get_attr)")
+        lstm = "lstm" in str(node.target)
+    hidden = ctx.tensor(paths[1]).shape[1]
+    hvec = ctx.fresh((hidden,), f"{node.name} hidden units")
+    rows = ctx.along(torch.cat([hvec] * (ctx.tensor(paths[0]).shape[0] // hidden)), 0, 2)
+    ctx.align(paths[0], rows, "out")
+    ctx.align(paths[0], ctx.along(ctx.vector(x, -1), 1, 2), "in")
+    ctx.align(paths[1], rows, "out")
+    ctx.align(paths[1], ctx.along(hvec, 1, 2), "in")
+    for bias in paths[2:]:
+        if bias is not None:
+            ctx.align(bias, rows.reshape(-1), "out")
+    ctx.consume(0)
+    _initial_state(ctx, node, 2 if lstm else 1, (hvec, hvec))
+    state = ctx.along(hvec, -1, ctx.meta(x).ndim)
+    return (state, state) if lstm else state
+
+
+def rewrite_cell(r, old, new):
+    if old.op == "call_module":
+        m = r.module(old)
+        m.hidden_size, m.input_size = m.weight_hh.shape[1], m.weight_ih.shape[1]
+
+
+register(nn.LSTMCell, nn.GRUCell, nn.RNNCell, *[getattr(torch.ops.aten, n) for n in (
+    "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell") if hasattr(torch.ops.aten, n)],
+    rewrite=rewrite_cell)(cell)
