@@ -264,8 +264,10 @@ def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inex
                 mine = notes.setdefault(gid, [])
                 mine.extend(r for r in why if r not in mine)
     inexact_list = group_inexact.tolist()
+    # a group no tensor is sliced by (a constant made in forward that met no channel)
+    # saves nothing and would only change what the constant computes: it is kept
     groups = tuple(ChannelGroup(
-        id=gid, classes=tuple(classes), prunable=tuple(prunable_of[gid]),
+        id=gid, classes=tuple(classes), prunable=tuple(prunable_of[gid]) if gid in members else (),
         members=tuple(dict.fromkeys(members.get(gid, []))), sources=tuple(sources.get(gid, ())),
         exact=not inexact_list[gid], inexact_reasons=tuple(reasons_inexact.get(gid, ())[:4]),
         pinned_reasons=tuple(reasons_pin.get(gid, ())[:4])) for gid, classes in enumerate(classes_of))

@@ -587,3 +587,18 @@ def test_constants_made_in_forward_are_sized_by_what_they_meet(frontend):
     assert result.module.get_parameter("head.weight").shape[1] in (6, 8)  # the zero channels prune too
     if frontend == "fx":  # batch and size read at run time still follow (export fixed the size)
         assert result.module(torch.randn(3, 3, 5, 5)).shape == (3, 2, 5, 5)
+
+
+def test_a_constant_that_meets_no_channel_is_kept():
+    class Net(nn.Module):  # a count made in forward: halving it would change the model
+        def __init__(self):
+            super().__init__()
+            self.c, self.o = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.o(F.relu(self.c(x))) / x.new_ones(6).sum()
+
+    torch.manual_seed(0)
+    result, v = prune_and_verify(Net(), torch.randn(3, 4), ratio=0.5)
+    assert [g.size for g in result.groups.prunable] == [8]
+    assert "new_ones(6)" in result.module.code
