@@ -98,6 +98,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "(e.g. 1,16) instead of floats: language models")
     p.add_argument("--seed", type=int, default=0, metavar="N",
                    help="seed for the model's initialization and the example input (default: 0)")
+    p.add_argument("--calibrate-bn", type=_positive_int, default=0, metavar="N",
+                   help="recompute BatchNorm statistics on N random batches first: an untrained "
+                        "model (torchvision's weights=None) can shrink its outputs to nothing, which "
+                        "no check can compare. Not for trained models (their statistics are replaced)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,7 +193,7 @@ def _version() -> str:
 def _model_and_input(args: argparse.Namespace):
     import torch
 
-    from fxprune.models import default_input_shape, resolve_model
+    from fxprune.models import calibrate_batchnorm, default_input_shape, resolve_model
 
     shape = args.input_shape or default_input_shape(args.model)
     torch.manual_seed(args.seed)
@@ -197,8 +201,12 @@ def _model_and_input(args: argparse.Namespace):
     vocab = getattr(args, "token_ids", None)
     x = torch.randint(0, vocab, shape) if vocab else torch.randn(shape)
     kind = f" token ids < {vocab}" if vocab else ""
+    batches = getattr(args, "calibrate_bn", 0)
+    calibrated = f", BatchNorm calibrated on {batches} random batches" if batches else ""
     print(f"model: {args.model} ({type(model).__name__}), input {'x'.join(map(str, shape))}{kind}, "
-          f"seed {args.seed}")
+          f"seed {args.seed}{calibrated}")
+    if batches:
+        calibrate_batchnorm(model, x, batches, seed=args.seed)
     return model, x
 
 
@@ -216,7 +224,14 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                            ignore=list(args.ignore), pipeline=args.pipeline, policy=args.policy,
                            isomorphic=args.isomorphic, frontend=args.frontend, gqa=args.gqa, **budget)
     if not args.no_verify:
-        check = fxprune.verify(model, result, x)
+        from fxprune.errors import DegenerateReferenceError
+
+        try:
+            check = fxprune.verify(model, result, x)
+        except DegenerateReferenceError as exc:  # an untrained model at a small input size
+            hint = "--calibrate-bn 4 (an untrained model)" if not args.calibrate_bn else "a larger --input-shape"
+            raise DegenerateReferenceError(f"{exc}. From the command line: {hint}; or --no-verify to "
+                                           f"write the pruned model without the check") from None
         print(f"verify: max relative error {check.max_rel_err:.3g} "
               f"({_count(check.exact_groups)} exact groups checked)")
     print()

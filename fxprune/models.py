@@ -259,3 +259,26 @@ def default_input_shape(spec: str) -> tuple[int, ...]:
     if spec == "torchvision:inception_v3":
         return (1, 3, 299, 299)
     return (1, 3, 224, 224)
+
+
+def calibrate_batchnorm(model: nn.Module, example: torch.Tensor, batches: int, *, batch_size: int = 4,
+                        seed: int = 0) -> nn.Module:
+    """Recompute every BatchNorm's running statistics (a cumulative average) on ``batches``
+    random normal batches shaped like ``example``, in place; returns the model in eval
+    mode. An untrained model (``weights=None``) whose default statistics shrink its
+    activations to nothing gets outputs the oracle can compare. For random models only:
+    on a trained one it replaces the statistics learned from data."""
+    gen = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    if bns and batches:
+        model.train()
+        with torch.no_grad():
+            for _ in range(batches):
+                if example.is_floating_point():
+                    model(torch.randn((batch_size, *example.shape[1:]), generator=gen, dtype=example.dtype))
+                else:  # token ids
+                    model(torch.randint(0, int(example.max()) + 1, (batch_size, *example.shape[1:]), generator=gen))
+    return model.eval()

@@ -178,3 +178,17 @@ def test_prune_a_language_model_with_token_ids(capsys, tmp_path):
     assert (tmp_path / "llama" / "module.py").exists()
     code, out, err = run(capsys, "prune", "--token-ids", "0", "--out", str(tmp_path / "x"))
     assert code != 0 and "positive integer" in err
+
+
+def test_an_untrained_model_with_vanishing_outputs_gets_the_calibrate_hint_then_verifies(capsys, tmp_path):
+    pytest.importorskip("torchvision")
+    args = ("prune", "torchvision:mobilenet_v3_small", "--input-shape", "1,3,64,64", "--ratio", "0.3")
+    code, _, err = run(capsys, *args, "--out", str(tmp_path / "a"))
+    assert code == 2 and "degenerate" in err and "--calibrate-bn" in err
+    assert not (tmp_path / "a" / "module.py").exists()
+    code, out, _ = run(capsys, *args, "--calibrate-bn", "2", "--out", str(tmp_path / "b"))
+    assert code == 0, out
+    assert "BatchNorm calibrated on 2 random batches" in out
+    err = float(re.search(r"verify: max relative error (\S+)", out).group(1))
+    assert err < 1e-4
+    assert (tmp_path / "b" / "module.py").exists()
