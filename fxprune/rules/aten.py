@@ -19,9 +19,11 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.fx
 
 from . import contract, conv, embedding, norm, pointwise, reduce, shape
 from ..labels import const_like
+from ..meta import get_meta
 from .context import get_tensor, weight_operand
 from .registry import register, register_op_name, register_tag
 
@@ -271,8 +273,6 @@ def _size_arg(node) -> tuple:
 
 
 def _is_int(n: torch.fx.Node) -> bool:
-    from ..meta import get_meta
-
     return isinstance(get_meta(n), int)
 
 

@@ -188,6 +188,11 @@ def gather_labels(ctx, node, x, entries, *, aten_list: bool = False):
     return labels[tuple(probe)]
 
 
+def _labels_or_const(ctx, x):
+    labels = ctx.labels(x)
+    return labels if labels is not None else const_like(ctx.meta(x).ndim)
+
+
 def _picked_by_data(ctx, node, x, labels, d, why):
     """``labels`` of ``x`` made one class along dim ``d``, whose positions an index tensor
     picks (which ones is data); a channel dim there is pinned with ``why``."""
@@ -234,7 +239,7 @@ def gather(ctx, node):
     x, index, dim = _gather_args(node)
     dim = ctx.value(dim)
     shape = ctx.meta(x).shape
-    labels = ctx.labels(x) if ctx.labels(x) is not None else const_like(len(shape))
+    labels = _labels_or_const(ctx, x)
     if dim is None:  # take_along_dim over the flattened input
         for d in range(len(shape)):
             labels = _picked_by_data(ctx, node, x, labels, d, "take_along_dim over the flattened channels")
@@ -301,14 +306,12 @@ def scatter(ctx, node):
     shape = ctx.meta(x).shape
     d = dim % len(shape)
     why = f"{_op_name(node)} along a channel dim"
-    labels = _picked_by_data(ctx, node, x, ctx.labels(x) if ctx.labels(x) is not None else const_like(len(shape)),
-                             d, why)
+    labels = _picked_by_data(ctx, node, x, _labels_or_const(ctx, x), d, why)
     real = [1 if k == d else n for k, n in enumerate(shape)]
     operands = [(labels, real)]
     if ctx.is_tensor(src):
         src_shape = ctx.meta(src).shape
-        src_labels = _picked_by_data(ctx, node, src, ctx.labels(src) if ctx.labels(src) is not None
-                                     else const_like(len(src_shape)), d, why)
+        src_labels = _picked_by_data(ctx, node, src, _labels_or_const(ctx, src), d, why)
         if _op_name(node) in _SCATTERS:  # the index's extent, not src's, is what is written
             index_shape, copied = ctx.meta(index).shape, _copied_dims(index)
             for k in range(len(shape)):
@@ -340,10 +343,8 @@ def index_select(ctx, node):
     """``x.index_select(dim, index)``: the positions along ``dim`` are data (one class; a
     channel dim there is pinned); the other dims keep their labels."""
     x = node.args[0]
-    shape = ctx.meta(x).shape
-    labels = ctx.labels(x) if ctx.labels(x) is not None else const_like(len(shape))
-    d = ctx.value(ctx.arg(1, "dim")) % len(shape)
-    return _picked_by_data(ctx, node, x, labels, d, "index_select along a channel dim")
+    d = ctx.value(ctx.arg(1, "dim")) % ctx.meta(x).ndim
+    return _picked_by_data(ctx, node, x, _labels_or_const(ctx, x), d, "index_select along a channel dim")
 
 
 register(torch.index_select, "index_select")(index_select)
