@@ -160,3 +160,15 @@ def test_cells_stepped_in_forward_prune_their_hidden_units(cell, zeros, frontend
     assert w_hh.shape[1] == 8 and w_hh.shape[0] == 8 * {nn.LSTMCell: 4, nn.GRUCell: 3, nn.RNNCell: 1}[cell]
     if frontend == "fx":
         assert result.module.cell.hidden_size == 8
+
+
+@pytest.mark.parametrize("make", [lambda: LM(nn.LSTM, layers=2, bidirectional=True), lambda: LM(nn.GRU),
+                                  lambda: ProjLM(2, True)], ids=["lstm-2-bidirectional", "gru", "lstm-proj"])
+def test_exported_recurrent_ops_prune_like_the_modules(make):
+    torch.manual_seed(0)
+    result, v = prune_and_verify(make().eval(), torch.randint(0, 30, (2, 7)), ratio=0.5, healthy=False,
+                                 frontend="export")
+    assert result.frontend == "export" and not result.groups.barriers
+    w_ih = result.module.get_parameter("rnn.weight_ih_l0")
+    assert w_ih.shape[1] == 6  # the embedding's 12 features, halved
+    assert w_ih.shape[0] in (4 * 8, 3 * 8)  # every gate block lost the same 8 of 16 hidden units
