@@ -6,6 +6,8 @@ scoring pass, select, rewrite); ``pipeline=`` accepts the same pipeline as text.
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -157,7 +159,8 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
           target_params: float | None = None, policy: str = "inner", pipeline: str | Pipeline | None = None,
           leaf_modules: Iterable = (), concrete_args: Mapping | None = None, frontend: str = "auto",
           gqa: str = "kv_groups",
-          data: Any = None, loss_fn: Any = None, report: bool = True) -> PruneResult:
+          data: Any = None, loss_fn: Any = None, report: bool = True,
+          progress: bool | None = False) -> PruneResult:
     """Prune ``model`` structurally and return a new, smaller GraphModule.
 
     Parameters
@@ -194,6 +197,7 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
         ('q_heads', every kv head stays).
     frontend : 'auto' (symbolic tracing, falling back to non-strict ``torch.export`` when
         tracing fails), 'fx' or 'export'. ``result.frontend`` says which one captured.
+    progress : a progress bar over the passes on stderr (None: only on a terminal).
 
     Examples
     --------
@@ -213,7 +217,7 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
         return _prune_both(model, example_inputs, ratio=ratio, ratios=ratios, ignore=ignore,
                            round_to=round_to, importance=importance, leaf_modules=leaf_modules,
                            concrete_args=concrete_args, frontend=frontend, data=data, loss_fn=loss_fn,
-                           gqa=gqa,
+                           gqa=gqa, progress=progress,
                            report=report, unsupported=dict(global_ranking=global_ranking,
                                                            isomorphic=isomorphic, target_macs=target_macs,
                                                            target_params=target_params, pipeline=pipeline))
@@ -243,13 +247,34 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
     capture = Capture(tuple(leaf_modules), concrete_args, frontend)
     passes = body.passes if any(isinstance(p, Capture) for p in body.passes) else (capture, *body.passes)
     pipe = Pipeline(tuple(passes))
-    state = pipe.run(PruneState(model=model, example_inputs=inputs))
+    with _pass_bar(pipe, progress) as step:
+        state = pipe.run(PruneState(model=model, example_inputs=inputs), progress=step)
     if state.module is None or state.plan is None:
         raise ConfigError(f"pipeline {pipe} produced no pruned module; it must end with "
                           f"select and rewrite")
     rep = _report(model, state, inputs) if report else None
     return PruneResult(state.module, rep, state.groups, state.plan, state.scores, state.timings,
                        str(pipe), state.frontend)
+
+
+@contextlib.contextmanager
+def _pass_bar(pipe: Pipeline, progress: bool | None):
+    """A tqdm bar over ``pipe``'s passes, or no callback (``progress`` False, or None
+    off a terminal)."""
+    if progress is False:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    names = [p.name for p in pipe.passes]
+    with tqdm(total=len(names), desc=f"fxprune: {names[0]}", unit="pass", leave=False,
+              disable=None if progress is None else not progress) as bar:
+        def step(done: str) -> None:
+            bar.update()
+            if bar.n < len(names):
+                bar.set_description(f"fxprune: {names[bar.n]}")
+
+        yield None if bar.disable else step
 
 
 def _prune_both(model, example_inputs, *, ratio, ratios, ignore, unsupported, report, **common):

@@ -222,7 +222,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     result = fxprune.prune(model, x, ratio=args.ratio, importance=args.importance,
                            global_ranking=args.global_ranking, round_to=args.round_to,
                            ignore=list(args.ignore), pipeline=args.pipeline, policy=args.policy,
-                           isomorphic=args.isomorphic, frontend=args.frontend, gqa=args.gqa, **budget)
+                           isomorphic=args.isomorphic, frontend=args.frontend, gqa=args.gqa,
+                           progress=None, **budget)
     if not args.no_verify:
         from fxprune.errors import DegenerateReferenceError
 

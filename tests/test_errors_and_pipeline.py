@@ -215,3 +215,15 @@ def test_a_pruned_model_that_does_not_run_is_an_error_naming_the_node_and_module
     msg = str(info.value)
     assert "does not run on the example inputs" in msg and "node %_2" in msg
     assert "in module '2'" in msg and "ignore=['2']" in msg
+
+
+def test_progress_bar_over_the_passes_only_when_asked(capsys):
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    x = torch.randn(1, 3, 8, 8)
+    quiet = fxprune.prune(net, x, ratio=0.5, report=False)
+    assert capsys.readouterr().err == ""
+    shown = fxprune.prune(net, x, ratio=0.5, report=False, progress=True)
+    err = capsys.readouterr().err
+    assert "fxprune: capture" in err and "fxprune: rewrite" in err and "/5 " in err
+    assert [n for n, _ in shown.timings] == [n for n, _ in quiet.timings]
+    assert torch.equal(shown.module(x), quiet.module(x))
