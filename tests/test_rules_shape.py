@@ -602,3 +602,33 @@ def test_a_constant_that_meets_no_channel_is_kept():
     result, v = prune_and_verify(Net(), torch.randn(3, 4), ratio=0.5)
     assert [g.size for g in result.groups.prunable] == [8]
     assert "new_ones(6)" in result.module.code
+
+
+class AttentionPool(nn.Module):
+    """Attention pooling whose weights take their shape from one channel of the features
+    (``view_as(f[:, 0])``): that channel is read for its shape only."""
+
+    def __init__(self, template):
+        super().__init__()
+        self.template = template
+        self.c = nn.Conv2d(3, 16, 3, padding=1)
+        self.q = nn.Parameter(torch.randn(16))
+        self.o = nn.Linear(16, 2)
+
+    def forward(self, x):
+        f = F.relu(self.c(x))
+        a = torch.einsum("bchw,c->bhw", f, self.q).flatten(1).softmax(-1)
+        a = a.view_as(f[:, 0]) if self.template else a.view(x.shape[0], 6, 6) * f[:, 0]
+        return self.o(torch.einsum("bchw,bhw->bc", f, a))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_channel_read_for_its_shape_only_does_not_pin(frontend):
+    torch.manual_seed(0)
+    result, v = prune_and_verify(AttentionPool(True), torch.randn(2, 3, 6, 6), ratio=0.5, frontend=frontend)
+    assert v.exact_groups == 1 and result.module.get_parameter("c.weight").shape[0] == 8
+    # the same channel read for its values is pinned
+    torch.manual_seed(0)
+    kept = fxprune.prune(AttentionPool(False), torch.randn(2, 3, 6, 6), ratio=0.5, frontend=frontend)
+    assert kept.module.get_parameter("c.weight").shape[0] == 16
+    assert any("integer index into a channel dim" in r for g in kept.groups.groups for r in g.pinned_reasons)

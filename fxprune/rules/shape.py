@@ -367,6 +367,10 @@ def index_labels(ctx, node, x, value):
             fast.append(i)
             continue
         if labels.shape[d] > 1:
+            if isinstance(i, int) and _shape_template(node):
+                # one channel picked only for its shape (view_as(f[:, 0])): whichever
+                # channel sits there after pruning has the same shape
+                return const_like(ctx.meta(node).ndim)
             if isinstance(i, int):
                 ctx.pin(labels, f"{node.name}: integer index into a channel dim")
             elif isinstance(i, slice) and i.step not in (None, 1):
@@ -383,6 +387,30 @@ def index_labels(ctx, node, x, value):
             fast.append(0 if isinstance(i, int) else slice(None))
     # slicing a compressed dim keeps size 1; shape check happens in the engine
     return labels[tuple(fast)]
+
+
+_TEMPLATE_USES = {"view_as", "expand_as", "reshape_as", "type_as", "zeros_like", "ones_like", "empty_like",
+                  "new_zeros", "new_ones", "new_empty", "new_full"}
+
+
+def _shape_template(node: torch.fx.Node) -> bool:
+    """Whether every use of ``node``'s value reads only its shape, dtype or device: the
+    template argument of ``view_as``/``expand_as``/``type_as``, ``*_like``, ``.shape``,
+    ``.size()``."""
+    if not node.users:
+        return False
+    for user in node.users:
+        name = _op_name(user)
+        if name in ("view_as", "expand_as", "reshape_as", "type_as"):
+            if user.args[0] is node or node not in user.args[1:]:
+                return False
+        elif name in _TEMPLATE_USES or name in ("size", "dim"):
+            if name.startswith("new_") and any(a is node for a in user.args[1:]):
+                return False
+        elif not (user.op == "call_function" and user.target is getattr
+                  and user.args[1] in ("shape", "dtype", "device", "ndim")):
+            return False
+    return True
 
 
 def _strided_blocks(i: slice, n: int) -> bool:
