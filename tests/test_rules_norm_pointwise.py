@@ -217,3 +217,37 @@ def test_resampled_position_table_prunes_with_the_features(mode, frontend):
     assert "pos" in {m.path for m in g.members} and g.exact
     result, _ = prune_and_verify(model, x, ratio=0.5, frontend=frontend)
     assert dict(result.module.named_parameters())["pos"].shape == (1, 4, 3, 3)
+
+
+class TwoTowers(nn.Module):
+    """A shared encoder applied to two inputs, compared by cosine similarity or distance
+    over the embedding (channel) dim, or by cosine similarity over space."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.c = nn.Conv2d(3, 16, 3)
+        self.proj = nn.Linear(16, 8)
+
+    def forward(self, a, b):
+        fa, fb = F.relu(self.c(a)), F.relu(self.c(b))
+        if self.how == "space":  # per channel, over positions: channels pass through to the sum
+            return F.cosine_similarity(fa.flatten(2), fb.flatten(2), dim=2).sum(1, keepdim=True)
+        za, zb = self.proj(fa.mean((2, 3))), self.proj(fb.mean((2, 3)))
+        if self.how == "cosine":
+            return F.cosine_similarity(za, zb)
+        return F.pairwise_distance(za, zb)
+
+
+@pytest.mark.parametrize("how, exact", [("cosine", True), ("distance", False), ("space", True)])
+def test_comparisons_of_two_embeddings_pair_their_channels(how, exact):
+    torch.manual_seed(0)
+    x = (torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8))
+    result, v = prune_and_verify(TwoTowers(how), x, ratio=0.5, healthy=False)
+    assert not result.groups.barriers
+    assert result.module.get_parameter("c.weight").shape[0] == 8
+    groups = {g.members[0].path: g.exact for g in result.groups.prunable}
+    assert groups["c.weight"] is True
+    if how != "space":
+        assert result.module.get_parameter("proj.weight").shape == (4, 8)
+        assert groups["proj.weight"] is exact

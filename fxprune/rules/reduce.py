@@ -66,6 +66,37 @@ def reduce(ctx, node):
     return (out, out) if is_multi(node) else out
 
 
+def compare(ctx, node):
+    """``cosine_similarity(a, b, dim)`` and ``pairwise_distance(a, b, p, eps, keepdim)``
+    (over the last dim): the inputs meet position by position (their channels pair up,
+    broadcasting), then the dim is reduced. Over the channel dim, cosine similarity is a
+    sum of products divided by norms of sums: zeroing the removed channels of both inputs
+    (the oracle's consumer masks) gives exactly the pruned result; a distance adds ``eps``
+    at every position, removed ones too (inexact)."""
+    from .pointwise import broadcast_labels
+
+    a, b = node.args[0], node.args[1]
+    shape = torch.broadcast_shapes(ctx.meta(a).shape, ctx.meta(b).shape)
+    labels = broadcast_labels(ctx, node, [(ctx.labels(a), ctx.meta(a).shape), (ctx.labels(b), ctx.meta(b).shape)],
+                              out_shape=shape)
+    cosine = _name(node) == "cosine_similarity"
+    dim = ctx.value(ctx.arg(2, "dim", 1)) if cosine else -1
+    keepdim = False if cosine else bool(ctx.value(ctx.arg(4, "keepdim", False)))
+    d = dim % len(shape)
+    if labels.shape[d] > 1 and channel_dim(labels) == d:
+        if cosine:
+            ctx.consume(0)
+            ctx.consume(1)
+        else:
+            ctx.inexact(labels, f"{node.name}: distance over the channel dim (eps at every position)")
+        return const_like(len(shape) if keepdim else len(shape) - 1)
+    out = labels.narrow(d, 0, 1)
+    return out if keepdim else out.squeeze(d)
+
+
+register(F.cosine_similarity, F.pairwise_distance, "cosine_similarity", "pairwise_distance")(compare)
+
+
 _REDUCTIONS = ["sum", "nansum", "mean", "nanmean", "amax", "amin", "max", "min", "std", "var",
                "norm", "logsumexp", "prod", "median", "all", "any"]
 register(*[getattr(torch, n) for n in _REDUCTIONS], *_REDUCTIONS, torch.linalg.vector_norm)(reduce)
