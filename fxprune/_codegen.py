@@ -30,6 +30,9 @@ __all__ = ["SaveError", "Emitted", "emit_module"]
 
 # Attributes every nn.Module has; the rest of ``vars(module)`` is its own state.
 _INTERNALS = frozenset(vars(torch.nn.Module())) | {"training"}
+# state a module derives from its own parameters whenever they move: a recurrent layer's
+# flat weight list (RNNBase._apply rebuilds it on load's to_empty)
+_DERIVED = frozenset({"_flat_weights", "_flat_weight_refs"})
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 RESERVED = frozenset({"os", "torch", "load", "WEIGHTS", "_HERE", "_put",
                       "_blank", "_tie", "_assign", "_tie_weights"})
@@ -135,7 +138,7 @@ class _Writer:
         """A ``_blank(cls, attrs, params, buffers)`` call that rebuilds `module` exactly."""
         attrs = {}
         for key, value in vars(module).items():
-            if key in _INTERNALS:
+            if key in _INTERNALS or key in _DERIVED and hasattr(module, "_init_flat_weights"):
                 continue
             if isinstance(value, torch.Tensor):  # restored by load() from the extras
                 attrs[key] = None
