@@ -284,21 +284,13 @@ def _chunks(flat: list, counts: list[int]) -> list[list]:
 
 def _tagged_distinct(labels: list[torch.Tensor], table: torch.Tensor, bound: int) -> torch.Tensor:
     """The distinct pairs ``(i, table[l])`` for the labels ``l`` of ``labels[i]``
-    (``table`` maps into ``[0, bound)``), as sorted keys ``i * bound + table[l]``. Most
-    tensors map to a single value (an alignment usually belongs to one group): those
-    are found with a min and a max per tensor, and only the others are sorted."""
+    (``table`` maps into ``[0, bound)``), as sorted keys ``i * bound + table[l]``. A
+    tensor's keys come in runs (an alignment usually belongs to one group, a concat's
+    parts to a few): only the first of each run is sorted."""
     if not labels:
         return torch.zeros(0, dtype=torch.int64)
     flat, tag = concat_tagged(labels)
-    value = table[flat]
-    lo = torch.full((len(labels),), bound, dtype=torch.int64).scatter_reduce(0, tag, value, "amin")
-    hi = torch.full((len(labels),), -1, dtype=torch.int64).scatter_reduce(0, tag, value, "amax")
-    single = (lo == hi).nonzero().reshape(-1)
-    keys = [single * bound + lo[single]]
-    mixed = (lo != hi)[tag]
-    if bool(mixed.any()):
-        keys.append(unique_runs(tag[mixed] * bound + value[mixed]))  # a concat's parts: runs
-    return torch.sort(torch.cat(keys)).values
+    return unique_runs(tag * bound + table[flat])
 
 
 def _segments(labels_of: dict, class_of: torch.Tensor) -> tuple[torch.Tensor, ...]:
