@@ -180,13 +180,37 @@ class Normalized(torch.nn.Module):
         return self.b(torch.nn.functional.normalize(self.a(x), dim=self.dim))
 
 
-def test_functional_normalize_over_channels_is_inexact_else_exact():
+class Norms(torch.nn.Module):
+    """A channel statistic used as a value: an L2 / L1 / max norm, or a softmax."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a, self.b = torch.nn.Linear(6, 12), torch.nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        scale = {"l2": lambda: h.norm(dim=-1, keepdim=True), "l1": lambda: torch.linalg.vector_norm(h, 1, -1, True),
+                 "inf": lambda: torch.linalg.vector_norm(h, float("inf"), -1, True),
+                 "neg": lambda: torch.linalg.vector_norm(h, -1, -1, True),
+                 "softmax": lambda: h.softmax(-1).amax(-1, keepdim=True)}[self.how]()
+        return self.b(h) * scale
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_functional_normalize_and_p_norms_over_channels_are_exact_under_the_masks(frontend):
+    # a zeroed channel adds nothing to a p-norm with p > 0: the pruned model equals the
+    # original with the removed channels zeroed (the oracle checks it exactly). Export
+    # writes F.normalize as norm, clamp, expand_as and div: the same, not pinned
     x = torch.randn(2, 5, 6)
-    over = fxprune.analyze(Normalized(-1), x)
-    along = fxprune.analyze(Normalized(1), x)  # over the tokens: channel-wise
-    assert not over.barriers and not along.barriers
-    assert not over.group_of("a.weight").exact and along.group_of("a.weight").exact
-    prune_and_verify(Normalized(1), x, ratio=0.5, healthy=False)
+    torch.manual_seed(0)
+    for model in (Normalized(-1), Normalized(1)):
+        result, v = prune_and_verify(model, x, ratio=0.5, healthy=False, frontend=frontend)
+        assert result.groups.group_of("a.weight").exact and v.exact_groups == 1
+    for how, exact in (("l2", True), ("l1", True), ("inf", True), ("neg", False), ("softmax", False)):
+        torch.manual_seed(0)
+        result, v = prune_and_verify(Norms(how), x, ratio=0.5, healthy=False, frontend=frontend)
+        assert result.groups.group_of("a.weight").exact is exact, how
 
 
 class ResampledPositions(nn.Module):

@@ -87,7 +87,8 @@ register(aten.col2im)(shape.col2im)
 register(*_ops("cat", "concat", "stack"))(shape.cat)
 register(*_ops("flatten", "permute", "transpose", "t", "squeeze", "unsqueeze", "movedim", "flip", "rot90",
                "repeat", "repeat_interleave", "tile", "pixel_shuffle", "pixel_unshuffle",
-               "numpy_T", "mT", "expand_as", "view_as", "reshape_as"))(shape.relabel)
+               "numpy_T", "mT", "view_as", "reshape_as"))(shape.relabel)
+register(aten.expand_as)(shape.expand_as)
 register(*_ops("channel_shuffle", "native_channel_shuffle"))(shape.channel_shuffle)
 
 register(*_ops("sum", "nansum", "mean", "nanmean", "amax", "amin", "max", "min", "std", "var",

@@ -112,8 +112,22 @@ def mixing_along_dim(ctx, node):
 
 
 def normalize(ctx, node):
-    """F.normalize(x, p, dim): x divided by its norm along ``dim`` (default 1)."""
-    return _mixing(ctx, node, ctx.value(ctx.arg(2, "dim", 1)))
+    """F.normalize(x, p, dim): x divided by its p-norm along ``dim`` (default 1). Over the
+    channel dim with p > 0 a removed channel that is zeroed adds nothing to the norm, so
+    zeroing the removed channels of the input (the oracle's mask: a consumer) gives the
+    pruned result exactly; other p (a norm that zeros change) mix the channels."""
+    x = node.args[0] if node.args else node.kwargs["input"]
+    labels = ctx.labels(x)
+    dim = ctx.value(ctx.arg(2, "dim", 1))
+    if labels is not None and labels.shape[dim % labels.ndim] > 1 and zero_blind_norm(ctx.value(ctx.arg(1, "p", 2.0))):
+        ctx.consume(0)
+        return labels
+    return _mixing(ctx, node, dim)
+
+
+def zero_blind_norm(p) -> bool:
+    """Whether the p-norm of a vector is unchanged by zero entries (p > 0, inf, 'fro')."""
+    return p in (None, "fro") or isinstance(p, (int, float)) and p > 0
 
 
 def _mixing(ctx, node, dim):

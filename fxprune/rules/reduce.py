@@ -1,8 +1,9 @@
 """Reductions, pooling and other spatial ops, padding, and size queries.
 
 A reduction over a dim the channels do not vary along passes the labels
-through. A sum over the channel dim contracts them (the oracle masks its
-input); a mean, max, norm or variance over it mixes them (inexact). Spatial ops
+through. A sum or a p-norm (p > 0) over the channel dim contracts them (zeroed
+channels add nothing: the oracle masks its input); a mean, max or variance over
+it mixes them (inexact). Spatial ops
 (pooling, interpolation) must not touch the channel dim; when they do, the
 channels are pinned.
 """
@@ -19,9 +20,11 @@ from torch import nn
 
 from ..labels import channel_dim, const_like
 from ..meta import is_multi
+from .pointwise import zero_blind_norm
 from .registry import register
 
 _SUM_LIKE = {"sum", "nansum"}
+_NORMS = {"norm": "p", "linalg_vector_norm": "ord", "vector_norm": "ord"}  # name -> its p argument
 
 
 def _name(node) -> str:
@@ -52,8 +55,8 @@ def reduce(ctx, node):
     cd = channel_dim(labels)
     out_ndim = ndim if keepdim else ndim - len(dims)
     if cd is not None and cd in dims:
-        if name in _SUM_LIKE:
-            ctx.consume(0)
+        if name in _SUM_LIKE or name in _NORMS and zero_blind_norm(ctx.value(ctx.arg(dim_pos - 1, _NORMS[name], 2))):
+            ctx.consume(0)  # the removed channels, zeroed, add nothing (a p-norm with p > 0 too)
         else:
             ctx.inexact(labels, f"{node.name}: {name} over the channel dim")
         out = const_like(out_ndim)

@@ -16,7 +16,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..labels import channel_dim, const_like, constant_along
+from ..labels import CONST, channel_dim, const_like, constant_along
 from .registry import register
 
 
@@ -693,12 +693,28 @@ def rewrite_narrow(r, old, new):
 
 register("narrow", torch.narrow, rewrite=rewrite_narrow)(relabel)
 
+def expand_as(ctx, node):
+    """``x.expand_as(y)``. A value that carries no channel, expanded from size 1 to
+    ``y``'s shape (a norm kept with keepdim, then divided into ``y``: F.normalize as
+    export writes it), has ``y``'s positions: its size follows ``y`` at run time and its
+    values do not change along the expanded dims. Otherwise the op runs on the labels."""
+    x, y = node.args[0], node.args[1]
+    xl, yl = ctx.labels(x), ctx.labels(y)
+    if yl is not None and (xl is None or not bool((ctx.classes(xl) != CONST).any())):
+        shape = ctx.meta(x).shape
+        shape = (1,) * (yl.ndim - len(shape)) + tuple(shape)
+        if all(n == 1 or yl.shape[d] == 1 for d, n in enumerate(shape)):
+            return yl
+    return relabel(ctx, node)
+
+
+register("expand_as")(expand_as)
 register("unbind", torch.unbind)(unbind)
 register("roll", torch.roll)(roll)
 
 register("flatten", "permute", "transpose", "t", "squeeze", "unsqueeze", "movedim", "moveaxis",
          "swapaxes", "swapdims", "flip", "rot90", "repeat", "repeat_interleave", "tile", "view_as",
-         "reshape_as", "expand_as", "mT",
+         "reshape_as", "mT",
          torch.flatten, torch.permute, torch.transpose, torch.t, torch.squeeze, torch.unsqueeze,
          torch.movedim, torch.moveaxis, torch.swapaxes, torch.swapdims, torch.flip, torch.rot90,
          torch.repeat_interleave, torch.tile, torch.pixel_shuffle, torch.pixel_unshuffle,
