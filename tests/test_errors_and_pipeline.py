@@ -227,3 +227,4 @@ def test_progress_bar_over_the_passes_only_when_asked(capsys):
     assert "fxprune: capture" in err and "fxprune: rewrite" in err and "/5 " in err
     assert [n for n, _ in shown.timings] == [n for n, _ in quiet.timings]
     assert torch.equal(shown.module(x), quiet.module(x))
+    assert fxprune.verify(net, shown, x).exact_groups == 1
