@@ -7,7 +7,6 @@ scoring pass, select, rewrite); ``pipeline=`` accepts the same pipeline as text.
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass

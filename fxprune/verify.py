@@ -130,7 +130,7 @@ def consumer_masks(groups, kept: torch.Tensor) -> dict[str, dict[int | str, torc
     return masks
 
 
-def masked_modules(groups, kept: torch.Tensor) -> tuple[dict[str, torch.nn.Module], dict[str, torch.Tensor]]:
+def masked_weights(groups, kept: torch.Tensor) -> tuple[dict[str, torch.nn.Module], dict[str, torch.Tensor]]:
     """Copies of opaque modules that consume channels through their own weights (recurrent
     layers), with the removed weight columns zeroed; for an exported op (``aten.lstm``),
     zeroed copies of the weights it is given, by attribute path."""
@@ -165,7 +165,7 @@ def masked_modules(groups, kept: torch.Tensor) -> tuple[dict[str, torch.nn.Modul
 def masked_reference(groups, kept: torch.Tensor, inputs: tuple) -> Any:
     """Outputs of the original graph with removed channels zeroed at their consumers."""
     with torch.no_grad():
-        return _Masked(groups.gm, consumer_masks(groups, kept), *masked_modules(groups, kept)).run(*inputs)
+        return _Masked(groups.gm, consumer_masks(groups, kept), *masked_weights(groups, kept)).run(*inputs)
 
 
 def _compare(a: list[torch.Tensor], b: list[torch.Tensor], what: str) -> float:

@@ -170,18 +170,9 @@ def test_softmax_over_channels_is_inexact_over_space_exact():
     assert fxprune.analyze(Soft(-1), x).group_of("conv.weight").exact
 
 
-class Normalized(torch.nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.dim = dim
-        self.a, self.b = torch.nn.Linear(6, 12), torch.nn.Linear(12, 3)
-
-    def forward(self, x):
-        return self.b(torch.nn.functional.normalize(self.a(x), dim=self.dim))
-
-
 class Norms(torch.nn.Module):
-    """A channel statistic used as a value: an L2 / L1 / max norm, or a softmax."""
+    """A channel statistic used as a value: F.normalize over the channels or over the
+    tokens, an L2 / L1 / max / negative-order norm, or a softmax maximum."""
 
     def __init__(self, how):
         super().__init__()
@@ -190,6 +181,8 @@ class Norms(torch.nn.Module):
 
     def forward(self, x):
         h = self.a(x)
+        if self.how.startswith("normalize"):
+            return self.b(F.normalize(h, dim=-1 if self.how == "normalize" else 1))
         scale = {"l2": lambda: h.norm(dim=-1, keepdim=True), "l1": lambda: torch.linalg.vector_norm(h, 1, -1, True),
                  "inf": lambda: torch.linalg.vector_norm(h, float("inf"), -1, True),
                  "neg": lambda: torch.linalg.vector_norm(h, -1, -1, True),
@@ -204,7 +197,7 @@ def test_functional_normalize_and_p_norms_over_channels_are_exact_under_the_mask
     # writes F.normalize as norm, clamp, expand_as and div: the same, not pinned
     x = torch.randn(2, 5, 6)
     torch.manual_seed(0)
-    for model in (Normalized(-1), Normalized(1)):
+    for model in (Norms("normalize"), Norms("normalize-tokens")):
         result, v = prune_and_verify(model, x, ratio=0.5, healthy=False, frontend=frontend)
         assert result.groups.group_of("a.weight").exact and v.exact_groups == 1
     for how, exact in (("l2", True), ("l1", True), ("inf", True), ("neg", False), ("softmax", False)):

@@ -266,9 +266,8 @@ def _size_arg(node) -> tuple:
     at = 1 if shape._op_name(node).startswith("new_") else 0
     if len(node.args) > at:
         first = node.args[at]
-        if isinstance(first, (list, tuple, torch.Size, torch.fx.Node)) and \
-                not (isinstance(first, torch.fx.Node) and _is_int(first)):
-            return first, ("packed", at)
+        if isinstance(first, (list, tuple, torch.Size)) or isinstance(first, torch.fx.Node) and not _is_int(first):
+            return first, ("packed", at)  # (a node holding one int is the first of several sizes)
         return list(node.args[at:]), ("varargs", at)
     return node.kwargs.get("size"), ("kw", at)
 

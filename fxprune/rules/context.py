@@ -228,6 +228,11 @@ class AnalysisContext:
         got = self.labels_of.get(x)
         return got if isinstance(got, torch.Tensor) else None
 
+    def labels_or_const(self, x: Any) -> torch.Tensor:
+        """Label tensor of tensor argument ``x``, or CONST labels of its rank when it has none."""
+        labels = self.labels(x)
+        return labels if labels is not None else const_like(self.meta(x).ndim)
+
     def tuple_labels(self, x: Any) -> tuple | None:
         got = self.labels_of.get(x) if isinstance(x, torch.fx.Node) else None
         return got if isinstance(got, tuple) else None

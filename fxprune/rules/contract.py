@@ -72,10 +72,7 @@ def contract(ctx, node, operands, out_letters):
     for (_, letters), shape in zip(operands, metas):
         for c, n in zip(letters, shape):
             size[c] = max(size.get(c, 1), n)
-    labs = []
-    for (x, letters), shape in zip(operands, metas):
-        lab = ctx.labels(x)
-        labs.append(lab if lab is not None else const_like(len(shape)))
+    labs = [ctx.labels_or_const(x) for x, _ in operands]
     settled = [_varying(lab) <= 1 for lab in labs]
     met = {_channel_letter(lab, letters) for lab, (_, letters), ok in zip(labs, operands, settled) if ok}
     for k, ((_, letters), lab) in enumerate(zip(operands, labs)):
@@ -224,7 +221,7 @@ def _group_query_heads(ctx, node, q, k, v):
     hq, hkv = ctx.meta(q).shape[-3], ctx.meta(k).shape[-3]
     if hq % hkv:
         raise ValueError(f"grouped-query SDPA with {hq} query heads and {hkv} kv heads")
-    labs = [ctx.labels(t) if ctx.labels(t) is not None else const_like(ctx.meta(t).ndim) for t in (q, k, v)]
+    labs = [ctx.labels_or_const(t) for t in (q, k, v)]
     on_heads = [channel_dim(l) == l.ndim - 3 for l in labs]
     if not any(on_heads):
         return
@@ -248,8 +245,7 @@ def _couple_mask(ctx, node, q, q_letters, mask, mask_letters):
     ((B, 1, L, S) padding) is the same for every head; a per-head one (T5's relative bias,
     ALiBi) goes with the heads, and one whose heads are not traced (an opaque op made it)
     keeps them all."""
-    lq, lm = ctx.labels(q), ctx.labels(mask)
-    lm = lm if lm is not None else const_like(ctx.meta(mask).ndim)
+    lq, lm = ctx.labels(q), ctx.labels_or_const(mask)
     cq = _channel_letter(lq, q_letters) if lq is not None else None
     cm = _channel_letter(lm, mask_letters)
     if cm is not None and cm != cq:

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..labels import channel_dim, const_like
 from ..meta import is_multi
-from .pointwise import zero_blind_norm
+from .pointwise import broadcast_labels, zero_blind_norm
 from .registry import register
 
 _SUM_LIKE = {"sum", "nansum"}
@@ -37,8 +37,7 @@ def _name(node) -> str:
 def reduce(ctx, node):
     x = node.args[0] if node.args else node.kwargs["input"]
     ndim = ctx.meta(x).ndim
-    labels = ctx.labels(x)
-    labels = labels if labels is not None else const_like(ndim)
+    labels = ctx.labels_or_const(x)
     name = _name(node)
     if name in ("max", "min") and len(node.args) > 1 and ctx.is_tensor(node.args[1]):
         from .pointwise import pointwise
@@ -76,8 +75,6 @@ def compare(ctx, node):
     sum of products divided by norms of sums: zeroing the removed channels of both inputs
     (the oracle's consumer masks) gives exactly the pruned result; a distance adds ``eps``
     at every position, removed ones too (inexact)."""
-    from .pointwise import broadcast_labels
-
     a, b = node.args[0], node.args[1]
     shape = torch.broadcast_shapes(ctx.meta(a).shape, ctx.meta(b).shape)
     labels = broadcast_labels(ctx, node, [(ctx.labels(a), ctx.meta(a).shape), (ctx.labels(b), ctx.meta(b).shape)],

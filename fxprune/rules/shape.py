@@ -163,9 +163,8 @@ def gather_labels(ctx, node, x, entries, *, aten_list: bool = False):
     ``x`` are collapsed to one class; the other dims keep their labels. The op is then
     run on the labels with all-zero index tensors of the real shapes, so the output's
     dims land where indexing puts them. Indexing into a channel dim pins it."""
-    labels = ctx.labels(x)
+    labels = ctx.labels_or_const(x)
     ndim = ctx.meta(x).ndim
-    labels = labels if labels is not None else const_like(ndim)
     if aten_list:  # aten.index(x, [idx or None per leading dim])
         entries = list(entries) + [None] * (ndim - len(entries))
         dims = list(range(ndim))
@@ -186,11 +185,6 @@ def gather_labels(ctx, node, x, entries, *, aten_list: bool = False):
     if aten_list:
         return torch.ops.aten.index.Tensor(labels, probe)
     return labels[tuple(probe)]
-
-
-def _labels_or_const(ctx, x):
-    labels = ctx.labels(x)
-    return labels if labels is not None else const_like(ctx.meta(x).ndim)
 
 
 def _picked_by_data(ctx, node, x, labels, d, why):
@@ -239,7 +233,7 @@ def gather(ctx, node):
     x, index, dim = _gather_args(node)
     dim = ctx.value(dim)
     shape = ctx.meta(x).shape
-    labels = _labels_or_const(ctx, x)
+    labels = ctx.labels_or_const(x)
     if dim is None:  # take_along_dim over the flattened input
         for d in range(len(shape)):
             labels = _picked_by_data(ctx, node, x, labels, d, "take_along_dim over the flattened channels")
@@ -306,12 +300,12 @@ def scatter(ctx, node):
     shape = ctx.meta(x).shape
     d = dim % len(shape)
     why = f"{_op_name(node)} along a channel dim"
-    labels = _picked_by_data(ctx, node, x, _labels_or_const(ctx, x), d, why)
+    labels = _picked_by_data(ctx, node, x, ctx.labels_or_const(x), d, why)
     real = [1 if k == d else n for k, n in enumerate(shape)]
     operands = [(labels, real)]
     if ctx.is_tensor(src):
         src_shape = ctx.meta(src).shape
-        src_labels = _picked_by_data(ctx, node, src, _labels_or_const(ctx, src), d, why)
+        src_labels = _picked_by_data(ctx, node, src, ctx.labels_or_const(src), d, why)
         if _op_name(node) in _SCATTERS:  # the index's extent, not src's, is what is written
             index_shape, copied = ctx.meta(index).shape, _copied_dims(index)
             for k in range(len(shape)):
@@ -344,7 +338,7 @@ def index_select(ctx, node):
     channel dim there is pinned); the other dims keep their labels."""
     x = node.args[0]
     d = ctx.value(ctx.arg(1, "dim")) % ctx.meta(x).ndim
-    return _picked_by_data(ctx, node, x, _labels_or_const(ctx, x), d, "index_select along a channel dim")
+    return _picked_by_data(ctx, node, x, ctx.labels_or_const(x), d, "index_select along a channel dim")
 
 
 register(torch.index_select, "index_select")(index_select)
@@ -389,8 +383,9 @@ def index_labels(ctx, node, x, value):
     return labels[tuple(fast)]
 
 
-_TEMPLATE_USES = {"view_as", "expand_as", "reshape_as", "type_as", "zeros_like", "ones_like", "empty_like",
-                  "new_zeros", "new_ones", "new_empty", "new_full"}
+_TEMPLATE_ARG = ("view_as", "expand_as", "reshape_as", "type_as")  # x.op(template)
+_SHAPE_READERS = {"zeros_like", "ones_like", "empty_like", "new_zeros", "new_ones", "new_empty", "new_full",
+                  "size", "dim"}
 
 
 def _shape_template(node: torch.fx.Node) -> bool:
@@ -401,10 +396,10 @@ def _shape_template(node: torch.fx.Node) -> bool:
         return False
     for user in node.users:
         name = _op_name(user)
-        if name in ("view_as", "expand_as", "reshape_as", "type_as"):
+        if name in _TEMPLATE_ARG:
             if user.args[0] is node or node not in user.args[1:]:
                 return False
-        elif name in _TEMPLATE_USES or name in ("size", "dim"):
+        elif name in _SHAPE_READERS:
             if name.startswith("new_") and any(a is node for a in user.args[1:]):
                 return False
         elif not (user.op == "call_function" and user.target is getattr
@@ -471,7 +466,7 @@ def cat(ctx, node):
     ndim = ctx.meta(node).ndim
     stack = node.target is torch.stack or getattr(node.target, "overloadpacket", None) is torch.ops.aten.stack
     d = None if stack else dim % ndim
-    ls = [ctx.labels(t) if ctx.labels(t) is not None else const_like(ctx.meta(t).ndim) for t in tensors]
+    ls = [ctx.labels_or_const(t) for t in tensors]
     if d is None:
         return torch.stack([l.expand(ctx.meta(t).shape) for l, t in zip(ls, tensors)], dim)
     need = {k for l in ls for k in range(l.ndim) if l.shape[k] > 1} | {d}
