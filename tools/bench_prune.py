@@ -5,6 +5,7 @@ Torch-Pruning's graph build + step() at the same ratio in the same run.
 
     python tools/bench_prune.py                       # default models + synthetic 100/1k/10k nodes
     python tools/bench_prune.py --models resnet50 --vs-torch-pruning
+    python tools/bench_prune.py --models vit_b_16 --synthetic --vs-torch-pruning --floor
     python tools/bench_prune.py --synthetic 100 1000 --repeat 3
 
 Numbers are wall-clock seconds, best of --repeat runs after one untimed run, each
@@ -106,6 +107,44 @@ def _warm_fxprune(model, x, ratio, repeat):
 def _warm_peer(model, x, ratio, repeat):
     bench_torch_pruning(model, x, ratio, 1)  # warm-up in the fresh process, not timed
     return bench_torch_pruning(model, x, ratio, repeat)
+
+
+def bench_floor(model, x, ratio, repeat):
+    """What any pruner that captures with torch.fx, scores by magnitude and emits a new
+    GraphModule must spend at least, measured with torch's own kernels and no analysis:
+    (seconds of symbolic_trace + one recompile, of the sums of squares of every weight
+    fxprune shrinks along each dim it shrinks, of copying the kept slices of those weights
+    with index_select). The kept sizes are fxprune's own result at this ratio (matched by
+    parameter name; a weight it renamed is left out, so the floor stays a lower bound)."""
+    result = fxprune.prune(model, x, ratio=ratio, report=False)
+    after = dict(result.module.named_parameters())
+    work = []  # (weight, {dim: kept indices})
+    gen = torch.Generator().manual_seed(0)
+    for name, w in model.named_parameters():
+        new = after.get(name)
+        if new is None or new.ndim != w.ndim or new.shape == w.shape:
+            continue
+        dims = {d: torch.randperm(w.shape[d], generator=gen)[:new.shape[d]].sort().values
+                for d in range(w.ndim) if new.shape[d] != w.shape[d]}
+        work.append((w.detach(), dims))
+
+    def trace():
+        torch.fx.symbolic_trace(model).recompile()
+
+    def norms():
+        for w, dims in work:
+            sq = w.square()
+            for d in dims:
+                sq.sum([o for o in range(w.ndim) if o != d])
+
+    def slices():
+        for w, dims in work:
+            out = w
+            for d, idx in dims.items():
+                out = out.index_select(d, idx)
+
+    with torch.no_grad():
+        return tuple(_best(fn, repeat)[0] for fn in (trace, norms, slices))
 
 
 def _child(conn, fn, args, mem_gib):
@@ -222,6 +261,10 @@ def main(argv=None):
                          "FFN 11008) on the meta device: time and peak memory")
     ap.add_argument("--vs-torch-pruning", action="store_true",
                     help="also time Torch-Pruning (if installed) at the same ratio")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time, per torchvision model, the steps no fx-based pruner can skip "
+                         "(symbolic_trace + recompile, magnitude sums, copying the kept weights) "
+                         "and compare them with a fifth of Torch-Pruning's time")
     args = ap.parse_args(argv)
     import torchvision
 
@@ -234,6 +277,7 @@ def main(argv=None):
         head += f"{'TP build':>10}{'TP step':>9}{'TP total':>10}{'speedup':>9}"
     print(head)
     print("-" * len(head))
+    floors = []
     for name, make, x in cases:
         model = make()
         times, total, nodes, frontend = run_isolated(_warm_fxprune, model, x, args.ratio, args.repeat)
@@ -244,11 +288,25 @@ def main(argv=None):
                 import torch_pruning  # noqa: F401  (ImportError: not installed)
                 build, step = run_isolated(_warm_peer, model, x, args.ratio, args.repeat)
                 row += f"{build:>10.3f}{step:>9.3f}{build + step:>10.3f}{(build + step) / total:>8.1f}x"
+                if args.floor and not name.startswith("synthetic"):
+                    floors.append((name, total, build + step, run_isolated(bench_floor, model, x, args.ratio,
+                                                                            args.repeat)))
             except ImportError:
                 row += f"{'(torch-pruning not installed)':>38}"
             except Exception as exc:  # report, do not hide, a peer's failure
                 row += f"   TP failed: {type(exc).__name__}: {str(exc)[:60]}"
         print(row, flush=True)
+    if floors:
+        print("\nThe floor: seconds that torch alone spends on the steps any fx-based pruner must take "
+              "(no analysis at all), against a fifth of Torch-Pruning's time")
+        fhead = (f"{'model':<22}{'trace+recompile':>16}{'weight sums':>13}{'weight copy':>13}{'floor':>8}"
+                 f"{'fxprune':>9}{'TP / 5':>8}{'floor / (TP / 5)':>18}")
+        print(fhead)
+        print("-" * len(fhead))
+        for name, total, peer, (trace, norms, slices) in floors:
+            floor = trace + norms + slices
+            print(f"{name:<22}{trace:>16.3f}{norms:>13.3f}{slices:>13.3f}{floor:>8.3f}{total:>9.3f}"
+                  f"{peer / 5:>8.3f}{100 * floor / (peer / 5):>17.0f}%")
     if args.llama:
         seconds, peak, nodes, prunable, classes = run_isolated(bench_llama_meta, mem_gib=16.0)
         print(f"\nLLaMA-shaped decoder on meta: {nodes} nodes, {prunable} prunable groups, {classes} channel "
