@@ -114,9 +114,11 @@ class _Tracer(torch.fx.Tracer):
     """A symbolic tracer with extra leaf modules that remembers the module stack,
     so a failure can name the module being traced."""
 
-    def __init__(self, leaf_modules: Iterable = ()):
+    def __init__(self, leaf_modules: Iterable = (), example_inputs: tuple | None = None):
         super().__init__()
         self.proxy_buffer_attributes = True  # buffers sliced by traced sizes become graph nodes
+        self.example_inputs = example_inputs
+        self._example_metas: dict[torch.fx.Node, TensorMeta | None] = {}
         self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self._leaf_ids = {id(m) for m in leaf_modules if isinstance(m, nn.Module)}
@@ -168,6 +170,50 @@ class _Tracer(torch.fx.Tracer):
         if name not in parameter_proxy_cache:
             parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
         return parameter_proxy_cache[name]
+
+    def example_meta(self, value: Any) -> TensorMeta | None:
+        """Shape and dtype of a traced value on the example inputs, or None where they are
+        not known (no example inputs, or a value that cannot be computed from them alone).
+        A decomposition whose ops depend on them (an attention mask's rank and dtype) asks
+        here instead of branching on a Proxy: the nodes the value depends on are run once,
+        on the meta device."""
+        if isinstance(value, torch.Tensor):
+            return TensorMeta(tuple(value.shape), value.dtype)
+        if not isinstance(value, torch.fx.Proxy) or self.example_inputs is None:
+            return None
+        node = value.node
+        if node not in self._example_metas:
+            self._example_metas[node] = self._run_to(node)
+        return self._example_metas[node]
+
+    def _run_to(self, target: torch.fx.Node) -> TensorMeta | None:
+        need, stack = set(), [target]
+        while stack:
+            n = stack.pop()
+            if n not in need:
+                need.add(n)
+                stack.extend(n.all_input_nodes)
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        inputs = set(placeholders[:len(self.example_inputs)])
+        if len(inputs) < len(self.example_inputs) or any(n in need for n in placeholders[len(inputs):]):
+            return None  # depends on an argument specialized by concrete_args
+        graph, env = torch.fx.Graph(), {}
+        for n in self.graph.nodes:
+            if n in inputs or (n in need and n.op != "placeholder"):
+                env[n] = graph.node_copy(n, env.__getitem__)
+            if n is target:
+                break
+        graph.output(env[target])
+        # the trace patches nn.Module.__call__ (and wrapped functions) while it runs:
+        # running modules here needs them as they are
+        unpatched = getattr(torch.fx._symbolic_trace, "_maybe_revert_all_patches", contextlib.nullcontext)
+        try:
+            with torch.no_grad(), unpatched():
+                out = _MetaProp(torch.fx.GraphModule(self.root, graph), on_meta=True).run(
+                    *(_to_meta(t) for t in self.example_inputs))
+        except Exception:  # an op without a meta kernel, a data-dependent size: not known here
+            return None
+        return TensorMeta(tuple(out.shape), out.dtype) if isinstance(out, torch.Tensor) else None
 
     def proxy(self, node):
         return _Proxy(node, self)
@@ -227,9 +273,12 @@ def _trace_hint(exc: BaseException) -> str:
 
 
 def symbolic_trace(model: nn.Module, *, leaf_modules: Iterable = (),
-                   concrete_args: dict[str, Any] | None = None) -> torch.fx.GraphModule:
-    """Symbolically trace ``model``; raise :class:`TraceError` naming the module and line on failure."""
-    tracer = _Tracer(leaf_modules)
+                   concrete_args: dict[str, Any] | None = None,
+                   example_inputs: tuple | None = None) -> torch.fx.GraphModule:
+    """Symbolically trace ``model``; raise :class:`TraceError` naming the module and line on
+    failure. ``example_inputs``, where given, let decompositions learn the shape and dtype
+    of a traced value (``_Tracer.example_meta``)."""
+    tracer = _Tracer(leaf_modules, example_inputs)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # torch.fx raises many exception types; we re-type them here
@@ -662,7 +711,8 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
     if concrete_args is None:
         concrete_args = _unpassed_defaults(model, len(inputs)) or None
     try:
-        gm = symbolic_trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        gm = symbolic_trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                            example_inputs=inputs)
     except TraceError as fx_error:
         if frontend == "fx" or user_concrete:
             raise

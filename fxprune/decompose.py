@@ -5,22 +5,68 @@ torch.fx and their forwards (fused fast paths) are not traceable; the tracer
 calls the functions here instead, which compute the same function from the
 module's own parameters and submodules with ops the channel rules understand
 (linear, view, transpose, scaled dot-product attention), so heads and head_dim
-become prunable and the pruned graph needs no attention module at all. Key
-padding masks are not decomposed: such calls stay opaque (pinned).
+become prunable and the pruned graph needs no attention module at all.
+
+Masks keep torch's meaning: an attention mask of rank 2 or 3 (batch times heads)
+and a key padding mask, each boolean (True: may not attend) or additive, merged
+into one SDPA mask. Their rank and dtype decide the ops, so a mask that is traced
+(a model input, one made in forward) is looked up on the example inputs
+(``_Tracer.example_meta``); where that is not possible the trace fails and the
+auto front end uses torch.export instead.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 
 def mha_supported(m: nn.Module, kwargs: dict[str, Any]) -> bool:
     """Whether :func:`multihead_attention` reproduces ``m`` for these call options."""
-    return (type(m) is nn.MultiheadAttention and m.bias_k is None and not m.add_zero_attn
-            and kwargs.get("key_padding_mask") is None)
+    return type(m) is nn.MultiheadAttention and m.bias_k is None and not m.add_zero_attn
+
+
+def _describe(t, what: str) -> tuple[int, bool]:
+    """(rank, whether floating point) of a tensor that may be traced."""
+    meta = None
+    if isinstance(t, torch.Tensor):
+        return t.dim(), t.is_floating_point()
+    if isinstance(t, torch.fx.Proxy) and hasattr(t.tracer, "example_meta"):
+        meta = t.tracer.example_meta(t)
+    if meta is None:
+        raise TypeError(f"the rank and dtype of the {what} are not known while tracing (they decide how "
+                        f"it is applied); torch.export captures such calls")
+    return len(meta.shape), meta.dtype.is_floating_point
+
+
+def _as_additive(mask, attend: bool, dtype):
+    """A boolean SDPA mask (True: may attend) as an additive one."""
+    return torch.zeros_like(mask, dtype=dtype).masked_fill(mask.logical_not(), float("-inf")) if attend else mask
+
+
+def sdpa_mask(attn_mask, key_padding_mask, b: int, h: int, n: int, s: int, dtype):
+    """nn.MultiheadAttention's masks as one SDPA mask broadcastable to (b, h, n, s):
+    (mask, is_additive), or (None, False). Boolean masks mean "may not attend" in torch's
+    modules and "may attend" in SDPA; additive ones are added to the scores in both."""
+    parts = []
+    if attn_mask is not None:
+        rank, additive = _describe(attn_mask, "attention mask")
+        mask = attn_mask.reshape(b, h, n, s) if rank == 3 else attn_mask
+        parts.append((mask if additive else mask.logical_not(), additive))
+    if key_padding_mask is not None:
+        _, additive = _describe(key_padding_mask, "key padding mask")
+        mask = key_padding_mask.reshape(b, 1, 1, s)
+        parts.append((mask if additive else mask.logical_not(), additive))
+    if len(parts) < 2:
+        return parts[0] if parts else (None, False)
+    (a, a_add), (k, k_add) = parts
+    if not a_add and not k_add:
+        return a & k, False
+    return _as_additive(a, not a_add, dtype) + _as_additive(k, not k_add, dtype), True
 
 
 def multihead_attention(m: nn.MultiheadAttention, query, key, value, key_padding_mask=None,
@@ -46,11 +92,7 @@ def multihead_attention(m: nn.MultiheadAttention, query, key, value, key_padding
     q = q.reshape(b, n, h, d).transpose(1, 2)
     k = k.reshape(b, s, h, d).transpose(1, 2)
     v = v.reshape(b, s, h, d).transpose(1, 2)
-    mask = attn_mask
-    if mask is not None and mask.dim() == 3:
-        mask = mask.reshape(b, h, n, s)
-    if mask is not None and mask.dtype.is_floating_point is False:
-        mask = mask.logical_not()  # torch MHA: True means "may not attend"; SDPA: "may attend"
+    mask, additive = sdpa_mask(attn_mask, key_padding_mask, b, h, n, s, m.out_proj.weight.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=m.dropout if m.training else 0.0,
                                          is_causal=is_causal and mask is None, scale=d ** -0.5)
     out = F.linear(out.transpose(1, 2).reshape(b, n, e), m.out_proj.weight, m.out_proj.bias)
@@ -58,8 +100,7 @@ def multihead_attention(m: nn.MultiheadAttention, query, key, value, key_padding
     if need_weights:
         scores = (q @ k.transpose(-2, -1)) * (d ** -0.5)
         if mask is not None:
-            scores = scores.masked_fill(mask.logical_not(), float("-inf")) if not mask.dtype.is_floating_point \
-                else scores + mask
+            scores = scores + mask if additive else scores.masked_fill(mask.logical_not(), float("-inf"))
         weights = scores.softmax(dim=-1)
         if average_attn_weights:
             weights = weights.mean(dim=1)
@@ -68,8 +109,9 @@ def multihead_attention(m: nn.MultiheadAttention, query, key, value, key_padding
     return out, weights
 
 
-def _self_block(m, x, mask, is_causal):
-    out = multihead_attention(m.self_attn, x, x, x, attn_mask=mask, need_weights=False, is_causal=is_causal)[0]
+def _self_block(m, x, mask, padding, is_causal):
+    out = multihead_attention(m.self_attn, x, x, x, key_padding_mask=padding, attn_mask=mask, need_weights=False,
+                              is_causal=is_causal)[0]
     return m.dropout1(out)
 
 
@@ -82,9 +124,9 @@ def encoder_layer(m: nn.TransformerEncoderLayer, src, src_mask=None, src_key_pad
     """``nn.TransformerEncoderLayer`` without its fused fast path."""
     x = src
     if m.norm_first:
-        x = x + _self_block(m, m.norm1(x), src_mask, is_causal)
+        x = x + _self_block(m, m.norm1(x), src_mask, src_key_padding_mask, is_causal)
         return x + _ff_block(m, m.norm2(x), m.dropout2)
-    x = m.norm1(x + _self_block(m, x, src_mask, is_causal))
+    x = m.norm1(x + _self_block(m, x, src_mask, src_key_padding_mask, is_causal))
     return m.norm2(x + _ff_block(m, x, m.dropout2))
 
 
@@ -93,34 +135,51 @@ def decoder_layer(m: nn.TransformerDecoderLayer, tgt, memory, tgt_mask=None, mem
                   memory_is_causal: bool = False):
     """``nn.TransformerDecoderLayer`` with traceable attention."""
     def cross(x):
-        out = multihead_attention(m.multihead_attn, x, memory, memory, attn_mask=memory_mask,
-                                  need_weights=False, is_causal=memory_is_causal)[0]
+        out = multihead_attention(m.multihead_attn, x, memory, memory, key_padding_mask=memory_key_padding_mask,
+                                  attn_mask=memory_mask, need_weights=False, is_causal=memory_is_causal)[0]
         return m.dropout2(out)
 
     x = tgt
     if m.norm_first:
-        x = x + _self_block(m, m.norm1(x), tgt_mask, tgt_is_causal)
+        x = x + _self_block(m, m.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
         x = x + cross(m.norm2(x))
         return x + _ff_block(m, m.norm3(x), m.dropout3)
-    x = m.norm1(x + _self_block(m, x, tgt_mask, tgt_is_causal))
+    x = m.norm1(x + _self_block(m, x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
     x = m.norm2(x + cross(x))
     return m.norm3(x + _ff_block(m, x, m.dropout3))
 
 
 def encoder(m: nn.TransformerEncoder, src, mask=None, src_key_padding_mask=None, is_causal=None):
-    """``nn.TransformerEncoder``: its layers in turn (each decomposed), then the norm."""
+    """``nn.TransformerEncoder``: its layers in turn (each decomposed), then the norm.
+
+    With a key padding mask, eager PyTorch runs an encoder in inference (no gradient) on
+    nested tensors where it can, which leaves the padded positions zero before the final
+    norm. The decomposition computes densely and zeroes them under the same conditions:
+    those known while tracing, and, where the encoder checks it, the padding being at the
+    end of every sequence. Without that check eager takes the first (number of unpadded)
+    positions of each sequence as its tokens, wherever the padding is; so does this."""
+    padding, zero = src_key_padding_mask, None
+    if src_key_padding_mask is not None and mask is None and getattr(m, "use_nested_tensor", False) \
+            and torch.backends.mha.get_fastpath_enabled() and not m.layers[0].training \
+            and not torch.is_autocast_enabled() and _describe(src, "encoder input")[0] == 3:
+        _, additive = _describe(src_key_padding_mask, "key padding mask")
+        pad = src_key_padding_mask.ne(0) if additive else src_key_padding_mask
+        valid = pad.logical_not()
+        if getattr(m, "mask_check", True):
+            zero = pad & valid[:, 1:].le(valid[:, :-1]).all()
+        else:
+            position = torch.ones_like(pad, dtype=torch.long).cumsum(1) - 1
+            zero = padding = position >= valid.sum(1, keepdim=True)
     x = src
     for layer in m.layers:
-        x = layer(x, src_mask=mask, is_causal=bool(is_causal))
+        x = layer(x, src_mask=mask, src_key_padding_mask=padding, is_causal=bool(is_causal))
+    if zero is not None:
+        x = x.masked_fill(zero.unsqueeze(-1), 0.0)
     return m.norm(x) if m.norm is not None else x
 
 
 def decomposition(m: nn.Module, kwargs: dict[str, Any]):
     """The traceable replacement for module ``m`` called with ``kwargs``, or None."""
-    padding = any(kwargs.get(k) is not None for k in ("key_padding_mask", "src_key_padding_mask",
-                                                      "tgt_key_padding_mask", "memory_key_padding_mask"))
-    if padding:
-        return None
     if type(m) is nn.MultiheadAttention and mha_supported(m, kwargs):
         return multihead_attention
     if type(m) is nn.TransformerEncoderLayer and type(m.self_attn) is nn.MultiheadAttention:

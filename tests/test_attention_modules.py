@@ -78,20 +78,133 @@ def test_decoder_layer_decomposition_matches():
         assert torch.allclose(gm(*inputs), model(*inputs), atol=1e-5)
 
 
-def test_key_padding_mask_stays_opaque_and_pinned():
-    class Masked(nn.Module):
+class MaskedMHA(nn.Module):
+    """Attention with torch's masks: a key padding mask and/or an attention mask, each
+    boolean (True: may not attend) or additive, given as inputs, held as a buffer or made
+    in forward; the attention weights are used too."""
+
+    def __init__(self, batch_first=True, mask="none", weights=False):
+        super().__init__()
+        self.inp = nn.Linear(12, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.out = nn.Linear(16, 3)
+        self.batch_first, self.mask, self.weights = batch_first, mask, weights
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(5))
+
+    def forward(self, x, pad, attn_mask=None):
+        h = self.inp(x)
+        if self.mask == "buffer":
+            attn_mask = self.causal
+        elif self.mask == "made":  # boolean, from the padding: a query may not see later keys
+            attn_mask = (pad.logical_not().cumsum(-1) > 3)[0].unsqueeze(0).expand(5, 5)
+        y, w = self.attn(h, h, h, key_padding_mask=pad, attn_mask=attn_mask, need_weights=self.weights)
+        out = self.out(y + h)
+        if not self.weights:
+            return out
+        w = w[..., :1]  # (B, L, 1): the weight each query gives the first key
+        return out + (w if self.batch_first else w.transpose(0, 1))
+
+
+def _padding(dtype=torch.bool, at_start=False):
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[0, 3:] = True  # the first sequence has 3 tokens
+    if at_start:
+        pad = pad.flip(-1)
+    return pad if dtype is torch.bool else torch.zeros(2, 5).masked_fill(pad, float("-inf"))
+
+
+def _per_head_mask():
+    mask = torch.rand(8, 5, 5) > 0.6  # (batch * heads, L, S)
+    mask[..., 0] = False  # every query sees a key (a row with none gives NaN in torch)
+    return mask
+
+
+MASKED = {
+    "bool_padding": (lambda: MaskedMHA(), lambda: (_padding(),)),
+    "additive_padding": (lambda: MaskedMHA(), lambda: (_padding(torch.float32),)),
+    "seq_first_padding_and_weights": (lambda: MaskedMHA(batch_first=False, weights=True), lambda: (_padding(),)),
+    "padding_and_bool_mask": (lambda: MaskedMHA(), lambda: (_padding(), torch.ones(5, 5, dtype=torch.bool).triu(1))),
+    "padding_and_per_head_mask": (lambda: MaskedMHA(), lambda: (_padding(), _per_head_mask())),
+    "bool_padding_and_additive_buffer": (lambda: MaskedMHA(mask="buffer", weights=True), lambda: (_padding(),)),
+    "additive_padding_and_mask_made_in_forward": (lambda: MaskedMHA(mask="made"),
+                                                  lambda: (_padding(torch.float32),)),
+}
+
+
+@pytest.mark.parametrize("policy", ["inner", "outer"])
+@pytest.mark.parametrize("name", sorted(MASKED))
+def test_masked_attention_is_decomposed_and_prunes(name, policy):
+    """Masks decide the ops (rank 3 goes per head, booleans flip for SDPA), so a traced
+    mask's rank and dtype are read on the example inputs: the symbolic trace decomposes
+    the call instead of keeping it opaque (every channel pinned) or failing over to export."""
+    torch.manual_seed(0)
+    make, masks = MASKED[name]
+    model = make().eval()
+    x = torch.randn(2, 5, 12) if model.batch_first else torch.randn(5, 2, 12)
+    inputs = (x, *masks())
+    gm = fxprune.trace(model, inputs)
+    with torch.no_grad():
+        assert torch.allclose(gm(*inputs), model(*inputs), atol=1e-5)
+    assert gm.meta["fxprune_frontend"] == "fx"
+    result, _ = prune_and_verify(model, inputs, ratio=0.5, policy=policy, healthy=False)
+    assert not result.groups.barriers
+    assert result.groups.group_of("inp.weight").is_prunable
+
+
+class PaddedEncoder(nn.Module):
+    def __init__(self, nested=True, norm=True, mask_check=True):
+        super().__init__()
+        self.inp = nn.Linear(12, 16)
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16) if norm else None,
+                                         enable_nested_tensor=nested, mask_check=mask_check)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x, pad):
+        return self.out(self.enc(self.inp(x), src_key_padding_mask=pad))
+
+
+@pytest.mark.parametrize("nested,norm,mask_check", [(True, True, True), (True, False, True), (False, True, True),
+                                                    (True, True, False)])
+def test_encoder_with_padding_matches_eager_at_every_position(nested, norm, mask_check):
+    """Eager nn.TransformerEncoder runs a padded batch on nested tensors when it can (no
+    gradient, padding at the end, or no mask check): the padded positions come out zero
+    before the final norm. The decomposition reproduces that where eager does it, and
+    keeps the dense values where it does not (padding first with the mask check on); the
+    oracle compares every position, padded ones included."""
+    torch.manual_seed(0)
+    model = PaddedEncoder(nested, norm, mask_check).eval()
+    x = torch.randn(2, 5, 12)
+    for pad in (_padding(), _padding(at_start=True), _padding(torch.float32)):
+        result, v = prune_and_verify(model, (x, pad), ratio=0.5, healthy=False)
+        assert result.frontend == "fx" and not result.groups.barriers
+        with torch.no_grad():
+            ref, got = model(x, pad), fxprune.trace(model, (x, pad))(x, pad)
+        assert torch.allclose(got, ref, atol=1e-5)  # padded rows included
+        if nested and not norm:  # the zeros reach the output layer: its bias alone
+            assert torch.allclose(ref[0, 3:], model.out.bias.expand(2, 3)) == (mask_check is False or
+                                                                             not bool(pad[0, 0]))
+
+
+def test_decoder_layer_with_padding_masks_prunes():
+    torch.manual_seed(0)
+
+    class Dec(nn.Module):
         def __init__(self):
             super().__init__()
-            self.inp, self.attn, self.out = nn.Linear(12, 16), nn.MultiheadAttention(16, 4, batch_first=True), nn.Linear(16, 3)
+            self.inp = nn.Linear(12, 16)
+            self.layer = nn.TransformerDecoderLayer(16, 4, 32, batch_first=True)
+            self.out = nn.Linear(16, 3)
 
-        def forward(self, x, pad):
-            h = self.inp(x)
-            return self.out(self.attn(h, h, h, key_padding_mask=pad)[0])
+        def forward(self, tgt, memory, tgt_pad, mem_pad):
+            h = self.layer(self.inp(tgt), self.inp(memory), tgt_key_padding_mask=tgt_pad,
+                           memory_key_padding_mask=mem_pad, tgt_mask=nn.Transformer.generate_square_subsequent_mask(4))
+            return self.out(h)
 
-    x, pad = torch.randn(2, 5, 12), torch.zeros(2, 5, dtype=torch.bool)
-    groups = fxprune.analyze(Masked(), (x, pad))
-    assert not groups.group_of("inp.weight").is_prunable
-    assert "MultiheadAttention" in str(groups)
+    tgt_pad = torch.tensor([[False, False, False, True], [False] * 4])
+    inputs = (torch.randn(2, 4, 12), torch.randn(2, 5, 12), tgt_pad, _padding())
+    result, _ = prune_and_verify(Dec().eval(), inputs, ratio=0.5, healthy=False)
+    assert result.frontend == "fx" and not result.groups.barriers
 
 
 class EinsumRelativeAttention(nn.Module):

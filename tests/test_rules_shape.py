@@ -426,6 +426,32 @@ def test_rot90_moves_labels_like_the_values(dims, frontend):
     assert result.module.get_parameter("c.weight").shape[0] == 4
 
 
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_triu_and_tril_keep_leading_channels_and_pin_their_own_dims(frontend):
+    """A triangle of token pairs per channel (channels lead) prunes; a triangle taken over
+    channels and tokens keeps those channels, with the reason; a causal mask made with
+    triu meets no channel and is no barrier."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(6, 6), nn.Linear(6, 4)
+
+        def forward(self, x):
+            h = self.a(x).transpose(1, 2)  # (B, 8, T): channels lead
+            pairs = torch.tril(h.unsqueeze(-1) * h.unsqueeze(-2), diagonal=-1).sum((-1, -2))
+            causal = torch.ones(5, 5).triu(1).bool()
+            y = torch.triu(self.b(x), 1).masked_fill(causal[:, :1], 0.0)  # (B, T, 6): channels last
+            return pairs.sum(-1, keepdim=True) + self.c(y).mean(1)
+
+    torch.manual_seed(0)
+    result, v = prune_and_verify(Net(), torch.randn(2, 5, 6), ratio=0.5, frontend=frontend)
+    assert not result.groups.barriers and v.exact_groups >= 1
+    assert result.module.get_parameter("a.weight").shape[0] == 4
+    b = result.groups.group_of("b.weight")
+    assert not b.is_prunable and any("tri" in r and "channel dim" in r for r in b.pinned_reasons)
+
+
 class TopKTokens(nn.Module):
     """Token selection (EViT-style): scores from the input tokens, top-k indices, and
     the kept tokens' features gathered with an index expanded across the channels."""

@@ -100,6 +100,18 @@ def roll(ctx, node):
     return out
 
 
+def triangle(ctx, node):
+    """triu/tril keep an element by its (row, column) position in the last two dims: the
+    leading dims pass through, channels along the last two are pinned (removing one moves
+    every later position across the diagonal)."""
+    labels = ctx.labels(node.args[0])
+    if labels is not None and labels.ndim >= 2 and (labels.shape[-1] > 1 or labels.shape[-2] > 1):
+        op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "triu/tril")
+        ctx.pin(labels, f"{node.name}: {op.split('.')[0]} "
+                        f"along a channel dim")
+    return ctx.labels_or_const(node.args[0])  # same shape, each element where it was
+
+
 # -- getitem ---------------------------------------------------------------------
 def _index_dims(index, ndim):
     """Map each entry of an index tuple to the input dim it consumes (None for newaxis)."""
@@ -706,6 +718,7 @@ def expand_as(ctx, node):
 register("expand_as")(expand_as)
 register("unbind", torch.unbind)(unbind)
 register("roll", torch.roll)(roll)
+register("triu", "tril", "triu_", "tril_", torch.triu, torch.tril)(triangle)
 
 register("flatten", "permute", "transpose", "t", "squeeze", "unsqueeze", "movedim", "moveaxis",
          "swapaxes", "swapdims", "flip", "rot90", "repeat", "repeat_interleave", "tile", "view_as",
