@@ -96,6 +96,9 @@ class ChannelGroups:
     # head_dim with "inner"), and the view nodes where the split happened
     head_groups: frozenset[int] = frozenset()
     head_splits: tuple[str, ...] = ()
+    # channels kept with the constants (no group) because of a pin noted on them, and why
+    constant_members: tuple[Member, ...] = ()
+    constant_reasons: tuple[str, ...] = ()
 
     def classes(self, labels: torch.Tensor) -> torch.Tensor:
         """Class ids of a label tensor."""
@@ -144,6 +147,12 @@ def format_groups(groups: ChannelGroups, limit_members: int = 4) -> str:
             lines.append(f"{'':>23}pinned {g.size - len(g.prunable)}: {'; '.join(g.pinned_reasons)}")
         if not g.exact:
             lines.append(f"{'':>23}inexact: {'; '.join(g.inexact_reasons)}")
+    if groups.constant_members:
+        mem = ", ".join(str(m) for m in groups.constant_members[:limit_members])
+        if len(groups.constant_members) > limit_members:
+            mem += f", ... (+{len(groups.constant_members) - limit_members})"
+        lines.append(f"kept with the constants: {mem}")
+        lines.append(f"{'':>23}because: {'; '.join(groups.constant_reasons[:4])}")
     if groups.barriers:
         lines.append("ops without a rule (their channels are pinned):")
         lines += [f"  {b}" for b in dict.fromkeys(groups.barriers)]

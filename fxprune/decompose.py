@@ -178,6 +178,29 @@ def encoder(m: nn.TransformerEncoder, src, mask=None, src_key_padding_mask=None,
     return m.norm(x) if m.norm is not None else x
 
 
+def decoder(m: nn.TransformerDecoder, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+            memory_key_padding_mask=None, tgt_is_causal=None, memory_is_causal=False):
+    """``nn.TransformerDecoder``: its layers in turn (each decomposed), then the norm. (A
+    causal ``tgt_mask`` is applied as the mask it is; torch only uses the hint to choose
+    a kernel.)"""
+    x = tgt
+    for layer in m.layers:
+        x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask, tgt_key_padding_mask=tgt_key_padding_mask,
+                  memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=bool(tgt_is_causal),
+                  memory_is_causal=memory_is_causal)
+    return m.norm(x) if m.norm is not None else x
+
+
+def transformer(m: nn.Transformer, src, tgt, src_mask=None, tgt_mask=None, memory_mask=None,
+                src_key_padding_mask=None, tgt_key_padding_mask=None, memory_key_padding_mask=None,
+                src_is_causal=None, tgt_is_causal=None, memory_is_causal=False):
+    """``nn.Transformer``: the encoder on the source, the decoder on the target and memory."""
+    memory = m.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal)
+    return m.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                     tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                     tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
+
+
 def decomposition(m: nn.Module, kwargs: dict[str, Any]):
     """The traceable replacement for module ``m`` called with ``kwargs``, or None."""
     if type(m) is nn.MultiheadAttention and mha_supported(m, kwargs):
@@ -188,4 +211,8 @@ def decomposition(m: nn.Module, kwargs: dict[str, Any]):
         return decoder_layer
     if type(m) is nn.TransformerEncoder:
         return encoder
+    if type(m) is nn.TransformerDecoder:
+        return decoder
+    if type(m) is nn.Transformer:
+        return transformer
     return None

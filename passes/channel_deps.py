@@ -238,13 +238,16 @@ def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inex
                           torch.bincount(gid_of[sort][free],
                                          minlength=len(counts)).tolist())
     members: dict[int, list[Member]] = {}
+    kept: list[Member] = []  # members whose channels joined the constants
     n_groups = len(counts) + 1
     # one (alignment, group) key per pair, in alignment order, for all alignments at once
     for key in _tagged_distinct([a.labels for a in alignments], group_of_class[class_of] + 1, n_groups).tolist():
         i, gid = divmod(key, n_groups)
+        a = alignments[i]
         if gid > 0:
-            a = alignments[i]
             members.setdefault(gid - 1, []).append(Member(a.path, a.dim, a.role))
+        elif a.dim is not None:
+            kept.append(Member(a.path, a.dim, a.role))
     sources: dict[int, list[str]] = {}
     n_fam = len(space.families)
     keys = unique_runs((group_of_class[class_of] + 1) * n_fam + fam)  # one key per (group, family)
@@ -271,7 +274,10 @@ def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inex
         members=tuple(dict.fromkeys(members.get(gid, []))), sources=tuple(sources.get(gid, ())),
         exact=not inexact_list[gid], inexact_reasons=tuple(reasons_inexact.get(gid, ())[:4]),
         pinned_reasons=tuple(reasons_pin.get(gid, ())[:4])) for gid, classes in enumerate(classes_of))
-    return groups, group_of_class
+    # channels that met a constant (or a pinned value that met one) are no group: the
+    # reasons noted on them are kept with the members they hold
+    why_const = tuple(r for r in pin_why.get(const_class, ()) if r != "constant")
+    return groups, group_of_class, (tuple(dict.fromkeys(kept)) if why_const else (), why_const)
 
 
 def _chunks(flat: list, counts: list[int]) -> list[list]:
@@ -353,8 +359,8 @@ def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
     pinned, pin_why = space.class_notes(space.pinned, class_of, n)
     inexact, inexact_why = space.class_notes(space.inexact, class_of, n)
 
-    groups, group_of_class = _build_groups(space, class_of, n, alignments, pinned, pin_why,
-                                           inexact, inexact_why)
+    groups, group_of_class, (const_members, const_reasons) = _build_groups(
+        space, class_of, n, alignments, pinned, pin_why, inexact, inexact_why)
     head_groups = set()
     for _, labels in ctx.head_splits:
         gids = group_of_class[class_of[labels.reshape(-1)]]
@@ -366,7 +372,8 @@ def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
         policy=policy, frontend=frontend, segments=_segments(ctx.labels_of, class_of),
         channel_sized=frozenset(k for k, v in ctx.channel_sized.items() if v is True),
         param_consumers=tuple(ctx.param_consumers), head_groups=frozenset(head_groups),
-        head_splits=tuple(dict.fromkeys(name for name, _ in ctx.head_splits)))
+        head_splits=tuple(dict.fromkeys(name for name, _ in ctx.head_splits)),
+        constant_members=const_members, constant_reasons=const_reasons)
 
 
 @register_pass

@@ -4,6 +4,7 @@ prune under the oracle."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fxprune
@@ -282,3 +283,76 @@ def test_sdpa_enable_gqa_keeps_query_heads_per_kv_head(policy, gqa, q_out, kv_ou
     m = result.module
     assert m.get_parameter("q.weight").shape[0] == q_out
     assert m.get_parameter("k.weight").shape[0] == m.get_parameter("v.weight").shape[0] == kv_out
+
+
+class LinearAttention(nn.Module):
+    """Linear attention (Katharopoulos et al.): the keys' and values' features meet in a
+    (head_dim x head_dim) matrix, k^T v, before the queries read it."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out, self.heads = nn.Linear(16, 3 * 32), nn.Linear(32, 4), 4
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, 8).permute(2, 0, 3, 1, 4)
+        q, k = F.elu(q) + 1, F.elu(k) + 1
+        kv = torch.einsum("bhnd,bhne->bhde", k, v)
+        norm = 1 / (torch.einsum("bhnd,bhd->bhn", q, k.sum(2)) + 1e-6)
+        y = torch.einsum("bhnd,bhde,bhn->bhne", q, kv, norm)
+        return self.out(y.transpose(1, 2).reshape(b, n, 32))
+
+
+def test_linear_attention_prunes_heads_and_says_why_head_dim_stays():
+    """head_dim cannot shrink (k's and v's features cross in k^T v): the channels that
+    joined the constants that way are listed with the reason, not silently dropped from
+    the table; whole heads prune."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 16)
+    groups = fxprune.analyze(LinearAttention(), x)
+    assert groups.group_of("qkv.weight") is None
+    assert any(m.path == "qkv.weight" and m.role == "out" for m in groups.constant_members)
+    assert any("cross in the output" in r for r in groups.constant_reasons)
+    assert "kept with the constants: " in str(groups) and "cross in the output" in str(groups)
+    result, _ = prune_and_verify(LinearAttention(), x, ratio=0.5, policy="heads")
+    assert result.module.get_parameter("qkv.weight").shape[0] == 48  # 2 of 4 heads, q, k and v
+
+
+def test_ordinary_models_list_no_constants():
+    groups = fxprune.analyze(MHANet(True), torch.randn(2, 5, 12))
+    assert groups.constant_members == () and "kept with the constants" not in str(groups)
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self, stack):
+        super().__init__()
+        self.stack = stack
+        self.src, self.tgt = nn.Embedding(30, 16), nn.Embedding(30, 16)
+        if stack == "transformer":
+            self.body = nn.Transformer(16, 4, 2, 2, 32, dropout=0.0, batch_first=True)
+        else:
+            self.body = nn.TransformerDecoder(nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0, batch_first=True), 2,
+                                              norm=nn.LayerNorm(16))
+        self.out = nn.Linear(16, 30)
+
+    def forward(self, src, tgt, src_pad):
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+        if self.stack == "transformer":
+            h = self.body(self.src(src), self.tgt(tgt), tgt_mask=causal, src_key_padding_mask=src_pad,
+                          memory_key_padding_mask=src_pad)
+        else:
+            h = self.body(self.tgt(tgt), self.src(src), tgt_mask=causal, memory_key_padding_mask=src_pad,
+                          tgt_is_causal=True)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("stack", ["transformer", "decoder"])
+def test_whole_transformer_and_decoder_stacks_are_decomposed(stack):
+    """nn.Transformer and nn.TransformerDecoder were opaque leaves (every channel of the
+    embeddings pinned); they decompose into their layers, masks included."""
+    torch.manual_seed(0)
+    src, tgt = torch.randint(0, 30, (2, 6)), torch.randint(0, 30, (2, 5))
+    result, v = prune_and_verify(Seq2Seq(stack).eval(), (src, tgt, _padding().repeat(1, 2)[:, :6]), ratio=0.5,
+                                 healthy=False)
+    assert result.frontend == "fx" and not result.groups.barriers
+    assert result.groups.group_of("src.weight", "out").is_prunable and v.exact_groups >= 3
