@@ -182,6 +182,33 @@ def test_hand_written_linear_layers_prune_like_linear(how, frontend):
     assert rows_cols(shapes["4.weight"]) == (3, 6)
 
 
+class TiedAutoencoder(nn.Module):
+    """The decoder is the encoder's weight transposed, through F.linear (with its own
+    bias, or none)."""
+
+    def __init__(self, bias):
+        super().__init__()
+        self.enc, self.mid = nn.Linear(20, 12), nn.Linear(12, 12)
+        self.dec_bias = nn.Parameter(torch.randn(20) * 0.1) if bias else None
+
+    def forward(self, x):
+        h = torch.relu(self.mid(torch.relu(self.enc(x))))
+        return F.linear(h, self.enc.weight.t(), self.dec_bias)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_with_a_transposed_tied_weight_consumes_its_rows(bias, frontend):
+    """F.linear(h, enc.weight.t()) reads the encoder's rows as its input features: they
+    couple with h's channels (the pruned model failed to run: the rows were sliced, h was
+    not); its output features are the encoder's inputs, kept."""
+    torch.manual_seed(0)
+    result, _ = prune_and_verify(TiedAutoencoder(bias).eval(), torch.randn(4, 20), ratio=0.5, frontend=frontend)
+    assert not result.groups.barriers
+    shapes = {k: tuple(p.shape) for k, p in result.module.named_parameters()}
+    assert shapes["enc.weight"] == (6, 20) and shapes["mid.weight"] == (6, 6)
+
+
 class StdConv(nn.Conv2d):
     """timm's StdConv2d / NFNet's ScaledStdConv2d: the weight standardized per output
     channel over its fan-in in forward, optionally times a per-channel gain."""

@@ -27,6 +27,7 @@ _GROUPED_MM = ("aten::_grouped_mm", "transformers::grouped_mm_fallback")
 # ops that take a parameter by reference (their rules align it by path, never by value)
 _BY_PATH = frozenset({torch.nn.functional.embedding, torch.nn.functional.linear, _aten.embedding.default,
                       _aten.linear.default})
+_LINEARS = frozenset({torch.nn.functional.linear, _aten.linear.default})  # weight at position 1
 _CONVS = frozenset({torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
                     _aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default,
                     _aten.convolution.default})
@@ -80,7 +81,7 @@ def weight_operand(root: torch.nn.Module, x: Any, ndim: int) -> tuple[str, bool]
 
 def _weight_uses_only(node: torch.fx.Node, ndim: int) -> bool:
     """Every use of ``node`` is by reference or, through transposes, as the weight operand
-    of a matmul (2-d) or a grouped matmul (3-d)."""
+    of a matmul or of F.linear (2-d), or of a grouped matmul (3-d)."""
     for user in node.users:
         operand = node
         if user.op == "call_function" and user.target in _BY_PATH:
@@ -90,7 +91,7 @@ def _weight_uses_only(node: torch.fx.Node, ndim: int) -> bool:
         if user.op not in ("call_function", "call_method") or len(user.args) < 2 \
                 or user.args[1] is not operand or user.args[0] is operand:
             return False
-        if ndim == 2 and (user.target not in _MATMULS or len(user.args) != 2):
+        if ndim == 2 and not ((user.target in _MATMULS and len(user.args) == 2) or user.target in _LINEARS):
             return False
         if ndim == 3 and getattr(getattr(user.target, "_schema", None), "name", None) not in _GROUPED_MM:
             return False

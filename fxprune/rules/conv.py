@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..labels import const_like, constant_along
+from .context import _transposes
 from .registry import register
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -207,17 +208,33 @@ def linear(ctx, node):
         bias = f"{node.target}.bias" if ctx.module.bias is not None else None
     else:
         x = ctx.arg(0, "input")
-        weight = ctx.attr_path(ctx.arg(1, "weight"))
+        weight, out_dim = _linear_weight(ctx, ctx.arg(1, "weight"))
         bias_arg = ctx.arg(2, "bias")
         bias = ctx.attr_path(bias_arg)
         if weight is None:
-            raise ValueError("the weight must be a parameter of the module (get_attr)")
-    out_vec = dense(ctx, node, x, 0, weight, bias, out_dim=0)
+            raise ValueError("the weight must be a parameter of the module (get_attr), possibly transposed")
+    out_vec = dense(ctx, node, x, 0, weight, bias, out_dim=0 if node.op == "call_module" else out_dim)
     if bias is None and node.op != "call_module" and ctx.is_tensor(bias_arg):
         # a bias computed in the graph (Swin v2 concatenates q, zero k and v biases): its
         # positions go with the output features they are added to
         ctx.union(ctx.vector(bias_arg, 0), out_vec)
     return ctx.along(out_vec, -1, ctx.meta(node).ndim)
+
+
+def _linear_weight(ctx, w) -> tuple[str | None, int]:
+    """(parameter path, the dim holding the output features) of F.linear's weight: a
+    parameter, or one seen through transposes used only here (a decoder tied to an
+    encoder's weight, ``F.linear(h, enc.weight.t())``: the output features are its columns)."""
+    flips = False
+    while isinstance(w, torch.fx.Node) and w.op != "get_attr":
+        flip = _transposes(w, 2)
+        if flip is None or len(w.users) != 1:
+            return None, 0
+        flips, w = flips ^ flip, w.args[0]
+    path = ctx.attr_path(w)
+    if path is None or ctx.tensor(path).ndim != 2:
+        return None, 0
+    return path, 1 if flips else 0
 
 
 def dense(ctx, node, x, argpos: int, weight: str, bias: str | None, *, out_dim: int) -> torch.Tensor:
