@@ -314,3 +314,36 @@ def test_group_count_computed_in_forward_follows_the_channels():
         ref.pw.bias[drop] = 0
         assert len(kept) == 8 and torch.allclose(result.module(x), ref(x), atol=1e-5)
         assert not torch.allclose(model(x), ref(x), atol=1e-3)
+
+
+class Deformable(nn.Module):
+    """DCN (v1) and DCNv2 (with a modulation mask): offsets (and the mask) predicted by
+    convs from the features the deformable conv samples."""
+
+    def __init__(self, modulated, bias, offset_groups):
+        super().__init__()
+        import torchvision
+
+        self.modulated = modulated
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.off = nn.Conv2d(16, 2 * offset_groups * 9, 3, padding=1)
+        self.msk = nn.Conv2d(16, offset_groups * 9, 3, padding=1)
+        self.dcn = torchvision.ops.DeformConv2d(16, 24, 3, padding=1, bias=bias, groups=2)
+        self.head = nn.Linear(24, 2)
+
+    def forward(self, x):
+        f = F.relu(self.stem(x))
+        mask = torch.sigmoid(self.msk(f)) if self.modulated else None
+        return self.head(F.relu(self.dcn(f, self.off(f), mask)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("modulated,bias,offset_groups", [(False, True, 1), (True, False, 2)])
+def test_deformable_conv_prunes_its_input_and_output_channels(modulated, bias, offset_groups):
+    torch.manual_seed(0)
+    model = Deformable(modulated, bias, offset_groups).eval()
+    result, _ = prune_and_verify(model, torch.randn(2, 3, 8, 8), ratio=0.5)
+    assert not result.groups.barriers
+    shapes = {k: tuple(p.shape) for k, p in result.module.named_parameters()}
+    assert shapes["dcn.weight"] == (12, 4, 3, 3) and shapes["stem.weight"][0] == 8
+    assert shapes["off.weight"][0] == 2 * offset_groups * 9  # offsets are kernel positions: kept
+    assert any("kernel positions" in r for r in result.groups.group_of("off.weight").pinned_reasons)

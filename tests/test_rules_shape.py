@@ -452,6 +452,53 @@ def test_triu_and_tril_keep_leading_channels_and_pin_their_own_dims(frontend):
     assert not b.is_prunable and any("tri" in r and "channel dim" in r for r in b.pinned_reasons)
 
 
+class LongConv(nn.Module):
+    """A Hyena/S4-style long convolution by FFT: each channel's sequence convolved with
+    its own learned filter (rfft, product, irfft, crop)."""
+
+    def __init__(self, d=16, n=12):
+        super().__init__()
+        self.inp, self.out = nn.Linear(4, d), nn.Linear(d, 3)
+        self.filt = nn.Parameter(torch.randn(d, n) * 0.3)
+
+    def forward(self, x):
+        u = F.gelu(self.inp(x)).transpose(1, 2)  # (B, D, L)
+        n = 2 * u.shape[-1]
+        y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(self.filt, n=n), n=n)[..., :u.shape[-1]]
+        return self.out((y + u).transpose(1, 2))
+
+
+class FNetBlock(nn.Module):
+    """FNet: token mixing by a 2-d Fourier transform over the sequence and hidden dims
+    (its real part), then a feed-forward layer."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.inp, self.norm = nn.Linear(4, d), nn.LayerNorm(d)
+        self.ff1, self.ff2, self.out = nn.Linear(d, 32), nn.Linear(32, d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = self.norm(h + torch.fft.fft2(h).real)
+        return self.out(h + self.ff2(F.gelu(self.ff1(h))))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_fourier_transforms_keep_the_other_dims_channels(frontend):
+    """A transform along the sequence keeps each channel's spectrum apart: the channels
+    and the filter's rows prune together; one along the hidden dim pins it, with the
+    reason, and the feed-forward units still prune."""
+    torch.manual_seed(0)
+    result, _ = prune_and_verify(LongConv(), torch.randn(2, 12, 4), ratio=0.5, frontend=frontend)
+    assert not result.groups.barriers
+    assert tuple(result.module.get_parameter("filt").shape) == (8, 12)
+    fnet, _ = prune_and_verify(FNetBlock(), torch.randn(2, 6, 4), ratio=0.5, frontend=frontend)
+    assert not fnet.groups.barriers
+    hidden = fnet.groups.group_of("inp.weight")
+    assert not hidden.is_prunable and any("Fourier transform along a channel dim" in r for r in hidden.pinned_reasons)
+    assert fnet.module.get_parameter("ff1.weight").shape[0] == 16
+
+
 class TopKTokens(nn.Module):
     """Token selection (EViT-style): scores from the input tokens, top-k indices, and
     the kept tokens' features gathered with an index expanded across the channels."""

@@ -82,6 +82,9 @@ register(aten.narrow, rewrite=shape.rewrite_narrow)(shape.relabel)
 register(aten.unbind)(shape.unbind)
 register(aten.roll)(shape.roll)
 register(aten.triu, aten.tril, aten.triu_, aten.tril_)(shape.triangle)
+register(aten._fft_r2c, aten._fft_c2r, aten._fft_c2c,
+         *(getattr(aten, "fft_" + n) for n in shape._FFT_1D + shape._FFT_2D + shape._FFT_ND
+           if hasattr(aten, "fft_" + n)))(shape.spectral)
 register(aten.unfold)(shape.unfold_dim)
 register(aten.im2col)(shape.im2col)
 register(aten.col2im)(shape.col2im)

@@ -34,3 +34,47 @@ def patch_merging_pad(ctx, node):
 
 
 register(*_targets("_patch_merging_pad"))(patch_merging_pad)
+
+
+def deform_conv2d(ctx, node):
+    """torchvision's deformable convolution (input, weight, offset, mask, bias, stride,
+    padding, dilation, groups, offset groups, use_mask): a convolution over the input's
+    channels whose sampling positions come from ``offset`` (and ``mask``). Their channels
+    are kernel positions: pinned. Input channels of every offset group (and weight group)
+    keep equal widths."""
+    from .conv import _conv_channels
+
+    x, weight, offset, mask, bias = node.args[:5]
+    groups, offset_groups = node.args[11], node.args[12]
+    path = ctx.attr_path(weight)
+    if path is None or not isinstance(groups, int) or not isinstance(offset_groups, int):
+        raise ValueError("the weight must be a parameter and the group counts numbers")
+    for t, what in ((offset, "offsets"), (mask, "mask")):
+        labels = ctx.labels(t)
+        if labels is not None and labels.ndim == 4 and labels.shape[1] > 1:
+            ctx.pin(labels, f"{node.name}: the deformable convolution's {what} (their channels are kernel positions)")
+    in_vec = ctx.vector(x, 1)
+    if groups > 1 and groups == in_vec.numel():
+        raise ValueError("a depthwise deformable convolution is not analysed")
+    ctx.consume(0)
+    w = ctx.tensor(path)
+    out_vec, in_cols, _ = _conv_channels(ctx, node, in_vec, w.shape[0], groups)
+    if offset_groups > 1:
+        blocks = in_vec.reshape(offset_groups, -1)
+        ctx.union(blocks, blocks[:1])
+    ctx.align(path, ctx.along(out_vec, 0, w.ndim), "out")
+    ctx.align(path, ctx.along(in_cols, 1, w.ndim), "in")
+    bias_path = ctx.attr_path(bias)
+    if bias_path is not None:
+        ctx.align(bias_path, out_vec, "out")
+    elif ctx.is_tensor(bias):  # zeros made in forward for a layer without bias
+        ctx.union(ctx.vector(bias, 0), out_vec)
+    return ctx.along(out_vec, 1, ctx.meta(node).ndim)
+
+
+try:
+    import torchvision  # noqa: F401  (registers torch.ops.torchvision)
+
+    register(torch.ops.torchvision.deform_conv2d)(deform_conv2d)
+except (ImportError, AttributeError, RuntimeError):  # torchvision is optional
+    pass
