@@ -114,8 +114,11 @@ class _Tracer(torch.fx.Tracer):
     """A symbolic tracer with extra leaf modules that remembers the module stack,
     so a failure can name the module being traced."""
 
-    def __init__(self, leaf_modules: Iterable = (), example_inputs: tuple | None = None):
+    def __init__(self, leaf_modules: Iterable = (), example_inputs: tuple | None = None, careful: bool = False):
         super().__init__()
+        # decompositions may read ranks on the example inputs where a cheaper guess usually
+        # holds (an attention query is batched): a retrace after that guess failed
+        self.careful = careful and example_inputs is not None
         self.proxy_buffer_attributes = True  # buffers sliced by traced sizes become graph nodes
         self.example_inputs = example_inputs
         self._example_metas: dict[torch.fx.Node, TensorMeta | None] = {}
@@ -274,11 +277,11 @@ def _trace_hint(exc: BaseException) -> str:
 
 def symbolic_trace(model: nn.Module, *, leaf_modules: Iterable = (),
                    concrete_args: dict[str, Any] | None = None,
-                   example_inputs: tuple | None = None) -> torch.fx.GraphModule:
+                   example_inputs: tuple | None = None, careful: bool = False) -> torch.fx.GraphModule:
     """Symbolically trace ``model``; raise :class:`TraceError` naming the module and line on
     failure. ``example_inputs``, where given, let decompositions learn the shape and dtype
     of a traced value (``_Tracer.example_meta``)."""
-    tracer = _Tracer(leaf_modules, example_inputs)
+    tracer = _Tracer(leaf_modules, example_inputs, careful)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # torch.fx raises many exception types; we re-type them here
@@ -720,7 +723,23 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
             return _export(model, inputs)
         except TraceError as export_error:
             raise TraceError(f"{fx_error}\nThe torch.export fallback failed too: {export_error}") from fx_error
-    propagate_shapes(gm, inputs)
+    try:
+        propagate_shapes(gm, inputs)
+    except InputError as shape_error:
+        # the symbolic trace may have assumed what the inputs do not hold (a decomposition
+        # written for batched inputs given an unbatched one): traced again reading ranks on
+        # the example inputs, else export runs the model itself; where neither runs, the
+        # inputs are what is wrong
+        gm = _careful_retrace(model, inputs, leaf_modules, concrete_args)
+        if gm is None and (frontend == "fx" or user_concrete or leaf_modules):
+            raise InputError(f"{shape_error} (if the model itself runs on these inputs, the symbolic trace "
+                             f"assumed what they do not hold: frontend='export' captures by running the "
+                             f"model)") from shape_error
+        if gm is None:
+            try:
+                return _export(model, inputs)
+            except TraceError:
+                raise shape_error from None
     gm.meta[FRONTEND_KEY] = "fx"
     if frontend == "auto" and not user_concrete and not leaf_modules and opaque_calls(gm):
         # tracing kept Python functions as single calls (torch.fx.wrap'ed helpers such as
@@ -729,6 +748,18 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
             return _export(model, inputs)
         except TraceError:
             pass
+    return gm
+
+
+def _careful_retrace(model, inputs, leaf_modules, concrete_args) -> torch.fx.GraphModule | None:
+    """The symbolic trace again with ranks read on the example inputs (``_Tracer.careful``),
+    shapes propagated; None where that does not run either."""
+    try:
+        gm = symbolic_trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                            example_inputs=inputs, careful=True)
+        propagate_shapes(gm, inputs)
+    except (TraceError, InputError):
+        return None
     return gm
 
 

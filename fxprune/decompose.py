@@ -43,6 +43,12 @@ def _describe(t, what: str) -> tuple[int, bool]:
     return len(meta.shape), meta.dtype.is_floating_point
 
 
+def _careful(t) -> bool:
+    """Whether ``t`` is traced by a tracer that reads ranks and dtypes where it helps (see
+    ``_Tracer.careful``)."""
+    return isinstance(t, torch.fx.Proxy) and getattr(t.tracer, "careful", False)
+
+
 def _as_additive(mask, attend: bool, dtype):
     """A boolean SDPA mask (True: may attend) as an additive one."""
     return torch.zeros_like(mask, dtype=dtype).masked_fill(mask.logical_not(), float("-inf")) if attend else mask
@@ -72,8 +78,15 @@ def sdpa_mask(attn_mask, key_padding_mask, b: int, h: int, n: int, s: int, dtype
 def multihead_attention(m: nn.MultiheadAttention, query, key, value, key_padding_mask=None,
                         need_weights: bool = True, attn_mask=None, average_attn_weights: bool = True,
                         is_causal: bool = False):
-    """``m(query, key, value, ...)`` written with traceable functional ops."""
-    if not m.batch_first:
+    """``m(query, key, value, ...)`` written with traceable functional ops. Inputs are taken
+    as batched; a tracer that reads ranks (``careful``: a retrace after the batched graph
+    did not run) also decomposes one unbatched sequence (L, E)."""
+    unbatched = _careful(query) and _describe(query, "query")[0] == 2
+    if unbatched:  # one sequence: a batch of one, batch first
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    elif not m.batch_first:
         query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
     e, h = m.embed_dim, m.num_heads
     d = e // h
@@ -104,6 +117,8 @@ def multihead_attention(m: nn.MultiheadAttention, query, key, value, key_padding
         weights = scores.softmax(dim=-1)
         if average_attn_weights:
             weights = weights.mean(dim=1)
+    if unbatched:
+        return out.squeeze(0), (weights.squeeze(0) if weights is not None else None)
     if not m.batch_first:
         out = out.transpose(0, 1)
     return out, weights

@@ -356,3 +356,28 @@ def test_whole_transformer_and_decoder_stacks_are_decomposed(stack):
                                  healthy=False)
     assert result.frontend == "fx" and not result.groups.barriers
     assert result.groups.group_of("src.weight", "out").is_prunable and v.exact_groups >= 3
+
+
+def test_unbatched_attention_input_is_decomposed_on_a_second_trace():
+    """nn.MultiheadAttention also takes one unbatched sequence (L, E). The decomposition
+    takes inputs as batched (reading a query's rank costs a run of everything before it),
+    so the first graph does not run on such an input; capture traces again reading ranks
+    on the example inputs instead of blaming the inputs, and the sequence is a batch of one."""
+    torch.manual_seed(0)
+
+    class Unbatched(nn.Module):
+        def __init__(self, weights):
+            super().__init__()
+            self.inp, self.attn, self.out = nn.Linear(12, 16), nn.MultiheadAttention(16, 4), nn.Linear(16, 3)
+            self.weights = weights
+
+        def forward(self, x, pad):
+            h = self.inp(x)
+            y, w = self.attn(h, h, h, key_padding_mask=pad, need_weights=self.weights)
+            return self.out(y) + (w[:, :1] if self.weights else 0.0)
+
+    pad = torch.tensor([False, False, False, False, True])
+    for weights in (False, True):
+        result, _ = prune_and_verify(Unbatched(weights).eval(), (torch.randn(5, 12), pad), ratio=0.5)
+        assert result.frontend == "fx" and not result.groups.barriers
+        assert result.module.get_parameter("inp.weight").shape[0] == 8

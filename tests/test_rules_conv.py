@@ -347,3 +347,32 @@ def test_deformable_conv_prunes_its_input_and_output_channels(modulated, bias, o
     assert shapes["dcn.weight"] == (12, 4, 3, 3) and shapes["stem.weight"][0] == 8
     assert shapes["off.weight"][0] == 2 * offset_groups * 9  # offsets are kernel positions: kept
     assert any("kernel positions" in r for r in result.groups.group_of("off.weight").pinned_reasons)
+
+
+class MaskedConv(nn.Conv2d):
+    """PixelCNN's masked convolution: the weight times a fixed causal mask of its shape."""
+
+    def __init__(self, kind, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        mask = torch.ones_like(self.weight)
+        kh, kw = self.kernel_size
+        mask[:, :, kh // 2, kw // 2 + (kind == "B"):] = 0
+        mask[:, :, kh // 2 + 1:] = 0
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.mask, self.bias, self.stride, self.padding)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_mask_of_the_weights_shape_is_sliced_with_it(frontend):
+    """weight * mask is elementwise: the mask buffer loses the weight's rows and columns
+    and the groups stay exact (the mask made the weight 'computed from two tensors of its
+    shape', which was refused: every channel kept)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(MaskedConv("A", 1, 16, 5, padding=2), nn.ReLU(), MaskedConv("B", 16, 16, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
+    result, v = prune_and_verify(model, torch.randn(2, 1, 8, 8), ratio=0.5, frontend=frontend)
+    assert not result.groups.barriers and v.exact_groups == 2
+    buffers = dict(result.module.named_buffers())
+    assert tuple(buffers["2.mask"].shape) == (8, 8, 3, 3) and tuple(buffers["0.mask"].shape) == (8, 1, 5, 5)

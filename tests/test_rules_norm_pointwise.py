@@ -268,3 +268,22 @@ def test_comparisons_of_two_embeddings_pair_their_channels(how, exact):
     if how != "space":
         assert result.module.get_parameter("proj.weight").shape == (4, 8)
         assert groups["proj.weight"] is exact
+
+
+def test_pointwise_functions_without_a_rule_use_their_aten_twins_tag():
+    """torch functions and methods whose ATen op is tagged pointwise are elementwise with
+    broadcasting, whether or not a rule names them (these were barriers under fx)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            h = self.a(x)
+            h = torch.frac(h) + h.sinc() + torch.special.erfcx(h.abs()) * torch.special.i0e(h)
+            return self.b(h)
+
+    torch.manual_seed(0)
+    result, v = prune_and_verify(Net(), torch.randn(2, 3, 8, 8), ratio=0.5)
+    assert result.frontend == "fx" and not result.groups.barriers and v.exact_groups == 1

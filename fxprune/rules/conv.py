@@ -50,15 +50,20 @@ def _conv_parts(ctx, node):
     return ctx.arg(0, "input"), weight, bias, groups, transposed
 
 
-def computed_weight(ctx, node, weight: torch.fx.Node) -> str:
+def computed_weight(ctx, node, weight: torch.fx.Node) -> tuple[str, tuple[str, ...], bool]:
     """The parameter a convolution weight computed in the graph is made from: weight
     standardization (timm's StdConv2d, NFNet's ScaledStdConv2d: the weight normalized
-    per output channel over its fan-in, times a per-channel gain). It must come from one
-    parameter of the weight's shape, otherwise only from per-output-channel tensors and
-    scalars and not from the model's inputs, and keep that parameter's rows in order;
-    anything else is refused."""
+    per output channel over its fan-in, times a per-channel gain), or a mask of its shape
+    (PixelCNN's masked convolution: ``weight * mask``). It must come from one parameter of
+    the weight's shape, otherwise only from buffers of that shape, per-output-channel
+    tensors and scalars, and not from the model's inputs, and keep that parameter's rows
+    in order; anything else is refused. Returns (the parameter, the same-shape buffers,
+    whether every op on the way is elementwise)."""
+    from .pointwise import pointwise
+    from .registry import lookup
+
     shape = tuple(ctx.meta(weight).shape)
-    source, seen, todo = None, set(), [weight]
+    source, partners, elementwise, seen, todo = None, [], True, set(), [weight]
     while todo:
         n = todo.pop()
         if n in seen:
@@ -70,15 +75,21 @@ def computed_weight(ctx, node, weight: torch.fx.Node) -> str:
             t = ctx.tensor(n.target)
             if not isinstance(t, torch.Tensor) or t.numel() == 1:
                 continue
-            if tuple(t.shape) == shape and source in (None, n):
+            if tuple(t.shape) == shape and isinstance(t, nn.Parameter) and source in (None, n):
                 source = n
+            elif tuple(t.shape) == shape and not isinstance(t, nn.Parameter):
+                partners.append(n.target)
             elif t.ndim < 1 or any(s != 1 for s in t.shape[1:]) or t.shape[0] != shape[0]:
                 raise ValueError(f"the weight is computed from {n.target} of shape {tuple(t.shape)}, "
                                  f"which is neither the weight nor a per-output-channel tensor")
             continue
+        rule = lookup(n, ctx.gm)
+        elementwise = elementwise and rule is not None and rule.analyze is pointwise
         todo.extend(n.all_input_nodes)
     if source is None:
         raise ValueError("the weight is computed from no parameter of its shape")
+    if partners and not elementwise:
+        raise ValueError(f"the weight is computed from {partners[0]} of its shape by ops that are not elementwise")
     rows, src_rows = ctx.labels(weight), ctx.labels(source)
     k = ctx.classes(rows) if rows is not None else None
     if k is None or src_rows is None or k.shape[0] != shape[0] \
@@ -86,7 +97,7 @@ def computed_weight(ctx, node, weight: torch.fx.Node) -> str:
             or not torch.equal(k.reshape(k.shape[0], -1)[:, 0], ctx.classes(src_rows.reshape(-1))):
         raise ValueError(f"the weight's rows are not {source.target}'s rows in order (the computation "
                          f"moves them)")
-    return source.target
+    return source.target, tuple(dict.fromkeys(partners)), elementwise
 
 
 def _channels_along_length(ctx, node, x, cdim: int):
@@ -137,7 +148,7 @@ def conv(ctx, node):
     if along_length is not None:
         return along_length
     # a weight computed in forward (see computed_weight) is checked before anything is linked
-    source = computed_weight(ctx, node, weight) if computed else None
+    source, partners, elementwise = computed_weight(ctx, node, weight) if computed else (None, (), False)
     in_vec = ctx.vector(x, cdim)
     c_out = w_shape[1] * groups if transposed else w_shape[0]
     ctx.consume(0)
@@ -149,9 +160,12 @@ def conv(ctx, node):
         # inexact because the computation mixes them
         ctx.union(ctx.vector(weight, 0), out_vec)
         if not depthwise:
-            ctx.align(source, ctx.along(in_cols, 1, wn), "in")
-            ctx.inexact(in_vec, f"{node.name}: its weight is computed from {source} across the input "
-                                f"channels (weight standardization): removing inputs changes the kept weights")
+            for path in (source, *partners):  # a mask of the weight's shape is sliced with it
+                ctx.align(path, ctx.along(in_cols, 1, wn), "in")
+            if not elementwise:
+                ctx.inexact(in_vec, f"{node.name}: its weight is computed from {source} across the input "
+                                    f"channels (weight standardization): removing inputs changes the kept "
+                                    f"weights")
     elif depthwise:  # weight (C_in, mult, k...) transposed, (C_out, 1, k...) otherwise
         ctx.align(weight, ctx.along(in_vec if transposed else out_vec, 0, wn), "channel")
     elif transposed:  # weight (C_in, C_out / g, k...)
@@ -225,6 +239,8 @@ def _linear_weight(ctx, w) -> tuple[str | None, int]:
     """(parameter path, the dim holding the output features) of F.linear's weight: a
     parameter, or one seen through transposes used only here (a decoder tied to an
     encoder's weight, ``F.linear(h, enc.weight.t())``: the output features are its columns)."""
+    if ctx.attr_path(w) is not None:  # a parameter (or an exported weight norm's weight)
+        return ctx.attr_path(w), 0
     flips = False
     while isinstance(w, torch.fx.Node) and w.op != "get_attr":
         flip = _transposes(w, 2)

@@ -97,9 +97,11 @@ def lookup(node: torch.fx.Node, root: torch.nn.Module) -> Rule | None:
         rule = _FUNCTIONS.get(node.target)
         if rule is None and isinstance(node.target, torch._ops.OpOverload):
             rule = _aten_rule(node.target)
+        elif rule is None and getattr(node.target, "__module__", None) in _TORCH_NAMESPACES:
+            rule = _pointwise_twin(getattr(node.target, "__name__", ""))
         return rule
     if node.op == "call_method":
-        return _METHODS.get(node.target)
+        return _METHODS.get(node.target) or _pointwise_twin(node.target)
     if node.op == "call_module":
         module = get_module(root, node.target)
         cls = type(module)
@@ -110,6 +112,21 @@ def lookup(node: torch.fx.Node, root: torch.nn.Module) -> Rule | None:
             cls = cls.__bases__[0]
         return _MODULES.get(cls)
     return None
+
+
+# where torch's Python functions of ATen ops live (torch.frac, torch.special.erfcx)
+_TORCH_NAMESPACES = frozenset({"torch", "torch._C._VariableFunctions", "torch._C._special", "torch.special"})
+
+
+def _pointwise_twin(name: str) -> Rule | None:
+    """The rule of a torch function or tensor method with no rule of its own whose ATen op
+    of the same name is tagged pointwise (``torch.frac``, ``x.sinc()``,
+    ``torch.special.erfcx``: elementwise with broadcasting, like every such op)."""
+    packet = getattr(torch.ops.aten, name, None) if name and not name.startswith("_") else None
+    default = getattr(packet, "default", None) if isinstance(packet, torch._ops.OpOverloadPacket) else None
+    if default is None or torch.Tag.pointwise not in default.tags:
+        return None
+    return _TAGS.get(torch.Tag.pointwise)
 
 
 def _aten_rule(op: torch._ops.OpOverload) -> Rule | None:
