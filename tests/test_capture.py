@@ -303,3 +303,26 @@ def test_ordered_dict_output_keeps_its_type_through_prune_and_save(tmp_path):
     with torch.no_grad():
         again = loaded(x)
     assert type(again) is OrderedDict and all(torch.equal(again[k], out[k]) for k in out)
+
+
+@pytest.mark.parametrize("structure", ["dict", "list"])
+def test_structured_inputs_are_constants_to_the_analysis(structure):
+    """A model taking a dict (or list) of tensors: its entries are model inputs like any
+    other (the analysis stopped with 'returned NoneType for a tensor output')."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.heads = nn.Linear(6, 16), nn.ModuleDict({"cls": nn.Linear(16, 3), "reg": nn.Linear(16, 4)})
+            self.keys = ("x", "scale") if structure == "dict" else (0, 1)
+
+        def forward(self, batch):
+            x, scale = batch[self.keys[0]], batch[self.keys[1]]
+            h = torch.relu(self.body(x * scale))
+            return {k: m(h) for k, m in self.heads.items()}
+
+    torch.manual_seed(0)
+    x, scale = torch.randn(3, 6), torch.rand(3, 1) + 0.5
+    batch = {"x": x, "scale": scale} if structure == "dict" else [x, scale]
+    result, _ = prune_and_verify(Net().eval(), (batch,), ratio=0.5, healthy=False)  # fails without the rule
+    assert result.frontend == "fx" and result.module.get_parameter("body.weight").shape[0] == 8

@@ -185,6 +185,8 @@ def getitem(ctx, node):
     if tl is not None:
         return tl[ctx.value(index)]
     if not ctx.is_tensor(x):
+        if isinstance(x, torch.fx.Node) and x.op == "placeholder" and ctx.is_tensor(node):
+            return const_like(ctx.meta(node).ndim)  # a tensor of a structured input (a dict of inputs)
         return None
     entries = index if isinstance(index, tuple) else (index,)
     if any(ctx.is_tensor(i) for i in entries):
