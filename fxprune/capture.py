@@ -722,6 +722,7 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
         try:
             return _export(model, inputs)
         except TraceError as export_error:
+            _runs_eagerly(model, inputs)  # neither captures: is it the model?
             raise TraceError(f"{fx_error}\nThe torch.export fallback failed too: {export_error}") from fx_error
     try:
         propagate_shapes(gm, inputs)
@@ -730,6 +731,7 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
         # written for batched inputs given an unbatched one): traced again reading ranks on
         # the example inputs, else export runs the model itself; where neither runs, the
         # inputs are what is wrong
+        n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
         gm = _careful_retrace(model, inputs, leaf_modules, concrete_args)
         if gm is None and (frontend == "fx" or user_concrete or leaf_modules):
             raise InputError(f"{shape_error} (if the model itself runs on these inputs, the symbolic trace "
@@ -739,6 +741,8 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
             try:
                 return _export(model, inputs)
             except TraceError:
+                if n_placeholders != len(inputs):  # the graph's inputs were not the model's
+                    _runs_eagerly(model, inputs)
                 raise shape_error from None
     gm.meta[FRONTEND_KEY] = "fx"
     if frontend == "auto" and not user_concrete and not leaf_modules and opaque_calls(gm):
@@ -749,6 +753,21 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
         except TraceError:
             pass
     return gm
+
+
+def _runs_eagerly(model: nn.Module, inputs: tuple) -> None:
+    """Raise an InputError saying so when ``model`` itself fails on ``inputs`` (the last
+    check when no capture ran: then no graph is to blame)."""
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except TypeError as exc:
+        if "argument" in str(exc):  # a call with the wrong arguments: the caller's message says it better
+            return
+        raise InputError(f"the model itself does not run on the example inputs: TypeError: {exc}") from exc
+    except Exception as exc:
+        raise InputError(f"the model itself does not run on the example inputs: {type(exc).__name__}: {exc}. "
+                         f"Fix: pass inputs the model accepts (and check its configuration)") from exc
 
 
 def _careful_retrace(model, inputs, leaf_modules, concrete_args) -> torch.fx.GraphModule | None:

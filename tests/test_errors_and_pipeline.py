@@ -53,6 +53,24 @@ def test_example_inputs_that_do_not_fit(x, match):
         fxprune.prune(small(), x)
 
 
+def test_a_model_that_does_not_run_on_its_inputs_is_named_as_the_cause():
+    """When no front end captures the model, capture runs it once: a model that fails by
+    itself gets that error, not a tracing one."""
+
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent: no symbolic trace
+                x = x * 2
+            return self.lin(x)  # and 4 features do not fit a Linear(5, 3)
+
+    with pytest.raises(InputError, match=r"the model itself does not run on the example inputs: RuntimeError"):
+        fxprune.prune(Broken(), torch.randn(2, 4))
+
+
 def test_ignored_module_not_in_model():
     with pytest.raises(ConfigError, match="ignore: the Conv2d passed is not part of Sequential"):
         fxprune.prune(small(), X, ignore=[nn.Conv2d(3, 3, 1)])

@@ -287,3 +287,23 @@ def test_pointwise_functions_without_a_rule_use_their_aten_twins_tag():
     torch.manual_seed(0)
     result, v = prune_and_verify(Net(), torch.randn(2, 3, 8, 8), ratio=0.5)
     assert result.frontend == "fx" and not result.groups.barriers and v.exact_groups == 1
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_aliases_of_elementwise_ops_are_elementwise(frontend):
+    """torch.multiply, divide, subtract, clip and the arc* names are aliases (in ATen too,
+    where they carry no tags: ConvBERT's export had two barriers)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.g, self.b = nn.Linear(6, 16), nn.Linear(6, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = torch.multiply(self.a(x), torch.sigmoid(self.g(x))).divide(2.0)
+            h = torch.subtract(torch.clip(h, -1.0, 1.0), 0.1).arctan()
+            return self.b(h)
+
+    torch.manual_seed(0)
+    result, v = prune_and_verify(Net(), torch.randn(4, 6), ratio=0.5, frontend=frontend)
+    assert not result.groups.barriers and v.exact_groups == 1

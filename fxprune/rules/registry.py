@@ -118,13 +118,27 @@ def lookup(node: torch.fx.Node, root: torch.nn.Module) -> Rule | None:
 _TORCH_NAMESPACES = frozenset({"torch", "torch._C._VariableFunctions", "torch._C._special", "torch.special"})
 
 
+# ATen's aliases of elementwise ops, which carry no tags of their own
+_ALIASES = {"multiply": "mul", "divide": "div", "true_divide": "div", "subtract": "sub", "negative": "neg",
+            "absolute": "abs", "greater": "gt", "greater_equal": "ge", "less": "lt", "less_equal": "le",
+            "not_equal": "ne", "arccos": "acos", "arcsin": "asin", "arctan": "atan", "arctan2": "atan2",
+            "arccosh": "acosh", "arcsinh": "asinh", "arctanh": "atanh", "clip": "clamp", "fix": "trunc",
+            "special_expit": "sigmoid", "special_exp2": "exp2", "special_expm1": "expm1",
+            "special_log1p": "log1p", "special_round": "round", "special_sinc": "sinc", "special_logit": "logit",
+            "special_psi": "digamma", "special_digamma": "digamma", "special_erf": "erf", "special_erfc": "erfc",
+            "special_erfinv": "erfinv", "special_ndtr": "special_ndtr"}
+
+
 def _pointwise_twin(name: str) -> Rule | None:
     """The rule of a torch function or tensor method with no rule of its own whose ATen op
     of the same name is tagged pointwise (``torch.frac``, ``x.sinc()``,
     ``torch.special.erfcx``: elementwise with broadcasting, like every such op)."""
+    name = _ALIASES.get(name, name)
     packet = getattr(torch.ops.aten, name, None) if name and not name.startswith("_") else None
-    default = getattr(packet, "default", None) if isinstance(packet, torch._ops.OpOverloadPacket) else None
-    if default is None or torch.Tag.pointwise not in default.tags:
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return None
+    overloads = [getattr(packet, o, None) for o in packet.overloads()]
+    if not any(o is not None and torch.Tag.pointwise in o.tags for o in overloads):
         return None
     return _TAGS.get(torch.Tag.pointwise)
 
@@ -138,6 +152,11 @@ def _aten_rule(op: torch._ops.OpOverload) -> Rule | None:
         if rule is not None:
             break
     name = op.overloadpacket.__name__
+    canonical = _ALIASES.get(name)
+    if rule is None and canonical is not None and canonical != name:  # aten.multiply: aten.mul's rule
+        overload = getattr(getattr(torch.ops.aten, canonical, None), op._overloadname, None)
+        if overload is not None:
+            return _aten_rule(overload)
     if rule is None and name.endswith("_") and not name.startswith("_"):
         base = getattr(torch.ops.aten, name[:-1], None)
         overload = getattr(base, op._overloadname, None) if base is not None else None
