@@ -19,7 +19,7 @@ from fxprune import rules  # noqa: F401  (fills the registry)
 from fxprune.channels import Alignment, ChannelGroup, ChannelGroups, Member
 from fxprune.errors import AnalysisError
 from fxprune.errors import ConfigError
-from fxprune.labels import CONST, LabelSpace, concat_tagged, label_tensors, normalize, unique_runs
+from fxprune.labels import CONST, LabelSpace, concat_tagged, constant_along, label_tensors, normalize, unique_runs
 from fxprune.meta import TensorMeta, get_meta, has_meta
 from fxprune.passes_base import AnalysisPass, PruneState, register_pass
 from fxprune.rules.context import AnalysisContext
@@ -308,7 +308,15 @@ def _segments(labels_of: dict, class_of: torch.Tensor) -> tuple[torch.Tensor, ..
         return ()
     flat = class_of[torch.cat([l.reshape(-1) for l in tensors])]
     distinct: dict[bytes, torch.Tensor] = {}
-    for cls in torch.split(flat, [l.numel() for l in tensors]):
+    for cls, l in zip(torch.split(flat, [l.numel() for l in tensors]), tensors):
+        if sum(n > 1 for n in l.shape) > 1:
+            # a table whose labels vary along several dims (a position embedding, tokens by
+            # hidden) usually repeats its classes along all but one: one copy is enough
+            k = cls.view(l.shape)
+            for d in range(k.ndim):
+                if k.shape[d] > 1 and constant_along(k, d):
+                    k = k.narrow(d, 0, 1)
+            cls = k.reshape(-1)
         if cls.numel():
             distinct.setdefault(cls.numpy().tobytes(), cls)
     return tuple(distinct.values())
