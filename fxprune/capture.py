@@ -180,8 +180,6 @@ class _Tracer(torch.fx.Tracer):
         A decomposition whose ops depend on them (an attention mask's rank and dtype) asks
         here instead of branching on a Proxy: the nodes the value depends on are run once,
         on the meta device."""
-        if isinstance(value, torch.Tensor):
-            return TensorMeta(tuple(value.shape), value.dtype)
         if not isinstance(value, torch.fx.Proxy) or self.example_inputs is None:
             return None
         node = value.node
@@ -761,11 +759,9 @@ def _runs_eagerly(model: nn.Module, inputs: tuple) -> None:
     try:
         with torch.no_grad():
             model(*inputs)
-    except TypeError as exc:
-        if "argument" in str(exc):  # a call with the wrong arguments: the caller's message says it better
-            return
-        raise InputError(f"the model itself does not run on the example inputs: TypeError: {exc}") from exc
     except Exception as exc:
+        if isinstance(exc, TypeError) and "argument" in str(exc):
+            return  # a call with the wrong arguments: the caller's input-count message says it better
         raise InputError(f"the model itself does not run on the example inputs: {type(exc).__name__}: {exc}. "
                          f"Fix: pass inputs the model accepts (and check its configuration)") from exc
 

@@ -25,18 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def mha_supported(m: nn.Module, kwargs: dict[str, Any]) -> bool:
-    """Whether :func:`multihead_attention` reproduces ``m`` for these call options."""
+def mha_supported(m: nn.Module) -> bool:
+    """Whether :func:`multihead_attention` reproduces ``m``."""
     return type(m) is nn.MultiheadAttention and m.bias_k is None and not m.add_zero_attn
 
 
 def _describe(t, what: str) -> tuple[int, bool]:
     """(rank, whether floating point) of a tensor that may be traced."""
-    meta = None
     if isinstance(t, torch.Tensor):
         return t.dim(), t.is_floating_point()
-    if isinstance(t, torch.fx.Proxy) and hasattr(t.tracer, "example_meta"):
-        meta = t.tracer.example_meta(t)
+    meta = t.tracer.example_meta(t) if isinstance(t, torch.fx.Proxy) and hasattr(t.tracer, "example_meta") else None
     if meta is None:
         raise TypeError(f"the rank and dtype of the {what} are not known while tracing (they decide how "
                         f"it is applied); torch.export captures such calls")
@@ -218,7 +216,7 @@ def transformer(m: nn.Transformer, src, tgt, src_mask=None, tgt_mask=None, memor
 
 def decomposition(m: nn.Module, kwargs: dict[str, Any]):
     """The traceable replacement for module ``m`` called with ``kwargs``, or None."""
-    if type(m) is nn.MultiheadAttention and mha_supported(m, kwargs):
+    if type(m) is nn.MultiheadAttention and mha_supported(m):
         return multihead_attention
     if type(m) is nn.TransformerEncoderLayer and type(m.self_attn) is nn.MultiheadAttention:
         return encoder_layer

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..labels import const_like, constant_along
-from .context import _transposes
+from .context import weight_operand
 from .registry import register
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -239,18 +239,11 @@ def _linear_weight(ctx, w) -> tuple[str | None, int]:
     """(parameter path, the dim holding the output features) of F.linear's weight: a
     parameter, or one seen through transposes used only here (a decoder tied to an
     encoder's weight, ``F.linear(h, enc.weight.t())``: the output features are its columns)."""
-    if ctx.attr_path(w) is not None:  # a parameter (or an exported weight norm's weight)
-        return ctx.attr_path(w), 0
-    flips = False
-    while isinstance(w, torch.fx.Node) and w.op != "get_attr":
-        flip = _transposes(w, 2)
-        if flip is None or len(w.users) != 1:
-            return None, 0
-        flips, w = flips ^ flip, w.args[0]
-    path = ctx.attr_path(w)
-    if path is None or ctx.tensor(path).ndim != 2:
-        return None, 0
-    return path, 1 if flips else 0
+    path = ctx.attr_path(w)  # a parameter (or an exported weight norm's weight)
+    if path is not None:
+        return path, 0
+    found = weight_operand(ctx.gm, w, 2)
+    return (found[0], 1 if found[1] else 0) if found is not None else (None, 0)
 
 
 def dense(ctx, node, x, argpos: int, weight: str, bias: str | None, *, out_dim: int) -> torch.Tensor:

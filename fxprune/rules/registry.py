@@ -126,7 +126,7 @@ _ALIASES = {"multiply": "mul", "divide": "div", "true_divide": "div", "subtract"
             "special_expit": "sigmoid", "special_exp2": "exp2", "special_expm1": "expm1",
             "special_log1p": "log1p", "special_round": "round", "special_sinc": "sinc", "special_logit": "logit",
             "special_psi": "digamma", "special_digamma": "digamma", "special_erf": "erf", "special_erfc": "erfc",
-            "special_erfinv": "erfinv", "special_ndtr": "special_ndtr"}
+            "special_erfinv": "erfinv"}
 
 
 def _pointwise_twin(name: str) -> Rule | None:
@@ -153,7 +153,7 @@ def _aten_rule(op: torch._ops.OpOverload) -> Rule | None:
             break
     name = op.overloadpacket.__name__
     canonical = _ALIASES.get(name)
-    if rule is None and canonical is not None and canonical != name:  # aten.multiply: aten.mul's rule
+    if rule is None and canonical is not None:  # aten.multiply: aten.mul's rule
         overload = getattr(getattr(torch.ops.aten, canonical, None), op._overloadname, None)
         if overload is not None:
             return _aten_rule(overload)

@@ -107,8 +107,7 @@ def triangle(ctx, node):
     labels = ctx.labels(node.args[0])
     if labels is not None and labels.ndim >= 2 and (labels.shape[-1] > 1 or labels.shape[-2] > 1):
         op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "triu/tril")
-        ctx.pin(labels, f"{node.name}: {op.split('.')[0]} "
-                        f"along a channel dim")
+        ctx.pin(labels, f"{node.name}: {op.split('.')[0]} along a channel dim")
     return ctx.labels_or_const(node.args[0])  # same shape, each element where it was
 
 
@@ -160,7 +159,6 @@ def spectral(ctx, node):
 register(*(getattr(torch.fft, n) for n in _FFT_1D + _FFT_2D + _FFT_ND if hasattr(torch.fft, n)))(spectral)
 
 
-# -- getitem ---------------------------------------------------------------------
 # -- getitem ---------------------------------------------------------------------
 def _index_dims(index, ndim):
     """Map each entry of an index tuple to the input dim it consumes (None for newaxis)."""
