@@ -134,6 +134,12 @@ class LabelSpace:
         """Mark the classes of ``labels`` as never removable, with a reason."""
         self.pinned.append((labels, reason))
 
+    def is_pinned(self, labels: torch.Tensor) -> bool:
+        """Whether every class of ``labels`` is pinned already (pins only ever spread, so
+        a rule may rely on it)."""
+        pinned = self._find(concat_tagged([l for l, _ in self.pinned])[0])
+        return bool(torch.isin(self.roots(labels).reshape(-1), pinned).all())
+
     def mark_inexact(self, labels: torch.Tensor, reason: str) -> None:
         """Mark the classes of ``labels`` as touched by a value-mixing op."""
         self.inexact.append((labels, reason))

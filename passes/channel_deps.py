@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.utils.prune
 
 from fxprune import rules  # noqa: F401  (fills the registry)
 from fxprune.channels import Alignment, ChannelGroup, ChannelGroups, Member
@@ -127,9 +128,11 @@ def _opaque_module(ctx: AnalysisContext, node: torch.fx.Node) -> str | None:
         hooks = list(m._forward_pre_hooks.values()) + list(m._forward_hooks.values())
         if hooks:
             kinds = ", ".join(sorted({getattr(h, "__name__", type(h).__name__) for h in hooks}))
+            masks = [h._tensor_name for h in hooks if isinstance(h, torch.nn.utils.prune.BasePruningMethod)]
+            fix = (f"torch.nn.utils.prune.remove(module, {masks[0]!r}) makes its mask permanent (a "
+                   f"plain weight with zeros, which can be pruned)") if masks else "Remove the hooks to prune it"
             return (f"{node.name}: module {where} has forward hooks ({kinds}) that would run in the "
-                    f"pruned model too; its channels are kept. Remove the hooks to prune it "
-                    f"(torch.nn.utils.remove_weight_norm folds the old weight_norm into the weight)")
+                    f"pruned model too; its channels are kept. {fix}")
     return None
 
 
@@ -238,7 +241,7 @@ def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inex
                           torch.bincount(gid_of[sort][free],
                                          minlength=len(counts)).tolist())
     members: dict[int, list[Member]] = {}
-    kept: list[Member] = []  # members whose channels joined the constants
+    kept: list[tuple] = []  # (alignment, member) whose channels joined the constants
     n_groups = len(counts) + 1
     # one (alignment, group) key per pair, in alignment order, for all alignments at once
     for key in _tagged_distinct([a.labels for a in alignments], group_of_class[class_of] + 1, n_groups).tolist():
@@ -247,7 +250,7 @@ def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inex
         if gid > 0:
             members.setdefault(gid - 1, []).append(Member(a.path, a.dim, a.role))
         elif a.dim is not None:
-            kept.append(Member(a.path, a.dim, a.role))
+            kept.append((a, Member(a.path, a.dim, a.role)))
     sources: dict[int, list[str]] = {}
     n_fam = len(space.families)
     keys = unique_runs((group_of_class[class_of] + 1) * n_fam + fam)  # one key per (group, family)
@@ -276,8 +279,11 @@ def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inex
         pinned_reasons=tuple(reasons_pin.get(gid, ())[:4])) for gid, classes in enumerate(classes_of))
     # channels that met a constant (or a pinned value that met one) are no group: the
     # reasons noted on them are kept with the members they hold
+    # (the columns that read a model input were constants from the start: not listed)
     why_const = tuple(r for r in pin_why.get(const_class, ()) if r != "constant")
-    return groups, group_of_class, (tuple(dict.fromkeys(kept)) if why_const else (), why_const)
+    kept_members = tuple(dict.fromkeys(m for a, m in kept if not bool((a.labels == CONST).all()))) \
+        if why_const else ()
+    return groups, group_of_class, (kept_members, why_const if kept_members else ())
 
 
 def _chunks(flat: list, counts: list[int]) -> list[list]:

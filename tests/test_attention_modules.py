@@ -251,6 +251,35 @@ def test_einsum_contractions_are_zeroed_in_every_operand(net, shape, seed):
     assert v.exact_groups > 0 and not result.groups.barriers
 
 
+class EllipsisEinsum(nn.Module):
+    """einsum with ``...``: a hand-written linear layer over any leading dims, attention
+    written batch-agnostically, and an implicit output (``...ij,...jk``: ellipsis first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 16) * 0.4)
+        self.k, self.v, self.head = nn.Linear(16, 16), nn.Linear(16, 12), nn.Linear(12, 2)
+
+    def forward(self, x):  # x: (b, n, 6)
+        h = torch.relu(torch.einsum("...d,de->...e", x, self.w))
+        scores = torch.einsum("b...qd,b...kd->b...qk", h, self.k(h)).softmax(-1)
+        return self.head(torch.einsum("...ij,...jk", scores, self.v(h)))
+
+
+def test_einsum_with_ellipsis_is_analysed():
+    # was "einsum with ellipsis is not analysed": every channel pinned
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6)
+    groups = fxprune.analyze(EllipsisEinsum().eval(), x)
+    assert not groups.barriers
+    assert groups.group_of("w", "free") is groups.group_of("k.weight", "out")  # h meets k(h) over d
+    assert groups.group_of("v.weight").is_prunable
+    result, v = prune_and_verify(EllipsisEinsum().eval(), x, ratio=0.5)
+    m = result.module
+    assert m.get_parameter("w").shape == (6, 8) and m.get_parameter("v.weight").shape == (6, 8)
+    assert v.exact_groups >= 2
+
+
 class SDPAGroupedQuery(nn.Module):
     """Grouped-query attention left to SDPA (``enable_gqa=True``): 4 query heads, 2 kv
     heads, head_dim 4; no repeat_kv in the graph."""
@@ -304,18 +333,51 @@ class LinearAttention(nn.Module):
 
 
 def test_linear_attention_prunes_heads_and_says_why_head_dim_stays():
-    """head_dim cannot shrink (k's and v's features cross in k^T v): the channels that
-    joined the constants that way are listed with the reason, not silently dropped from
-    the table; whole heads prune."""
+    """Fused qkv ties q's, k's and v's head_dim together (one view splits them), and k's
+    features cross v's in k^T v: the head_dim group is pinned with that reason, not
+    dropped from the table; whole heads prune."""
     torch.manual_seed(0)
     x = torch.randn(2, 7, 16)
     groups = fxprune.analyze(LinearAttention(), x)
-    assert groups.group_of("qkv.weight") is None
-    assert any(m.path == "qkv.weight" and m.role == "out" for m in groups.constant_members)
-    assert any("cross in the output" in r for r in groups.constant_reasons)
-    assert "kept with the constants: " in str(groups) and "cross in the output" in str(groups)
+    g = groups.group_of("qkv.weight")
+    assert g is not None and not g.is_prunable
+    assert any("cross in the output" in r for r in g.pinned_reasons) and "cross in the output" in str(groups)
     result, _ = prune_and_verify(LinearAttention(), x, ratio=0.5, policy="heads")
     assert result.module.get_parameter("qkv.weight").shape[0] == 48  # 2 of 4 heads, q, k and v
+
+
+class LinearAttentionSplit(LinearAttention):
+    """The same with separate projections: only k's features must stay (they cross v's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(16, 32)
+        del self.qkv
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, self.heads, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
+        q, k = F.elu(q) + 1, F.elu(k) + 1
+        kv = torch.einsum("bhnd,bhne->bhde", k, v)
+        norm = 1 / (torch.einsum("bhnd,bhd->bhn", q, k.sum(2)) + 1e-6)
+        y = torch.einsum("bhnd,bhde,bhn->bhne", q, kv, norm)
+        return self.out(y.transpose(1, 2).reshape(b, n, 32))
+
+
+def test_crossing_channels_follow_one_operand():
+    """In k^T v one operand's channels are followed and the other's pinned: v's head_dim
+    (and the output projection's columns) prune, q's and k's stay, with the reason."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 16)
+    groups = fxprune.analyze(LinearAttentionSplit(), x)
+    assert any("cross in the output" in r for r in groups.group_of("k.weight").pinned_reasons)
+    assert groups.group_of("q.weight") is groups.group_of("k.weight")
+    assert groups.group_of("v.weight").is_prunable
+    result, v = prune_and_verify(LinearAttentionSplit(), x, ratio=0.5)
+    m = result.module
+    assert m.get_parameter("k.weight").shape == (32, 16) and m.get_parameter("q.weight").shape == (32, 16)
+    assert m.get_parameter("v.weight").shape == (16, 16) and m.get_parameter("out.weight").shape == (4, 16)
+    assert v.exact_groups >= 1
 
 
 def test_ordinary_models_list_no_constants():

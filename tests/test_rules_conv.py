@@ -131,17 +131,21 @@ def _hooked(kind):
                       nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1))
     if kind == "spectral_norm":
         torch.nn.utils.parametrizations.spectral_norm(m[2])
+    elif kind == "prune_mask":
+        torch.nn.utils.prune.l1_unstructured(m[2], "weight", amount=0.3)
     else:
         m[2].register_forward_hook(lambda mod, args, out: out * 2)
     return m.eval()
 
 
-@pytest.mark.parametrize("kind", ["spectral_norm", "forward_hook"])  # weight norm: test_weight_norm.py
+@pytest.mark.parametrize("kind", ["spectral_norm", "forward_hook", "prune_mask"])  # weight norm: test_weight_norm.py
 def test_modules_with_parametrizations_or_hooks_are_kept_and_say_why(kind):
     m = _hooked(kind)
     result, _ = prune_and_verify(m, torch.randn(1, 3, 12, 12), ratio=0.5)
     reason = " ".join(result.groups.barriers)
-    assert ("forward hooks" if kind == "forward_hook" else "parametrized") in reason
+    assert ("parametrized" if kind == "spectral_norm" else "forward hooks") in reason
+    # torch.nn.utils.prune's mask hook gets the call that folds it
+    assert ("torch.nn.utils.prune.remove(module, 'weight')" in reason) == (kind == "prune_mask")
     assert "2" in reason
     # the module's own channels (inputs and outputs) stay; the free conv pair is pruned
     assert result.module.get_submodule("2").weight.shape[:2] == (8, 8)
@@ -285,8 +289,35 @@ def test_position_wise_conv_along_channels_keeps_them_prunable():
 
 def test_conv_sliding_along_channels_pins_them_with_a_reason():
     groups = fxprune.analyze(AlongChannels(eca=True).eval(), torch.randn(4, 5))
-    assert any("slides along a dim that carries channels" in r for g in groups for r in g.pinned_reasons)
+    # the gated features meet the gate's constant positions: they are listed with the
+    # constants, with the reason; the columns reading the model input are not listed
+    assert any("slides along a dim that carries channels" in r for r in groups.constant_reasons)
+    kept = {(m.path, m.role) for m in groups.constant_members}
+    assert ("a.weight", "out") in kept and ("head.weight", "in") in kept and ("a.weight", "in") not in kept
+    assert not any("a.weight" in str(m) for g in groups.prunable for m in g.members)
     prune_and_verify(AlongChannels(eca=True).eval(), torch.randn(4, 5), ratio=0.5, expect_removed=False)
+
+
+class ConvOverFeatures(nn.Module):
+    """A Conv1d(1, 8, 3) that reads a linear layer's 16 features as a length-16 signal."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.out = nn.Linear(6, 16), nn.Conv1d(1, 8, 3, padding=1), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(F.relu(self.c(self.a(x).unsqueeze(1))).mean(-1))
+
+
+def test_conv_sliding_along_channels_keeps_its_own_outputs_prunable():
+    # the features it slides over are pinned; its own 8 output channels were made constants
+    torch.manual_seed(0)
+    groups = fxprune.analyze(ConvOverFeatures().eval(), torch.randn(4, 6))
+    [pinned] = [g for g in groups if any("a.weight" in str(m) for m in g.members)]
+    assert not pinned.is_prunable and any("slides along" in r for r in pinned.pinned_reasons)
+    result, _ = prune_and_verify(ConvOverFeatures().eval(), torch.randn(4, 6), ratio=0.5)
+    p = dict(result.module.named_parameters())
+    assert p["a.weight"].shape == (16, 6) and p["c.weight"].shape == (4, 1, 3) and p["out.weight"].shape == (2, 4)
 
 
 def test_unbatched_conv_input_prunes_exactly():

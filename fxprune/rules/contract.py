@@ -103,11 +103,18 @@ def contract(ctx, node, operands, out_letters):
     out_ndim = len(out_letters)
     carried = [(c, lab) for letters, lab, c, bcast in ops if c is not None and c in out_letters and c not in bcast]
     if len({c for c, _ in carried}) > 1:
-        # channels of two operands cross in the output (out[h, j] from heads of one and
-        # features of the other): a dense rectangle cannot follow both, so neither moves
-        for _, lab in carried:
-            ctx.pin(lab, f"{node.name}: channels of two operands cross in the output")
-        return const_like(out_ndim)
+        # channels of two operands cross in the output (k^T v in linear attention, random
+        # features times values): each output position has one label, so only one
+        # operand's channels can be followed. The others are pinned (kept whole), and the
+        # output carries the one left: one not pinned already, the last operand's if several.
+        free = [c for c, lab in carried if not ctx.space.is_pinned(lab)]
+        keep = free[-1] if free else None
+        for c, lab in carried:
+            if c != keep:
+                ctx.pin(lab, f"{node.name}: channels of two operands cross in the output (the "
+                             f"other's are followed)" if keep else
+                        f"{node.name}: channels of two operands cross in the output")
+        carried = [(c, lab) for c, lab in carried if c == keep]
     if carried:
         c, lab = carried[0]
         return ctx.along(_vector(lab), out_letters.index(c), out_ndim)
@@ -167,13 +174,26 @@ def einsum(ctx, node):
         else:
             ctx.consume(listed, item=k)
     eq = eq.replace(" ", "")
-    if "..." in eq:
-        raise ValueError("einsum with ellipsis is not analysed")
-    lhs, _, rhs = eq.partition("->")
+    lhs, arrow, rhs = eq.partition("->")
     ins = lhs.split(",")
-    if not rhs and "->" not in eq:
-        rhs = "".join(sorted(c for c in set(lhs.replace(",", "")) if lhs.count(c) == 1))
+    if not arrow:
+        rhs = "".join(sorted(c for c in set(lhs.replace(",", "").replace(".", "")) if lhs.count(c) == 1))
+        rhs = ("..." if "..." in lhs else "") + rhs
+    if "..." in eq:
+        ins, rhs = _expand_ellipsis(ctx, ops, ins, rhs, eq)
     return contract(ctx, node, list(zip(ops, ins)), rhs)
+
+
+def _expand_ellipsis(ctx, ops, ins: list[str], rhs: str, eq: str) -> tuple[list[str], str]:
+    """Letters for the dims an einsum's ``...`` stands for: broadcast like numpy (aligned
+    from the right across operands), one fresh letter per dim, in the output where it
+    writes ``...``."""
+    spans = [ctx.meta(op).ndim - len(letters.replace("...", "")) if "..." in letters else 0
+             for op, letters in zip(ops, ins)]
+    spare = iter(c for c in string.ascii_letters if c not in eq)
+    fresh = "".join(next(spare) for _ in range(max(spans, default=0)))
+    ins = [letters.replace("...", fresh[len(fresh) - n:] if n else "") for letters, n in zip(ins, spans)]
+    return ins, rhs.replace("...", fresh)
 
 
 register(torch.einsum)(einsum)

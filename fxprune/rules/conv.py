@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torch
 from torch import nn
 
-from ..labels import const_like, constant_along
+from ..labels import CONST, constant_along
 from .context import weight_operand
 from .registry import register
 
@@ -105,22 +105,23 @@ def _channels_along_length(ctx, node, x, cdim: int):
     tokens into (B, 3, C) and convolves over the 3; ECA convolves along the channels): a
     position-wise conv (kernel 1, stride 1, no padding) keeps them where they are, and its
     own output channels are kept; any other conv mixes neighbouring channels, which are
-    pinned. Returns the output labels, or None when the spatial dims carry no channel."""
+    pinned (its own output channels are fresh and stay prunable: the caller goes on with
+    input channels that are constants). Returns (output labels of a position-wise conv or
+    None, whether the spatial dims carry channels)."""
     labels = ctx.labels(x)
     if labels is None:
-        return None
+        return None, False
     k = ctx.classes(labels)
     along = [d for d in range(cdim + 1, k.ndim) if not constant_along(k, d)]
     if not along:
-        return None
+        return None, False
     m = ctx.module if node.op == "call_module" else None
     pointwise = m is not None and not isinstance(m, _CONV_T) and all(v == 1 for v in m.kernel_size) \
         and all(v == 1 for v in m.stride) and not isinstance(m.padding, str) and not any(m.padding)
-    out_ndim = ctx.meta(node).ndim
     if pointwise and ctx.meta(node).shape[cdim + 1:] == ctx.meta(x).shape[cdim + 1:]:
-        return labels.narrow(cdim, 0, 1) if labels.shape[cdim] > 1 else labels
+        return (labels.narrow(cdim, 0, 1) if labels.shape[cdim] > 1 else labels), True
     ctx.pin(labels, f"{node.name}: the convolution slides along a dim that carries channels")
-    return const_like(out_ndim)
+    return None, True
 
 
 def _conv_channels(ctx, node, in_vec: torch.Tensor, c_out: int, groups: int):
@@ -144,12 +145,13 @@ def conv(ctx, node):
     w_shape = ctx.meta(weight).shape if computed else ctx.tensor(weight).shape
     out_ndim, wn = ctx.meta(node).ndim, len(w_shape)
     cdim = 1 if ctx.meta(x).ndim == wn else 0  # batched or unbatched input
-    along_length = _channels_along_length(ctx, node, x, cdim)
+    along_length, channels_on_length = _channels_along_length(ctx, node, x, cdim)
     if along_length is not None:
         return along_length
     # a weight computed in forward (see computed_weight) is checked before anything is linked
     source, partners, elementwise = computed_weight(ctx, node, weight) if computed else (None, (), False)
-    in_vec = ctx.vector(x, cdim)
+    in_vec = torch.full((ctx.meta(x).shape[cdim],), CONST, dtype=torch.int64) if channels_on_length \
+        else ctx.vector(x, cdim)
     c_out = w_shape[1] * groups if transposed else w_shape[0]
     ctx.consume(0)
     out_vec, in_cols, out_cols = _conv_channels(ctx, node, in_vec, c_out, groups)
