@@ -170,6 +170,18 @@ def test_softmax_over_channels_is_inexact_over_space_exact():
     assert fxprune.analyze(Soft(-1), x).group_of("conv.weight").exact
 
 
+def test_softmax2d_module_mixes_the_channels_and_prunes():
+    # nn.Softmax2d has no dim attribute (it is softmax over dim -3): it was a barrier
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Softmax2d(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 5, 5)
+    groups = fxprune.analyze(m, x)
+    g = groups.group_of("0.weight")
+    assert not groups.barriers and g.is_prunable and not g.exact
+    assert any("normalizes across channels" in r for r in g.inexact_reasons)
+    result, _ = prune_and_verify(m, x, ratio=0.5)
+    assert result.module.get_submodule("2").in_channels == 4
+
+
 class Norms(torch.nn.Module):
     """A channel statistic used as a value: F.normalize over the channels or over the
     tokens, an L2 / L1 / max / negative-order norm, or a softmax maximum."""
@@ -307,3 +319,27 @@ def test_aliases_of_elementwise_ops_are_elementwise(frontend):
     torch.manual_seed(0)
     result, v = prune_and_verify(Net(), torch.randn(4, 6), ratio=0.5, frontend=frontend)
     assert not result.groups.barriers and v.exact_groups == 1
+
+
+class ShapeFromForward(nn.Module):
+    """F.layer_norm with its normalized_shape read in forward (``h.shape[-1:]``, or a list
+    holding ``h.size(-1)``): the rewrite failed on the graph node."""
+
+    def __init__(self, as_list):
+        super().__init__()
+        self.as_list = as_list
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.w = nn.Parameter(torch.rand(16) + 0.5)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        shape = [h.size(-1)] if self.as_list else h.shape[-1:]
+        return self.b(F.layer_norm(h, shape, self.w))
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_layer_norm_shape_computed_in_forward_follows_the_pruned_size(as_list):
+    torch.manual_seed(0)
+    result, _ = prune_and_verify(ShapeFromForward(as_list).eval(), torch.randn(4, 6), ratio=0.5)
+    assert result.module.get_parameter("w").shape == (8,)
+    assert result.module(torch.randn(5, 6)).shape == (5, 3)

@@ -111,6 +111,8 @@ def rewrite_layer_norm(r, old, new):
         m.normalized_shape = tuple(r.new_shape(x)[-nd:])
         return
     shape_arg = old.args[1] if len(old.args) > 1 else old.kwargs["normalized_shape"]
+    if isinstance(shape_arg, torch.fx.Node):
+        return  # computed in forward (x.shape[-1:]): it follows the sizes it is made of
     nd = len(shape_arg)
     new_shape = list(r.new_shape(x)[-nd:])
     if len(new.args) > 1:

@@ -102,7 +102,7 @@ def first_input(ctx, node):
 
 def _softmax_dim(ctx, node):
     if node.op == "call_module":
-        return ctx.module.dim
+        return -3 if isinstance(ctx.module, nn.Softmax2d) else ctx.module.dim  # Softmax2d: over C
     return ctx.value(ctx.arg(1, "dim"))
 
 
@@ -192,7 +192,7 @@ register(nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.A
 
 register(F.normalize)(normalize)
 
-register(nn.Softmax, nn.LogSoftmax, nn.Softmin, F.softmax, F.log_softmax, F.softmin,
+register(nn.Softmax, nn.Softmax2d, nn.LogSoftmax, nn.Softmin, F.softmax, F.log_softmax, F.softmin,
          torch.softmax, torch.log_softmax, torch.cumsum, torch.cumprod, "softmax", "log_softmax",
          "cumsum", "cumprod")(mixing_along_dim)
 
