@@ -27,7 +27,7 @@ from torch import nn
 
 def mha_supported(m: nn.Module) -> bool:
     """Whether :func:`multihead_attention` reproduces ``m``."""
-    return type(m) is nn.MultiheadAttention and m.bias_k is None and not m.add_zero_attn
+    return type(m) is nn.MultiheadAttention
 
 
 def _describe(t, what: str) -> tuple[int, bool]:
@@ -73,6 +73,12 @@ def sdpa_mask(attn_mask, key_padding_mask, b: int, h: int, n: int, s: int, dtype
     return _as_additive(a, not a_add, dtype) + _as_additive(k, not k_add, dtype), True
 
 
+def _attend_one_more(mask):
+    """A mask over one more key at the end, which every query may attend (zero: neither
+    masked as a boolean nor shifted as an additive mask)."""
+    return None if mask is None else F.pad(mask, (0, 1))
+
+
 def multihead_attention(m: nn.MultiheadAttention, query, key, value, key_padding_mask=None,
                         need_weights: bool = True, attn_mask=None, average_attn_weights: bool = True,
                         is_causal: bool = False):
@@ -99,10 +105,20 @@ def multihead_attention(m: nn.MultiheadAttention, query, key, value, key_padding
         q, k, v = F.linear(query, m.q_proj_weight), F.linear(key, m.k_proj_weight), F.linear(value, m.v_proj_weight)
         if m.in_proj_bias is not None:
             q, k, v = q + m.in_proj_bias[:e], k + m.in_proj_bias[e:2 * e], v + m.in_proj_bias[2 * e:]
-    b, n, s = q.shape[0], q.shape[1], k.shape[1]
+    b, n = q.shape[0], q.shape[1]
+    if m.bias_k is not None:  # add_bias_kv: one more key and value, learned, that every query sees
+        k = torch.cat([k, m.bias_k.expand(b, 1, e)], dim=1)
+        v = torch.cat([v, m.bias_v.expand(b, 1, e)], dim=1)
+        attn_mask, key_padding_mask = _attend_one_more(attn_mask), _attend_one_more(key_padding_mask)
+    s = k.shape[1]
     q = q.reshape(b, n, h, d).transpose(1, 2)
     k = k.reshape(b, s, h, d).transpose(1, 2)
     v = v.reshape(b, s, h, d).transpose(1, 2)
+    if m.add_zero_attn:  # and one more of zeros (zeros_like: they are zeros in every channel)
+        k = torch.cat([k, torch.zeros_like(k[:, :, :1])], dim=2)
+        v = torch.cat([v, torch.zeros_like(v[:, :, :1])], dim=2)
+        attn_mask, key_padding_mask = _attend_one_more(attn_mask), _attend_one_more(key_padding_mask)
+        s = s + 1
     mask, additive = sdpa_mask(attn_mask, key_padding_mask, b, h, n, s, m.out_proj.weight.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=m.dropout if m.training else 0.0,
                                          is_causal=is_causal and mask is None, scale=d ** -0.5)

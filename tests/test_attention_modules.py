@@ -84,10 +84,10 @@ class MaskedMHA(nn.Module):
     boolean (True: may not attend) or additive, given as inputs, held as a buffer or made
     in forward; the attention weights are used too."""
 
-    def __init__(self, batch_first=True, mask="none", weights=False):
+    def __init__(self, batch_first=True, mask="none", weights=False, **extra):
         super().__init__()
         self.inp = nn.Linear(12, 16)
-        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first, **extra)
         self.out = nn.Linear(16, 3)
         self.batch_first, self.mask, self.weights = batch_first, mask, weights
         self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(5))
@@ -129,6 +129,14 @@ MASKED = {
     "bool_padding_and_additive_buffer": (lambda: MaskedMHA(mask="buffer", weights=True), lambda: (_padding(),)),
     "additive_padding_and_mask_made_in_forward": (lambda: MaskedMHA(mask="made"),
                                                   lambda: (_padding(torch.float32),)),
+    # add_bias_kv / add_zero_attn: one learned key and value, one of zeros, seen by every
+    # query (the masks grow by a column); they were kept opaque, every channel pinned
+    "bias_kv_padding_and_per_head_mask": (lambda: MaskedMHA(add_bias_kv=True),
+                                          lambda: (_padding(), _per_head_mask())),
+    "bias_kv_zero_attn_seq_first_weights": (lambda: MaskedMHA(batch_first=False, weights=True, add_bias_kv=True,
+                                                              add_zero_attn=True),
+                                            lambda: (_padding(torch.float32), torch.ones(5, 5, dtype=torch.bool).triu(1))),
+    "zero_attn_padding": (lambda: MaskedMHA(add_zero_attn=True), lambda: (_padding(),)),
 }
 
 
