@@ -407,3 +407,48 @@ def test_a_mask_of_the_weights_shape_is_sliced_with_it(frontend):
     assert not result.groups.barriers and v.exact_groups == 2
     buffers = dict(result.module.named_buffers())
     assert tuple(buffers["2.mask"].shape) == (8, 8, 3, 3) and tuple(buffers["0.mask"].shape) == (8, 1, 5, 5)
+
+
+class MaskedLinear(nn.Linear):
+    """MADE's masked layer (autoregressive flows): F.linear with ``mask * weight``."""
+
+    def __init__(self, mask):
+        super().__init__(mask.shape[1], mask.shape[0])
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return F.linear(x, self.mask * self.weight, self.bias)
+
+
+class StdLinear(nn.Linear):
+    """A linear layer with its weight standardized over the inputs in forward."""
+
+    def forward(self, x):
+        w = self.weight
+        return F.linear(x, (w - w.mean(1, keepdim=True)) / (w.std(1, keepdim=True) + 1e-5), self.bias)
+
+
+def _made(d=6, h=16):
+    g = torch.Generator().manual_seed(1)
+    deg_in, deg_1, deg_2 = torch.arange(1, d + 1), torch.randint(1, d, (h,), generator=g), torch.randint(1, d, (h,), generator=g)
+    return nn.Sequential(MaskedLinear((deg_1[:, None] >= deg_in).float()), nn.ReLU(),
+                         MaskedLinear((deg_2[:, None] >= deg_1).float()), nn.ReLU(),
+                         MaskedLinear((deg_in[:, None] > deg_2).float()))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_linear_weights_computed_in_forward_prune_like_conv_weights(frontend):
+    """F.linear's weight computed from its parameter (a mask buffer times it, or a
+    standardization) was refused ("the weight must be a parameter"): every channel kept.
+    The mask is sliced with the weight and the groups stay exact; a standardized weight's
+    inputs are inexact."""
+    torch.manual_seed(0)
+    result, v = prune_and_verify(_made().eval(), torch.randn(4, 6), ratio=0.5, frontend=frontend)
+    assert not result.groups.barriers and v.exact_groups == 2
+    buffers = dict(result.module.named_buffers())
+    assert tuple(buffers["0.mask"].shape) == (8, 6) and tuple(buffers["2.mask"].shape) == (8, 8)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), StdLinear(16, 12), nn.ReLU(), nn.Linear(12, 2)).eval()
+    groups = fxprune.analyze(model, torch.randn(4, 6), frontend=frontend)
+    assert not groups.group_of("0.weight").exact and groups.group_of("2.weight", "free").exact
+    result, _ = prune_and_verify(model, torch.randn(4, 6), ratio=0.5, frontend=frontend)
+    assert result.module.get_parameter("2.weight").shape == (6, 8)

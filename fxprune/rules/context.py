@@ -31,6 +31,7 @@ _LINEARS = frozenset({torch.nn.functional.linear, _aten.linear.default})  # weig
 _CONVS = frozenset({torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
                     _aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default,
                     _aten.convolution.default})
+_LINEAR_WEIGHTS = frozenset({torch.nn.functional.linear, _aten.linear.default})
 
 
 def _transposes(node: torch.fx.Node, ndim: int) -> bool | None:
@@ -98,15 +99,17 @@ def _weight_uses_only(node: torch.fx.Node, ndim: int) -> bool:
     return True
 
 
-def _feeds_conv_weight(node: torch.fx.Node, depth: int = 8) -> bool:
-    """Whether ``node``'s value reaches the weight argument of a convolution within
-    ``depth`` ops (a weight standardized in ``forward``)."""
+def _feeds_dense_weight(node: torch.fx.Node, ndim: int, depth: int = 8) -> bool:
+    """Whether ``node``'s value (``ndim`` dims) reaches the weight argument of a
+    convolution (of ``F.linear`` when 2-d) within ``depth`` ops (a weight standardized or
+    masked in ``forward``)."""
+    targets = _LINEAR_WEIGHTS if ndim == 2 else _CONVS
     frontier = [node]
     for _ in range(depth):
         nxt = []
         for n in frontier:
             for user in n.users:
-                if user.op == "call_function" and user.target in _CONVS:
+                if user.op == "call_function" and user.target in targets:
                     if len(user.args) > 1 and user.args[1] is n or user.kwargs.get("weight") is n:
                         return True
                     continue
@@ -246,9 +249,9 @@ class AnalysisContext:
             return const_like(t.ndim)
         if t.ndim in (2, 3) and _weight_uses_only(node, t.ndim):  # (grouped) matmul weights:
             return const_like(t.ndim)                            # their rules align them
-        if t.ndim >= 3 and _feeds_conv_weight(node):
-            # a conv weight computed from this one (weight standardization): one label per
-            # output channel; the conv aligns the input channels itself
+        if t.ndim >= 2 and _feeds_dense_weight(node, t.ndim):
+            # a conv or linear weight computed from this one (weight standardization, a
+            # mask): one label per output channel; the layer aligns the inputs itself
             labels = self.space.fresh((t.shape[0],) + (1,) * (t.ndim - 1),
                                       Family(f"tensor {node.target}", node.name))
             self.align(node.target, labels, "free")

@@ -227,6 +227,9 @@ def linear(ctx, node):
         weight, out_dim = _linear_weight(ctx, ctx.arg(1, "weight"))
         bias_arg = ctx.arg(2, "bias")
         bias = ctx.attr_path(bias_arg)
+        if weight is None and isinstance(ctx.arg(1, "weight"), torch.fx.Node):
+            out_vec = _computed_dense(ctx, node, x, ctx.arg(1, "weight"), bias)
+            return ctx.along(out_vec, -1, ctx.meta(node).ndim)
         if weight is None:
             raise ValueError("the weight must be a parameter of the module (get_attr), possibly transposed")
     out_vec = dense(ctx, node, x, 0, weight, bias, out_dim=0 if node.op == "call_module" else out_dim)
@@ -235,6 +238,28 @@ def linear(ctx, node):
         # positions go with the output features they are added to
         ctx.union(ctx.vector(bias_arg, 0), out_vec)
     return ctx.along(out_vec, -1, ctx.meta(node).ndim)
+
+
+def _computed_dense(ctx, node, x, weight: torch.fx.Node, bias: str | None) -> torch.Tensor:
+    """F.linear with a weight computed in forward from one parameter of its shape (MADE's
+    masked layers, ``mask * weight``; a standardized weight): as for a convolution (see
+    computed_weight), its rows are the output features, the parameter's columns and any
+    same-shape buffer's are the inputs, inexact unless every op on the way is elementwise."""
+    source, partners, elementwise = computed_weight(ctx, node, weight)
+    in_vec = ctx.vector(x, -1)
+    ctx.consume(0)
+    out_vec = ctx.fresh((ctx.meta(weight).shape[0],), f"{node.name} output features")
+    ctx.union(ctx.vector(weight, 0), out_vec)
+    for path in (source, *partners):
+        ctx.align(path, ctx.along(in_vec, 1, 2), "in")
+    if not elementwise:
+        ctx.inexact(in_vec, f"{node.name}: its weight is computed from {source} across the input features: "
+                            f"removing inputs changes the kept weights")
+    if bias is not None:
+        ctx.align(bias, out_vec, "out")
+    elif ctx.is_tensor(ctx.arg(2, "bias")):
+        ctx.union(ctx.vector(ctx.arg(2, "bias"), 0), out_vec)
+    return out_vec
 
 
 def _linear_weight(ctx, w) -> tuple[str | None, int]:
