@@ -1,6 +1,6 @@
 """Property tests: hypothesis builds attention blocks (random heads, head_dim,
-kv groups, fused or separate projections, explicit or SDPA attention, rotary or
-not); for each, pruning by head_dim and by whole heads satisfies the oracle on
+kv groups, fused or separate projections, explicit, SDPA or linear (kernelized:
+k^T v crosses two operands' channels) attention, rotary or not); for each, pruning by head_dim and by whole heads satisfies the oracle on
 exact groups, the graph lints and the generated code runs."""
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ def rotate_half(x):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, heads, kv_heads, head_dim, fused, sdpa, rotary, residual_norm):
+    def __init__(self, dim, heads, kv_heads, head_dim, kind, fused, rotary, residual_norm):
         super().__init__()
         self.h, self.kv, self.d = heads, kv_heads, head_dim
-        self.fused, self.sdpa, self.rotary, self.residual_norm = fused, sdpa, rotary, residual_norm
+        self.fused, self.kind, self.rotary, self.residual_norm = fused, kind, rotary, residual_norm
         q_out, kv_out = heads * head_dim, kv_heads * head_dim
         if fused:
             self.qkv = nn.Linear(dim, q_out + 2 * kv_out)
@@ -52,8 +52,13 @@ class Block(nn.Module):
         if r > 1:
             k = k[:, :, None].expand(b, self.kv, r, n, self.d).reshape(b, self.h, n, self.d)
             v = v[:, :, None].expand(b, self.kv, r, n, self.d).reshape(b, self.h, n, self.d)
-        if self.sdpa:
+        if self.kind == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        elif self.kind == "linear":  # elu + 1 feature maps (Katharopoulos et al.)
+            fq, fk = F.elu(q) + 1, F.elu(k) + 1
+            kv = torch.einsum("bhnd,bhne->bhde", fk, v)
+            z = 1 / (torch.einsum("bhnd,bhd->bhn", fq, fk.sum(2)) + 1e-6)
+            y = torch.einsum("bhnd,bhde,bhn->bhne", fq, kv, z)
         else:
             y = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1) @ v
         y = self.o(y.transpose(1, 2).reshape(b, n, self.h * self.d))
@@ -75,8 +80,9 @@ def blocks(draw):
     heads = kv * draw(st.sampled_from([1, 2]))
     head_dim = draw(st.sampled_from([2, 4, 6]))
     dim = draw(st.sampled_from([8, 12]))
-    flags = [draw(st.booleans()) for _ in range(4)]
-    return dim, Block(dim, heads, kv, head_dim, *flags)
+    kind = draw(st.sampled_from(["explicit", "sdpa", "linear"]))
+    flags = [draw(st.booleans()) for _ in range(3)]
+    return dim, Block(dim, heads, kv, head_dim, kind, *flags)
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow])
