@@ -113,7 +113,8 @@ def bench_floor(model, x, ratio, repeat):
     """What any pruner that captures with torch.fx, scores by magnitude and emits a new
     GraphModule must spend at least, measured with torch's own kernels and no analysis:
     (seconds of symbolic_trace + one recompile, of building the output GraphModule (a copy
-    of the traced graph, GraphModule construction with its code generation), of the sums of
+    of the traced graph, GraphModule construction with its code generation: a pass that,
+    as fxprune's design requires, never edits its input graph in place), of the sums of
     squares of every weight fxprune shrinks along each dim it shrinks, of copying the kept
     slices of those weights with index_select). The kept sizes are fxprune's own result at this ratio (matched by
     parameter name; a weight it renamed is left out, so the floor stays a lower bound)."""
@@ -271,8 +272,8 @@ def main(argv=None):
                     help="also time Torch-Pruning (if installed) at the same ratio")
     ap.add_argument("--floor", action="store_true",
                     help="also time, per torchvision model, the steps no fx-based pruner can skip "
-                         "(symbolic_trace + recompile, building the output GraphModule, magnitude "
-                         "sums, copying the kept weights) "
+                         "(symbolic_trace + recompile, building the output GraphModule rather than "
+                         "editing the traced one, magnitude sums, copying the kept weights) "
                          "and compare them with a fifth of Torch-Pruning's time")
     args = ap.parse_args(argv)
     import torchvision
