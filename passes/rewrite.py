@@ -55,8 +55,9 @@ def sliced_copy(t: torch.Tensor, dims: dict[int, torch.Tensor] | None) -> torch.
         if idx.numel() == 0:
             raise RewriteError(f"the plan removes every slice of a tensor of shape {tuple(t.shape)} "
                                f"along dim {dim}")
-        out = out.index_select(dim, idx.to(out.device))
-    out = out.clone() if out is t or out.data_ptr() == t.data_ptr() else out
+        out = out.index_select(dim, idx.to(out.device))  # a copy
+    if not dims:  # kept whole: a copy of its own (also of a sparse tensor, which has no data_ptr)
+        out = out.clone()
     if isinstance(t, torch.nn.Parameter):
         return torch.nn.Parameter(out, requires_grad=t.requires_grad)
     return out

@@ -9,8 +9,12 @@ import fxprune
 from healthy import make_healthy
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    return t.to_dense() if t.layout != torch.strided else t  # a sparse buffer (torch.equal needs strided)
+
+
 def snapshot(model: torch.nn.Module) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: _dense(v.detach()).clone() for k, v in model.state_dict().items()}
 
 
 def assert_untouched(model: torch.nn.Module, before: dict) -> None:
@@ -18,7 +22,7 @@ def assert_untouched(model: torch.nn.Module, before: dict) -> None:
     assert after.keys() == before.keys()
     for k, v in before.items():
         assert after[k].shape == v.shape, k
-        assert torch.equal(after[k], v), f"{k} was modified"
+        assert torch.equal(_dense(after[k]), v), f"{k} was modified"
 
 
 def prune_and_verify(model, x, *, min_effect: float = 1e-4, healthy: bool = True,

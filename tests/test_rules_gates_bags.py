@@ -181,3 +181,31 @@ def test_unknown_layer_fed_only_by_ids_is_a_named_barrier():
 
     groups = fxprune.analyze(Net(), torch.randint(0, 40, (3, 7)), leaf_modules=[Lookup])
     assert any("lookup: no rule for" in b for b in groups.barriers)
+
+
+class RenormedEmbedding(nn.Module):
+    """nn.Embedding(max_norm=1): every looked-up row is rescaled by its norm over the
+    embedding dim (in place, by the model's own forward)."""
+
+    def __init__(self, functional=False):
+        super().__init__()
+        self.functional = functional
+        self.emb = nn.Embedding(20, 12, max_norm=1.0)
+        self.a, self.out = nn.Linear(12, 8), nn.Linear(8, 2)
+
+    def forward(self, t):
+        e = F.embedding(t, self.emb.weight, max_norm=1.0) if self.functional else self.emb(t)
+        return self.out(torch.relu(self.a(e.mean(1))))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_embedding_max_norm_makes_its_dim_inexact(functional):
+    # it was exact, and the pruned model differed from the oracle by 3%
+    torch.manual_seed(0)
+    model, t = RenormedEmbedding(functional).eval(), torch.randint(0, 20, (3, 5))
+    result = fxprune.prune(model, (t,), ratio=0.5)
+    g = result.groups.group_of("emb.weight")
+    assert g.is_prunable and not g.exact and any("max_norm" in r for r in g.inexact_reasons)
+    v = fxprune.verify(model, result, (t,))  # exact groups exactly, this one for shape
+    assert v.max_rel_err < 1e-4 and v.exact_groups == 1 and v.effect > 1e-4
+    assert result.module.get_parameter("emb.weight").shape == (20, 6)

@@ -620,6 +620,32 @@ def test_scatter_into_nodes_keeps_the_feature_channels(agg, frontend):
     assert result.module.get_parameter("msg.weight").shape == (8, 8)
 
 
+class SparseGCN(nn.Module):
+    """A graph convolution with a sparse adjacency buffer: torch.sparse.mm(A, X W)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(5, 16), nn.Linear(16, 2)
+        edges = torch.tensor([[0, 1, 2, 3, 4, 5, 1, 2], [1, 2, 3, 4, 5, 0, 0, 4]])
+        self.register_buffer("adj", torch.sparse_coo_tensor(edges, torch.rand(8) + 0.5, (6, 6)).coalesce())
+
+    def forward(self, x):
+        h = F.relu(torch.sparse.mm(self.adj, self.l1(x)))
+        return self.l2(torch.sparse.mm(self.adj, h))
+
+
+def test_sparse_matrix_product_keeps_the_feature_channels():
+    # torch.sparse.mm had no rule (every feature pinned), and a sparse buffer kept whole
+    # broke the rewrite's copy (a sparse tensor has no data pointer)
+    torch.manual_seed(0)
+    model = SparseGCN().eval()
+    result, v = prune_and_verify(model, torch.randn(6, 5), ratio=0.5, healthy=False)
+    assert not result.groups.barriers and v.exact_groups == 1
+    assert result.module.get_parameter("l1.weight").shape == (8, 5)
+    adj = result.module.get_buffer("adj")  # a copy of its own, still sparse
+    assert adj.is_sparse and adj is not model.adj and torch.equal(adj.to_dense(), model.adj.to_dense())
+
+
 def test_scatter_along_channels_pins_them_with_the_reason():
     class Net(nn.Module):
         def __init__(self):

@@ -245,8 +245,8 @@ class AnalysisContext:
         t = get_tensor(self.gm, node.target)
         if not isinstance(t, torch.Tensor):
             return None
-        if t.ndim == 0 or not t.is_floating_point():
-            return const_like(t.ndim)
+        if t.ndim == 0 or not t.is_floating_point() or t.layout != torch.strided:
+            return const_like(t.ndim)  # sparse tensors (a graph's adjacency) are never sliced
         if t.ndim in (2, 3) and _weight_uses_only(node, t.ndim):  # (grouped) matmul weights:
             return const_like(t.ndim)                            # their rules align them
         if t.ndim >= 2 and _feeds_dense_weight(node, t.ndim):

@@ -152,7 +152,9 @@ def matmul(ctx, node):
     return contract(ctx, node, [(a, la), (b, lb)], lo)
 
 
-register(torch.matmul, operator.matmul, "matmul", "__matmul__", torch.bmm, "bmm", torch.mm, "mm")(matmul)
+# torch.sparse.mm: a (sparse) matrix product like any other (a GCN's adjacency)
+register(torch.matmul, operator.matmul, "matmul", "__matmul__", torch.bmm, "bmm", torch.mm, "mm",
+         torch.sparse.mm)(matmul)
 
 
 def einsum(ctx, node):

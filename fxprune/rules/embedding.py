@@ -25,10 +25,22 @@ def embedding(ctx, node):
     w = ctx.tensor(weight)
     vec = ctx.fresh((w.shape[1],), f"{node.name} embedding dim")
     ctx.align(weight, ctx.along(vec, 1, 2), "out")
+    if _max_norm(ctx, node) is not None:  # rows rescaled by their norm over the embedding dim
+        ctx.inexact(vec, f"{node.name}: max_norm renormalizes each looked-up row over the embedding dim")
     if is_multi(node):  # aten embedding_bag: (output, offsets to bags, bag sizes, max indices)
         out, *rest = get_meta(node)
         return (ctx.along(vec, -1, out.ndim), *(None if m is None else const_like(m.ndim) for m in rest))
     return ctx.along(vec, -1, ctx.meta(node).ndim)
+
+
+def _max_norm(ctx, node):
+    """The max_norm of an embedding lookup (F.embedding's 4th argument, F.embedding_bag's
+    4th), or None."""
+    if node.op == "call_module":
+        return getattr(ctx.module, "max_norm", None)
+    if isinstance(node.target, torch._ops.OpOverload):
+        return None  # ATen: the renorm is an op of its own (embedding_renorm_), with no rule
+    return ctx.arg(3, "max_norm")
 
 
 def rewrite_embedding(r, old, new):
