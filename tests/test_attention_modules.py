@@ -332,12 +332,14 @@ class LinearAttention(nn.Module):
 
     def forward(self, x):
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, 8).permute(2, 0, 3, 1, 4)
+        return self.attend(*self.qkv(x).view(b, n, 3, self.heads, 8).permute(2, 0, 3, 1, 4))
+
+    def attend(self, q, k, v):  # (b, heads, n, 8) each
         q, k = F.elu(q) + 1, F.elu(k) + 1
         kv = torch.einsum("bhnd,bhne->bhde", k, v)
         norm = 1 / (torch.einsum("bhnd,bhd->bhn", q, k.sum(2)) + 1e-6)
         y = torch.einsum("bhnd,bhde,bhn->bhne", q, kv, norm)
-        return self.out(y.transpose(1, 2).reshape(b, n, 32))
+        return self.out(y.transpose(1, 2).flatten(2))
 
 
 def test_linear_attention_prunes_heads_and_says_why_head_dim_stays():
@@ -364,12 +366,7 @@ class LinearAttentionSplit(LinearAttention):
 
     def forward(self, x):
         b, n, _ = x.shape
-        q, k, v = (p(x).view(b, n, self.heads, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
-        q, k = F.elu(q) + 1, F.elu(k) + 1
-        kv = torch.einsum("bhnd,bhne->bhde", k, v)
-        norm = 1 / (torch.einsum("bhnd,bhd->bhn", q, k.sum(2)) + 1e-6)
-        y = torch.einsum("bhnd,bhde,bhn->bhne", q, kv, norm)
-        return self.out(y.transpose(1, 2).reshape(b, n, 32))
+        return self.attend(*(p(x).view(b, n, self.heads, 8).transpose(1, 2) for p in (self.q, self.k, self.v)))
 
 
 def test_crossing_channels_follow_one_operand():
