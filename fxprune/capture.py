@@ -721,7 +721,10 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
             return _export(model, inputs)
         except TraceError as export_error:
             _runs_eagerly(model, inputs)  # neither captures: is it the model?
-            raise TraceError(f"{fx_error}\nThe torch.export fallback failed too: {export_error}") from fx_error
+            raise TraceError(f"{fx_error}\nThe torch.export fallback failed too: {export_error}\nA model "
+                             f"whose data-dependent part (a detector's box decoding and NMS, a sampling "
+                             f"loop) captures in neither can often be pruned in parts: prune a traceable "
+                             f"submodule (model.backbone, the heads) and put it back") from fx_error
     try:
         propagate_shapes(gm, inputs)
     except InputError as shape_error:
