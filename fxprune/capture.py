@@ -143,10 +143,14 @@ class _Tracer(torch.fx.Tracer):
         self._attr_names: dict[int, str] | None = None
         self._instructions: dict[types.CodeType, tuple[list[int], list]] = {}
         self._ordered_keys: list[list] = []
+        self._static: set[torch.fx.Node] = set()
         try:
             graph = super().trace(root, concrete_args)
         finally:
             self._instructions = {}
+        for n in reversed(list(graph.nodes)):  # what only a static branch condition used
+            if n in self._static and not n.users and n.op in ("call_function", "call_method", "get_attr"):
+                graph.erase_node(n)
         out = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
         if out is not None and isinstance(out.args[0], dict) and list(out.args[0]) in self._ordered_keys \
                 and type(graph._codegen) is torch.fx.graph.CodeGen:
@@ -215,6 +219,35 @@ class _Tracer(torch.fx.Tracer):
         except Exception:  # an op without a meta kernel, a data-dependent size: not known here
             return None
         return TensorMeta(tuple(out.shape), out.dtype) if isinstance(out, torch.Tensor) else None
+
+    def to_bool(self, obj: torch.fx.Proxy) -> bool:
+        """``if`` or ``assert`` on a traced value that depends on no model input (a
+        buffer's ``numel()``, a parameter's shape, a flag held in a buffer: timm's
+        ``assert self.periods.numel() == dim``) has one value whatever the inputs: it is
+        computed and the branch taken (torch.export specializes such values too). A
+        condition on the inputs still fails the trace."""
+        need, stack = set(), [obj.node]
+        while stack:
+            n = stack.pop()
+            if n.op == "placeholder":
+                return super().to_bool(obj)
+            if n not in need:
+                need.add(n)
+                stack.extend(n.all_input_nodes)
+        graph, env = torch.fx.Graph(), {}
+        for n in self.graph.nodes:
+            if n in need:
+                env[n] = graph.node_copy(n, env.__getitem__)
+        graph.output(env[obj.node])
+        unpatched = getattr(torch.fx._symbolic_trace, "_maybe_revert_all_patches", contextlib.nullcontext)
+        try:
+            with torch.no_grad(), unpatched():
+                value = _MetaProp(torch.fx.GraphModule(self.root, graph)).run()
+            value = bool(value)  # a meta tensor has no value: not known here
+        except Exception:
+            return super().to_bool(obj)
+        self._static |= need
+        return value
 
     def proxy(self, node):
         return _Proxy(node, self)

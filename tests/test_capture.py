@@ -108,6 +108,50 @@ def test_concrete_args_specialize_a_branch():
     assert get_meta(next(n for n in gm.graph.nodes if n.name == "b")).shape == (1, 2, 4, 4)
 
 
+class StaticConditions(nn.Module):
+    """Branches and asserts on values no input changes: a buffer's numel (timm's rotary
+    embedding asserts it), a parameter's shape, a flag kept in a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 2)
+        self.register_buffer("periods", torch.rand(8))
+        self.register_buffer("use_scale", torch.tensor(True))
+
+    def forward(self, x):
+        assert self.periods.numel() == 8, "periods"
+        h = F.relu(self.a(x))
+        if self.a.weight.shape[0] > 8:
+            h = h * 2.0
+        if self.use_scale:
+            h = h + self.periods.sum()
+        return self.b(h)
+
+
+def test_static_branch_conditions_are_taken_under_fx():
+    """They failed the symbolic trace ("traced variables cannot be used as inputs to
+    control flow") and left the model to export; the condition's nodes are not kept."""
+    torch.manual_seed(0)
+    model, x = StaticConditions().eval(), torch.randn(3, 6)
+    gm = fxprune.trace(model, x)
+    assert gm.meta["fxprune_frontend"] == "fx"
+    assert not any(n.target in ("numel", operator.eq, operator.gt) for n in gm.graph.nodes)
+    assert any(n.target is operator.mul for n in gm.graph.nodes)  # both branches taken
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x))
+    result, _ = prune_and_verify(model, x, ratio=0.5, healthy=False)
+    assert result.frontend == "fx" and result.module.get_parameter("a.weight").shape == (8, 6)
+
+
+def test_branch_conditions_on_inputs_still_fail_the_symbolic_trace():
+    class OnInput(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(fxprune.errors.TraceError, match="control flow"):
+        fxprune.trace(OnInput(), torch.randn(2, 3), frontend="fx")
+
+
 class OptionalMask(torch.nn.Module):
     """forward with optional arguments the example inputs do not give (timm's ViT)."""
 
