@@ -221,11 +221,12 @@ class _Tracer(torch.fx.Tracer):
         return TensorMeta(tuple(out.shape), out.dtype) if isinstance(out, torch.Tensor) else None
 
     def to_bool(self, obj: torch.fx.Proxy) -> bool:
-        """``if`` or ``assert`` on a traced value that depends on no model input (a
-        buffer's ``numel()``, a parameter's shape, a flag held in a buffer: timm's
-        ``assert self.periods.numel() == dim``) has one value whatever the inputs: it is
-        computed and the branch taken (torch.export specializes such values too). A
-        condition on the inputs still fails the trace."""
+        """``if`` or ``assert`` on a traced value that depends on no model input and on
+        no tensor's values, only on shapes (a buffer's ``numel()``, a parameter's shape:
+        timm's ``assert self.periods.numel() == dim``), has one value whatever the inputs
+        and the state: it is computed (on meta) and the branch taken, as torch.export
+        specializes such values. A condition on the inputs, or on a buffer's values (a
+        flag a forward may flip), still fails the trace."""
         need, stack = set(), [obj.node]
         while stack:
             n = stack.pop()
@@ -242,8 +243,8 @@ class _Tracer(torch.fx.Tracer):
         unpatched = getattr(torch.fx._symbolic_trace, "_maybe_revert_all_patches", contextlib.nullcontext)
         try:
             with torch.no_grad(), unpatched():
-                value = _MetaProp(torch.fx.GraphModule(self.root, graph)).run()
-            value = bool(value)  # a meta tensor has no value: not known here
+                value = _MetaProp(torch.fx.GraphModule(self.root, graph), on_meta=True).run()
+            value = bool(value)  # a meta tensor has no value: it depends on values
         except Exception:
             return super().to_bool(obj)
         self._static |= need

@@ -110,22 +110,19 @@ def test_concrete_args_specialize_a_branch():
 
 class StaticConditions(nn.Module):
     """Branches and asserts on values no input changes: a buffer's numel (timm's rotary
-    embedding asserts it), a parameter's shape, a flag kept in a buffer."""
+    embedding asserts it), a parameter's shape."""
 
     def __init__(self):
         super().__init__()
         self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 2)
         self.register_buffer("periods", torch.rand(8))
-        self.register_buffer("use_scale", torch.tensor(True))
 
     def forward(self, x):
         assert self.periods.numel() == 8, "periods"
         h = F.relu(self.a(x))
         if self.a.weight.shape[0] > 8:
             h = h * 2.0
-        if self.use_scale:
-            h = h + self.periods.sum()
-        return self.b(h)
+        return self.b(h + self.periods.sum())
 
 
 def test_static_branch_conditions_are_taken_under_fx():
@@ -143,13 +140,22 @@ def test_static_branch_conditions_are_taken_under_fx():
     assert result.frontend == "fx" and result.module.get_parameter("a.weight").shape == (8, 6)
 
 
-def test_branch_conditions_on_inputs_still_fail_the_symbolic_trace():
-    class OnInput(nn.Module):
-        def forward(self, x):
-            return x * 2 if x.sum() > 0 else x
+class OnValues(nn.Module):
+    def __init__(self, on_input):
+        super().__init__()
+        self.on_input = on_input
+        self.register_buffer("initialized", torch.tensor(False))  # ActNorm's data-dependent init
 
+    def forward(self, x):
+        if self.on_input:
+            return x * 2 if x.sum() > 0 else x
+        return x if self.initialized else x - x.mean(0)
+
+
+@pytest.mark.parametrize("on_input", [True, False])
+def test_branch_conditions_on_inputs_or_values_still_fail_the_symbolic_trace(on_input):
     with pytest.raises(fxprune.errors.TraceError, match="control flow"):
-        fxprune.trace(OnInput(), torch.randn(2, 3), frontend="fx")
+        fxprune.trace(OnValues(on_input), torch.randn(2, 3), frontend="fx")
 
 
 class OptionalMask(torch.nn.Module):
