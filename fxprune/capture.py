@@ -192,19 +192,23 @@ class _Tracer(torch.fx.Tracer):
         return self._example_metas[node]
 
     def _run_to(self, target: torch.fx.Node) -> TensorMeta | None:
-        need, stack = set(), [target]
-        while stack:
-            n = stack.pop()
-            if n not in need:
-                need.add(n)
-                stack.extend(n.all_input_nodes)
+        need = _ancestors(target)
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         inputs = set(placeholders[:len(self.example_inputs)])
         if len(inputs) < len(self.example_inputs) or any(n in need for n in placeholders[len(inputs):]):
             return None  # depends on an argument specialized by concrete_args
+        try:
+            out = self._run_on_meta(target, need | inputs, [_to_meta(t) for t in self.example_inputs])
+        except Exception:  # an op without a meta kernel, a data-dependent size: not known here
+            return None
+        return TensorMeta(tuple(out.shape), out.dtype) if isinstance(out, torch.Tensor) else None
+
+    def _run_on_meta(self, target: torch.fx.Node, nodes: set, inputs: list) -> Any:
+        """The value of ``target`` computed from ``nodes`` of the graph traced so far (its
+        ancestors, placeholders fed with ``inputs``), on the meta device."""
         graph, env = torch.fx.Graph(), {}
         for n in self.graph.nodes:
-            if n in inputs or (n in need and n.op != "placeholder"):
+            if n in nodes:
                 env[n] = graph.node_copy(n, env.__getitem__)
             if n is target:
                 break
@@ -212,13 +216,8 @@ class _Tracer(torch.fx.Tracer):
         # the trace patches nn.Module.__call__ (and wrapped functions) while it runs:
         # running modules here needs them as they are
         unpatched = getattr(torch.fx._symbolic_trace, "_maybe_revert_all_patches", contextlib.nullcontext)
-        try:
-            with torch.no_grad(), unpatched():
-                out = _MetaProp(torch.fx.GraphModule(self.root, graph), on_meta=True).run(
-                    *(_to_meta(t) for t in self.example_inputs))
-        except Exception:  # an op without a meta kernel, a data-dependent size: not known here
-            return None
-        return TensorMeta(tuple(out.shape), out.dtype) if isinstance(out, torch.Tensor) else None
+        with torch.no_grad(), unpatched():
+            return _MetaProp(torch.fx.GraphModule(self.root, graph), on_meta=True).run(*inputs)
 
     def to_bool(self, obj: torch.fx.Proxy) -> bool:
         """``if`` or ``assert`` on a traced value that depends on no model input and on
@@ -227,24 +226,11 @@ class _Tracer(torch.fx.Tracer):
         and the state: it is computed (on meta) and the branch taken, as torch.export
         specializes such values. A condition on the inputs, or on a buffer's values (a
         flag a forward may flip), still fails the trace."""
-        need, stack = set(), [obj.node]
-        while stack:
-            n = stack.pop()
-            if n.op == "placeholder":
-                return super().to_bool(obj)
-            if n not in need:
-                need.add(n)
-                stack.extend(n.all_input_nodes)
-        graph, env = torch.fx.Graph(), {}
-        for n in self.graph.nodes:
-            if n in need:
-                env[n] = graph.node_copy(n, env.__getitem__)
-        graph.output(env[obj.node])
-        unpatched = getattr(torch.fx._symbolic_trace, "_maybe_revert_all_patches", contextlib.nullcontext)
+        need = _ancestors(obj.node)
+        if any(n.op == "placeholder" for n in need):
+            return super().to_bool(obj)
         try:
-            with torch.no_grad(), unpatched():
-                value = _MetaProp(torch.fx.GraphModule(self.root, graph), on_meta=True).run()
-            value = bool(value)  # a meta tensor has no value: it depends on values
+            value = bool(self._run_on_meta(obj.node, need, []))  # a meta tensor has no value
         except Exception:
             return super().to_bool(obj)
         self._static |= need
@@ -284,6 +270,17 @@ class _Tracer(torch.fx.Tracer):
             return super().call_module(m, forward, args, kwargs)
         finally:
             self._fxp_stack.pop()
+
+
+def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    """``node`` and every node it depends on."""
+    need, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in need:
+            need.add(n)
+            stack.extend(n.all_input_nodes)
+    return need
 
 
 def _user_frame(tb) -> str:
