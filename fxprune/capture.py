@@ -272,6 +272,37 @@ class _Tracer(torch.fx.Tracer):
             self._fxp_stack.pop()
 
 
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+_CONTAINERS = (dict, list, set, collections.OrderedDict)
+
+
+@contextlib.contextmanager
+def _state_restored(model: nn.Module):
+    """Undo what a forward run during capture leaves on the model's modules: attributes
+    it sets and caches it fills (timm's LeViT keeps its attention biases in a dict keyed by
+    device: a trace left a Proxy there, and the user's model no longer pickled). Parameters,
+    buffers and submodules are not touched by a capture and are not copied."""
+    saved = []
+    for m in model.modules():
+        attrs = {k: v for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS}
+        saved.append((m, attrs, {k: copy.copy(v) for k, v in attrs.items() if type(v) in _CONTAINERS}))
+    try:
+        yield
+    finally:
+        for m, attrs, contents in saved:
+            d = m.__dict__
+            for k in [k for k in d if k not in _MODULE_INTERNALS and k not in attrs]:
+                del d[k]  # set during the capture
+            d.update(attrs)
+            for k, old in contents.items():  # refilled in place: the container may be shared
+                box = attrs[k]
+                box.clear()
+                if isinstance(box, list):
+                    box.extend(old)
+                else:
+                    box.update(old)
+
+
 def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
     """``node`` and every node it depends on."""
     need, stack = set(), [node]
@@ -311,21 +342,23 @@ def symbolic_trace(model: nn.Module, *, leaf_modules: Iterable = (),
     failure. ``example_inputs``, where given, let decompositions learn the shape and dtype
     of a traced value (``_Tracer.example_meta``)."""
     tracer = _Tracer(leaf_modules, example_inputs, careful)
-    try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
-    except Exception as exc:  # torch.fx raises many exception types; we re-type them here
-        stack = tracer._fxp_stack
-        in_module = f" in module '{stack[-1][0]}' ({stack[-1][1]})" if stack else ""
-        where = _user_frame(sys.exc_info()[2])
-        at = f" at {where}" if where else ""
-        raise TraceError(
-            f"could not trace {type(model).__name__}{in_module}{at}: {type(exc).__name__}: {exc}. "
-            f"Fix: {_trace_hint(exc)}."
-        ) from exc
-    if concrete_args:
-        _inline_concrete_args(graph, model, concrete_args)
-    name = type(model).__name__
-    return _graph_module(tracer.root, graph, name)
+    # the model is left as it was, also without the tensor constants torch.fx puts on it
+    # (the GraphModule built here copies them first)
+    with _state_restored(model):
+        try:
+            graph = tracer.trace(model, concrete_args=concrete_args)
+        except Exception as exc:  # torch.fx raises many exception types; we re-type them here
+            stack = tracer._fxp_stack
+            in_module = f" in module '{stack[-1][0]}' ({stack[-1][1]})" if stack else ""
+            where = _user_frame(sys.exc_info()[2])
+            at = f" at {where}" if where else ""
+            raise TraceError(
+                f"could not trace {type(model).__name__}{in_module}{at}: {type(exc).__name__}: {exc}. "
+                f"Fix: {_trace_hint(exc)}."
+            ) from exc
+        if concrete_args:
+            _inline_concrete_args(graph, model, concrete_args)
+        return _graph_module(tracer.root, graph, type(model).__name__)
 
 
 def _graph_module(root: Any, graph: torch.fx.Graph, name: str) -> torch.fx.GraphModule:
@@ -964,7 +997,7 @@ def _export_program(model: nn.Module, inputs: tuple):
     model takes other shapes too; dims the model fixes are specialized); static shapes
     when that fails."""
     dynamic = tuple(_dynamic_dims(t) for t in inputs)
-    with torch.no_grad():
+    with torch.no_grad(), _state_restored(model):
         try:
             return torch.export.export(model, inputs, dynamic_shapes=dynamic, strict=False)
         except Exception:  # a model that only exports at the example shapes

@@ -158,6 +158,43 @@ def test_branch_conditions_on_inputs_or_values_still_fail_the_symbolic_trace(on_
         fxprune.trace(OnValues(on_input), torch.randn(2, 3), frontend="fx")
 
 
+class Caching(nn.Module):
+    """A forward that caches on the module (timm's LeViT keeps its attention biases in a
+    dict keyed by device) and sets an attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 2)
+        self.scale = nn.Parameter(torch.rand(16) + 0.5)
+        self.cache, self.calls = {}, []
+
+    def forward(self, x):
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.scale * 2.0
+        self.calls.append(key)
+        self.last_input = x
+        return self.b(F.relu(self.a(x)) * self.cache[key])
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_capture_leaves_nothing_behind_on_the_model(frontend):
+    # a trace left a Proxy (export: a fake tensor) in the cache, and the user's model no
+    # longer pickled
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    model, x = Caching().eval(), torch.randn(3, 6)
+    result, _ = prune_and_verify(model, x, ratio=0.5, frontend=frontend, healthy=False)
+    assert result.module.get_parameter("scale").shape == (8,)
+    model.cache.clear(), model.calls.clear()  # what the oracle's own eager runs cached
+    del model.last_input
+    fxprune.trace(model, x, frontend=frontend)
+    assert model.cache == {} and model.calls == [] and not hasattr(model, "last_input")
+    pickle.dump(model, io.BytesIO())
+
+
 class OptionalMask(torch.nn.Module):
     """forward with optional arguments the example inputs do not give (timm's ViT)."""
 
@@ -282,10 +319,12 @@ def test_tensors_made_inside_forward_get_shapes_on_meta():
             pos = torch.arange(x.shape[1]).float()[None, :, None]  # made from a size: default device
             return self.proj(x + pos) + torch.zeros(6)
 
-    x = torch.randn(2, 5, 4)
-    gm = fxprune.trace(Ramp(), x)
+    x, model = torch.randn(2, 5, 4), Ramp()
+    gm = fxprune.trace(model, x)
     assert capture.propagate_shapes(gm, (x,)) == "meta"  # no fallback to fake or real tensors
     assert tensor_meta([n for n in gm.graph.nodes if n.op == "output"][0].args[0]).shape == (2, 5, 6)
+    # torch.fx puts the constant (torch.zeros(6)) on the traced root: the graph has it, the model not
+    assert any(n.op == "get_attr" for n in gm.graph.nodes) and not any("constant" in k for k in vars(model))
 
 
 @torch.fx.wrap
