@@ -160,14 +160,8 @@ def conv(ctx, node):
         # the computed weight's rows go with the output channels (so do the parameter's
         # rows and every per-channel gain); the parameter's columns are the inputs,
         # inexact because the computation mixes them
-        ctx.union(ctx.vector(weight, 0), out_vec)
-        if not depthwise:
-            for path in (source, *partners):  # a mask of the weight's shape is sliced with it
-                ctx.align(path, ctx.along(in_cols, 1, wn), "in")
-            if not elementwise:
-                ctx.inexact(in_vec, f"{node.name}: its weight is computed from {source} across the input "
-                                    f"channels (weight standardization): removing inputs changes the kept "
-                                    f"weights")
+        _link_computed(ctx, node, weight, (source, partners, elementwise), out_vec,
+                       None if depthwise else in_cols, in_vec, wn, "channels (weight standardization)")
     elif depthwise:  # weight (C_in, mult, k...) transposed, (C_out, 1, k...) otherwise
         ctx.align(weight, ctx.along(in_vec if transposed else out_vec, 0, wn), "channel")
     elif transposed:  # weight (C_in, C_out / g, k...)
@@ -240,21 +234,32 @@ def linear(ctx, node):
     return ctx.along(out_vec, -1, ctx.meta(node).ndim)
 
 
+def _link_computed(ctx, node, weight, found, out_vec, in_cols, in_vec, ndim: int, inputs: str) -> None:
+    """A weight computed in forward (``found``: computed_weight's answer): its rows go with
+    the output channels (so do the parameter's rows and every per-channel gain); the
+    parameter's columns, and a same-shape mask's, are the inputs (``in_cols``; None for a
+    depthwise conv), inexact unless every op on the way is elementwise."""
+    source, partners, elementwise = found
+    ctx.union(ctx.vector(weight, 0), out_vec)
+    if in_cols is None:
+        return
+    for path in (source, *partners):  # a mask of the weight's shape is sliced with it
+        ctx.align(path, ctx.along(in_cols, 1, ndim), "in")
+    if not elementwise:
+        ctx.inexact(in_vec, f"{node.name}: its weight is computed from {source} across the input {inputs}: "
+                            f"removing inputs changes the kept weights")
+
+
 def _computed_dense(ctx, node, x, weight: torch.fx.Node, bias: str | None) -> torch.Tensor:
     """F.linear with a weight computed in forward from one parameter of its shape (MADE's
     masked layers, ``mask * weight``; a standardized weight): as for a convolution (see
     computed_weight), its rows are the output features, the parameter's columns and any
     same-shape buffer's are the inputs, inexact unless every op on the way is elementwise."""
-    source, partners, elementwise = computed_weight(ctx, node, weight)
+    found = computed_weight(ctx, node, weight)
     in_vec = ctx.vector(x, -1)
     ctx.consume(0)
     out_vec = ctx.fresh((ctx.meta(weight).shape[0],), f"{node.name} output features")
-    ctx.union(ctx.vector(weight, 0), out_vec)
-    for path in (source, *partners):
-        ctx.align(path, ctx.along(in_vec, 1, 2), "in")
-    if not elementwise:
-        ctx.inexact(in_vec, f"{node.name}: its weight is computed from {source} across the input features: "
-                            f"removing inputs changes the kept weights")
+    _link_computed(ctx, node, weight, found, out_vec, in_vec, in_vec, 2, "features")
     if bias is not None:
         ctx.align(bias, out_vec, "out")
     elif ctx.is_tensor(ctx.arg(2, "bias")):
