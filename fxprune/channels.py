@@ -41,6 +41,19 @@ class Member:
         return f"{self.path}[{self.role}{'' if self.dim is None else f', dim {self.dim}'}]"
 
 
+@dataclass(frozen=True, eq=False)
+class MixSite:
+    """An op that mixes the values of a channel dim (``node``; the channels ``labels``):
+    removing some of them changes the kept values. ``masked`` evaluates the op as if the
+    removed channels were absent (see ``fxprune.masked``); None when no such semantics
+    is known, and then the oracle cannot check a plan that removes those channels."""
+
+    node: str
+    labels: torch.Tensor
+    reason: str
+    masked: Any = None
+
+
 @dataclass(frozen=True)
 class ChannelGroup:
     """Channels that must be removed together: a connected set of channel classes.
@@ -99,6 +112,8 @@ class ChannelGroups:
     # channels kept with the constants (no group) because of a pin noted on them, and why
     constant_members: tuple[Member, ...] = ()
     constant_reasons: tuple[str, ...] = ()
+    # ops that mix channel values, with their masked semantics (the oracle's reference)
+    mixing: tuple[MixSite, ...] = field(default=(), repr=False)
 
     def classes(self, labels: torch.Tensor) -> torch.Tensor:
         """Class ids of a label tensor."""

@@ -233,8 +233,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             hint = "--calibrate-bn 4 (an untrained model)" if not args.calibrate_bn else "a larger --input-shape"
             raise DegenerateReferenceError(f"{exc}. From the command line: {hint}; or --no-verify to "
                                            f"write the pruned model without the check") from None
-        print(f"verify: max relative error {check.max_rel_err:.3g} "
-              f"({_count(check.exact_groups)} exact groups checked)")
+        print(f"verify: {check.summary()}")
     print()
     print(result.report)
     print()
@@ -242,10 +241,6 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     print(f"saved: {path}/ (load with fxprune.load({str(path)!r}) or plain PyTorch, "
           f"see {path / 'module.py'})")
     return 0
-
-
-def _count(value) -> int:
-    return len(value) if hasattr(value, "__len__") else int(value)
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:

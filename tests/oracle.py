@@ -1,11 +1,20 @@
-"""Shared checks for tests that prune: every pruned model goes through fxprune.verify."""
+"""Shared checks for tests that prune: every pruned model goes through fxprune.verify,
+the check is shown to be sensitive (a slightly perturbed pruned model fails it), and
+the user's model is left bit-for-bit as it was (it still runs and pickles)."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import io
+import pickle
+
+import pytest
 import torch
 import torch.utils._pytree as pytree
 
 import fxprune
+from fxprune.errors import VerificationError
 from healthy import make_healthy
 
 
@@ -25,15 +34,64 @@ def assert_untouched(model: torch.nn.Module, before: dict) -> None:
         assert torch.equal(_dense(after[k]), v), f"{k} was modified"
 
 
+def pickles(model: torch.nn.Module) -> bool:
+    """Whether ``model`` pickles (a class defined inside a test function never does)."""
+    try:
+        pickle.dumps(model)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return False
+    return True
+
+
+def assert_still_usable(model: torch.nn.Module, inputs: tuple, expected, pickled: bool) -> None:
+    """The user's model runs with the same outputs and, if it pickled before, still pickles
+    (nothing fxprune made during capture was left on it)."""
+    with torch.no_grad():
+        again = model(*inputs)
+    for a, b in zip(pytree.tree_leaves(expected), pytree.tree_leaves(again)):
+        if isinstance(a, torch.Tensor):
+            assert isinstance(b, torch.Tensor) and torch.equal(a, b), "the user's model changed its outputs"
+    if pickled:
+        pickle.dumps(model)
+        torch.save(model, io.BytesIO())
+
+
+def perturbed(module: torch.nn.Module, rel: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """A copy of ``module`` whose floating parameters moved by ``rel`` of their spread."""
+    gen = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(module)
+    with torch.no_grad():
+        for t in out.parameters():
+            if t.is_floating_point() and t.numel() > 1 and t.layout == torch.strided:
+                spread = float(t.double().std()) or float(t.double().abs().mean()) or 1.0
+                t.add_(rel * spread * torch.randn(t.shape, generator=gen).to(t.dtype))
+    return out
+
+
+def assert_sensitive(model, result, x, rel: float = 0.05) -> None:
+    """The oracle rejects the pruned module with its weights slightly perturbed: a pass
+    means something."""
+    if not any(t.is_floating_point() and t.numel() > 1 for t in result.module.parameters()):
+        return
+    bad = dataclasses.replace(result, module=perturbed(result.module, rel))
+    with pytest.raises(VerificationError):
+        fxprune.verify(model, bad, x, name_failing_group=False)
+
+
 def prune_and_verify(model, x, *, min_effect: float = 1e-4, healthy: bool = True,
-                     expect_removed: bool = True, **kwargs):
-    """Prune, check the pruned graph (lint, smaller), the oracle, and that the user's
-    model is bit-for-bit untouched. Returns (result, verify_result)."""
+                     expect_removed: bool = True, allow_unchecked: bool = False,
+                     sensitive: bool = True, **kwargs):
+    """Prune, check the pruned graph (lint, smaller), the oracle on every removed channel
+    (unless ``allow_unchecked``), that the oracle fails on a perturbed copy, and that the
+    user's model is bit-for-bit untouched, runs and pickles. Returns (result, verify_result)."""
     inputs = x if isinstance(x, tuple) else (x,)
     if healthy:
         make_healthy(model, inputs[0].shape)
     model.eval()
     before = snapshot(model)
+    pickled = pickles(model)
+    with torch.no_grad():
+        out_ref = model(*inputs)
     result = fxprune.prune(model, x, **kwargs)
     assert_untouched(model, before)
     result.module.graph.lint()
@@ -42,12 +100,18 @@ def prune_and_verify(model, x, *, min_effect: float = 1e-4, healthy: bool = True
         assert result.report.after.params < result.report.before.params
     v = fxprune.verify(model, result, x)
     assert v.max_rel_err < 1e-4
-    if expect_removed and v.exact_groups:
+    assert v.groups_removed == 0 or v.groups_checked > 0, v.summary()
+    if not allow_unchecked:
+        assert v.complete and not v.unchecked, v.summary()
+    if expect_removed and v.exact_groups + v.inexact_groups:
         assert v.effect > min_effect, "removed channels had no effect: the oracle proves nothing"
+    if sensitive:
+        assert_sensitive(model, result, x)
     with torch.no_grad():
-        out_ref, out = model(*inputs), result.module(*inputs)
+        out = result.module(*inputs)
     assert type(out) is type(out_ref)  # a Hugging Face ModelOutput stays one
     ref_list, got_list = pytree.tree_leaves(out_ref), pytree.tree_leaves(out)
     assert [t.shape for t in ref_list] == [t.shape for t in got_list]
     assert_untouched(model, before)
+    assert_still_usable(model, inputs, out_ref, pickled)
     return result, v

@@ -13,6 +13,7 @@ import torch.fx
 
 from ..errors import AnalysisError, RewriteError
 from ..labels import CONST, Family, LabelSpace, channel_dim, concat_tagged, const_like
+from ..channels import MixSite
 from ..meta import TensorMeta, get_meta, tensor_meta
 
 
@@ -186,6 +187,7 @@ class AnalysisContext:
         # a weight-normalized weight ("layer.weight", or "<node>" for an exported
         # _weight_norm) -> the paths of its g and v, and the dim g varies along
         self.weight_norms: dict[str, tuple[str, str, int]] = {}
+        self.mixing: list[MixSite] = []  # ops that mix channel values (see inexact)
 
     # -- reading the graph ----------------------------------------------
     @property
@@ -298,9 +300,16 @@ class AnalysisContext:
         if labels is not None:
             self.space.pin(labels, reason)
 
-    def inexact(self, labels: torch.Tensor | None, reason: str) -> None:
+    def inexact(self, labels: torch.Tensor | None, reason: str, masked: Any = None) -> None:
+        """The current op mixes the values of the channels in ``labels`` (statistics,
+        softmax, a count used as a value): removing some changes the kept ones. ``masked``
+        is its masked semantics (``fxprune.masked``): how the oracle evaluates it as if the
+        removed channels were absent; without one, the oracle cannot check a plan that
+        removes these channels and says so."""
         if labels is not None:
             self.space.mark_inexact(labels, reason)
+            self.mixing.append(MixSite(self.node.name if self.node is not None else "", labels,
+                                       reason, masked))
 
     def classes(self, labels: torch.Tensor) -> torch.Tensor:
         return self.space.roots(labels)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..labels import const_like
+from ..masked import MaskedCall, compact, scatter
 from ..meta import get_meta, is_multi
 from .registry import register
 
@@ -91,7 +92,7 @@ def layer_norm(ctx, node):
     if labels is None:
         return None
     if any(labels.shape[d] > 1 for d in range(ndim - nd, ndim)):
-        ctx.inexact(labels, f"{node.name}: layer norm over the channel dim")
+        ctx.inexact(labels, f"{node.name}: layer norm over the channel dim", masked_layer_norm)
     lead = tuple(0 for _ in range(ndim - nd))
     param_labels = labels[lead] if lead else labels
     if any(labels.shape[d] > 1 for d in range(ndim - nd)):
@@ -101,6 +102,42 @@ def layer_norm(ctx, node):
     for path, _ in _channel_tensors(ctx, node, [("weight", 2)] if rms else [("weight", 2), ("bias", 3)]):
         ctx.align(path, param_labels, "norm")
     return labels
+
+
+def masked_layer_norm(call: MaskedCall):
+    """Layer (or RMS) norm over the kept positions: the input, the normalized shape and
+    the affine parameters lose the removed channels, the output gets them back as zeros."""
+    kept = call.input_kept()
+    x = call.arg(0, "input")
+    if kept is None:
+        return call.run(call.args, call.kwargs)
+    rms = "rms" in (type(call.module).__name__.lower() if call.module is not None
+                    else getattr(call.node.target, "__name__", str(call.node.target)))
+    if call.module is not None:
+        m = call.module
+        nd = len(m.normalized_shape)
+        weight, bias = m.weight, getattr(m, "bias", None)
+    else:
+        nd = len(call.arg(1, "normalized_shape"))
+        weight = call.arg(2, "weight")
+        bias = None if rms else call.arg(3, "bias")
+    dim, idx = kept
+    pdim = dim - (x.ndim - nd)
+    xs = compact(x, kept)
+    w = compact(weight, (pdim, idx)) if weight is not None else None
+    shape = list(xs.shape[x.ndim - nd:])
+    if call.module is not None:
+        y = F.rms_norm(xs, shape, w, call.module.eps) if rms else F.layer_norm(xs, shape, w, compact(
+            bias, (pdim, idx)) if bias is not None else None, call.module.eps)
+    else:
+        args, kwargs = list(call.args), dict(call.kwargs)
+        args[0] = xs
+        call.with_arg(args, kwargs, 1, "normalized_shape", shape)
+        call.with_arg(args, kwargs, 2, "weight", w)
+        if not rms and bias is not None:
+            call.with_arg(args, kwargs, 3, "bias", compact(bias, (pdim, idx)))
+        y = call.run(tuple(args), kwargs)
+    return scatter(y, kept, tuple(x.shape))
 
 
 def rewrite_layer_norm(r, old, new):
@@ -139,10 +176,32 @@ def group_norm(ctx, node):
             ctx.union(blocks, blocks[:, :1])
         else:
             ctx.union(blocks, blocks[:1])
-            ctx.inexact(vec, f"{node.name}: group norm statistics mix the channels of a group")
+            ctx.inexact(vec, f"{node.name}: group norm statistics mix the channels of a group",
+                        masked_group_norm)
     for path, _ in _channel_tensors(ctx, node, [("weight", 2), ("bias", 3)]):
         ctx.align(path, vec, "norm")
     return ctx.labels(x)
+
+
+def masked_group_norm(call: MaskedCall):
+    """Group norm over the kept channels: every group lost the same local channels, so
+    the group count stays and each group's statistics cover its kept channels."""
+    kept = call.input_kept()
+    x = call.arg(0, "input")
+    if kept is None:
+        return call.run(call.args, call.kwargs)
+    xs = compact(x, kept)
+    idx = (0, kept[1])
+    if call.module is not None:
+        m = call.module
+        y = F.group_norm(xs, m.num_groups, compact(m.weight, idx), compact(m.bias, idx), m.eps)
+    else:
+        args, kwargs = list(call.args), dict(call.kwargs)
+        args[0] = xs
+        call.with_arg(args, kwargs, 2, "weight", compact(call.arg(2, "weight"), idx))
+        call.with_arg(args, kwargs, 3, "bias", compact(call.arg(3, "bias"), idx))
+        y = call.run(tuple(args), kwargs)
+    return scatter(y, kept, tuple(x.shape))
 
 
 def rewrite_group_norm(r, old, new):

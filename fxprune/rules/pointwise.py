@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..labels import const_like
+from ..masked import compact_apply
 from .registry import register
 
 
@@ -136,9 +137,9 @@ def _mixing(ctx, node, dim):
     if labels is not None and dim is not None:
         d = dim % labels.ndim
         if labels.shape[d] > 1:
-            ctx.inexact(labels, f"{node.name}: normalizes across channels (dim {dim})")
+            ctx.inexact(labels, f"{node.name}: normalizes across channels (dim {dim})", compact_apply)
     elif labels is not None and dim is None:
-        ctx.inexact(labels, f"{node.name}: implicit-dim softmax")
+        ctx.inexact(labels, f"{node.name}: implicit-dim softmax", compact_apply)
     return labels if labels is not None else const_like(ctx.meta(node).ndim)
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..labels import channel_dim, const_like
+from ..masked import MaskedCall, compact_apply
 from ..meta import is_multi
 from .pointwise import broadcast_labels, zero_blind_norm
 from .registry import register
@@ -57,7 +58,7 @@ def reduce(ctx, node):
         if name in _SUM_LIKE or name in _NORMS and zero_blind_norm(ctx.value(ctx.arg(dim_pos - 1, _NORMS[name], 2))):
             ctx.consume(0)  # the removed channels, zeroed, add nothing (a p-norm with p > 0 too)
         else:
-            ctx.inexact(labels, f"{node.name}: {name} over the channel dim")
+            ctx.inexact(labels, f"{node.name}: {name} over the channel dim", compact_apply)
         out = const_like(out_ndim)
     else:
         out = labels
@@ -88,7 +89,8 @@ def compare(ctx, node):
             ctx.consume(0)
             ctx.consume(1)
         else:
-            ctx.inexact(labels, f"{node.name}: distance over the channel dim (eps at every position)")
+            ctx.inexact(labels, f"{node.name}: distance over the channel dim (eps at every position)",
+                        compact_apply)
         return const_like(len(shape) if keepdim else len(shape) - 1)
     out = labels.narrow(d, 0, 1)
     return out if keepdim else out.squeeze(d)
@@ -212,7 +214,15 @@ register(F.pad, nn.ZeroPad1d if hasattr(nn, "ZeroPad1d") else None, nn.ZeroPad2d
 # -- size queries ----------------------------------------------------------------
 _SHAPE_SINKS = {"view", "reshape", "expand", "split", "chunk", "narrow", "unflatten", "new_zeros",
                 "new_ones", "new_empty", "new_full", "repeat", "tile", "flatten", "permute",
-                "transpose", "size", "_assert", "eq", "ne"}
+                "transpose", "size", "_assert", "eq", "ne", "layer_norm", "rms_norm"}
+_SHAPE_FUNCTIONS = (torch.reshape, torch.split, torch.zeros, torch.ones, torch.empty, torch.full,
+                    torch.arange, torch.narrow, torch.unflatten, torch._assert)
+
+
+def is_shape_sink(node: torch.fx.Node) -> bool:
+    """Whether ``node`` takes ints as shapes (sizes of a view, a factory, a layer norm's
+    normalized shape), not as values."""
+    return _name(node) in _SHAPE_SINKS or node.op == "call_function" and node.target in _SHAPE_FUNCTIONS
 
 
 def _feeds_only_shapes(node: torch.fx.Node, seen=None, entries: tuple[int, set] | None = None) -> bool:
@@ -238,9 +248,7 @@ def _feeds_only_shapes(node: torch.fx.Node, seen=None, entries: tuple[int, set] 
                                                           operator.mod, builtins.int):
             if not _feeds_only_shapes(user, seen):
                 return False
-        elif name in _SHAPE_SINKS or user.op == "call_function" and user.target in (
-                torch.reshape, torch.split, torch.zeros, torch.ones, torch.empty, torch.full,
-                torch.arange, torch.narrow, torch.unflatten, torch._assert):
+        elif is_shape_sink(user):
             continue
         else:
             return False
@@ -285,8 +293,24 @@ def size_query(ctx, node):
     else:
         ctx.channel_sized[node.name] = True
     if not _feeds_only_shapes(node, entries=entries):
-        ctx.inexact(labels, f"{node.name}: the channel count is used as a value")
+        ctx.inexact(labels, f"{node.name}: the channel count is used as a value", kept_count)
     return None
+
+
+def kept_count(call: MaskedCall):
+    """The size query as the pruned model answers it: on a tensor whose channel dim holds
+    the kept channels only. The oracle uses this value where the count is a value (a
+    scale, a divisor) and the full one where it is a shape."""
+    kept = call.input_kept()
+    value = call.arg(0, "input")
+    if kept is None or not isinstance(value, torch.Tensor):
+        return call.run(call.args, call.kwargs)
+    shape = list(value.shape)
+    shape[kept[0]] = kept[1].numel()
+    return call.run((torch.empty(shape, dtype=value.dtype, device="meta"), *call.args[1:]), call.kwargs)
+
+
+kept_count.counts = True  # type: ignore[attr-defined]  (a value beside the full one: see fxprune.verify)
 
 
 register("size", "dim", "numel", torch.numel, builtins.getattr, builtins.len)(size_query)
