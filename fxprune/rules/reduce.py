@@ -20,7 +20,7 @@ from torch import nn
 
 from ..labels import channel_dim, const_like
 from ..masked import MaskedCall, compact_apply
-from ..meta import is_multi
+from ..meta import is_multi, tensor_meta
 from .pointwise import broadcast_labels, zero_blind_norm
 from .registry import register
 
@@ -221,7 +221,10 @@ _SHAPE_FUNCTIONS = (torch.reshape, torch.split, torch.zeros, torch.ones, torch.e
 
 def is_shape_sink(node: torch.fx.Node) -> bool:
     """Whether ``node`` takes ints as shapes (sizes of a view, a factory, a layer norm's
-    normalized shape), not as values."""
+    normalized shape, the bounds of a tensor's slice: ``x[..., : x.shape[-1] // 2]``),
+    not as values."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        return isinstance(node.args[0], torch.fx.Node) and tensor_meta(node.args[0]) is not None
     return _name(node) in _SHAPE_SINKS or node.op == "call_function" and node.target in _SHAPE_FUNCTIONS
 
 
@@ -234,7 +237,6 @@ def _feeds_only_shapes(node: torch.fx.Node, seen=None, entries: tuple[int, set] 
         if user in seen:
             continue
         seen.add(user)
-        name = _name(user)
         if entries is not None and user.op == "call_function" and user.target is operator.getitem \
                 and isinstance(user.args[1], (int, slice)):
             n, channels = entries
@@ -243,13 +245,13 @@ def _feeds_only_shapes(node: torch.fx.Node, seen=None, entries: tuple[int, set] 
                 [index % n] if -n <= index < n else []
             if not channels.intersection(picked):
                 continue
+        if is_shape_sink(user):
+            continue
         if user.op == "call_function" and user.target in (operator.getitem, operator.floordiv,
                                                           operator.mul, operator.add, operator.sub,
                                                           operator.mod, builtins.int):
             if not _feeds_only_shapes(user, seen):
                 return False
-        elif is_shape_sink(user):
-            continue
         else:
             return False
     return True
