@@ -145,6 +145,13 @@ class ChannelGroups:
     def __str__(self) -> str:
         return format_groups(self)
 
+    def to_networkx(self):
+        """The group graph (groups, the tensors they slice, the ops that align or mix them)
+        as a ``networkx.Graph``: see :mod:`fxprune.group_graph`."""
+        from .group_graph import to_networkx
+
+        return to_networkx(self)
+
 
 def format_groups(groups: ChannelGroups, limit_members: int = 4) -> str:
     """A readable table of the groups: size, prunable channels, exactness, members,

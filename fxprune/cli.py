@@ -163,10 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
         "analyze", help="print the channel groups of a model",
         description="Trace a model and print its channel groups: which channels are coupled, "
                     "which are pinned and why.",
-        epilog="example:\n  fxprune analyze torchvision:resnet18",
+        epilog="examples:\n  fxprune analyze torchvision:resnet18\n"
+               "  fxprune analyze torchvision:vit_b_16 --dot vit.dot   (draw: dot -Tsvg vit.dot -o vit.svg)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(analyze)
     _add_frontend_arg(analyze)
+    analyze.add_argument("--dot", metavar="FILE", help="also write the group graph (groups, tensors, "
+                         "the ops that couple, mix or pin them) as Graphviz DOT text")
+    analyze.add_argument("--svg", metavar="FILE", help="also draw the group graph as SVG (needs "
+                         "Graphviz's dot program)")
     analyze.set_defaults(func=_cmd_analyze)
 
     models = sub.add_parser("models", help="list the built-in models",
@@ -247,7 +252,19 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     model, x = _model_and_input(args)
     import fxprune
 
-    print(fxprune.analyze(model, x, frontend=args.frontend))
+    groups = fxprune.analyze(model, x, frontend=args.frontend)
+    print(groups)
+    if args.dot:
+        from fxprune.group_graph import to_dot
+
+        with open(args.dot, "w") as f:
+            f.write(to_dot(groups))
+        print(f"group graph: {args.dot}")
+    if args.svg:
+        from fxprune.group_graph import write_svg
+
+        write_svg(groups, args.svg)
+        print(f"group graph: {args.svg}")
     return 0
 
 

@@ -7,7 +7,8 @@ import pytest
 
 MODULES = ["fxprune.labels", "fxprune.capture", "fxprune.api", "fxprune.passes_base",
            "passes.score_magnitude", "fxprune.calibration", "passes.score_bn_scale", "passes.score_fpgm",
-           "passes.score_hessian", "passes.score_lamp", "passes.score_random", "passes.score_taylor"]
+           "passes.score_hessian", "passes.score_lamp", "passes.score_random", "passes.score_taylor",
+           "fxprune.group_graph"]
 
 
 @pytest.mark.parametrize("name", MODULES)
