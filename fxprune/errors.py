@@ -24,6 +24,17 @@ class AnalysisError(FxpruneError):
     """The channel-dependency analysis met an inconsistency it cannot resolve."""
 
 
+class Unsupported(FxpruneError):
+    """An op rule declines a node it does not analyse (an argument form, a computed weight):
+    the analysis pins the node's channels and records the reason. Any other exception
+    a rule raises is a bug in the rule."""
+
+
+class RuleError(AnalysisError):
+    """An op rule failed with an unexpected exception: a bug in the rule, never a
+    deliberate refusal (those raise :class:`Unsupported`)."""
+
+
 class PlanError(FxpruneError):
     """A requested plan cannot be satisfied under the group constraints."""
 

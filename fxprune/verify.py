@@ -33,7 +33,7 @@ from ._util import as_tuple, mutable_args
 from .errors import DegenerateReferenceError, VerificationError
 from .labels import channel_dim
 from .masked import MaskedCall
-from .meta import graph_inputs
+from .meta import graph_inputs, tensor_meta
 
 __all__ = ["VerifyResult", "verify", "masked_reference", "as_float64"]
 
@@ -208,11 +208,31 @@ class _Masked(torch.fx.Interpreter):
         if masked is not None and getattr(masked, "counts", False):
             return self._count(n, masked)
         if self.counts and any(i in self.counts for i in n.all_input_nodes):
-            return self._with_counts(n)
+            if tensor_meta(n) is None:  # arithmetic on sizes: both values, the full one goes on
+                self.counts[n] = self._run(n, masked, _ALL)
+                return self._run(n, masked, None)
+            return self._run(n, masked, _value_arguments(n, self.module))
         if n.name not in self.masks and masked is None:
             return super().run_node(n)
+        return self._run(n, masked, None)
+
+    def _run(self, n: torch.fx.Node, masked: Any, counted: Any) -> Any:
+        """Run ``n`` with its consumer masks, its masked semantics, and the kept counts
+        substituted at the arguments ``counted`` names (``_ALL``, positions and keywords,
+        or None)."""
         with self._set_current_node(n):
-            args, kwargs = self._masked_args(n, *self.fetch_args_kwargs_from_env(n))
+            if counted is None:
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+            else:
+                def pick(a, where):
+                    if a in self.counts and (counted is _ALL or where in counted):
+                        return self.counts[a]
+                    return self.env[a]
+
+                args = tuple(torch.fx.node.map_arg(a, lambda x, i=i: pick(x, i)) for i, a in enumerate(n.args))
+                kwargs = {k: torch.fx.node.map_arg(a, lambda x, k=k: pick(x, k)) for k, a in n.kwargs.items()}
+                args, kwargs = mutable_args(args, kwargs)
+            args, kwargs = self._masked_args(n, args, kwargs)
             run = lambda a, k: getattr(self, n.op)(n.target, tuple(a), k)  # noqa: E731
             if masked is None:
                 return run(args, kwargs)
@@ -222,8 +242,9 @@ class _Masked(torch.fx.Interpreter):
             return masked(MaskedCall(n, tuple(args), kwargs, module, self.kept_of, run))
 
     # A channel count read from a tensor (x.size(-1)) has two values here: the full one,
-    # which shapes the reference's full-size tensors, and the kept count, which the pruned
-    # model computes and which every *value* use (a scale, a divisor) must see.
+    # which shapes the reference's full-size tensors and structures (a view, a slice, a
+    # conv's groups), and the kept count, which the pruned model computes and which every
+    # *value* use (a scale, a divisor) must see.
     def _count(self, n: torch.fx.Node, masked: Any) -> Any:
         full = super().run_node(n)
         with self._set_current_node(n):
@@ -232,21 +253,25 @@ class _Masked(torch.fx.Interpreter):
             self.counts[n] = masked(MaskedCall(n, args, kwargs, None, self.kept_of, run))
         return full
 
-    def _with_counts(self, n: torch.fx.Node) -> Any:
-        from .rules.reduce import is_shape_sink
 
-        full = super().run_node(n) if n.name not in self.masks else None
-        if isinstance(full, torch.Tensor) and is_shape_sink(n):
-            return full
-        with self._set_current_node(n):
-            pick = lambda a: self.counts[a] if a in self.counts else self.env[a]  # noqa: E731
-            args, kwargs = mutable_args(torch.fx.node.map_arg(n.args, pick), torch.fx.node.map_arg(n.kwargs, pick))
-            args, kwargs = self._masked_args(n, args, kwargs)
-            counted = getattr(self, n.op)(n.target, tuple(args), kwargs)
-        if isinstance(counted, torch.Tensor) or full is None:
-            return counted  # a value computed with the kept count
-        self.counts[n] = counted
-        return full
+_ALL = object()  # every argument
+_SDPA = (torch.nn.functional.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
+_TENSOR_OF_VALUE = (torch.tensor, torch.as_tensor, torch.scalar_tensor, torch.full_like)
+
+
+def _value_arguments(node: torch.fx.Node, root: torch.nn.Module) -> Any:
+    """The arguments of tensor op ``node`` that take numbers as values (every operand of an
+    elementwise op, attention's ``scale``, the data of ``torch.tensor``), where a channel
+    count means the kept count; None when it takes numbers only as structure (sizes,
+    groups, dims)."""
+    from .rules.registry import lookup
+
+    if node.op == "call_function" and node.target in _SDPA:
+        return {6, "scale"}
+    if node.op == "call_function" and node.target in _TENSOR_OF_VALUE:
+        return _ALL
+    rule = lookup(node, root)
+    return _ALL if rule is not None and rule.name == "pointwise" else None
 
 
 class _KeptOf:

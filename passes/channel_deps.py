@@ -18,8 +18,7 @@ import torch.nn.utils.prune
 
 from fxprune import rules  # noqa: F401  (fills the registry)
 from fxprune.channels import Alignment, ChannelGroup, ChannelGroups, Member
-from fxprune.errors import AnalysisError
-from fxprune.errors import ConfigError
+from fxprune.errors import AnalysisError, ConfigError, RuleError, Unsupported
 from fxprune.labels import CONST, LabelSpace, concat_tagged, constant_along, label_tensors, normalize, unique_runs
 from fxprune.meta import TensorMeta, get_meta, has_meta
 from fxprune.passes_base import AnalysisPass, PruneState, register_pass
@@ -92,10 +91,17 @@ def _visit(ctx: AnalysisContext, node: torch.fx.Node) -> None:
             out = rule.analyze(ctx, node)
         except AnalysisError:
             raise
-        except Exception as exc:  # a rule that cannot handle its arguments is a barrier, loudly
-            reason = (f"{node.name}: rule {rule.name} could not analyse {describe_target(node, ctx.gm)} "
-                      f"({type(exc).__name__}: {exc})")
-            ctx.barrier(reason)
+        except Unsupported as exc:  # a deliberate refusal: a barrier, with the rule's reason
+            ctx.barrier(f"{node.name}: rule {rule.name} does not analyse {describe_target(node, ctx.gm)}: {exc}")
+            out = ctx.const_output()
+        except Exception as exc:  # a bug in the rule: raised, unless the caller asked to keep going
+            if ctx.strict:
+                raise RuleError(f"rule {rule.name} failed on {node.format_node()} "
+                                f"({type(exc).__name__}: {exc}). This is a bug in fxprune's rule for "
+                                f"{describe_target(node, ctx.gm)}; analyze with strict=False to keep "
+                                f"this node's channels instead, and please report it") from exc
+            ctx.barrier(f"{node.name}: rule {rule.name} failed on {describe_target(node, ctx.gm)} "
+                        f"({type(exc).__name__}: {exc}; a bug in the rule, its channels are kept)")
             out = ctx.const_output()
     tensors = [i for i in node.all_input_nodes if _carries_tensor(get_meta(i)) or i.op == "get_attr"]
     free = node in ctx.free_nodes or (bool(tensors) and hooked is None and rule is not None
@@ -335,14 +341,17 @@ GQA_MODES = ("kv_groups", "q_heads")
 
 
 def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
-                     frontend: str = "fx", gqa: str = "kv_groups") -> ChannelGroups:
+                     frontend: str = "fx", gqa: str = "kv_groups", strict: bool = True) -> ChannelGroups:
     """Compute the channel groups of a captured graph (every node needs shape meta).
 
     ``policy`` decides which dim stays prunable when a view splits a channel dim
     into two (``inner``: the inner dim, e.g. head_dim; ``outer``: whole blocks).
     ``gqa`` decides how grouped-query attention loses heads with ``outer``: whole kv
     groups (``kv_groups``: a kv head with its query heads) or the same query heads
-    inside every group (``q_heads``: kv heads stay).
+    inside every group (``q_heads``: kv heads stay). A rule that declines a node
+    (:class:`~fxprune.errors.Unsupported`) pins its channels; a rule that fails otherwise
+    is a bug, raised as :class:`~fxprune.errors.RuleError` (``strict=False``: pinned too,
+    the reason says it is a bug).
     """
     if policy not in POLICIES:
         raise ConfigError(f"policy={policy!r} is not one of {', '.join(POLICIES)} (fxprune.prune also "
@@ -352,6 +361,7 @@ def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
     space = LabelSpace()
     ctx = AnalysisContext(gm, space, policy)
     ctx.gqa = gqa
+    ctx.strict = strict
     for node in gm.graph.nodes:
         _visit(ctx, node)
     for path, labels, _, _ in ctx.alignments:
@@ -398,7 +408,9 @@ class ChannelDeps(AnalysisPass):
     name = "channel-deps"
     policy: str = "inner"
     gqa: str = "kv_groups"
+    strict: bool = True
 
     def run(self, state: PruneState) -> PruneState:
         return state.replace(groups=analyze_channels(state.gm, policy=self.policy,
-                                                     frontend=state.frontend, gqa=self.gqa))
+                                                     frontend=state.frontend, gqa=self.gqa,
+                                                     strict=self.strict))

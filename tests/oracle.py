@@ -38,7 +38,7 @@ def pickles(model: torch.nn.Module) -> bool:
     """Whether ``model`` pickles (a class defined inside a test function never does)."""
     try:
         pickle.dumps(model)
-    except (pickle.PicklingError, AttributeError, TypeError):
+    except Exception:  # noqa: BLE001 (local classes, parametrized modules: any reason counts)
         return False
     return True
 

@@ -22,6 +22,7 @@ import torch
 import torch.fx
 
 from . import contract, conv, embedding, norm, pointwise, reduce, shape
+from ..errors import Unsupported
 from ..labels import const_like
 from ..meta import get_meta
 from .context import get_tensor, weight_operand
@@ -53,7 +54,7 @@ def weight_norm(ctx, node):
     only known as a weight."""
     v, g = ctx.attr_path(node.args[0]), ctx.attr_path(node.args[1])
     if v is None or g is None:
-        raise ValueError("g and v must be parameters of the module (get_attr)")
+        raise Unsupported("g and v must be parameters of the module (get_attr)")
     ctx.weight_norms[f"<{node.name}>"] = (g, v, ctx.value(ctx.arg(2, "dim", 0)))
     return const_like(ctx.meta(node).ndim)
 
@@ -205,7 +206,7 @@ def grouped_mm(ctx, node):
     x, weight = node.args[0], node.args[1]
     found = weight_operand(ctx.gm, weight, 3)
     if found is None or ctx.meta(x).ndim != 2:
-        raise ValueError("grouped_mm with a weight that is not a parameter of expert matrices")
+        raise Unsupported("grouped_mm with a weight that is not a parameter of expert matrices")
     path, swapped = found
     in_dim, out_dim = (2, 1) if swapped else (1, 2)  # stored (experts, out, in) when swapped
     in_vec = ctx.vector(x, -1)

@@ -183,6 +183,7 @@ class AnalysisContext:
         self.avoid_dims: set[int] = set()  # ... but not one of these (unpacked right away)
         self.head_splits: list[tuple[str, torch.Tensor]] = []  # views where the policy chose
         self.gqa = "kv_groups"  # grouped-query attention: remove whole kv groups or q heads
+        self.strict = True  # a rule's unexpected exception is raised (False: a barrier)
         self.opaque_tensors: dict[int, str] = {}  # id(tensor) -> why it must not be sliced
         # a weight-normalized weight ("layer.weight", or "<node>" for an exported
         # _weight_norm) -> the paths of its g and v, and the dim g varies along

@@ -18,6 +18,7 @@ import string
 import torch
 import torch.nn.functional as F
 
+from ..errors import Unsupported
 from ..labels import channel_dim, const_like, normalize
 from .context import weight_operand
 from .conv import dense
@@ -242,7 +243,7 @@ def _group_query_heads(ctx, node, q, k, v):
     heads (``gqa="q_heads"``); head_dim channels pair as in any attention."""
     hq, hkv = ctx.meta(q).shape[-3], ctx.meta(k).shape[-3]
     if hq % hkv:
-        raise ValueError(f"grouped-query SDPA with {hq} query heads and {hkv} kv heads")
+        raise Unsupported(f"grouped-query SDPA with {hq} query heads and {hkv} kv heads")
     labs = [ctx.labels_or_const(t) for t in (q, k, v)]
     on_heads = [channel_dim(l) == l.ndim - 3 for l in labs]
     if not any(on_heads):

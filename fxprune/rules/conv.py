@@ -16,6 +16,7 @@ from torch import nn
 
 from ..labels import CONST, constant_along
 from .context import weight_operand
+from ..errors import Unsupported
 from .registry import register
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -45,7 +46,7 @@ def _conv_parts(ctx, node):
     if weight is None and not transposed and isinstance(ctx.arg(1, "weight"), torch.fx.Node):
         weight = ctx.arg(1, "weight")  # computed in the graph: see computed_weight
     if weight is None or (bias_arg is not None and bias is None):
-        raise ValueError("weight and bias must be parameters of the module (get_attr)")
+        raise Unsupported("weight and bias must be parameters of the module (get_attr)")
     groups = ctx.value(ctx.arg(6, "groups", 1))
     return ctx.arg(0, "input"), weight, bias, groups, transposed
 
@@ -70,7 +71,7 @@ def computed_weight(ctx, node, weight: torch.fx.Node) -> tuple[str, tuple[str, .
             continue
         seen.add(n)
         if n.op == "placeholder":
-            raise ValueError("the weight depends on the model's inputs")
+            raise Unsupported("the weight depends on the model's inputs")
         if n.op == "get_attr":
             t = ctx.tensor(n.target)
             if not isinstance(t, torch.Tensor) or t.numel() == 1:
@@ -80,22 +81,22 @@ def computed_weight(ctx, node, weight: torch.fx.Node) -> tuple[str, tuple[str, .
             elif tuple(t.shape) == shape and not isinstance(t, nn.Parameter):
                 partners.append(n.target)
             elif t.ndim < 1 or any(s != 1 for s in t.shape[1:]) or t.shape[0] != shape[0]:
-                raise ValueError(f"the weight is computed from {n.target} of shape {tuple(t.shape)}, "
+                raise Unsupported(f"the weight is computed from {n.target} of shape {tuple(t.shape)}, "
                                  f"which is neither the weight nor a per-output-channel tensor")
             continue
         rule = lookup(n, ctx.gm)
         elementwise = elementwise and rule is not None and rule.analyze is pointwise
         todo.extend(n.all_input_nodes)
     if source is None:
-        raise ValueError("the weight is computed from no parameter of its shape")
+        raise Unsupported("the weight is computed from no parameter of its shape")
     if partners and not elementwise:
-        raise ValueError(f"the weight is computed from {partners[0]} of its shape by ops that are not elementwise")
+        raise Unsupported(f"the weight is computed from {partners[0]} of its shape by ops that are not elementwise")
     rows, src_rows = ctx.labels(weight), ctx.labels(source)
     k = ctx.classes(rows) if rows is not None else None
     if k is None or src_rows is None or k.shape[0] != shape[0] \
             or not all(constant_along(k, d) for d in range(1, k.ndim)) \
             or not torch.equal(k.reshape(k.shape[0], -1)[:, 0], ctx.classes(src_rows.reshape(-1))):
-        raise ValueError(f"the weight's rows are not {source.target}'s rows in order (the computation "
+        raise Unsupported(f"the weight's rows are not {source.target}'s rows in order (the computation "
                          f"moves them)")
     return source.target, tuple(dict.fromkeys(partners)), elementwise
 
@@ -225,7 +226,7 @@ def linear(ctx, node):
             out_vec = _computed_dense(ctx, node, x, ctx.arg(1, "weight"), bias)
             return ctx.along(out_vec, -1, ctx.meta(node).ndim)
         if weight is None:
-            raise ValueError("the weight must be a parameter of the module (get_attr), possibly transposed")
+            raise Unsupported("the weight must be a parameter of the module (get_attr), possibly transposed")
     out_vec = dense(ctx, node, x, 0, weight, bias, out_dim=0 if node.op == "call_module" else out_dim)
     if bias is None and node.op != "call_module" and ctx.is_tensor(bias_arg):
         # a bias computed in the graph (Swin v2 concatenates q, zero k and v biases): its
@@ -311,7 +312,7 @@ def bilinear(ctx, node):
     else:
         weight, bias = ctx.attr_path(ctx.arg(2, "weight")), ctx.attr_path(ctx.arg(3, "bias"))
         if weight is None or (bias is None and ctx.arg(3, "bias") is not None):
-            raise ValueError("the weight and bias must be parameters of the module (get_attr)")
+            raise Unsupported("the weight and bias must be parameters of the module (get_attr)")
     x1 = node.args[0] if node.args else node.kwargs["input1"]
     x2 = node.args[1] if len(node.args) > 1 else node.kwargs["input2"]
     out_vec = ctx.fresh((ctx.tensor(weight).shape[0],), f"{node.name} output features")

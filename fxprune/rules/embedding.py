@@ -11,6 +11,7 @@ from torch import nn
 
 from ..labels import const_like
 from ..meta import get_meta, is_multi
+from ..errors import Unsupported
 from .registry import register
 
 
@@ -21,7 +22,7 @@ def embedding(ctx, node):
         aten = isinstance(node.target, torch._ops.OpOverload)  # aten.embedding(weight, indices)
         weight = ctx.attr_path(node.args[0] if aten else ctx.arg(1, "weight"))
         if weight is None:
-            raise ValueError("the embedding weight must be a parameter of the module (get_attr)")
+            raise Unsupported("the embedding weight must be a parameter of the module (get_attr)")
     w = ctx.tensor(weight)
     vec = ctx.fresh((w.shape[1],), f"{node.name} embedding dim")
     ctx.align(weight, ctx.along(vec, 1, 2), "out")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import Unsupported
 from ..labels import const_like
 from ..masked import MaskedCall, compact, scatter
 from ..meta import get_meta, is_multi
@@ -41,7 +42,7 @@ def _channel_tensors(ctx, node, names_positions, computed: list | None = None):
             computed.append(a)
             continue
         if path is None:
-            raise ValueError(f"{name} must be a parameter or buffer of the module (get_attr)")
+            raise Unsupported(f"{name} must be a parameter or buffer of the module (get_attr)")
         found.append((path, name))
     return found
 

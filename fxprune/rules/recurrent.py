@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import shape
+from ..errors import Unsupported
 from .registry import register
 
 _GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
@@ -34,7 +35,7 @@ def _initial_state(ctx, node, states, vectors) -> None:
     else:  # one tensor, or (an LSTM cell's previous step) one node holding (h, c)
         parts = list(ctx.tuple_labels(hx) or (ctx.labels(hx),))
     if len(parts) != states or (states > 1 and by_name):
-        raise ValueError("the initial state must be passed by position as the layer's (h, c) or h")
+        raise Unsupported("the initial state must be passed by position as the layer's (h, c) or h")
     for labels, vec in zip(parts, vectors):
         if labels is not None:
             ctx.union(labels, ctx.along(vec, -1, labels.ndim))
@@ -60,7 +61,7 @@ def recurrent(ctx, node):
     else:
         name = shape._op_name(node)
         if getattr(node.target, "_overloadname", "input") != "input":
-            raise ValueError(f"{node.target} (packed sequences) is not analysed")
+            raise Unsupported(f"{node.target} (packed sequences) is not analysed")
         gates = {"lstm": 4, "gru": 3}.get(name, 1)
         flat, layers, dirs = node.args[2], node.args[4], 2 if node.args[7] else 1
         per = len(flat) // (layers * dirs)
@@ -68,7 +69,7 @@ def recurrent(ctx, node):
             (["weight_hr"] if per in (3, 5) else [])
         paths = [[ctx.attr_path(a) for a in flat[k * per:(k + 1) * per]] for k in range(layers * dirs)]
         if len(names) != per or any(p is None for chunk in paths for p in chunk):
-            raise ValueError("the recurrent weights must be parameters of the module (get_attr)")
+            raise Unsupported("the recurrent weights must be parameters of the module (get_attr)")
         lstm = name == "lstm"
     chunks = [dict(zip(names, chunk)) for chunk in paths]
     hidden = ctx.tensor(chunks[0]["weight_ih"]).shape[0] // gates
@@ -136,7 +137,7 @@ def cell(ctx, node):
     else:
         paths = [ctx.attr_path(a) if a is not None else None for a in node.args[2:6]]
         if any(p is None and a is not None for p, a in zip(paths, node.args[2:6])) or None in paths[:2]:
-            raise ValueError("the cell's weights must be parameters of the module (get_attr)")
+            raise Unsupported("the cell's weights must be parameters of the module (get_attr)")
         lstm = "lstm" in str(node.target)
     hidden = ctx.tensor(paths[1]).shape[1]
     hvec = ctx.fresh((hidden,), f"{node.name} hidden units")

@@ -16,6 +16,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import Unsupported
 from ..labels import CONST, channel_dim, const_like, constant_along
 from .registry import register
 
@@ -236,13 +237,13 @@ def gather_labels(ctx, node, x, entries, *, aten_list: bool = False):
         if ctx.is_tensor(e):
             meta = ctx.meta(e)
             if meta.dtype == torch.bool:
-                raise ValueError("boolean mask indexing is not analysed")
+                raise Unsupported("boolean mask indexing is not analysed")
             labels = _picked_by_data(ctx, node, x, labels, d, "tensor index into a channel dim")
             probe.append(torch.zeros(meta.shape, dtype=torch.int64))
         elif e is None or e is Ellipsis or (isinstance(e, slice) and e == slice(None)):
             probe.append(e)
         else:
-            raise ValueError(f"index entry {e!r} mixed with tensor indices is not analysed")
+            raise Unsupported(f"index entry {e!r} mixed with tensor indices is not analysed")
     if aten_list:
         return torch.ops.aten.index.Tensor(labels, probe)
     return labels[tuple(probe)]
@@ -415,7 +416,7 @@ def index_labels(ctx, node, x, value):
     labels = ctx.labels(x)
     idx, dims = _index_dims(value, ctx.meta(x).ndim)
     if any(isinstance(i, (torch.Tensor, list)) for i in idx):
-        raise ValueError("advanced (tensor) indexing is not analysed")
+        raise Unsupported("advanced (tensor) indexing is not analysed")
     fast = []
     for i, d in zip(idx, dims):
         if d is None:
@@ -730,7 +731,7 @@ def tensor_split(ctx, node):
     """tensor_split(x, sections or indices, dim): pieces of ``x`` like split (the rewrite
     gives the pieces their new sizes); indices passed as a tensor are not analysed."""
     if any(ctx.is_tensor(a) for a in (*node.args[1:], *node.kwargs.values())):
-        raise ValueError("split points computed in the graph are not analysed")
+        raise Unsupported("split points computed in the graph are not analysed")
     return relabel(ctx, node)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..labels import channel_dim, const_like
+from ..errors import Unsupported
 from .registry import register
 
 
@@ -48,14 +49,14 @@ def deform_conv2d(ctx, node):
     groups, offset_groups = node.args[11], node.args[12]
     path = ctx.attr_path(weight)
     if path is None or not isinstance(groups, int) or not isinstance(offset_groups, int):
-        raise ValueError("the weight must be a parameter and the group counts numbers")
+        raise Unsupported("the weight must be a parameter and the group counts numbers")
     for t, what in ((offset, "offsets"), (mask, "mask")):
         labels = ctx.labels(t)
         if labels is not None and labels.ndim == 4 and labels.shape[1] > 1:
             ctx.pin(labels, f"{node.name}: the deformable convolution's {what} (their channels are kernel positions)")
     in_vec = ctx.vector(x, 1)
     if groups > 1 and groups == in_vec.numel():
-        raise ValueError("a depthwise deformable convolution is not analysed")
+        raise Unsupported("a depthwise deformable convolution is not analysed")
     ctx.consume(0)
     w = ctx.tensor(path)
     out_vec, in_cols, _ = _conv_channels(ctx, node, in_vec, w.shape[0], groups)
