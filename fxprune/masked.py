@@ -46,6 +46,11 @@ class MaskedCall:
     module: torch.nn.Module | None
     kept: Callable[[Any], tuple[int, torch.Tensor] | None]
     run: Callable[[tuple, dict], Any]
+    # (dim, kept indices) of a label tensor (a weight's columns), or None
+    kept_labels: Callable[[torch.Tensor], tuple[int, torch.Tensor] | None] | None = None
+    # recompute(node, {attribute path: transform}): ``node``'s value recomputed with those
+    # tensors transformed (a weight computed in forward from its parameter's kept columns)
+    recompute: Callable[[torch.fx.Node, dict], Any] | None = None
 
     def input_kept(self, i: int = 0, name: str = "input") -> tuple[int, torch.Tensor] | None:
         """Kept indices of the node's tensor argument ``i`` (or keyword ``name``)."""

@@ -239,7 +239,35 @@ class _Masked(torch.fx.Interpreter):
             module = self.fetch_attr(n.target) if n.op == "call_module" else None
             if n.op == "call_module" and n.target in self.modules:
                 module = self.modules[n.target]
-            return masked(MaskedCall(n, tuple(args), kwargs, module, self.kept_of, run))
+            return masked(MaskedCall(n, tuple(args), kwargs, module, self.kept_of, run,
+                                     self.kept_of.of_labels, self.recompute))
+
+    def recompute(self, node: torch.fx.Node, changes: dict[str, Any]) -> Any:
+        """``node``'s value with the tensors at the paths of ``changes`` replaced by
+        ``changes[path](tensor)``: the nodes in between are evaluated again (nodes that
+        depend on no changed tensor keep their value, recomputed if the run freed it)."""
+        memo: dict[torch.fx.Node, tuple[Any, bool]] = {}
+
+        def ev(n: torch.fx.Node) -> tuple[Any, bool]:
+            if n in memo:
+                return memo[n]
+            if n.op == "get_attr":
+                value = self.get_attr(n.target, (), {})
+                got = (changes[n.target](value), True) if n.target in changes else (value, False)
+            else:
+                inputs = {i: ev(i) for i in n.all_input_nodes}
+                if not any(changed for _, changed in inputs.values()) and n in self.env:
+                    got = (self.env[n], False)
+                else:
+                    pick = lambda a: inputs[a][0]  # noqa: E731
+                    args, kwargs = mutable_args(torch.fx.node.map_arg(n.args, pick),
+                                                torch.fx.node.map_arg(n.kwargs, pick))
+                    got = (getattr(self, n.op)(n.target, tuple(args), kwargs),
+                           any(changed for _, changed in inputs.values()))
+            memo[n] = got
+            return got
+
+        return ev(node)[0]
 
     # A channel count read from a tensor (x.size(-1)) has two values here: the full one,
     # which shapes the reference's full-size tensors and structures (a view, a slice, a
@@ -280,6 +308,14 @@ class _KeptOf:
     def __init__(self, groups, kept: torch.Tensor):
         self.groups, self.kept = groups, kept
         self._cache: dict[str, Any] = {}
+
+    def of_labels(self, labels: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+        """(dim, kept indices) of a label tensor that varies along one dim."""
+        dim = channel_dim(labels)
+        if dim is None:
+            return None
+        mask = self.kept[self.groups.class_of[labels.reshape(-1)]]
+        return None if bool(mask.all()) else (dim, mask.nonzero().reshape(-1))
 
     def __call__(self, node: Any) -> tuple[int, torch.Tensor] | None:
         if not isinstance(node, torch.fx.Node):

@@ -235,11 +235,8 @@ def test_standardized_weights_prune_rows_exactly_and_inputs_inexactly(gain, fron
     m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), StdConv(8, 16, 3, padding=1, gain=gain), nn.ReLU(),
                       StdConv(16, 16, 3, padding=1, groups=4, gain=gain), nn.ReLU(),
                       StdConv(16, 16, 3, padding=1, groups=16, gain=gain), nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
-    result, v = prune_and_verify(m, torch.randn(2, 3, 8, 8), ratio=0.5, frontend=frontend, allow_unchecked=True,
-                                 sensitive=False)
+    result, v = prune_and_verify(m, torch.randn(2, 3, 8, 8), ratio=0.5, frontend=frontend)
     assert not result.groups.barriers
-    # no masked semantics: the oracle checks those groups kept and names them
-    assert v.unchecked and all("weight standardization" in u for u in v.unchecked)
     p = dict(result.module.named_parameters())
     assert p["2.weight"].shape == (8, 4, 3, 3) and p["4.weight"].shape == (8, 2, 3, 3)
     if gain:
@@ -453,7 +450,6 @@ def test_linear_weights_computed_in_forward_prune_like_conv_weights(frontend):
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), StdLinear(16, 12), nn.ReLU(), nn.Linear(12, 2)).eval()
     groups = fxprune.analyze(model, torch.randn(4, 6), frontend=frontend)
     assert not groups.group_of("0.weight").exact and groups.group_of("2.weight", "free").exact
-    result, v = prune_and_verify(model, torch.randn(4, 6), ratio=0.5, frontend=frontend, allow_unchecked=True,
-                                 sensitive=False)
+    result, v = prune_and_verify(model, torch.randn(4, 6), ratio=0.5, frontend=frontend)
     assert result.module.get_parameter("2.weight").shape == (6, 8)
-    assert len(v.unchecked) == 1 and "computed from 2.weight across the input features" in v.unchecked[0]
+    assert v.inexact_groups == 1 and v.complete  # the standardized weight's inputs: checked too

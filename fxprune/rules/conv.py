@@ -14,9 +14,10 @@ import torch.nn.functional as F
 import torch
 from torch import nn
 
-from ..labels import CONST, constant_along
-from .context import weight_operand
 from ..errors import Unsupported
+from ..labels import CONST, constant_along
+from ..masked import MaskedCall, compact, scatter
+from .context import weight_operand
 from .registry import register
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -248,7 +249,27 @@ def _link_computed(ctx, node, weight, found, out_vec, in_cols, in_vec, ndim: int
         ctx.align(path, ctx.along(in_cols, 1, ndim), "in")
     if not elementwise:
         ctx.inexact(in_vec, f"{node.name}: its weight is computed from {source} across the input {inputs}: "
-                            f"removing inputs changes the kept weights")
+                            f"removing inputs changes the kept weights",
+                    _masked_computed_weight(weight, (source, *partners), ctx.along(in_cols, 1, ndim)))
+
+
+def _masked_computed_weight(weight: torch.fx.Node, paths: tuple[str, ...], columns: torch.Tensor):
+    """The masked semantics of a layer whose weight is computed in forward across its
+    inputs: the weight is computed again from the kept columns of its parameter (and of
+    same-shape buffers), its removed columns are zeros, and the layer runs with it (its
+    removed inputs are zeroed, as for any consumer)."""
+    def masked(call: MaskedCall):
+        kept = call.kept_labels(columns)
+        if kept is None:
+            return call.run(call.args, call.kwargs)
+        idx = (1, kept[1])
+        small = call.recompute(weight, {p: (lambda t: compact(t, idx)) for p in paths})
+        full = call.arg(1, "weight")
+        args, kwargs = list(call.args), dict(call.kwargs)
+        call.with_arg(args, kwargs, 1, "weight", scatter(small, idx, tuple(full.shape)))
+        return call.run(tuple(args), kwargs)
+
+    return masked
 
 
 def _computed_dense(ctx, node, x, weight: torch.fx.Node, bias: str | None) -> torch.Tensor:
