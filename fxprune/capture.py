@@ -28,7 +28,7 @@ from torch import nn
 from ._util import as_tuple, mutable_args
 from .decompose import decomposition
 from .errors import InputError, TraceError
-from .meta import FRONTEND_KEY, LIFTED_KEY, TensorMeta, copy_pytree_specs, get_meta, set_meta
+from .meta import FRONTEND_KEY, LIFTED_KEY, TensorMeta, copy_pytree_specs, get_meta, set_meta, tensor_meta
 from .rules.context import get_tensor
 from .passes_base import Pass, PruneState, register_pass
 
@@ -67,6 +67,16 @@ class _Proxy(torch.fx.Proxy):
             raise TypeError(f"'{type(self).__name__}' object does not support item assignment "
                             f"with index {key!r}")
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+    def __setattr__(self, name, value):
+        """``t.data = v`` on a traced tensor fails the trace: the graph has no node for it,
+        and the ops after it would read the old values (torch.fx sets an attribute of the
+        Proxy and goes on)."""
+        if name == "data":
+            what = self.node.target if self.node.op == "get_attr" else self.node.name
+            raise TypeError(f"the forward assigns '{what}.data' of a traced tensor: torch.fx records "
+                            f"no write to a tensor's data")
+        super().__setattr__(name, value)
 
 
 class _OrderedDictOutput(torch.fx.graph.CodeGen):
@@ -127,6 +137,7 @@ class _Tracer(torch.fx.Tracer):
         self._leaf_ids = {id(m) for m in leaf_modules if isinstance(m, nn.Module)}
         self._fxp_stack: list[tuple[str, str]] = []
         self.module_stack = _ModuleStack()
+        self._reads: dict[torch.fx.Node, Any] = {}
 
     def is_leaf_user(self, m: nn.Module, qualname: str) -> bool:
         """Whether the user asked for ``m`` to stay opaque."""
@@ -141,6 +152,7 @@ class _Tracer(torch.fx.Tracer):
 
     def trace(self, root, concrete_args=None):
         self._attr_names: dict[int, str] | None = None
+        self._reads = {}
         self._instructions: dict[types.CodeType, tuple[list[int], list]] = {}
         self._ordered_keys: list[list] = []
         self._static: set[torch.fx.Node] = set()
@@ -160,7 +172,11 @@ class _Tracer(torch.fx.Tracer):
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         """torch.fx's ``getattr``, with the attribute's qualified name found in a table
         built once per trace (torch.fx walks every named parameter, then every buffer, on
-        each first access of one: quadratic in a transformer's parameter count)."""
+        each first access of one: quadratic in a transformer's parameter count). A tensor
+        not in the table is not one the model held when the table was built: a forward
+        assigned it (``self.table = torch.ones(8)``), and it is a value of the graph, not
+        an attribute (torch.fx would find it under the assigned name, and that name holds
+        the old tensor once the model is restored)."""
         if not isinstance(attr_val, torch.Tensor):
             return attr_val
         if self._attr_names is None:
@@ -172,7 +188,9 @@ class _Tracer(torch.fx.Tracer):
                 names.setdefault(id(t), n)
             self._attr_names = names
         name = self._attr_names.get(id(attr_val))
-        if name is None or isinstance(attr_val, torch.nn.Parameter) != (id(attr_val) in self._param_ids):
+        if name is None:
+            return attr_val
+        if isinstance(attr_val, torch.nn.Parameter) != (id(attr_val) in self._param_ids):
             return super().getattr(attr, attr_val, parameter_proxy_cache)  # what torch.fx does
         if name not in parameter_proxy_cache:
             parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
@@ -205,11 +223,18 @@ class _Tracer(torch.fx.Tracer):
 
     def _run_on_meta(self, target: torch.fx.Node, nodes: set, inputs: list) -> Any:
         """The value of ``target`` computed from ``nodes`` of the graph traced so far (its
-        ancestors, placeholders fed with ``inputs``), on the meta device."""
-        graph, env = torch.fx.Graph(), {}
+        ancestors, placeholders fed with ``inputs``), on the meta device. An attribute
+        the forward has assigned since a get_attr node read it is fed as an input: the
+        value the node read."""
+        graph, env, reads = torch.fx.Graph(), {}, []
         for n in self.graph.nodes:
             if n in nodes:
-                env[n] = graph.node_copy(n, env.__getitem__)
+                read = self.stale_read(n)
+                if read is _ABSENT:
+                    env[n] = graph.node_copy(n, env.__getitem__)
+                else:
+                    env[n] = graph.placeholder(n.name)
+                    reads.append(_to_meta(read))
             if n is target:
                 break
         graph.output(env[target])
@@ -217,7 +242,89 @@ class _Tracer(torch.fx.Tracer):
         # running modules here needs them as they are
         unpatched = getattr(torch.fx._symbolic_trace, "_maybe_revert_all_patches", contextlib.nullcontext)
         with torch.no_grad(), unpatched():
-            return _MetaProp(torch.fx.GraphModule(self.root, graph), on_meta=True).run(*inputs)
+            return _MetaProp(torch.fx.GraphModule(self.root, graph), on_meta=True).run(*inputs, *reads)
+
+    def stale_read(self, node: torch.fx.Node) -> Any:
+        """What the get_attr ``node`` read when the model no longer holds it under the node's
+        target (a forward assigned the attribute since, or the capture restored it), else
+        ``_ABSENT``."""
+        read = self._reads.get(node, _ABSENT) if node.op == "get_attr" else _ABSENT
+        return _ABSENT if read is _ABSENT or read is _resolve(self.root, node.target) else read
+
+    def settle_assignments(self, graph: torch.fx.Graph, registered: "_Registered", model_name: str) -> None:
+        """Make ``graph`` hold what the forward did to the model's parameters, buffers and
+        submodules during the trace, and put them back as they were (``registered``).
+
+        * Every get_attr node refers to the tensor it read: one whose attribute the forward
+          assigned afterwards (or that it assigned itself) becomes a constant.
+        * A buffer the model had and the forward assigned (``self.table = self.table * 1.0``,
+          ``self.last = x.mean(0)``) is written at the end of the graph, in place, as
+          torch.export does: the graph then changes its own buffer as the model changes its
+          own. The value must have the buffer's shape and dtype, and no module the graph
+          calls as one node may hold the buffer (it would read the old one).
+        * A parameter assignment, or a buffer's removal, fails the trace (TraceError naming
+          it): a graph cannot keep either. A submodule assignment the trace got through (the
+          calls name the modules the model holds) and a buffer the forward adds are dropped,
+          as a plain attribute it sets is.
+        """
+        changes = registered.changes()
+        registered.restore()
+        writes = []
+        for name, kind, before, now in changes:
+            if kind == "_parameters" and before is not None:
+                what = "removes" if now is _ABSENT or now is None else "assigns"
+                raise TraceError(f"could not trace {model_name}: its forward {what} parameter '{name}', which a "
+                                 f"captured graph cannot keep. Fix: compute the value in forward without "
+                                 f"storing it on the module")
+            if kind != "_buffers" or before is _ABSENT or before is None:
+                continue
+            if now is _ABSENT or now is None:
+                raise TraceError(f"could not trace {model_name}: its forward removes buffer '{name}', which a "
+                                 f"captured graph cannot keep. Fix: keep the buffer and compute the value "
+                                 f"without storing it")
+            writes.append((name, before, now))
+        for node in list(graph.nodes):  # reads of tensors the model no longer holds there
+            read = self.stale_read(node)
+            if read is _ABSENT:
+                continue
+            if not isinstance(read, torch.Tensor):
+                raise TraceError(f"could not trace {model_name}: its forward reassigns '{node.target}', "
+                                 f"which the graph reads as a {type(read).__name__}. Fix: read it before "
+                                 f"assigning it, or do not store it on the module")
+            with graph.inserting_before(node):
+                constant = self.create_arg(read)
+            node.replace_all_uses_with(constant)
+            graph.erase_node(node)
+        out = next(n for n in reversed(graph.nodes) if n.op == "output")
+        called = {n.target for n in graph.nodes if n.op == "call_module"}
+        for name, before, now in writes:
+            atoms = name.split(".")
+            caller = next((p for p in (".".join(atoms[:i]) for i in range(1, len(atoms))) if p in called), None)
+            if caller is not None:
+                raise TraceError(f"could not trace {model_name}: its forward assigns buffer '{name}' of module "
+                                 f"'{caller}', which the graph calls as one node: the module would read the "
+                                 f"buffer it had, not the one assigned. Fix: compute the value without storing "
+                                 f"it on the module")
+            if isinstance(now, torch.fx.Proxy) and now.tracer is self:
+                value, meta = now.node, self._run_to(now.node)
+            elif isinstance(now, torch.Tensor):
+                with graph.inserting_before(out):
+                    value = self.create_arg(now)
+                meta = TensorMeta(tuple(now.shape), now.dtype)
+            else:
+                raise TraceError(f"could not trace {model_name}: its forward assigns buffer '{name}' a "
+                                 f"{type(now).__name__}. Fix: assign it a tensor")
+            held = TensorMeta(tuple(before.shape), before.dtype)
+            if meta != held:
+                got = "a value whose shape is not known on the example inputs" if meta is None else \
+                    f"a tensor of shape {meta.shape} and dtype {meta.dtype}"
+                raise TraceError(f"could not trace {model_name}: its forward assigns buffer '{name}' {got}, "
+                                 f"and the model holds one of shape {held.shape} and dtype {held.dtype}; a "
+                                 f"captured graph keeps a buffer assignment as an in-place copy, which needs "
+                                 f"both to match. Fix: register the buffer with the shape and dtype the "
+                                 f"forward gives it, or compute the value without storing it")
+            with graph.inserting_before(out):
+                graph.call_method("copy_", (graph.get_attr(name), value))
 
     def to_bool(self, obj: torch.fx.Proxy) -> bool:
         """``if`` or ``assert`` on a traced value that depends on no model input and on
@@ -241,6 +348,8 @@ class _Tracer(torch.fx.Tracer):
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, (), {}, name, type_expr)
+        if kind == "get_attr" and hasattr(self, "root"):  # what it reads now: a forward may assign it later
+            self._reads[node] = _resolve(self.root, target)
         return _set_args(node, args, kwargs)
 
     def create_arg(self, a):
@@ -274,21 +383,80 @@ class _Tracer(torch.fx.Tracer):
 
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
 _CONTAINERS = (dict, list, set, collections.OrderedDict)
+_REGISTRIES = ("_parameters", "_buffers", "_modules")
+_ABSENT = object()  # an entry a module does not have
+
+
+class _Registered:
+    """The parameters, buffers and submodules of every module of a model, as a capture
+    found them, and the data each parameter and buffer holds (references and aliases: no
+    tensor is copied)."""
+
+    def __init__(self, model: nn.Module):
+        self.saved = [(name, m, {k: (m.__dict__[k], dict(m.__dict__[k])) for k in _REGISTRIES},
+                       (m._non_persistent_buffers_set, set(m._non_persistent_buffers_set)))
+                      for name, m in model.named_modules()]
+        tensors = {id(t): t for m in model.modules() for registry in ("_parameters", "_buffers")
+                   for t in m.__dict__[registry].values() if isinstance(t, torch.Tensor)}
+        self.data = [(t, t.data) for t in tensors.values()]
+
+    def changes(self) -> list[tuple[str, str, Any, Any]]:
+        """(qualified name, registry, value before, value now) of each entry a forward
+        assigned since, added (before: ``_ABSENT``) or removed (now: ``_ABSENT``)."""
+        out = []
+        for prefix, m, registries, _ in self.saved:
+            for kind, (_, before) in registries.items():
+                now = m.__dict__[kind]
+                for k in dict.fromkeys([*before, *now]):
+                    old, new = before.get(k, _ABSENT), now.get(k, _ABSENT)
+                    if old is not new:
+                        out.append((f"{prefix}.{k}" if prefix else k, kind, old, new))
+        return out
+
+    def restore(self) -> None:
+        """Put every saved entry back, in the dicts the modules had."""
+        for _, m, registries, (nonpersistent, names) in self.saved:
+            for kind, (box, before) in registries.items():
+                box.clear()
+                box.update(before)
+                m.__dict__[kind] = box
+            nonpersistent.clear()
+            nonpersistent.update(names)
+            m.__dict__["_non_persistent_buffers_set"] = nonpersistent
+        for t, data in self.data:  # ``t.data = ...`` in an eager forward
+            if not _same_data(t.data, data):
+                t.data = data
+
+
+def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` view the same data the same way (True where that cannot be
+    told: a layout without strides)."""
+    if (a.dtype, a.shape, a.device, a.layout) != (b.dtype, b.shape, b.device, b.layout):
+        return False
+    try:
+        return a.stride() == b.stride() and a.storage_offset() == b.storage_offset() and a.data_ptr() == b.data_ptr()
+    except (RuntimeError, NotImplementedError):  # sparse and other layouts
+        return True
 
 
 @contextlib.contextmanager
 def _state_restored(model: nn.Module):
     """Undo what a forward run during capture leaves on the model's modules: attributes
-    it sets and caches it fills (timm's LeViT keeps its attention biases in a dict keyed by
-    device: a trace left a Proxy there, and the user's model no longer pickled). Parameters,
-    buffers and submodules are not touched by a capture and are not copied."""
+    it sets, caches it fills (timm's LeViT keeps its attention biases in a dict keyed by
+    device: a trace left a Proxy there, and the user's model no longer pickled), the
+    parameters, buffers and submodules it assigns or registers (a rotary cache refreshed in
+    forward, ``self.table = self.table * 1.0``: they would hold a Proxy or a fake tensor),
+    and the data it assigns them (``self.w.data = ...``, run eagerly). Yields the
+    :class:`_Registered` state, whose ``restore()`` puts those back before the context ends."""
     saved = []
     for m in model.modules():
         attrs = {k: v for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS}
         saved.append((m, attrs, {k: copy.copy(v) for k, v in attrs.items() if type(v) in _CONTAINERS}))
+    registered = _Registered(model)
     try:
-        yield
+        yield registered
     finally:
+        registered.restore()
         for m, attrs, contents in saved:
             d = m.__dict__
             for k in [k for k in d if k not in _MODULE_INTERNALS and k not in attrs]:
@@ -328,6 +496,8 @@ def _user_frame(tb) -> str:
 
 def _trace_hint(exc: BaseException) -> str:
     msg = str(exc)
+    if "records no write to a tensor's data" in msg:
+        return "compute the new value and use it instead of assigning it to the tensor's .data"
     if "control flow" in msg or "iteration" in msg or "bool" in msg:
         return ("the model branches or loops on a traced value; pass concrete_args={'name': value} "
                 "for inputs that select a branch, or mark the module as a leaf with leaf_modules=[...]")
@@ -343,8 +513,9 @@ def symbolic_trace(model: nn.Module, *, leaf_modules: Iterable = (),
     of a traced value (``_Tracer.example_meta``)."""
     tracer = _Tracer(leaf_modules, example_inputs, careful)
     # the model is left as it was, also without the tensor constants torch.fx puts on it
-    # (the GraphModule built here copies them first)
-    with _state_restored(model):
+    # (the GraphModule built here copies them first) and with the parameters, buffers and
+    # submodules it had before the forward ran (restored before the GraphModule is built)
+    with _state_restored(model) as registered:
         try:
             graph = tracer.trace(model, concrete_args=concrete_args)
         except Exception as exc:  # torch.fx raises many exception types; we re-type them here
@@ -353,12 +524,86 @@ def symbolic_trace(model: nn.Module, *, leaf_modules: Iterable = (),
             where = _user_frame(sys.exc_info()[2])
             at = f" at {where}" if where else ""
             raise TraceError(
-                f"could not trace {type(model).__name__}{in_module}{at}: {type(exc).__name__}: {exc}. "
-                f"Fix: {_trace_hint(exc)}."
+                f"could not trace {type(model).__name__}{in_module}{at}: {type(exc).__name__}: {exc}"
+                f"{_assignments_note(registered.changes())}. Fix: {_trace_hint(exc)}."
             ) from exc
+        tracer.settle_assignments(graph, registered, type(model).__name__)
         if concrete_args:
             _inline_concrete_args(graph, model, concrete_args)
-        return _graph_module(tracer.root, graph, type(model).__name__)
+        gm = _graph_module(tracer.root, graph, type(model).__name__)
+        _own_written_buffers(gm, model)
+        return gm
+
+
+def _assignments_note(changes: list[tuple[str, str, Any, Any]]) -> str:
+    """What a failed trace's forward assigned of the model's parameters, buffers and
+    submodules, for the error message ('' when nothing)."""
+    kinds = {"_parameters": "parameter", "_buffers": "buffer", "_modules": "submodule"}
+    said = ", ".join(f"{kinds[kind]} '{name}'" for name, kind, _, _ in changes)
+    if not said:
+        return ""
+    modules = "; torch.fx calls only the submodules the model held when the trace began, " \
+        "frontend='export' captures such a forward" if any(kind == "_modules" for _, kind, _, _ in changes) else ""
+    return f" (the forward assigned {said} during the trace{modules})"
+
+
+def _resolve(root: nn.Module, target: str) -> Any:
+    """The object ``target`` names under ``root`` now (``_ABSENT`` if none), read from the
+    modules' own dicts: the symbolic trace patches ``nn.Module.__getattr__``."""
+    obj: Any = root
+    for atom in target.split("."):
+        if isinstance(obj, nn.Module):
+            d = obj.__dict__
+            if atom in d:
+                obj = d[atom]
+                continue
+            for registry in _REGISTRIES:
+                if atom in d[registry]:
+                    obj = d[registry][atom]
+                    break
+            else:
+                return _ABSENT
+        else:
+            obj = getattr(obj, atom, _ABSENT)
+            if obj is _ABSENT:
+                return _ABSENT
+    return obj
+
+
+def _buffer_writes(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+    """The in-place copies into an attribute of ``gm`` (a forward's buffer assignment as
+    the symbolic trace and torch.export keep it): (the copy, the get_attr node it writes)."""
+    out = []
+    for n in gm.graph.nodes:
+        if (n.op == "call_method" and n.target == "copy_") or \
+                (n.op == "call_function" and n.target is torch.ops.aten.copy_.default):
+            dst = n.args[0] if n.args else None
+            if isinstance(dst, torch.fx.Node) and dst.op == "get_attr":
+                out.append((n, dst))
+    return out
+
+
+def _own_written_buffers(gm: torch.fx.GraphModule, model: nn.Module) -> None:
+    """Give ``gm`` its own copy of each buffer its graph writes: a GraphModule shares the
+    model's tensors (and its called submodules), and running the captured graph (as the
+    oracle does) must not write into the user's model."""
+    user = {id(m) for m in model.modules()}
+    for _, node in _buffer_writes(gm):
+        *path, name = node.target.split(".")
+        owner: nn.Module = gm
+        for atom in path:
+            child = owner._modules.get(atom)
+            if child is None:
+                break
+            if id(child) in user:  # the user's module itself: a shallow copy holds the copy
+                child = copy.copy(child)
+                for registry in (*_REGISTRIES, "_non_persistent_buffers_set"):
+                    child.__dict__[registry] = copy.copy(child.__dict__[registry])
+                owner._modules[atom] = child
+            owner = child
+        else:
+            if owner._buffers.get(name) is not None:
+                owner._buffers[name] = owner._buffers[name].clone()
 
 
 def _graph_module(root: Any, graph: torch.fx.Graph, name: str) -> torch.fx.GraphModule:
@@ -824,7 +1069,7 @@ def _runs_eagerly(model: nn.Module, inputs: tuple) -> None:
     """Raise an InputError saying so when ``model`` itself fails on ``inputs`` (the last
     check when no capture ran: then no graph is to blame)."""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _state_restored(model):
             model(*inputs)
     except Exception as exc:
         if isinstance(exc, TypeError) and "argument" in str(exc):
@@ -995,13 +1240,51 @@ def _export_program(model: nn.Module, inputs: tuple):
     """Non-strict export with the batch dim and token-id dims free to stay symbolic
     (``Dim.AUTO``: a language model's batch and sequence length stay dynamic, so the pruned
     model takes other shapes too; dims the model fixes are specialized); static shapes
-    when that fails."""
+    when that fails. Returns the program and the (module, name) of each buffer the
+    forward assigned while it ran."""
     dynamic = tuple(_dynamic_dims(t) for t in inputs)
-    with torch.no_grad(), _state_restored(model):
-        try:
-            return torch.export.export(model, inputs, dynamic_shapes=dynamic, strict=False)
-        except Exception:  # a model that only exports at the example shapes
-            return torch.export.export(model, inputs, strict=False)
+    assigned: list[tuple[nn.Module, str]] = []
+    register = getattr(nn.modules.module, "register_module_buffer_registration_hook", None)
+    hook = register(lambda m, name, value: assigned.append((m, name))) if register else None
+    try:
+        with torch.no_grad(), _state_restored(model):
+            try:
+                return torch.export.export(model, inputs, dynamic_shapes=dynamic, strict=False), assigned
+            except Exception:  # a model that only exports at the example shapes
+                assigned.clear()
+                return torch.export.export(model, inputs, strict=False), assigned
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def _check_buffer_assignments(gm: torch.fx.GraphModule, model: nn.Module,
+                              assigned: list[tuple[nn.Module, str]]) -> None:
+    """Raise a TraceError where torch.export did not keep a buffer assignment of the
+    forward faithfully: it keeps those of the model's own buffers as in-place copies at
+    the end of the graph (a value of another shape or dtype than the buffer's would be
+    broadcast or cast), and drops those of a submodule's buffers. (A buffer the forward
+    adds is dropped, as a plain attribute it sets is, under both front ends.)"""
+    names = {id(m): n for n, m in model.named_modules()}
+    for m, name in assigned:
+        prefix = names.get(id(m))
+        if prefix and m._buffers.get(name) is not None:  # a submodule's own (restored) buffer
+            raise TraceError(f"torch.export could not capture {type(model).__name__} faithfully: its forward "
+                             f"assigns buffer '{prefix}.{name}' of a submodule, an assignment torch.export "
+                             f"does not keep (it keeps those of the model's own buffers). Fix: use "
+                             f"frontend='fx', or compute the value without storing it")
+    own = {name for m, name in assigned if m is model}
+    for write, dst in _buffer_writes(gm):
+        if dst.target not in own:
+            continue
+        held, got = tensor_meta(dst), tensor_meta(write.args[1]) if len(write.args) > 1 else None
+        if held is not None and got != held:
+            what = f"a tensor of shape {got.shape} and dtype {got.dtype}" if got is not None else "a value"
+            raise TraceError(f"torch.export could not capture {type(model).__name__} faithfully: its forward "
+                             f"assigns buffer '{dst.target}' {what}, and the model holds one of shape "
+                             f"{held.shape} and dtype {held.dtype}; torch.export keeps the assignment as an "
+                             f"in-place copy, which needs both to match. Fix: register the buffer with the "
+                             f"shape and dtype the forward gives it, or compute the value without storing it")
 
 
 def export_capture(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
@@ -1011,7 +1294,7 @@ def export_capture(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
     graph takes and returns what the model does (pytree in/out specs kept); run-time
     checks are dropped."""
     try:
-        program = _export_program(model, inputs)
+        program, assigned = _export_program(model, inputs)
     except Exception as exc:  # export raises many types; one typed error here
         where = _user_frame(sys.exc_info()[2])
         at = f" at {where}" if where else ""
@@ -1036,6 +1319,8 @@ def export_capture(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
         elif node.op != "output":
             propagate_shapes(gm, inputs)  # a node export left without a value: run the graph
             break
+    _check_buffer_assignments(gm, model, assigned)
+    _own_written_buffers(gm, model)
     return gm
 
 

@@ -13,7 +13,7 @@ import fxprune
 from fxprune import capture
 from fxprune.meta import get_meta, tensor_meta
 from healthy import make_healthy
-from oracle import assert_untouched, prune_and_verify, snapshot
+from oracle import assert_still_usable, assert_untouched, prune_and_verify, snapshot
 
 
 def net():
@@ -187,7 +187,10 @@ def test_capture_leaves_nothing_behind_on_the_model(frontend):
     torch.manual_seed(0)
     model, x = Caching().eval(), torch.randn(3, 6)
     result, _ = prune_and_verify(model, x, ratio=0.5, frontend=frontend, healthy=False)
-    assert result.module.get_parameter("scale").shape == (8,)
+    # the oracle runs the model before pruning: export then reads the cached tensor (a
+    # constant, ``scale`` unused), fx (whose key is traced) recomputes it from ``scale``
+    assert result.plan.n_removed == 8
+    assert result.module.get_parameter("scale").shape == ((8,) if frontend == "fx" else (16,))
     model.cache.clear(), model.calls.clear()  # what the oracle's own eager runs cached
     del model.last_input
     fxprune.trace(model, x, frontend=frontend)
@@ -416,3 +419,249 @@ def test_structured_inputs_are_constants_to_the_analysis(structure):
     batch = {"x": x, "scale": scale} if structure == "dict" else [x, scale]
     result, _ = prune_and_verify(Net().eval(), (batch,), ratio=0.5, healthy=False)  # fails without the rule
     assert result.frontend == "fx" and result.module.get_parameter("body.weight").shape[0] == 8
+
+
+# -- a forward that assigns the model's parameters, buffers or submodules ------------------
+def _registered(model: nn.Module) -> dict:
+    """Every module's parameters, buffers and submodules, by object."""
+    return {(name, registry, key): value for name, m in model.named_modules()
+            for registry in ("_parameters", "_buffers", "_modules") for key, value in vars(m)[registry].items()}
+
+
+def _assert_same_objects(model: nn.Module, before: dict) -> None:
+    after = _registered(model)
+    assert after.keys() == before.keys()
+    assert [k for k, v in before.items() if after[k] is not v] == []
+
+
+class RefreshedTable(nn.Module):
+    """A forward that recomputes a registered buffer from itself and checks its size (a
+    rotary cache refreshed in forward; timm's sincos embedding asserts its numel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.register_buffer("table", torch.linspace(0.5, 1.5, 16))
+
+    def forward(self, x):
+        self.table = self.table * 1.0
+        assert self.table.numel() == 16
+        return self.b(F.relu(self.a(x)) * self.table)
+
+
+class LastInput(nn.Module):
+    """A forward that stores a statistic of its input in a registered buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.register_buffer("last", torch.zeros(6))
+
+    def forward(self, x):
+        self.last = x.mean(0).detach()
+        return self.b(F.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export", "auto"])
+@pytest.mark.parametrize("make", [RefreshedTable, LastInput])
+def test_a_forward_assigning_a_buffer_leaves_the_model_as_it_was(make, frontend, tmp_path):
+    """analyze, prune and save leave the user's model holding the same parameter, buffer
+    and submodule objects with the same values, running to the same output and pickling;
+    the captured graph and the pruned module, which pass the oracle, make the assignment
+    on buffers of their own."""
+    torch.manual_seed(0)
+    model, x = make().eval(), torch.randn(4, 6)
+    with torch.no_grad():
+        ref = model(x)  # the state a forward on x leaves: later calls on x keep it
+    objects, values = _registered(model), snapshot(model)
+    groups = fxprune.analyze(model, x, frontend=frontend)
+    _assert_same_objects(model, objects)
+    x2 = torch.randn(5, 6)
+    with torch.no_grad():
+        groups.gm(x2)
+    assert_untouched(model, values)
+    result = fxprune.prune(model, x, ratio=0.5, frontend=frontend)
+    _assert_same_objects(model, objects)
+    assert_untouched(model, values)
+    fxprune.save(result, tmp_path / "saved")
+    _assert_same_objects(model, objects)
+    assert_still_usable(model, (x,), ref, pickled=True)  # its forward assigns its buffer from here on
+    assert result.frontend == ("export" if frontend == "export" else "fx")
+    assert result.plan.n_removed == 8
+    v = fxprune.verify(model, result, x)
+    assert v.max_rel_err < 1e-6 and v.effect > 1e-4
+    assert_untouched(model, values)
+    assert_still_usable(model, (x,), ref, pickled=True)
+    with torch.no_grad():
+        out = result.module(x2)
+        loaded = fxprune.load(tmp_path / "saved")(x2)
+    assert out.shape == (5, 3) and torch.allclose(loaded, out)
+    assert_untouched(model, values)  # the pruned module writes a buffer of its own
+    if make is LastInput:
+        assert torch.equal(result.module.get_buffer("last"), x2.mean(0))
+
+
+class AssignedTensors(nn.Module):
+    """A forward that reads a buffer, assigns it a new tensor, sets a plain tensor
+    attribute, and reads both."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.register_buffer("table", torch.linspace(1.5, 0.5, 16))
+
+    def forward(self, x):
+        h = F.relu(self.a(x)) * self.table
+        self.table = torch.linspace(0.5, 1.5, 16)
+        self.scale = torch.linspace(2.0, 1.0, 16)
+        return self.b(h * self.table * self.scale)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export", "auto"])
+def test_tensors_a_forward_assigns_are_values_of_the_graph(frontend):
+    """The captured graph reads a buffer as the forward did at each point (the registered
+    tensor before the assignment, the assigned one after) and keeps the assignment: run
+    twice it gives what the model gives run twice, writing a buffer of its own. The model
+    keeps its buffer and gets no attribute."""
+    import copy
+
+    torch.manual_seed(0)
+    model, x = AssignedTensors().eval(), torch.randn(4, 6)
+    twin, objects, values = copy.deepcopy(model), _registered(model), snapshot(model)
+    gm = fxprune.trace(model, x, frontend=frontend)
+    _assert_same_objects(model, objects)
+    assert not hasattr(model, "scale")
+    with torch.no_grad():
+        first, second = gm(x), gm(x)
+        assert torch.allclose(first, twin(x)) and torch.allclose(second, twin(x))
+    assert not torch.allclose(first, second, atol=1e-3)  # the assignment changes the output
+    assert_untouched(model, values)
+    with torch.no_grad():
+        model(x)  # the state a forward leaves: later calls keep it
+    # export builds the assigned tensor in the graph (a factory op), which pins its channels
+    prune_and_verify(model, x, ratio=0.5, frontend=frontend, healthy=False, expect_removed=frontend != "export")
+
+
+class SwappedActivation(nn.Module):
+    """A forward that replaces a submodule before calling it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.act = nn.Linear(6, 16), nn.Linear(16, 3), nn.ReLU()
+
+    def forward(self, x):
+        self.act = nn.GELU()
+        return self.b(self.act(self.a(x)))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export", "auto"])
+def test_a_forward_replacing_a_submodule_leaves_the_model_as_it_was(frontend, tmp_path):
+    """The symbolic trace cannot call a submodule the model did not hold when it began:
+    it fails naming the attribute; export (and auto, falling back to it) captures the
+    forward. Either way the model keeps its submodule objects."""
+    torch.manual_seed(0)
+    model, x = SwappedActivation().eval(), torch.randn(4, 6)
+    relu, objects = model.act, _registered(model)
+    if frontend == "fx":
+        with pytest.raises(fxprune.errors.TraceError, match="submodule 'act'"):
+            fxprune.prune(model, x, ratio=0.5, frontend=frontend)
+        assert model.act is relu
+        _assert_same_objects(model, objects)
+        return
+    result = fxprune.prune(model, x, ratio=0.5, frontend=frontend)
+    assert model.act is relu
+    _assert_same_objects(model, objects)
+    fxprune.save(result, tmp_path / "saved")
+    _assert_same_objects(model, objects)
+    assert result.frontend == "export" and result.plan.n_removed == 8
+    values = snapshot(model)
+    v = fxprune.verify(model, result, x)
+    assert v.max_rel_err < 1e-6 and v.effect > 1e-4
+    assert_untouched(model, values)
+    with torch.no_grad():
+        assert result.module(x).shape == (4, 3)
+
+
+class InnerTable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.linspace(0.5, 1.5, 16))
+
+    def forward(self, h):
+        self.table = self.table * 1.0
+        return h * self.table
+
+
+class RefreshedInner(nn.Module):
+    """A submodule that recomputes its own buffer in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.inner, self.b = nn.Linear(6, 16), InnerTable(), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.b(self.inner(F.relu(self.a(x))))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export", "auto"])
+def test_a_submodule_assigning_its_buffer_is_kept_by_the_trace_and_refused_by_export(frontend):
+    """torch.export drops a submodule's buffer assignment (it keeps only the model's own):
+    it fails naming the buffer. The symbolic trace keeps it (auto captures with it)."""
+    torch.manual_seed(0)
+    model, x = RefreshedInner().eval(), torch.randn(4, 6)
+    objects = _registered(model)
+    if frontend == "export":
+        with pytest.raises(fxprune.errors.TraceError, match="buffer 'inner.table'"):
+            fxprune.prune(model, x, ratio=0.5, frontend=frontend)
+        _assert_same_objects(model, objects)
+        return
+    result = fxprune.prune(model, x, ratio=0.5, frontend=frontend)
+    _assert_same_objects(model, objects)
+    assert result.frontend == "fx" and result.plan.n_removed == 8
+    assert [n.target for n in result.module.graph.nodes if n.op == "call_method"] == ["copy_"]
+    v = fxprune.verify(model, result, x)
+    assert v.max_rel_err < 1e-6 and v.effect > 1e-4
+
+
+class ResizedCache(nn.Module):
+    """A forward that assigns a registered buffer a tensor of another shape (a cache
+    rebuilt for the batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.register_buffer("cache", torch.ones(1, 16))
+
+    def forward(self, x):
+        self.cache = torch.linspace(0.5, 1.5, 16).repeat(x.shape[0], 1)
+        return self.b(F.relu(self.a(x)) * self.cache)
+
+
+class DataAssigned(nn.Module):
+    """A forward that rescales a parameter through ``.data``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, 16))
+
+    def forward(self, x):
+        self.w.data = self.w.data * 2.0
+        return self.b(F.relu(self.a(x)) * self.w)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export", "auto"])
+@pytest.mark.parametrize("make, named", [(ResizedCache, "buffer 'cache'"), (DataAssigned, r"'w\.data'")])
+def test_an_assignment_no_graph_keeps_fails_the_capture_naming_it(make, named, frontend):
+    """A buffer assigned a tensor of another shape (a graph keeps a buffer assignment as
+    an in-place copy) and a parameter's ``.data`` assigned (torch.fx records no node for
+    it) fail the capture with a TraceError naming the attribute (torch.export's own error
+    for ``.data``); the model is left with its objects and values."""
+    torch.manual_seed(0)
+    model, x = make().eval(), torch.randn(4, 6)
+    objects, values = _registered(model), snapshot(model)
+    match = None if (make is DataAssigned and frontend == "export") else named
+    with pytest.raises(fxprune.errors.TraceError, match=match):
+        fxprune.prune(model, x, ratio=0.5, frontend=frontend)
+    _assert_same_objects(model, objects)
+    assert_untouched(model, values)
