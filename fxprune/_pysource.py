@@ -24,7 +24,7 @@ __all__ = ["SaveError", "Unsupported", "literal", "same", "importable", "by_attr
 
 
 
-FORBIDDEN_PACKAGES = ("fxprune", "passes", "__main__")
+FORBIDDEN_PACKAGES = ("fxprune", "__main__")
 
 
 class Unsupported(Exception):

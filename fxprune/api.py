@@ -85,7 +85,7 @@ def _scoring_pass(importance: Any, data: Any = None, loss_fn: Any = None) -> Pas
     """``importance`` as a scoring pass: 'l1', 'l2', a registered scoring pass name without
     its ``score-`` prefix ('bn-scale', 'taylor', ...), or a pass object. Data-driven passes
     (those with ``data``/``loss_fn`` options) receive ``data`` and ``loss_fn``."""
-    from passes.score_magnitude import ScoreMagnitude
+    from fxprune.passes.score_magnitude import ScoreMagnitude
 
     if isinstance(importance, Pass):
         chosen = importance
@@ -139,7 +139,7 @@ def analyze(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (
     >>> [g.size for g in groups.prunable]
     [8]
     """
-    from passes.channel_deps import ChannelDeps
+    from fxprune.passes.channel_deps import ChannelDeps
 
     _check_model(model)
     if policy == "both":
@@ -206,10 +206,10 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
     >>> r.module.get_submodule("0").out_channels
     4
     """
-    from passes.channel_deps import ChannelDeps
-    from passes.rewrite import Rewrite
-    from passes.select import Select, check_ratio
-    from passes.select_budget import SelectBudget
+    from fxprune.passes.channel_deps import ChannelDeps
+    from fxprune.passes.rewrite import Rewrite
+    from fxprune.passes.select import Select, check_ratio
+    from fxprune.passes.select_budget import SelectBudget
 
     _check_model(model)
     if policy == "both":
@@ -285,7 +285,7 @@ def _prune_both(model, example_inputs, *, ratio, ratios, ignore, unsupported, re
     if given:
         raise ConfigError(f"policy='both' takes ratio/ratios (each stage prunes 1 - sqrt(1 - r)), not "
                           f"{', '.join(given)}; use policy='heads' or 'head_dim' with those")
-    from passes.select import check_ratio
+    from fxprune.passes.select import check_ratio
 
     step = lambda r: 1.0 - math.sqrt(1.0 - check_ratio(r))  # noqa: E731  (checks r first)
     ratio = step(0.5 if ratio is None else ratio)
@@ -301,7 +301,7 @@ def _prune_both(model, example_inputs, *, ratio, ratios, ignore, unsupported, re
     dims = prune(heads.module, inputs, ratio=ratio, policy="inner", report=False, **staged)
     rep = None
     if report:
-        from passes.select_budget import meta_stats
+        from fxprune.passes.select_budget import meta_stats
 
         from .report import ModelStats, PruneReport, count_params
         rep = PruneReport(before=ModelStats(count_params(model), meta_stats(heads.groups.gm, inputs).macs),
@@ -317,7 +317,7 @@ def _prune_both(model, example_inputs, *, ratio, ratios, ignore, unsupported, re
 def _report(model, state: PruneState, inputs: tuple):
     """Before/after numbers, MACs counted on the meta device (the captured graph computes
     what the model computes; parameters are counted on the model itself)."""
-    from passes.select_budget import meta_stats
+    from fxprune.passes.select_budget import meta_stats
 
     from .report import ModelStats, PruneReport, count_params
 

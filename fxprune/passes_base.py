@@ -84,7 +84,7 @@ def known_passes() -> list[str]:
 
 
 def _load_builtin_passes() -> None:
-    import passes  # noqa: F401  (registers the built-in passes)
+    import fxprune.passes  # noqa: F401  (registers the built-in passes)
 
 
 @contextlib.contextmanager

@@ -57,7 +57,7 @@ __all__ = ["Regularizer", "Slimming", "GroupLasso", "GrowingReg", "RegularizerSc
 def _members(groups: ChannelGroups, kind: str, bias: bool) -> list[tuple[str, int, torch.Tensor]]:
     """(path, dim, class per index along dim) of the tensors a regularizer of ``kind`` acts on:
     norm scales ('slimming') or every weight member ('group'); biases only with ``bias``."""
-    from passes.score_bn_scale import is_norm_scale
+    from fxprune.passes.score_bn_scale import is_norm_scale
 
     nodes = {n.name: n for n in groups.gm.graph.nodes}
     out = []
@@ -144,7 +144,7 @@ class Regularizer:
         self.analysis_options = dict(leaf_modules=tuple(leaf_modules), concrete_args=concrete_args)
         self.groups = analyze(model, self.example_inputs, **self.analysis_options)
         self.members = _members(self.groups, self.kind, self.bias)
-        from passes.select import candidates
+        from fxprune.passes.select import candidates
 
         active = torch.zeros(self.groups.n_classes, dtype=torch.bool)
         for cand in candidates(self.groups, self.ignore).values():
@@ -284,7 +284,7 @@ class GrowingReg(Regularizer):
                  importance: Any = "l1", delta: float = 1e-4, interval: int = 10, ceiling: float = 1.0,
                  data: Any = None, loss_fn: Any = None, select_options: dict | None = None,
                  **options: Any):
-        from passes.select import check_ratio, select_channels
+        from fxprune.passes.select import check_ratio, select_channels
 
         self.ratio = check_ratio(ratio)
         self.delta = _check_positive(delta, "delta")

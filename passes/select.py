@@ -36,7 +36,7 @@ from fxprune.rules.registry import describe_target
 class PrunePlan:
     """Which channel classes are kept (``kept[c]``), with a per-group count of removals.
 
-    ``budget`` holds the :class:`passes.select_budget.BudgetResult` when the plan was
+    ``budget`` holds the :class:`fxprune.passes.select_budget.BudgetResult` when the plan was
     searched for a MACs/parameter budget.
     """
 
@@ -189,7 +189,7 @@ def _remove_lowest_capped(kept, values, cand, n_remove, parts, ratio):
     channels go evenly, and one tensor is not stripped because its channels score low
     together (zero-initialized last norms of residual blocks do). The cap changes where
     ``ratio * size`` reaches a whole number, as the group's count does, so the budget
-    search's ratio steps (:func:`passes.select_budget.ratio_steps`) see every plan."""
+    search's ratio steps (:func:`fxprune.passes.select_budget.ratio_steps`) see every plan."""
     position = {int(c): k for k, c in enumerate(cand.tolist())}
     member_of: list[list[int]] = [[] for _ in range(cand.numel())]
     budget = []

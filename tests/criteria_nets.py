@@ -3,12 +3,12 @@
 import torch
 from torch import nn
 
-from passes.score_bn_scale import bn_scale_scores
-from passes.score_fpgm import fpgm_scores
-from passes.score_hessian import hessian_scores
-from passes.score_lamp import lamp_scores
-from passes.score_random import random_scores
-from passes.score_taylor import taylor_scores
+from fxprune.passes.score_bn_scale import bn_scale_scores
+from fxprune.passes.score_fpgm import fpgm_scores
+from fxprune.passes.score_hessian import hessian_scores
+from fxprune.passes.score_lamp import lamp_scores
+from fxprune.passes.score_random import random_scores
+from fxprune.passes.score_taylor import taylor_scores
 
 W1 = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])  # hidden channel c is row c ...
 W2 = torch.tensor([[2.0, -1.0, 0.5]])                    # ... and column c here

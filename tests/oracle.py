@@ -80,10 +80,12 @@ def assert_sensitive(model, result, x, rel: float = 0.05) -> None:
 
 def prune_and_verify(model, x, *, min_effect: float = 1e-4, healthy: bool = True,
                      expect_removed: bool = True, allow_unchecked: bool = False,
-                     sensitive: bool = True, **kwargs):
+                     sensitive: bool = True, save_to=None, **kwargs):
     """Prune, check the pruned graph (lint, smaller), the oracle on every removed channel
     (unless ``allow_unchecked``), that the oracle fails on a perturbed copy, and that the
-    user's model is bit-for-bit untouched, runs and pickles. Returns (result, verify_result)."""
+    user's model is bit-for-bit untouched, runs and pickles. With ``save_to`` (a folder)
+    ``fxprune.analyze`` and ``fxprune.save`` run too, and the user's model is checked after
+    them as well. Returns (result, verify_result)."""
     inputs = x if isinstance(x, tuple) else (x,)
     if healthy:
         make_healthy(model, inputs[0].shape)
@@ -107,6 +109,9 @@ def prune_and_verify(model, x, *, min_effect: float = 1e-4, healthy: bool = True
         assert v.effect > min_effect, "removed channels had no effect: the oracle proves nothing"
     if sensitive:
         assert_sensitive(model, result, x)
+    if save_to is not None:
+        fxprune.analyze(model, x, **{k: v for k, v in kwargs.items() if k in ("frontend", "gqa", "leaf_modules")})
+        fxprune.save(result, save_to, example_inputs=x)
     with torch.no_grad():
         out = result.module(*inputs)
     assert type(out) is type(out_ref)  # a Hugging Face ModelOutput stays one

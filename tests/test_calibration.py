@@ -15,7 +15,7 @@ from criteria_nets import DATA, DATA_DRIVEN, X, resnet_like
 from fxprune.errors import ConfigError
 from fxprune.passes_base import make_pass
 from oracle import snapshot
-from passes.score_taylor import taylor_scores
+from fxprune.passes.score_taylor import taylor_scores
 
 
 def _grads(model):

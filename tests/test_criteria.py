@@ -16,7 +16,7 @@ from criteria_nets import (BATCHES, CRITERIA, DATA, DATA_DRIVEN, W1, W2, X, hidd
 from fxprune.scoring import NORMALIZERS, REDUCTIONS
 from healthy import make_healthy
 from oracle import prune_and_verify
-from passes.score_magnitude import magnitude_scores
+from fxprune.passes.score_magnitude import magnitude_scores
 
 
 def hand_grads(x):

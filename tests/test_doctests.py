@@ -6,8 +6,8 @@ import importlib
 import pytest
 
 MODULES = ["fxprune.labels", "fxprune.capture", "fxprune.api", "fxprune.passes_base",
-           "passes.score_magnitude", "fxprune.calibration", "passes.score_bn_scale", "passes.score_fpgm",
-           "passes.score_hessian", "passes.score_lamp", "passes.score_random", "passes.score_taylor",
+           "fxprune.passes.score_magnitude", "fxprune.calibration", "fxprune.passes.score_bn_scale", "fxprune.passes.score_fpgm",
+           "fxprune.passes.score_hessian", "fxprune.passes.score_lamp", "fxprune.passes.score_random", "fxprune.passes.score_taylor",
            "fxprune.group_graph"]
 
 

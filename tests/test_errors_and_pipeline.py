@@ -215,7 +215,7 @@ def test_the_pipeline_pauses_the_garbage_collector_and_restores_it():
 def test_a_pruned_model_that_does_not_run_is_an_error_naming_the_node_and_module(monkeypatch):
     # break the rewrite on purpose: the second conv loses one input channel too many, so the
     # pruned model fails where the model itself ran; prune must say where, not blame the inputs
-    import passes.rewrite as rewrite
+    import fxprune.passes.rewrite as rewrite
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
     real = rewrite.rewrite_graph
