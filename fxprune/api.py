@@ -21,6 +21,9 @@ from .channels import ChannelGroups
 from .errors import ConfigError, InputError, RewriteError
 from .meta import graph_inputs
 from .passes_base import AnalysisPass, Pass, Pipeline, PruneState, known_passes, make_pass, parse_pipeline
+from .plan import PrunePlan
+from .report import PruneReport
+from .scoring import ChannelScores
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,10 +31,10 @@ class PruneResult:
     """The outcome of :func:`prune`: the new module and how it was made."""
 
     module: torch.fx.GraphModule
-    report: Any
+    report: PruneReport
     groups: ChannelGroups
-    plan: Any
-    scores: Any
+    plan: PrunePlan
+    scores: ChannelScores | None
     timings: tuple[tuple[str, float], ...]
     pipeline: str
     frontend: str = "fx"
@@ -208,7 +211,8 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
     """
     from fxprune.passes.channel_deps import ChannelDeps
     from fxprune.passes.rewrite import Rewrite
-    from fxprune.passes.select import Select, check_ratio
+    from fxprune.passes.select import Select
+    from fxprune.plan import check_ratio
     from fxprune.passes.select_budget import SelectBudget
 
     _check_model(model)
@@ -285,7 +289,7 @@ def _prune_both(model, example_inputs, *, ratio, ratios, ignore, unsupported, re
     if given:
         raise ConfigError(f"policy='both' takes ratio/ratios (each stage prunes 1 - sqrt(1 - r)), not "
                           f"{', '.join(given)}; use policy='heads' or 'head_dim' with those")
-    from fxprune.passes.select import check_ratio
+    from fxprune.plan import check_ratio
 
     step = lambda r: 1.0 - math.sqrt(1.0 - check_ratio(r))  # noqa: E731  (checks r first)
     ratio = step(0.5 if ratio is None else ratio)
@@ -301,7 +305,7 @@ def _prune_both(model, example_inputs, *, ratio, ratios, ignore, unsupported, re
     dims = prune(heads.module, inputs, ratio=ratio, policy="inner", report=False, **staged)
     rep = None
     if report:
-        from fxprune.passes.select_budget import meta_stats
+        from fxprune.budget import meta_stats
 
         from .report import ModelStats, PruneReport, count_params
         rep = PruneReport(before=ModelStats(count_params(model), meta_stats(heads.groups.gm, inputs).macs),
@@ -317,7 +321,7 @@ def _prune_both(model, example_inputs, *, ratio, ratios, ignore, unsupported, re
 def _report(model, state: PruneState, inputs: tuple):
     """Before/after numbers, MACs counted on the meta device (the captured graph computes
     what the model computes; parameters are counted on the model itself)."""
-    from fxprune.passes.select_budget import meta_stats
+    from fxprune.budget import meta_stats
 
     from .report import ModelStats, PruneReport, count_params
 

@@ -1330,6 +1330,8 @@ class Capture(Pass):
     """Trace ``state.model`` on ``state.example_inputs`` into ``state.gm``."""
 
     name = "capture"
+    requires = ("model",)
+    produces = ("gm",)
     leaf_modules: tuple = ()
     concrete_args: Any = None
     frontend: str = "auto"

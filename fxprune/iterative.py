@@ -103,7 +103,7 @@ def _key(group) -> tuple:
 
 def _name_of(groups, group) -> str | None:
     """A parameter path whose output channels are exactly in ``group`` (for ``ratios``)."""
-    from fxprune.passes.select import classes_of_name
+    from fxprune.plan import classes_of_name
 
     for m in group.members:
         if m.role in ("out", "free"):
@@ -116,7 +116,7 @@ def _name_of(groups, group) -> str | None:
 def _step_options(groups, original: dict, fraction: Callable[[float], float], ratio: float,
                   own: dict, ignore: tuple, pooled: bool) -> tuple[float, dict]:
     """(default ratio, {name: ratio}) for one step: exact counts against the original sizes."""
-    from fxprune.passes.select import candidates, own_ratios
+    from fxprune.plan import candidates, own_ratios
 
     cand = candidates(groups, ignore)
     own_now = own_ratios(groups, tuple(own.items()))
@@ -169,7 +169,7 @@ def iterative(model: nn.Module, example_inputs: Any, *, steps: int, ratio: float
     >>> [s.module.get_submodule("0").out_channels for s in res.steps]
     [12, 8]
     """
-    from fxprune.passes.select import candidates, check_ratio
+    from fxprune.plan import candidates, check_ratio
 
     from .verify import verify
 

@@ -14,24 +14,29 @@ import gc
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from .errors import PipelineError
+
+if TYPE_CHECKING:
+    from .channels import ChannelGroups
+    from .plan import PrunePlan
+    from .scoring import ChannelScores
 
 
 @dataclass(frozen=True)
 class PruneState:
     """What flows between passes. Analyses add results; transforms add a module."""
 
-    model: Any = None
+    model: torch.nn.Module | None = None
     example_inputs: tuple = ()
-    gm: Any = None
-    groups: Any = None
-    scores: Any = None
-    plan: Any = None
-    module: Any = None
+    gm: torch.fx.GraphModule | None = None
+    groups: ChannelGroups | None = None
+    scores: ChannelScores | None = None
+    plan: PrunePlan | None = None
+    module: torch.fx.GraphModule | None = None
     frontend: str = "fx"
     timings: tuple[tuple[str, float], ...] = ()
 
@@ -41,9 +46,13 @@ class PruneState:
 
 @dataclass(frozen=True)
 class Pass:
-    """A pass: options are dataclass fields, the work is ``run``."""
+    """A pass: options are dataclass fields, the work is ``run``. ``requires`` names the
+    :class:`PruneState` fields it reads, ``produces`` those it sets: a :class:`Pipeline`
+    checks that every field a pass requires is set by the time it runs."""
 
     name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
+    produces: ClassVar[tuple[str, ...]] = ()
 
     def run(self, state: PruneState) -> PruneState:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -108,7 +117,22 @@ class Pipeline:
 
     passes: tuple[Pass, ...] = field(default_factory=tuple)
 
+    def check(self, state: PruneState) -> None:
+        """Raise :class:`PipelineError` when a pass requires a state field that neither
+        ``state`` nor a pass before it provides."""
+        have = {f.name for f in dataclasses.fields(state) if getattr(state, f.name) not in (None, ())}
+        for p in self.passes:
+            missing = [r for r in getattr(p, "requires", ()) if r not in have]
+            if missing:
+                _load_builtin_passes()
+                makers = sorted(q.name for q in _PASSES.values() if set(missing) & set(q.produces))
+                hint = f"; put one of {', '.join(makers)} before it" if makers else ""
+                raise PipelineError(f"pass {p.name!r} needs {', '.join(missing)}, which no pass before it "
+                                    f"produces{hint} (pipeline: {self})")
+            have.update(getattr(p, "produces", ()))
+
     def run(self, state: PruneState, *, progress: Any = None) -> PruneState:
+        self.check(state)
         with _gc_paused():
             for p in self.passes:
                 start = time.perf_counter()

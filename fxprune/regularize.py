@@ -110,6 +110,8 @@ class RegularizerScores(AnalysisPass):
     the summed ``|scale|`` of the norm layers ('slimming') or the group L2 norm ('group')."""
 
     name = "score-regularizer"
+    requires = ("groups",)
+    produces = ("scores",)
     kind: str = "group"
     bias: bool = True
 
@@ -144,7 +146,7 @@ class Regularizer:
         self.analysis_options = dict(leaf_modules=tuple(leaf_modules), concrete_args=concrete_args)
         self.groups = analyze(model, self.example_inputs, **self.analysis_options)
         self.members = _members(self.groups, self.kind, self.bias)
-        from fxprune.passes.select import candidates
+        from fxprune.plan import candidates
 
         active = torch.zeros(self.groups.n_classes, dtype=torch.bool)
         for cand in candidates(self.groups, self.ignore).values():
@@ -284,7 +286,7 @@ class GrowingReg(Regularizer):
                  importance: Any = "l1", delta: float = 1e-4, interval: int = 10, ceiling: float = 1.0,
                  data: Any = None, loss_fn: Any = None, select_options: dict | None = None,
                  **options: Any):
-        from fxprune.passes.select import check_ratio, select_channels
+        from fxprune.plan import check_ratio, select_channels
 
         self.ratio = check_ratio(ratio)
         self.delta = _check_positive(delta, "delta")

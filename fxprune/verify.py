@@ -585,7 +585,7 @@ def verify(model: torch.nn.Module, result, example_inputs: Any, *, rtol: float |
 
 
 def _rewrite(groups, kept: torch.Tensor) -> torch.fx.GraphModule:
-    from fxprune.passes.rewrite import rewrite_graph
+    from .rewrite import rewrite_graph
 
     return rewrite_graph(groups, kept)
 

@@ -23,7 +23,8 @@ import torch.fx
 from fxprune.channels import Alignment, ChannelGroups
 from fxprune.errors import ConfigError
 from fxprune.passes_base import AnalysisPass, PruneState, register_pass
-from fxprune.scoring import ChannelScores, check_options, member_sums, normalize_scores, reduce_members
+from fxprune.scoring import (ChannelScores, check_options, magnitude_scores, member_sums, normalize_scores,
+                             reduce_members)
 
 FALLBACKS = ("none", "l1", "l2")
 
@@ -69,8 +70,6 @@ def bn_scale_scores(groups: ChannelGroups, *, reduction: str = "mean", normalize
     entries = member_sums(groups, lambda p, t: t.abs() if p in scales else None, ("norm",))
     values = reduce_members(groups.n_classes, entries, reduction)
     if fallback != "none":
-        from .score_magnitude import magnitude_scores
-
         magnitude = magnitude_scores(groups, p=1.0 if fallback == "l1" else 2.0, reduction=reduction).values
         for g in groups.groups:
             idx = torch.tensor(g.classes)
@@ -85,6 +84,8 @@ class ScoreBnScale(AnalysisPass):
     """Network-slimming importance ``|gamma|`` of the norm layers in each group."""
 
     name = "score-bn-scale"
+    requires = ("groups",)
+    produces = ("scores",)
     reduction: str = "mean"
     normalizer: str = "none"
     fallback: str = "none"

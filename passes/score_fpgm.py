@@ -80,6 +80,8 @@ class ScoreFpgm(AnalysisPass):
     """Geometric-median (FPGM) importance, per member, reduced over each group."""
 
     name = "score-fpgm"
+    requires = ("groups",)
+    produces = ("scores",)
     p: float = 2.0
     reduction: str = "mean"
     normalizer: str = "none"

@@ -23,9 +23,7 @@ import torch
 from fxprune.calibration import calibrate
 from fxprune.channels import ChannelGroups
 from fxprune.passes_base import AnalysisPass, PruneState, register_pass
-from fxprune.scoring import WEIGHT_ROLES, ChannelScores, check_options, group_scores, member_sums
-
-from .score_taylor import gradient_paths
+from fxprune.scoring import WEIGHT_ROLES, ChannelScores, check_options, gradient_paths, group_scores, member_sums
 
 
 def hessian_scores(groups: ChannelGroups, data: Iterable, loss_fn: Callable | None = None, *,
@@ -69,6 +67,8 @@ class ScoreHessian(AnalysisPass):
     """
 
     name = "score-hessian"
+    requires = ("groups",)
+    produces = ("scores",)
     reduction: str = "mean"
     normalizer: str = "none"
     progress: bool | None = None

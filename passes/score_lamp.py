@@ -64,6 +64,8 @@ class ScoreLamp(AnalysisPass):
     """LAMP importance, per member, reduced over each group."""
 
     name = "score-lamp"
+    requires = ("groups",)
+    produces = ("scores",)
     reduction: str = "mean"
     normalizer: str = "none"
 

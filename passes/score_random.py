@@ -51,6 +51,8 @@ class ScoreRandom(AnalysisPass):
     """Seeded random importance (a baseline)."""
 
     name = "score-random"
+    requires = ("groups",)
+    produces = ("scores",)
     seed: int = 0
     reduction: str = "mean"
     normalizer: str = "none"

@@ -30,15 +30,9 @@ from fxprune.calibration import calibrate
 from fxprune.channels import ChannelGroups
 from fxprune.errors import ConfigError
 from fxprune.passes_base import AnalysisPass, PruneState, register_pass
-from fxprune.scoring import WEIGHT_ROLES, ChannelScores, check_options, group_scores, member_sums
+from fxprune.scoring import WEIGHT_ROLES, ChannelScores, check_options, gradient_paths, group_scores, member_sums
 
 VARIANTS = ("abs", "squared")
-
-
-def gradient_paths(groups: ChannelGroups) -> list[str]:
-    """Paths of the members a gradient criterion scores (every member but running stats)."""
-    return list(dict.fromkeys(a.path for a in groups.alignments
-                              if a.dim is not None and a.role in WEIGHT_ROLES))
 
 
 def taylor_scores(groups: ChannelGroups, data: Iterable, loss_fn: Callable | None = None, *,
@@ -95,6 +89,8 @@ class ScoreTaylor(AnalysisPass):
     """
 
     name = "score-taylor"
+    requires = ("groups",)
+    produces = ("scores",)
     variant: str = "abs"
     reduction: str = "mean"
     normalizer: str = "none"

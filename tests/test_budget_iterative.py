@@ -22,8 +22,8 @@ from fxprune.models import resnet20
 from fxprune.report import measure
 from healthy import make_healthy
 from oracle import prune_and_verify
-from fxprune.passes.select import candidates
-from fxprune.passes.select_budget import meta_stats, ratio_steps
+from fxprune.plan import candidates
+from fxprune.budget import meta_stats, ratio_steps
 
 X = torch.randn(2, 3, 16, 16)
 

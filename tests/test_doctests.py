@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ["fxprune.labels", "fxprune.capture", "fxprune.api", "fxprune.passes_base",
-           "fxprune.passes.score_magnitude", "fxprune.calibration", "fxprune.passes.score_bn_scale", "fxprune.passes.score_fpgm",
+           "fxprune.scoring", "fxprune.calibration", "fxprune.passes.score_bn_scale", "fxprune.passes.score_fpgm",
            "fxprune.passes.score_hessian", "fxprune.passes.score_lamp", "fxprune.passes.score_random", "fxprune.passes.score_taylor",
            "fxprune.group_graph"]
 

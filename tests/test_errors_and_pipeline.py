@@ -246,3 +246,21 @@ def test_progress_bar_over_the_passes_only_when_asked(capsys):
     assert [n for n, _ in shown.timings] == [n for n, _ in quiet.timings]
     assert torch.equal(shown.module(x), quiet.module(x))
     assert fxprune.verify(net, shown, x).exact_groups == 1
+
+
+def test_a_pipeline_without_a_scoring_pass_is_an_error_naming_what_to_add():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with pytest.raises(PipelineError, match=r"pass 'select' needs scores, which no pass before it produces; "
+                                            r"put one of .*score-magnitude"):
+        fxprune.prune(net, torch.randn(2, 4), pipeline="channel-deps,select{ratio=0.5},rewrite")
+    with pytest.raises(PipelineError, match=r"pass 'rewrite' needs plan"):
+        fxprune.prune(net, torch.randn(2, 4), pipeline="channel-deps,score-magnitude,rewrite")
+
+
+def test_every_pass_declares_what_it_needs_and_produces():
+    from fxprune.passes_base import _PASSES, known_passes
+
+    for name in known_passes():
+        cls = _PASSES[name]
+        assert cls.produces, f"{name} produces nothing"
+        assert set(cls.requires) | set(cls.produces) <= {"model", "gm", "groups", "scores", "plan", "module"}

@@ -263,7 +263,7 @@ def test_meta_count_skips_no_flops():
     equal a meta run of every kernel under torch's FLOP counter, for the captured graph and
     its pruned result."""
     import fxprune
-    from fxprune.passes.select_budget import meta_stats
+    from fxprune.budget import meta_stats
 
     torch.manual_seed(0)
     model, x = _Mixed().eval(), torch.randn(1, 3, 8, 8)

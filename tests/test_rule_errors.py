@@ -12,7 +12,7 @@ import fxprune
 from fxprune.errors import RuleError, Unsupported
 from fxprune.passes_base import parse_pipeline
 from fxprune.rules.registry import register
-from fxprune.passes.channel_deps import analyze_channels
+from fxprune.analysis import analyze_channels
 
 
 class Declines(nn.Module):

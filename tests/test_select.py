@@ -17,7 +17,7 @@ from fxprune.errors import ConfigError
 from fxprune.models import resnet20
 from fxprune.scoring import ChannelScores
 from oracle import prune_and_verify
-from fxprune.passes.select import candidates, group_signature, isomorphic_sets, select_channels
+from fxprune.plan import candidates, group_signature, isomorphic_sets, select_channels
 
 X = torch.randn(2, 3, 8, 8)
 
@@ -241,7 +241,7 @@ def test_errors(groups, kwargs, match):
         select_channels(groups, perm_scores(groups), **kwargs)
 
 
-@pytest.mark.parametrize("name", ["fxprune.passes.select", "fxprune.iterative"])
+@pytest.mark.parametrize("name", ["fxprune.plan", "fxprune.iterative"])
 def test_doctests(name):
     import doctest
     import importlib
@@ -287,7 +287,7 @@ def test_local_ranking_takes_evenly_from_the_tensors_of_a_group():
     assert params["exp.weight"].shape[0] == 8
     assert params["blocks.0.2.weight"].shape[0] >= 3  # the stream loses at most half of 8, plus one
     # the same scores ranked as one pool would strip the stream
-    from fxprune.passes.select import _remove_lowest, candidates
+    from fxprune.plan import _remove_lowest, candidates
 
     g = groups.group_of("exp.weight")
     assert groups.group_of("blocks.0.2.weight") is g
@@ -302,8 +302,8 @@ def test_budget_ratio_steps_reach_every_capped_plan():
     """The budget search evaluates plans only at ratio_steps: with the per-tensor caps of
     local ranking, every plan some ratio gives is still one of those."""
     from fxprune.passes.score_magnitude import magnitude_scores
-    from fxprune.passes.select import select_channels
-    from fxprune.passes.select_budget import ratio_steps
+    from fxprune.plan import select_channels
+    from fxprune.budget import ratio_steps
 
     torch.manual_seed(0)
     groups = fxprune.analyze(CSPStage(c=6).eval(), torch.randn(1, 3, 8, 8))
