@@ -1,4 +1,8 @@
-"""The passes of fxprune, one per file; importing this package registers them."""
+"""The passes of fxprune, one per file. Importing this package imports every module in
+it, which registers its passes: a new pass is a new file here, nothing else."""
 
-from . import (channel_deps, rewrite, score_bn_scale, score_fpgm, score_hessian, score_lamp,  # noqa: F401
-               score_magnitude, score_random, score_taylor, select, select_budget)
+import importlib as _importlib
+import pkgutil as _pkgutil
+
+for _info in sorted(_pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    _importlib.import_module(f"{__name__}.{_info.name}")
