@@ -185,3 +185,25 @@ def test_pruned_recurrent_models_save_and_load_bit_exact(make, tmp_path):
     loaded = fxprune.load(tmp_path / "rnn")
     assert loaded.rnn.hidden_size == 8
     assert torch.equal(loaded(ids), result.module(ids))
+
+
+def test_a_projected_lstm_never_comes_back_with_proj_size_at_or_above_hidden_size():
+    """torch needs proj_size < hidden_size and reads such a layer out of bounds (wrong
+    outputs): a plan that would leave the projection as wide as the cell is an error that
+    says how to prune less."""
+    from fxprune.errors import RewriteError
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(5, 4, proj_size=3, batch_first=True), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0])
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5)
+    with pytest.raises(RewriteError, match=r"rnn: the plan keeps 2 hidden units and 2 projected units.*ignore="):
+        fxprune.prune(Net().eval(), x, ratio=0.5)
+    result = fxprune.prune(Net().eval(), x, ratio=0.5, ignore=["rnn"])
+    assert result.module.rnn.proj_size == 3

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import shape
-from ..errors import Unsupported
+from ..errors import RewriteError, Unsupported
 from .registry import register
 
 _GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
@@ -119,6 +119,11 @@ def rewrite_recurrent(r, old, new):
     m.input_size = m.weight_ih_l0.shape[1]
     if getattr(m, "proj_size", 0):
         m.proj_size = m.weight_hr_l0.shape[0]
+        if m.proj_size >= m.hidden_size:  # torch's kernels read such a layer out of bounds
+            raise RewriteError(f"{old.target}: the plan keeps {m.hidden_size} hidden units and {m.proj_size} "
+                               f"projected units of an nn.LSTM, and torch needs proj_size < hidden_size; "
+                               f"prune it less (a smaller ratio, or ratios={{{old.target!r}: ...}}) or keep it "
+                               f"whole with ignore=[{old.target!r}]")
     m._init_flat_weights()
 
 
