@@ -13,10 +13,16 @@ from .io import load, save
 from .iterative import IterativeResult, iterative
 from . import regularize
 from .errors import (AnalysisError, ConfigError, DegenerateReferenceError, FxpruneError, InputError,
-                     LoadError, PipelineError, PlanError, RewriteError, SaveError, TraceError,
-                     VerificationError)
+                     LoadError, PipelineError, PlanError, RewriteError, RuleError, SaveError, TraceError,
+                     Unsupported, VerificationError)
 from .passes_base import Pass, Pipeline, PruneState, known_passes, parse_pipeline
 from .verify import VerifyResult, verify
 
 __version__ = "0.1.0"
+
+__all__ = ["AnalysisError", "Capture", "ChannelGroup", "ChannelGroups", "ConfigError", "DegenerateReferenceError",
+           "FxpruneError", "InputError", "IterativeResult", "LoadError", "Pass", "Pipeline", "PipelineError",
+           "PlanError", "PruneResult", "PruneState", "RewriteError", "RuleError", "SaveError", "TraceError",
+           "Unsupported", "VerificationError", "VerifyResult", "analyze", "errors", "iterative", "known_passes",
+           "load", "parse_pipeline", "prune", "regularize", "save", "trace", "verify"]
 

@@ -20,7 +20,7 @@ So the plan found meets the budget and the plan one step less pruned does not
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 

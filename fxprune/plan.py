@@ -20,7 +20,7 @@ tensor in the graph is ever emptied.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
