@@ -395,4 +395,5 @@ def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
         channel_sized=frozenset(k for k, v in ctx.channel_sized.items() if v is True),
         param_consumers=tuple(ctx.param_consumers), head_groups=frozenset(head_groups),
         head_splits=tuple(dict.fromkeys(name for name, _ in ctx.head_splits)),
-        constant_members=const_members, constant_reasons=const_reasons, mixing=tuple(ctx.mixing))
+        constant_members=const_members, constant_reasons=const_reasons, mixing=tuple(ctx.mixing),
+        wider=tuple(ctx.wider))

@@ -114,6 +114,8 @@ class ChannelGroups:
     constant_reasons: tuple[str, ...] = ()
     # ops that mix channel values, with their masked semantics (the oracle's reference)
     mixing: tuple[MixSite, ...] = field(default=(), repr=False)
+    # (a, b, reason): a plan keeps more channels of label tensor a than of b
+    wider: tuple[tuple[torch.Tensor, torch.Tensor, str], ...] = field(default=(), repr=False)
 
     def classes(self, labels: torch.Tensor) -> torch.Tensor:
         """Class ids of a label tensor."""

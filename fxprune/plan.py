@@ -242,6 +242,23 @@ def _keep_every_tensor_nonempty(groups, values, kept):
             kept[seg[torch.argmax(values[seg])]] = True
 
 
+def _keep_wider(groups, values, kept):
+    """Where the analysis asks a plan to keep more channels of ``a`` than of ``b`` (an
+    LSTM's cell and its projection), keep the best removed channels of ``a`` again, or
+    else remove the lowest kept ones of ``b``, until it does."""
+    for a, b, _ in getattr(groups, "wider", ()):
+        ca, cb = torch.unique(groups.class_of[a.reshape(-1)]), torch.unique(groups.class_of[b.reshape(-1)])
+        need = int(kept[cb].sum()) + 1 - int(kept[ca].sum())
+        if need <= 0:
+            continue
+        removed_a = int((~kept[ca]).sum())
+        _restore_best(kept, values, ca, min(need, removed_a))
+        extra = need - min(need, removed_a)
+        free_b = cb[kept[cb] & ~groups.class_pinned[cb]]
+        if extra > 0 and int(kept[cb].sum()) > extra and free_b.numel() >= extra:
+            _remove_lowest(kept, values, free_b, extra)
+
+
 def _check_whole_heads(group: ChannelGroup, r: float, n: int) -> None:
     """Heads are removed whole and balanced: ``r * n`` must be a whole number."""
     want = r * n
@@ -345,6 +362,7 @@ def select_channels(groups: ChannelGroups, scores, *, ratio: float = 0.5,
         for members in sets:
             _global([by_id[gid] for gid in members], values, kept, ratio, round_to)
     _keep_every_tensor_nonempty(groups, values, kept)
+    _keep_wider(groups, values, kept)
     gone = groups.group_of_class[~kept]
     per_group = torch.bincount(gone[gone >= 0], minlength=len(groups.groups)).tolist()
     removed = tuple((g.id, per_group[g.id]) for g in groups.groups if per_group[g.id])

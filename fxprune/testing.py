@@ -572,11 +572,9 @@ def attention_blocks(*, min_heads: int = 1, max_heads: int = 6, gqa: bool = True
 
 
 _CELL_TYPES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
-# A projection stays at most half the hidden size (and the hidden size at least 4): torch
-# needs proj_size < hidden_size, and fxprune prunes the two groups separately, so a
-# projection close to the hidden size can be left as large as it (fxprune 0.1.0 emits
-# such an LSTM, which fails to run).
-_MIN_PROJ_HIDDEN = 4
+# torch needs proj_size < hidden_size: projections are drawn from 1 to hidden_size - 1,
+# for hidden sizes of at least 2
+_MIN_PROJ_HIDDEN = 2
 
 
 class RecurrentNet(nn.Module):
@@ -633,7 +631,7 @@ def _recurrent_nets(draw, cells, min_layers, max_layers, bidirectional, batch_fi
     hidden = draw(st.sampled_from(hidden_sizes))
     proj_size = 0
     if cell == "lstm" and hidden >= _MIN_PROJ_HIDDEN and _flag(draw, proj):
-        proj_size = draw(st.integers(1, hidden // 2))
+        proj_size = draw(st.integers(1, hidden - 1))
     nonlinearity = draw(st.sampled_from(["tanh", "relu"])) if cell == "rnn" else "tanh"
     use_pre, use_state = _flag(draw, pre), _flag(draw, final_state)
     input_size = draw(st.sampled_from(hidden_sizes)) if use_pre else in_features
@@ -668,9 +666,8 @@ def recurrent_nets(*, cells: Collection[str] = CELLS, min_layers: int = 1, max_l
     bidirectional, batch_first : bool or None
         The module's flags; None draws either.
     proj_size : bool or None
-        Give LSTMs a projection; ``proj_size`` is drawn from 1 to half the hidden size,
-        and only for hidden sizes of at least 4 (so that pruning both at a moderate
-        ratio leaves a valid ``proj_size < hidden_size``).
+        Give LSTMs a projection; ``proj_size`` is drawn from 1 to ``hidden_size - 1``
+        (torch needs it smaller), for hidden sizes of at least 2.
     pre : bool or None
         A linear layer (and tanh) before the recurrent module; without it the input
         goes to the recurrent module directly.

@@ -187,23 +187,30 @@ def test_pruned_recurrent_models_save_and_load_bit_exact(make, tmp_path):
     assert torch.equal(loaded(ids), result.module(ids))
 
 
-def test_a_projected_lstm_never_comes_back_with_proj_size_at_or_above_hidden_size():
+def test_a_projected_lstm_keeps_its_cell_wider_than_its_projection():
     """torch needs proj_size < hidden_size and reads such a layer out of bounds (wrong
-    outputs): a plan that would leave the projection as wide as the cell is an error that
-    says how to prune less."""
+    outputs): selection keeps the cell wider than the projection, and the rewrite refuses
+    a plan that does not (a hand-made one here)."""
     from fxprune.errors import RewriteError
+    from fxprune.rewrite import rewrite_graph
 
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.rnn, self.head = nn.LSTM(5, 4, proj_size=3, batch_first=True), nn.Linear(3, 2)
+            self.rnn, self.head = nn.LSTM(5, 4, num_layers=2, proj_size=3, batch_first=True), nn.Linear(3, 2)
 
         def forward(self, x):
             return self.head(self.rnn(x)[0])
 
     torch.manual_seed(0)
     x = torch.randn(2, 6, 5)
-    with pytest.raises(RewriteError, match=r"rnn: the plan keeps 2 hidden units and 2 projected units.*ignore="):
-        fxprune.prune(Net().eval(), x, ratio=0.5)
-    result = fxprune.prune(Net().eval(), x, ratio=0.5, ignore=["rnn"])
-    assert result.module.rnn.proj_size == 3
+    for ratio in (0.5, 0.7, 0.9):
+        result, _ = prune_and_verify(Net().eval(), x, ratio=ratio, healthy=False)
+        m = result.module.rnn
+        assert m.proj_size < m.hidden_size, (ratio, m.proj_size, m.hidden_size)
+    groups = result.groups
+    hidden = groups.group_of("rnn.weight_ih_l0", "out")
+    kept = torch.ones(groups.n_classes, dtype=torch.bool)
+    kept[torch.tensor(hidden.classes[:3])] = False  # 1 hidden unit left, 3 projected
+    with pytest.raises(RewriteError, match=r"rnn: the plan keeps 1 hidden units and 3 projected units.*ignore="):
+        rewrite_graph(groups, kept)

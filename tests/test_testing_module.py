@@ -163,7 +163,7 @@ def test_drawn_networks_are_healthy_and_reproducible(family):
     lambda: recurrent_nets(min_layers=3, max_layers=1),
     lambda: recurrent_nets(cells=["lstm", "transformer"]),
     lambda: recurrent_nets(proj_size=True),  # projections are LSTM-only
-    lambda: recurrent_nets(cells=["lstm"], proj_size=True, hidden_sizes=[2]),
+    lambda: recurrent_nets(cells=["lstm"], proj_size=True, hidden_sizes=[1]),
     lambda: recurrent_nets(min_seq_len=0),
     lambda: mixed_nets(min_blocks=-1),
     lambda: mixed_nets(min_blocks=3, max_blocks=2),

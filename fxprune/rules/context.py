@@ -189,6 +189,7 @@ class AnalysisContext:
         # _weight_norm) -> the paths of its g and v, and the dim g varies along
         self.weight_norms: dict[str, tuple[str, str, int]] = {}
         self.mixing: list[MixSite] = []  # ops that mix channel values (see inexact)
+        self.wider: list[tuple[torch.Tensor, torch.Tensor, str]] = []  # see keep_wider
 
     # -- reading the graph ----------------------------------------------
     @property
@@ -311,6 +312,11 @@ class AnalysisContext:
             self.space.mark_inexact(labels, reason)
             self.mixing.append(MixSite(self.node.name if self.node is not None else "", labels,
                                        reason, masked))
+
+    def keep_wider(self, a: torch.Tensor, b: torch.Tensor, reason: str) -> None:
+        """Every plan must keep more channels of ``a`` than of ``b`` (an LSTM's cell
+        must stay wider than its projection): selection keeps more of ``a`` where needed."""
+        self.wider.append((a, b, reason))
 
     def classes(self, labels: torch.Tensor) -> torch.Tensor:
         return self.space.roots(labels)

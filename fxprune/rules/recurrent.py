@@ -79,6 +79,8 @@ def recurrent(ctx, node):
     proj = "weight_hr" in chunks[0]
     pvec = ctx.fresh((ctx.tensor(chunks[0]["weight_hr"]).shape[0],), f"{node.name} projected units") \
         if proj else hvec
+    if proj:
+        ctx.keep_wider(hvec, pvec, f"{node.name}: torch needs proj_size < hidden_size")
     rows = ctx.along(torch.cat([hvec] * gates), 0, 2)
     layer_in = ctx.vector(x, -1)
     ctx.consume(0)
