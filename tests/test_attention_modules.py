@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune
-from oracle import prune_and_verify
+from tests.helpers.oracle import prune_and_verify
 
 
 class MHANet(nn.Module):

@@ -20,8 +20,8 @@ from fxprune.errors import ConfigError
 from fxprune.iterative import schedule_fractions
 from fxprune.models import resnet20
 from fxprune.report import measure
-from healthy import make_healthy
-from oracle import prune_and_verify
+from tests.helpers.healthy import make_healthy
+from tests.helpers.oracle import prune_and_verify
 from fxprune.plan import candidates
 from fxprune.budget import meta_stats, ratio_steps
 

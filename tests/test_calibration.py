@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune
-from criteria_nets import DATA, DATA_DRIVEN, X, resnet_like
+from tests.helpers.criteria_nets import DATA, DATA_DRIVEN, X, resnet_like
 from fxprune.errors import ConfigError
 from fxprune.passes_base import make_pass
-from oracle import snapshot
+from tests.helpers.oracle import snapshot
 from fxprune.passes.score_taylor import taylor_scores
 
 

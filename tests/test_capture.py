@@ -12,8 +12,8 @@ from torch import nn
 import fxprune
 from fxprune import capture
 from fxprune.meta import get_meta, tensor_meta
-from healthy import make_healthy
-from oracle import assert_still_usable, assert_untouched, prune_and_verify, snapshot
+from tests.helpers.healthy import make_healthy
+from tests.helpers.oracle import assert_still_usable, assert_untouched, prune_and_verify, snapshot
 
 
 def net():

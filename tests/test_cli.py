@@ -175,7 +175,7 @@ def test_budget_and_policy_usage_errors(capsys, argv, stderr):
 
 
 def test_prune_a_language_model_with_token_ids(capsys, tmp_path):
-    code, out, err = run(capsys, "prune", "transformer_blocks:Llama", "--input-shape", "1,8",
+    code, out, err = run(capsys, "prune", "fxprune.blocks:Llama", "--input-shape", "1,8",
                          "--token-ids", "40", "--policy", "heads", "--out", str(tmp_path / "llama"))
     assert code == 0, err
     assert "input 1x8 token ids < 40" in out and "verify: checked" in out

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune
-from criteria_nets import (BATCHES, CRITERIA, DATA, DATA_DRIVEN, W1, W2, X, hidden, linear_net,
+from tests.helpers.criteria_nets import (BATCHES, CRITERIA, DATA, DATA_DRIVEN, W1, W2, X, hidden, linear_net,
                            resnet_like, score)
 from fxprune.scoring import NORMALIZERS, REDUCTIONS
-from healthy import make_healthy
-from oracle import prune_and_verify
+from tests.helpers.healthy import make_healthy
+from tests.helpers.oracle import prune_and_verify
 from fxprune.passes.score_magnitude import magnitude_scores
 
 

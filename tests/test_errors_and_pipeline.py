@@ -11,7 +11,7 @@ from torch import nn
 import fxprune
 from fxprune.errors import ConfigError, FxpruneError, InputError, PipelineError, TraceError
 from fxprune.passes_base import Pipeline, PruneState
-from oracle import prune_and_verify
+from tests.helpers.oracle import prune_and_verify
 
 
 def small():

@@ -10,8 +10,8 @@ from torch import nn
 
 import fxprune
 from fxprune.errors import InputError, TraceError
-from healthy import make_healthy
-from oracle import prune_and_verify
+from tests.helpers.healthy import make_healthy
+from tests.helpers.oracle import prune_and_verify
 
 
 def _structure(groups):

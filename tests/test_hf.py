@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fxprune
-from oracle import prune_and_verify
+from tests.helpers.oracle import prune_and_verify
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,9 +10,9 @@ import torch
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
-from conftest import property_settings
+from tests.helpers.properties import property_settings
 from fxprune.testing import mixed_nets
-from oracle import prune_and_verify
+from tests.helpers.oracle import prune_and_verify
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

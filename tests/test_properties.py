@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 import fxprune
-from conftest import property_settings
+from tests.helpers.properties import property_settings
 from fxprune.testing import CnnDag, cnn_dags
-from oracle import prune_and_verify
+from tests.helpers.oracle import prune_and_verify
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -13,7 +13,7 @@ from torch import nn
 import fxprune
 from fxprune.errors import ConfigError
 from fxprune.regularize import GroupLasso, GrowingReg, Slimming
-from oracle import assert_untouched, prune_and_verify, snapshot
+from tests.helpers.oracle import assert_untouched, prune_and_verify, snapshot
 
 GEN = torch.Generator().manual_seed(1)
 X = torch.randn(64, 3, 8, 8, generator=GEN)

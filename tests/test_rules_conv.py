@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune
-from oracle import prune_and_verify
+from tests.helpers.oracle import prune_and_verify
 
 
 def seq(*layers):

@@ -16,7 +16,7 @@ import fxprune
 from fxprune.errors import ConfigError
 from fxprune.models import resnet20
 from fxprune.scoring import ChannelScores
-from oracle import prune_and_verify
+from tests.helpers.oracle import prune_and_verify
 from fxprune.plan import candidates, group_signature, isomorphic_sets, select_channels
 
 X = torch.randn(2, 3, 8, 8)

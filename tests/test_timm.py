@@ -5,7 +5,7 @@ prune with no op left without a rule. Every result is checked by the oracle."""
 import pytest
 import torch
 
-from oracle import prune_and_verify
+from tests.helpers.oracle import prune_and_verify
 
 timm = pytest.importorskip("timm")
 

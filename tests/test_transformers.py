@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune
-from oracle import prune_and_verify
-from transformer_blocks import Bert, Gpt2, Llama
+from tests.helpers.oracle import prune_and_verify
+from fxprune.blocks import Bert, Gpt2, Llama
 
 MODELS = {"bert": Bert, "gpt2": Gpt2, "llama": Llama}
 

@@ -11,8 +11,8 @@ import torchvision
 from torch import nn
 
 import fxprune
-from healthy import make_healthy
-from oracle import assert_still_usable, assert_untouched, pickles, snapshot
+from tests.helpers.healthy import make_healthy
+from tests.helpers.oracle import assert_still_usable, assert_untouched, pickles, snapshot
 
 VISION = {"resnet18": 32, "mobilenet_v3_small": 32, "efficientnet_b0": 32, "convnext_tiny": 32,
           "vit_b_16": 32, "swin_t": 64}
@@ -46,7 +46,7 @@ def test_torchvision_models_are_left_as_they_were(name, tmp_path):
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_transformer_blocks_are_left_as_they_were(frontend, tmp_path):
-    from transformer_blocks import Bert, Llama
+    from fxprune.blocks import Bert, Llama
 
     torch.manual_seed(0)
     for model in (Bert().eval(), Llama().eval()):

@@ -20,7 +20,7 @@ import fxprune
 from fxprune.errors import DegenerateReferenceError, VerificationError
 from fxprune.masked import MaskedCall, compact, compact_apply, scatter
 from fxprune.verify import _Masked, as_float64, consumer_masks, masked_reference
-from oracle import perturbed, prune_and_verify
+from tests.helpers.oracle import perturbed, prune_and_verify
 
 
 class Mixer(nn.Module):
@@ -123,7 +123,7 @@ def test_half_precision_models_verify_and_stay_sensitive(dtype):
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                         nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
-    from healthy import make_healthy
+    from tests.helpers.healthy import make_healthy
 
     make_healthy(net, (1, 3, 8, 8))
     net = net.to(dtype)
@@ -227,7 +227,7 @@ def test_an_op_without_masked_semantics_is_named_never_silently_passed():
 
 
 def test_a_staged_result_checks_the_module_the_user_holds():
-    from transformer_blocks import Bert
+    from fxprune.blocks import Bert
 
     torch.manual_seed(0)
     model, x = Bert().eval(), torch.randint(0, 50, (2, 8))

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import fxprune
-from oracle import prune_and_verify
+from tests.helpers.oracle import prune_and_verify
 
 STYLES = ["parametrization", "hook"]
 

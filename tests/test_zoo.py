@@ -13,7 +13,7 @@ import pytest
 import torch
 import torchvision
 
-from oracle import prune_and_verify
+from tests.helpers.oracle import prune_and_verify
 
 ALL = torchvision.models.list_models(module=torchvision.models)
 TRANSFORMERS = [m for m in ALL if m.startswith(("vit_", "swin", "maxvit"))]
@@ -80,7 +80,7 @@ def test_detection_backbone_prunes_and_goes_back_into_the_detector(name):
     backbone (with FPN: a dict of feature maps, whose channels stay) prunes, and the
     detector runs with the pruned one in its place."""
     import fxprune
-    from healthy import make_healthy
+    from tests.helpers.healthy import make_healthy
 
     torch.manual_seed(0)
     det = torchvision.models.get_model(name, weights=None, weights_backbone=None).eval()

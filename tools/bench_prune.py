@@ -197,12 +197,9 @@ def run_isolated(fn, *args, mem_gib=8.0, timeout=600.0):
 def bench_llama_meta(layers=32, dim=4096, heads=32, kv_heads=8, ffn=11008, vocab=32000, seq=16):
     """Channel analysis of a LLaMA-shaped decoder whose weights live on the meta device
     (nothing allocated): seconds and peak resident memory growth of fxprune.analyze."""
-    import os
     import resource
-    import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from transformer_blocks import LlamaBlock, RMSNorm  # the reference block of the tests
+    from fxprune.blocks import LlamaBlock, RMSNorm  # the reference LLaMA-shaped block
 
     class Decoder(nn.Module):
         def __init__(self):

@@ -1,4 +1,6 @@
-"""Self-written reference transformer blocks for tests (nothing downloaded)."""
+"""Small reference transformer blocks built from code (BERT-, GPT-2- and LLaMA-shaped:
+post-norm MHA, fused-qkv causal attention, RMSNorm + rotary + grouped-query attention
++ SwiGLU), for tests, benchmarks and examples; nothing is downloaded."""
 
 from __future__ import annotations
 

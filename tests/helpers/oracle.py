@@ -15,7 +15,7 @@ import torch.utils._pytree as pytree
 
 import fxprune
 from fxprune.errors import VerificationError
-from healthy import make_healthy
+from .healthy import make_healthy
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
