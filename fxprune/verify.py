@@ -109,7 +109,14 @@ def as_float64(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     constants promoted, and so are the float dtypes the graph names (``x.to(torch.bfloat16)``,
     ``x.half()``, ``dtype=torch.float32``), so a mixed-precision graph keeps its structure
     and loses only its rounding. ``gm`` is not modified."""
-    out = copy.deepcopy(gm)
+    # the copy is made with float64 tensors in place of the floating parameters and buffers
+    # (deepcopy's memo), never holding a second full-precision copy of a large model
+    memo: dict[int, Any] = {}
+    for t in (*gm.parameters(), *gm.buffers()):
+        if t.is_floating_point() and t.dtype != torch.float64 and id(t) not in memo:
+            wide = t.detach().to(torch.float64)
+            memo[id(t)] = torch.nn.Parameter(wide, t.requires_grad) if isinstance(t, torch.nn.Parameter) else wide
+    out = copy.deepcopy(gm, memo)
     out.to(torch.float64)
     for node in out.graph.nodes:
         node.args = map_aggregate(node.args, _promote_value)
@@ -593,13 +600,14 @@ def _rewrite(groups, kept: torch.Tensor) -> torch.fx.GraphModule:
 def _run_both(groups, kept: torch.Tensor, pruned_gm: torch.fx.GraphModule, precision: _Precision):
     """(pruned outputs, masked reference outputs, unpruned outputs), all flat, in the
     precision chosen."""
-    gm = precision.prepare(groups.gm)
-    pruned = precision.prepare(pruned_gm)
     args = precision.args()
     with torch.no_grad(), precision.context():
+        pruned = precision.prepare(pruned_gm)
+        got = _flat(pruned(*args))
+        del pruned  # one float64 copy at a time: a large model's copies are several GB
+        gm = precision.prepare(groups.gm)
         reference = _flat(masked_reference(groups, kept, args, gm))
         unpruned = _flat(gm(*args))
-        got = _flat(pruned(*args))
     return got, reference, unpruned
 
 

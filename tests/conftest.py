@@ -1,3 +1,4 @@
+import gc
 import os
 
 import pytest
@@ -18,3 +19,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+_LARGE_MODELS = ("test_zoo", "test_timm", "test_hf", "test_untouched")
+
+
+@pytest.fixture(autouse=True)
+def _collect_large_models(request):
+    """After a test that builds large models, collect garbage: torch.fx graphs are cyclic,
+    so a pruned GraphModule (and its weights) is freed only by the cycle collector, and
+    a run of several-GB models would otherwise pile up until it happens to run."""
+    yield
+    if request.module.__name__.rsplit(".", 1)[-1] in _LARGE_MODELS:
+        gc.collect()
