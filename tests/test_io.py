@@ -175,7 +175,7 @@ def test_ties_constants_wrapped_functions(tmp_path):
     assert model.training  # saved in train mode, comes back in train mode
     assert outputs_equal(model, gm, torch.randn(4, 6))
     source = (tmp_path / "tied" / "module.py").read_text()
-    assert "import test_io" in source and "scaled = test_io.scaled" in source
+    assert f"import {__name__}" in source and f"scaled = {__name__}.scaled" in source  # tests.test_io
     assert "inf = float('inf')" in source
 
 
