@@ -329,12 +329,7 @@ class _KeptOf:
             return None
         if node.name not in self._cache:
             labels = self.groups.node_labels.get(node.name)
-            answer = None
-            if isinstance(labels, torch.Tensor) and channel_dim(labels) is not None:
-                mask = self.kept[self.groups.class_of[labels.reshape(-1)]]
-                if not bool(mask.all()):
-                    answer = (channel_dim(labels), mask.nonzero().reshape(-1))
-            self._cache[node.name] = answer
+            self._cache[node.name] = self.of_labels(labels) if isinstance(labels, torch.Tensor) else None
         return self._cache[node.name]
 
 
