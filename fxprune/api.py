@@ -41,6 +41,27 @@ class PruneResult:
     stages: tuple["PruneResult", ...] = ()  # policy="both": heads, then head_dim
 
     @property
+    def notes(self) -> tuple[str, ...]:
+        """What capture changed about the model's outputs, and why (a Hugging Face model
+        with ``use_cache=True`` is captured without its cache); empty when nothing."""
+        from .hf import NOTES_KEY
+
+        for r in (self, *self.stages):
+            if r.module.meta.get(NOTES_KEY):
+                return tuple(r.module.meta[NOTES_KEY])
+        return ()
+
+    def apply(self, model: nn.Module, example_inputs: Any = None, *, check: bool = True,
+              strict_config: bool = False) -> nn.Module:
+        """A pruned deep copy of ``model`` (the module this result was pruned from): its own
+        classes, holding the kept slices of its tensors, with the attributes that describe
+        sizes updated (``fxprune.apply``; see :mod:`fxprune.writeback`). ``model`` is
+        never modified."""
+        from .writeback import apply
+
+        return apply(model, self, example_inputs, check=check, strict_config=strict_config)
+
+    @property
     def budget(self) -> Any:
         """Where a ``target_macs``/``target_params`` search landed (None without a target)."""
         return getattr(self.plan, "budget", None)
@@ -84,7 +105,7 @@ def _names(model: nn.Module, items: Iterable, option: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _scoring_pass(importance: Any, data: Any = None, loss_fn: Any = None) -> Pass:
+def _scoring_pass(importance: Any, data: Any = None, loss_fn: Any = None, data_used: bool = False) -> Pass:
     """``importance`` as a scoring pass: 'l1', 'l2', a registered scoring pass name without
     its ``score-`` prefix ('bn-scale', 'taylor', ...), or a pass object. Data-driven passes
     (those with ``data``/``loss_fn`` options) receive ``data`` and ``loss_fn``."""
@@ -102,6 +123,8 @@ def _scoring_pass(importance: Any, data: Any = None, loss_fn: Any = None) -> Pas
                           f"or a scoring pass object")
     fields = {f.name for f in dataclasses.fields(chosen)}
     extra = {k: v for k, v in (("data", data), ("loss_fn", loss_fn)) if v is not None}
+    if data_used and "data" not in fields:  # another pass (compensation) takes it
+        extra.pop("data", None)
     unused = sorted(set(extra) - fields)
     if unused:
         raise ConfigError(f"importance {chosen.name!r} does not use {' or '.join(unused)}; "
@@ -119,7 +142,7 @@ def _pipeline_with_data(body: Pipeline, data: Any, loss_fn: Any) -> Pipeline:
     unused = sorted(k for k in extra if not any(k in t for t in takes))
     if unused:
         raise ConfigError(f"pipeline {body} has no pass that uses {' or '.join(unused)}; add a "
-                          f"data-driven scoring pass (score-taylor, score-hessian) or drop the argument")
+                          f"data-driven scoring pass (score-taylor, score-wanda, ...) or drop the argument")
     return Pipeline(tuple(dataclasses.replace(p, **{k: v for k, v in extra.items() if k in t})
                           for p, t in zip(body.passes, takes)))
 
@@ -162,6 +185,7 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
           leaf_modules: Iterable = (), concrete_args: Mapping | None = None, frontend: str = "auto",
           gqa: str = "kv_groups",
           data: Any = None, loss_fn: Any = None, report: bool = True,
+          adaptive: bool = False, cost: str = "params", compensate: str | None = None,
           progress: bool | None = False) -> PruneResult:
     """Prune ``model`` structurally and return a new, smaller GraphModule.
 
@@ -199,6 +223,11 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
         ('q_heads', every kv head stays).
     frontend : 'auto' (symbolic tracing, falling back to non-strict ``torch.export`` when
         tracing fails), 'fx' or 'export'. ``result.frontend`` says which one captured.
+    adaptive : per-group ratios from the scores (FLAP's allocation): scores standardized
+        within each group, ranked together, channels removed until ``ratio`` of the
+        ``cost`` ('params', 'macs', 'channels') is gone; composes with the targets.
+    compensate : 'bias' folds each removed channel's calibration mean (from ``data``)
+        into the biases of its linear/conv consumers (``fxprune.compensate``).
     progress : a progress bar over the passes on stderr (None: only on a terminal).
 
     Examples
@@ -221,7 +250,8 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
                            round_to=round_to, importance=importance, leaf_modules=leaf_modules,
                            concrete_args=concrete_args, frontend=frontend, data=data, loss_fn=loss_fn,
                            gqa=gqa, progress=progress,
-                           report=report, unsupported=dict(global_ranking=global_ranking,
+                           report=report, unsupported=dict(global_ranking=global_ranking, adaptive=adaptive,
+                                                           compensate=compensate,
                                                            isomorphic=isomorphic, target_macs=target_macs,
                                                            target_params=target_params, pipeline=pipeline))
     exact_heads = policy == "heads"
@@ -239,11 +269,16 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
     ignored = _names(model, ignore, "ignore")
     if pipeline is None:
         options = dict(ratios=ratio_items, ignore=ignored, round_to=round_to,
-                       global_ranking=global_ranking, max_ratio=max_ratio, isomorphic=isomorphic)
+                       global_ranking=global_ranking, max_ratio=max_ratio, isomorphic=isomorphic,
+                       adaptive=adaptive, cost=cost)
         select = (SelectBudget(target_macs=target_macs, target_params=target_params, **options) if budget
                   else Select(ratio=ratio, exact_heads=exact_heads, **options))
-        body = Pipeline((ChannelDeps(policy=policy, gqa=gqa), _scoring_pass(importance, data, loss_fn), select,
-                         Rewrite()))
+        scoring = _scoring_pass(importance, data, loss_fn, data_used=compensate not in (None, "none"))
+        if compensate not in (None, "none") and data is None:
+            raise ConfigError(f"compensate={compensate!r} needs calibration data: pass data= (batches the "
+                              f"model takes, as for the data-driven criteria)")
+        rewrite = Rewrite(compensate=compensate, data=data if compensate not in (None, "none") else None)
+        body = Pipeline((ChannelDeps(policy=policy, gqa=gqa), scoring, select, rewrite))
     else:
         body = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
         body = _pipeline_with_data(body, data, loss_fn)

@@ -180,7 +180,8 @@ def select_for_budget(groups: ChannelGroups, scores, example_inputs: tuple, *,
                     if t is not None)
     steps = ratio_steps(groups, ignore=select_options.get("ignore", ()),
                         ratios=select_options.get("ratios", ()),
-                        global_ranking=select_options.get("global_ranking", False),
+                        global_ranking=select_options.get("global_ranking", False)
+                        or select_options.get("adaptive", False),
                         isomorphic=select_options.get("isomorphic", False))
     cache: dict[int, tuple[Any, ModelStats]] = {}
     by_plan: dict[bytes, ModelStats] = {}

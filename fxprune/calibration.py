@@ -105,11 +105,11 @@ def check_data(data: Any, criterion: str) -> None:
                           f"got {type(data).__name__}; wrap a single batch as data=[x] or [(x, y)]")
 
 
-def _to(x: Any, device: torch.device) -> Any:
+def to_device(x: Any, device: torch.device) -> Any:
     if isinstance(x, torch.Tensor):
         return x.to(device)
     if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
+        return type(x)(to_device(v, device) for v in x)
     return x
 
 
@@ -141,7 +141,7 @@ def calibrate(groups: ChannelGroups, data: Iterable, loss_fn: Callable | None, p
     device = tensors[0].device if tensors else torch.device("cpu")
     buffers = {n: b.clone() for n, b in gm.named_buffers()}
     modes = [(m, m.training) for m in gm.modules()]
-    total = _length(data)
+    total = data_length(data)
     if max_batches is not None:
         data, total = islice(data, max_batches), (max_batches if total is None else min(total, max_batches))
     bar = tqdm(data, desc=f"{criterion} calibration", unit="batch", total=total, leave=False,
@@ -150,7 +150,7 @@ def calibrate(groups: ChannelGroups, data: Iterable, loss_fn: Callable | None, p
     try:
         gm.eval()
         for batch in bar:
-            inputs, target = split_batch(_to(batch, device))
+            inputs, target = split_batch(to_device(batch, device))
             with torch.enable_grad():
                 out = torch.func.functional_call(gm, {**buffers, **leaves}, graph_inputs(gm, inputs),
                                                  strict=False)
@@ -172,7 +172,7 @@ def calibrate(groups: ChannelGroups, data: Iterable, loss_fn: Callable | None, p
     return n
 
 
-def _length(data: Any) -> int | None:
+def data_length(data: Any) -> int | None:
     try:
         return len(data)
     except TypeError:  # a generator, an iterable-style DataLoader

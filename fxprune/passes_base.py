@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .channels import ChannelGroups
     from .plan import PrunePlan
     from .scoring import ChannelScores
+    from .statistics import ActivationStats
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class PruneState:
     groups: ChannelGroups | None = None
     scores: ChannelScores | None = None
     plan: PrunePlan | None = None
+    stats: ActivationStats | None = None  # calibration statistics, shared by the passes that use them
     module: torch.fx.GraphModule | None = None
     frontend: str = "fx"
     timings: tuple[tuple[str, float], ...] = ()

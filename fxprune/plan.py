@@ -7,6 +7,11 @@ Three rankings decide which channels of the prunable groups are removed:
 - *global* (``global_ranking=True``): all removable channels are ranked
   together and the ``ratio`` lowest-scoring go, no group losing more than
   ``max_ratio`` of its channels;
+- *adaptive* (``adaptive=True``, as FLAP): scores are standardized within each group
+  and all removable channels ranked together; channels go, lowest first, until what
+  they cost (parameters or MACs, :func:`class_costs`) reaches ``ratio`` of the
+  candidates' total, so each group gets its own ratio and a channel that saves more
+  counts for more; no group loses more than ``max_ratio`` of its channels;
 - *isomorphic* (``isomorphic=True``, Fang et al., "Isomorphic Pruning for
   Vision Models"): global ranking inside each set of structurally identical
   groups (see :func:`group_signature`), so that scores are only compared
@@ -36,12 +41,15 @@ class PrunePlan:
     """Which channel classes are kept (``kept[c]``), with a per-group count of removals.
 
     ``budget`` holds the :class:`fxprune.budget.BudgetResult` when the plan was
-    searched for a MACs/parameter budget.
+    searched for a MACs/parameter budget; ``compensation`` the
+    :class:`fxprune.compensate.Compensation` the rewrite folded into biases (the value
+    each removed channel takes at its compensated consumers, which the oracle uses).
     """
 
     kept: torch.Tensor
     removed_per_group: tuple[tuple[int, int], ...] = ()
     budget: Any = None
+    compensation: Any = None
 
     @property
     def n_removed(self) -> int:
@@ -229,6 +237,70 @@ def _global(pool, values, kept, ratio, round_to):
         _restore_best(kept, values, cand, n_removed - _round_kept(g.size, n_removed, round_to))
 
 
+COSTS = ("params", "macs", "channels")
+
+
+def class_costs(groups: ChannelGroups, cost: str = "params") -> torch.Tensor:
+    """What removing each channel class saves (float64 per class): the parameters of the
+    slices it holds (``params``), those times how often each weight is applied per call
+    (``macs``, from the captured shapes), or 1 (``channels``)."""
+    if cost not in COSTS:
+        raise ConfigError(f"unknown cost {cost!r}; use one of {', '.join(COSTS)}")
+    out = torch.zeros(groups.n_classes, dtype=torch.float64)
+    if cost == "channels":
+        return out + 1
+    nodes = {n.name: n for n in groups.gm.graph.nodes}
+    for a in groups.alignments:
+        if a.dim is None or a.role == "stat":
+            continue
+        t = get_tensor(groups.gm, a.path)
+        each = t.numel() / max(t.shape[a.dim], 1)
+        if cost == "macs" and t.ndim >= 2:
+            val = getattr(nodes.get(a.node), "meta", {}).get("val") if a.node in nodes else None
+            if isinstance(val, torch.Tensor) and t.shape[0]:
+                each *= max(val.numel() // t.shape[0], 1)  # applications of the weight per call
+        cls = groups.class_of[a.labels.reshape(-1)]
+        out.index_add_(0, cls, torch.full((cls.numel(),), float(each), dtype=torch.float64))
+    return out
+
+
+def standardized(groups: ChannelGroups, values: torch.Tensor, cands: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``values`` standardized (zero mean, unit deviation) over each group's candidates;
+    infinite values (unscored channels) stay infinite."""
+    out = values.clone()
+    for cand in cands.values():
+        v = values[cand]
+        ok = torch.isfinite(v)
+        if int(ok.sum()) < 2:
+            out[cand[ok]] = 0.0
+            continue
+        w = v[ok]
+        out[cand[ok]] = (w - w.mean()) / w.std(unbiased=False).clamp_min(1e-30)
+    return out
+
+
+def _adaptive(pool, values, kept, ratio, round_to, costs):
+    """Rank the channels of ``pool`` together by ``values``; remove until the removed cost
+    reaches ``ratio`` of the pool's."""
+    everything = torch.cat([c for _, c, _ in pool])
+    owner = torch.cat([torch.full_like(c, k) for k, (_, c, _) in enumerate(pool)])
+    cost = costs[everything]
+    target = ratio * float(cost.sum())
+    budget = [cap for _, _, cap in pool]
+    removed = 0.0
+    for i in torch.argsort(values[everything], stable=True).tolist():
+        if removed >= target - 1e-9 * max(target, 1.0):
+            break
+        k = int(owner[i])
+        if budget[k] > 0 and math.isfinite(float(values[everything[i]])):
+            budget[k] -= 1
+            kept[everything[i]] = False
+            removed += float(cost[i])
+    for g, cand, _ in pool:
+        n_removed = int((~kept[cand]).sum())
+        _restore_best(kept, values, cand, n_removed - _round_kept(g.size, n_removed, round_to))
+
+
 def _restore_best(kept, values, cand, n):
     """Keep again the ``n`` best-scoring removed candidates."""
     removed = cand[~kept[cand]]
@@ -297,7 +369,7 @@ def select_channels(groups: ChannelGroups, scores, *, ratio: float = 0.5,
                     ratios: tuple[tuple[str, float], ...] = (), ignore: tuple[str, ...] = (),
                     round_to: int = 1, global_ranking: bool = False,
                     max_ratio: float = 1.0, isomorphic: bool = False,
-                    exact_heads: bool = False) -> PrunePlan:
+                    exact_heads: bool = False, adaptive: bool = False, cost: str = "params") -> PrunePlan:
     """Choose the channels to remove. ``scores.values`` holds one score per class.
 
     Parameters
@@ -310,6 +382,8 @@ def select_channels(groups: ChannelGroups, scores, *, ratio: float = 0.5,
     global_ranking : rank every group's channels together.
     max_ratio : global/isomorphic ranking removes at most this fraction of a group.
     isomorphic : rank together only groups with equal :func:`group_signature`.
+    adaptive : standardize scores within groups, rank them together and remove until
+        ``ratio`` of the candidates' ``cost`` ('params', 'macs' or 'channels') is removed.
     exact_heads : the user asked for whole heads: a model without head structure, or a
         ratio that is not a whole number of some layer's heads, is an error that names
         the layer and the nearest ratios that are.
@@ -336,7 +410,10 @@ def select_channels(groups: ChannelGroups, scores, *, ratio: float = 0.5,
     kept = torch.ones(groups.n_classes, dtype=torch.bool)
     pooled = []
     cands = candidates(groups, ignore)
-    pooling = {gid for gid in cands if (global_ranking or isomorphic) and gid not in own}
+    if adaptive and isomorphic:
+        raise ConfigError("adaptive and isomorphic ranking exclude each other: adaptive ranks every "
+                          "group together, isomorphic only structurally identical ones; choose one")
+    pooling = {gid for gid in cands if (global_ranking or isomorphic or adaptive) and gid not in own}
     parts = segment_parts(groups, {gid: c for gid, c in cands.items() if gid not in pooling})
     for gid, cand in cands.items():
         g = groups.groups[gid]
@@ -358,9 +435,13 @@ def select_channels(groups: ChannelGroups, scores, *, ratio: float = 0.5,
             _remove_lowest(kept, values, cand, n_remove)
     if pooled:
         by_id = {item[0].id: item for item in pooled}
-        sets = isomorphic_sets(groups, list(by_id)) if isomorphic else [list(by_id)]
-        for members in sets:
-            _global([by_id[gid] for gid in members], values, kept, ratio, round_to)
+        if adaptive:
+            z = standardized(groups, values, {gid: cands[gid] for gid in by_id})
+            _adaptive(list(by_id.values()), z, kept, ratio, round_to, class_costs(groups, cost))
+        else:
+            sets = isomorphic_sets(groups, list(by_id)) if isomorphic else [list(by_id)]
+            for members in sets:
+                _global([by_id[gid] for gid in members], values, kept, ratio, round_to)
     _keep_every_tensor_nonempty(groups, values, kept)
     _keep_wider(groups, values, kept)
     gone = groups.group_of_class[~kept]

@@ -174,9 +174,11 @@ class _Masked(torch.fx.Interpreter):
 
     def __init__(self, gm, masks: dict[str, dict[int | str, torch.Tensor]],
                  modules: dict[str, torch.nn.Module] | None = None, tensors: dict[str, torch.Tensor] | None = None,
-                 mixing: dict[str, Any] | None = None, kept_of: Any = None):
+                 mixing: dict[str, Any] | None = None, kept_of: Any = None,
+                 fills: dict[str, dict[int | str, torch.Tensor]] | None = None):
         super().__init__(gm)
         self.masks = masks
+        self.fills = fills or {}
         self.modules = modules or {}
         self.tensors = tensors or {}
         self.mixing = mixing or {}
@@ -198,16 +200,22 @@ class _Masked(torch.fx.Interpreter):
 
     def _masked_args(self, n: torch.fx.Node, args: tuple, kwargs: dict) -> tuple[list, dict]:
         args = list(args)
+        fills = self.fills.get(n.name, {})
+
+        def masked(x, pos, mask):  # removed channels: zero, or the value compensation gave them
+            out = x * mask.to(x.dtype)
+            return out + fills[pos].to(x.dtype) if pos in fills else out
+
         for pos, mask in self.masks.get(n.name, {}).items():
             key = _arg_key(pos, len(args))
             if isinstance(key, tuple):
                 entries = list(args[key[0]])
-                entries[key[1]] = entries[key[1]] * mask.to(entries[key[1]].dtype)
+                entries[key[1]] = masked(entries[key[1]], pos, mask)
                 args[key[0]] = entries
             elif isinstance(key, int):
-                args[key] = args[key] * mask.to(args[key].dtype)
+                args[key] = masked(args[key], pos, mask)
             else:
-                kwargs = {**kwargs, key: kwargs[key] * mask.to(kwargs[key].dtype)}
+                kwargs = {**kwargs, key: masked(kwargs[key], pos, mask)}
         return args, kwargs
 
     def run_node(self, n: torch.fx.Node) -> Any:
@@ -400,14 +408,17 @@ def _mixing_semantics(groups) -> dict[str, Any]:
     return {k: v for k, v in found.items() if k not in blocked}
 
 
-def masked_reference(groups, kept: torch.Tensor, inputs: tuple, gm: torch.fx.GraphModule | None = None) -> Any:
+def masked_reference(groups, kept: torch.Tensor, inputs: tuple, gm: torch.fx.GraphModule | None = None,
+                     fills: dict | None = None) -> Any:
     """Outputs of the original graph (or of ``gm``, a float64 copy of it) with the channels
-    ``kept`` marks False absent: zeroed at their linear consumers, left out of every
+    ``kept`` marks False absent: zeroed at their linear consumers (or, at the consumers
+    ``fills`` names, set to the value bias compensation gave them), left out of every
     mixing op."""
     gm = groups.gm if gm is None else gm
     with torch.no_grad():
         return _Masked(gm, consumer_masks(groups, kept), *masked_weights(groups, kept, gm),
-                       mixing=_mixing_semantics(groups), kept_of=_KeptOf(groups, kept)).run(*inputs)
+                       mixing=_mixing_semantics(groups), kept_of=_KeptOf(groups, kept),
+                       fills=fills).run(*inputs)
 
 
 def unchecked_groups(groups, kept: torch.Tensor) -> dict[int, str]:
@@ -548,8 +559,10 @@ def verify(model: torch.nn.Module, result, example_inputs: Any, *, rtol: float |
     wide = _float_dtypes(groups.gm, result.module, inputs=inputs) <= {torch.float32, torch.float64}
     precision = _Precision(inputs, native_ok=wide)
     pruned_gm = result.module if not blocked else _rewrite(groups, check_kept)
+    comp = getattr(plan, "compensation", None)
+    fills = comp.fills if comp is not None and not blocked else None
     try:
-        got, reference, unpruned = _run_both(groups, check_kept, pruned_gm, precision)
+        got, reference, unpruned = _run_both(groups, check_kept, pruned_gm, precision, fills)
     except VerificationError:
         raise
     except Exception as exc:
@@ -559,7 +572,7 @@ def verify(model: torch.nn.Module, result, example_inputs: Any, *, rtol: float |
                 f"cannot check a {sorted(str(d) for d in _float_dtypes(groups.gm))} model in its own "
                 f"precision. Verify a float32 copy of the model and of the result instead") from exc
         precision.name = "native"
-        got, reference, unpruned = _run_both(groups, check_kept, pruned_gm, precision)
+        got, reference, unpruned = _run_both(groups, check_kept, pruned_gm, precision, fills)
     tol = rtol if rtol is not None else (DEFAULT_RTOL if precision.name == "float64" else 1e-4)
     ref_scale = _scale(reference, min_scale)
     err = _compare(got, reference, "pruned vs oracle") / ref_scale
@@ -592,7 +605,8 @@ def _rewrite(groups, kept: torch.Tensor) -> torch.fx.GraphModule:
     return rewrite_graph(groups, kept)
 
 
-def _run_both(groups, kept: torch.Tensor, pruned_gm: torch.fx.GraphModule, precision: _Precision):
+def _run_both(groups, kept: torch.Tensor, pruned_gm: torch.fx.GraphModule, precision: _Precision,
+              fills: dict | None = None):
     """(pruned outputs, masked reference outputs, unpruned outputs), all flat, in the
     precision chosen."""
     args = precision.args()
@@ -601,7 +615,7 @@ def _run_both(groups, kept: torch.Tensor, pruned_gm: torch.fx.GraphModule, preci
         got = _flat(pruned(*args))
         del pruned  # one float64 copy at a time: a large model's copies are several GB
         gm = precision.prepare(groups.gm)
-        reference = _flat(masked_reference(groups, kept, args, gm))
+        reference = _flat(masked_reference(groups, kept, args, gm, fills))
         unpruned = _flat(gm(*args))
     return got, reference, unpruned
 

@@ -23,6 +23,8 @@ class Select(AnalysisPass):
     global_ranking: bool = False
     max_ratio: float = 1.0
     isomorphic: bool = False
+    adaptive: bool = False
+    cost: str = "params"
     exact_heads: bool = False
 
     def options(self) -> dict:
@@ -30,7 +32,8 @@ class Select(AnalysisPass):
         return dict(ratio=self.ratio, ratios=ratio_pairs(self.ratios), ignore=tuple(self.ignore),
                     round_to=self.round_to,
                     global_ranking=self.global_ranking, max_ratio=self.max_ratio,
-                    isomorphic=self.isomorphic, exact_heads=self.exact_heads)
+                    isomorphic=self.isomorphic, exact_heads=self.exact_heads, adaptive=self.adaptive,
+                    cost=self.cost)
 
     def run(self, state: PruneState) -> PruneState:
         return state.replace(plan=select_channels(state.groups, state.scores, **self.options()))

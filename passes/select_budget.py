@@ -27,6 +27,8 @@ class SelectBudget(AnalysisPass):
     global_ranking: bool = False
     max_ratio: float = 1.0
     isomorphic: bool = False
+    adaptive: bool = False
+    cost: str = "params"
 
     def run(self, state: PruneState) -> PruneState:
         plan = select_for_budget(state.groups, state.scores, state.example_inputs,
@@ -34,5 +36,5 @@ class SelectBudget(AnalysisPass):
                                  ratios=ratio_pairs(self.ratios), ignore=tuple(self.ignore),
                                  round_to=self.round_to,
                                  global_ranking=self.global_ranking, max_ratio=self.max_ratio,
-                                 isomorphic=self.isomorphic)
+                                 isomorphic=self.isomorphic, adaptive=self.adaptive, cost=self.cost)
         return state.replace(plan=plan)
