@@ -174,6 +174,24 @@ def build_parser() -> argparse.ArgumentParser:
                          "Graphviz's dot program)")
     analyze.set_defaults(func=_cmd_analyze)
 
+    simplify = sub.add_parser(
+        "simplify", help="remove dead channels losslessly and save the smaller model",
+        description="Remove the channels that provably carry only a constant (all-zero weight rows, "
+                    "zero norm scales, as sparse training leaves them), fold the constant into the "
+                    "consumers' biases, check that the outputs are unchanged, print the before/after "
+                    "table and, with --out, write the smaller model.",
+        epilog="examples:\n  fxprune simplify torchvision:resnet18 --calibrate-bn 2\n"
+               "  fxprune simplify mypkg.models:slimmed_net --threshold 1e-6 --out small/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(simplify)
+    _add_frontend_arg(simplify)
+    simplify.add_argument("--threshold", type=float, default=0.0, metavar="T",
+                          help="weights at most T times the largest of their tensor count as zero "
+                               "(default: 0, exact; a positive T is no longer lossless and the check "
+                               "is then the oracle's only)")
+    simplify.add_argument("--out", metavar="DIR", help="folder to write the smaller model to")
+    simplify.set_defaults(func=_cmd_simplify)
+
     models = sub.add_parser("models", help="list the built-in models",
                             description="List the built-in models and their sizes.")
     models.set_defaults(func=_cmd_models)
@@ -245,6 +263,28 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     path = save(result, args.out, example_inputs=x)
     print(f"saved: {path}/ (load with fxprune.load({str(path)!r}) or plain PyTorch, "
           f"see {path / 'module.py'})")
+    return 0
+
+
+def _cmd_simplify(args: argparse.Namespace) -> int:
+    from fxprune.io import check_save_target, save
+
+    if args.out:
+        check_save_target(args.out)
+    model, x = _model_and_input(args)
+    import fxprune
+
+    result = fxprune.eliminate_dead_channels(model, x, threshold=args.threshold, frontend=args.frontend)
+    if result.plan.n_removed == 0:
+        print("no dead channels: every channel carries something that depends on the input")
+        return 0
+    print(f"removed {result.plan.n_removed} dead channels in {len(result.plan.removed_per_group)} groups; "
+          f"outputs checked against the model and the oracle")
+    print()
+    print(result.report)
+    if args.out:
+        path = save(result, args.out, example_inputs=x)
+        print(f"\nsaved: {path}/")
     return 0
 
 

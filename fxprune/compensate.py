@@ -29,7 +29,7 @@ from .errors import ConfigError
 from .rules.context import get_tensor
 from .statistics import ActivationStats, consumer_sites
 
-__all__ = ["COMPENSATIONS", "Compensation", "compensation_fills", "apply_compensation"]
+__all__ = ["COMPENSATIONS", "Compensation", "compensation_fills", "apply_compensation", "why_not_affine"]
 
 COMPENSATIONS = (None, "none", "bias")
 
@@ -55,7 +55,7 @@ def _weight_path(groups: ChannelGroups, node: str) -> str | None:
     return None
 
 
-def _why_not_affine(node: torch.fx.Node, root: nn.Module) -> str | None:
+def why_not_affine(node: torch.fx.Node, root: nn.Module) -> str | None:
     """None when ``node`` is ``W x + b`` with a constant input channel contributing the
     same at every output position; else the reason it is not."""
     if node.op == "call_module":
@@ -101,7 +101,7 @@ def compensation_fills(groups: ChannelGroups, kept: torch.Tensor, stats: Activat
         node = nodes[name]
         if _weight_path(groups, name) is None:  # a sum over channels, an attention product
             continue
-        why = _why_not_affine(node, groups.gm)
+        why = why_not_affine(node, groups.gm)
         if why is not None:
             skipped.append(f"{name}: {why}")
             continue

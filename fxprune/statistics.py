@@ -109,9 +109,10 @@ class ChannelStats:
         self.mean = self.mean + delta * (n / total)
         self.m2 = self.m2 + m2_b + delta.pow(2) * (self.count * n / total)
         self.count = total
-        self.abs_sum += rows.abs().sum(0)
+        absolute = rows.abs()
+        self.abs_sum += absolute.sum(0)
         if dim != 0 and x.ndim > 1:  # dim 0 is the batch: one sample at a time
-            per_sample = rows.abs().reshape(x.shape[0], -1, c).mean(1)
+            per_sample = absolute.reshape(x.shape[0], -1, c).mean(1)
             self.sample_abs_sq += per_sample.pow(2).sum(0)
             self.samples += x.shape[0]
         if self.gram is not None:
@@ -160,8 +161,8 @@ def _site_of(groups: ChannelGroups, node: torch.fx.Node, entry: int | None) -> S
     if not isinstance(labels, torch.Tensor):
         return None
     dim = channel_dim(labels)
-    if dim is None:
-        return None
+    if dim is None or bool(groups.class_pinned[groups.class_of[labels.reshape(-1)]].all()):
+        return None  # no channel there can be removed: nothing to score or compensate
     return Site(node.name, entry, labels, dim)
 
 

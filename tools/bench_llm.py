@@ -174,7 +174,7 @@ def main(argv=None) -> None:
     ignore = tuple(non_ffn_names(model))
     ratios = [float(r) for r in args.ratios.split(",")]
     rows = []
-    head = f"{'criterion':<11} {'alloc':<9} {'comp':<5} " + " ".join(f"{f'{r:.0%}':>9}" for r in ratios)
+    head = f"{'criterion':<11} {'alloc':<9} {'comp':<5} " + " ".join(f"{f'{r:.0%}':>15}" for r in ratios)
     print("FFN channels removed (perplexity; x dense)")
     print(head + "\n" + "-" * len(head))
     best = (math.inf, None)
@@ -191,14 +191,14 @@ def main(argv=None) -> None:
                     ppl = perplexity(module, evals)
                     if abs(r - 0.2) < 1e-9 and ppl < best[0]:
                         best = (ppl, dict(importance=criterion, adaptive=adaptive, compensate=comp))
-                    cells.append(f"{ppl:>7.1f}{'' if ppl > 999 else f' {ppl / dense:.2f}x'}"[:9].rjust(9)
-                                 if ppl < 1e5 else f"{ppl:>9.3g}")
-                row = f"{criterion:<11} {'adaptive' if adaptive else 'uniform':<9} {comp or '-':<5} " + " ".join(cells)
+                    cells.append(f"{ppl:.1f} ({ppl / dense:.2f}x)" if ppl < 1e4 else f"{ppl:.3g}")
+                row = (f"{criterion:<11} {'adaptive' if adaptive else 'uniform':<9} {comp or '-':<5} "
+                       + " ".join(f"{c:>15}" for c in cells))
                 rows.append(row)
                 print(row, flush=True)
     if args.torch_pruning:
         cells = [torch_pruning_row(model, example, r, calib, evals, ignore) for r in ratios]
-        print(f"{'tp-taylor':<11} {'uniform':<9} {'-':<5} " + " ".join(f"{c:>9}" for c in cells))
+        print(f"{'tp-taylor':<11} {'uniform':<9} {'-':<5} " + " ".join(f"{c:>15}" for c in cells))
     if args.heads:
         t = time.time()
         hg = fxprune.analyze(model, example, policy="heads")
