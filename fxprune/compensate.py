@@ -8,16 +8,26 @@ m_P)``: the consumer keeps its kept columns and gets the bias ``b + W_P m_P``, a
 bias where it had none (it shows in the generated code as the layer's bias or a
 ``get_attr`` argument).
 
+``compensate="lsq"`` refits instead the kept columns and the bias of each linear
+consumer to the original output by ridge least squares on the calibration Gram
+matrix of its input, ``A = (M G[:, S] + l s A0)(G[S, S] + l s I)^-1`` (``M = [W, b]``,
+``S`` the kept columns and the constant, ``A0`` the bias-compensated layer, ``s`` the
+Gram's mean diagonal): ``l`` is chosen on a held-out half of the calibration
+batches from a grid that ends in ``l = inf``, which is bias compensation, so the
+refit is never worse on held-out data than the mean; a naive refit overfits.
+
 The oracle stays exact: the plan records, per compensated consumer input, the value
 each removed channel takes there (``PrunePlan.fills``); the reference replaces the
-channel by that value where it zeroes the others (``fxprune.verify``). Consumers that
+channel by that value where it zeroes the others (``fxprune.verify``); for a refit it
+records the Gram matrix and ``l``, and the oracle solves the closed form itself and
+runs the reference layer with that solution. Consumers that
 are not affine in that sense (a padded conv, whose border outputs see zeros, a
 grouped or transposed conv, a sum over channels) are not compensated and are listed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
@@ -29,9 +39,11 @@ from .errors import ConfigError
 from .rules.context import get_tensor
 from .statistics import ActivationStats, consumer_sites
 
-__all__ = ["COMPENSATIONS", "Compensation", "compensation_fills", "apply_compensation", "why_not_affine"]
+__all__ = ["COMPENSATIONS", "Compensation", "Refit", "compensation_fills", "apply_compensation", "refit_statistics",
+           "ridge_refit", "why_not_affine"]
 
-COMPENSATIONS = (None, "none", "bias")
+COMPENSATIONS = (None, "none", "bias", "lsq")
+RIDGE_GRID = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, float("inf"))
 
 _LINEAR_FNS = {F.linear, torch.ops.aten.linear.default}
 _CONV_FNS = {F.conv1d, F.conv2d, F.conv3d, torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
@@ -46,6 +58,53 @@ class Compensation:
 
     fills: dict[str, dict]
     skipped: tuple[str, ...] = ()
+    refits: dict[str, "Refit"] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class Refit:
+    """A least-squares refit of linear consumer ``node`` (weight ``weight``, bias
+    ``bias`` or None): the full-data Gram ``gram`` of its input (constant last), its
+    kept input columns ``kept``, the ridge ``lam`` chosen and the held-out error of
+    each ridge tried (relative to the output energy)."""
+
+    weight: str
+    bias: str | None
+    gram: torch.Tensor = field(repr=False)
+    kept: torch.Tensor = field(repr=False)
+    lam: float
+    curve: tuple[tuple[float, float], ...] = ()
+
+
+def ridge_refit(m: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lam: float) -> torch.Tensor:
+    """``[W', b']`` for the kept columns ``kept`` of ``m = [W, b]`` (float64), with ridge
+    ``lam`` toward the bias-compensated layer (``inf``: that layer itself)."""
+    c = gram.shape[0] - 1
+    s_idx = torch.cat([kept, torch.tensor([c])])
+    mean = gram[c, :c] / gram[c, c]
+    removed = torch.ones(c, dtype=torch.bool)
+    removed[kept] = False
+    a0 = torch.cat([m[:, kept], (m[:, c] + m[:, :c][:, removed] @ mean[removed])[:, None]], 1)
+    if lam == float("inf"):
+        return a0
+    g_ss = gram[s_idx][:, s_idx]
+    scale = float(g_ss.diagonal().mean()) or 1.0
+    lhs = g_ss + lam * scale * torch.eye(len(s_idx), dtype=gram.dtype)
+    rhs = m @ gram[:, s_idx] + lam * scale * a0
+    factor, info = torch.linalg.cholesky_ex(lhs)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs.T, factor).T
+    return torch.linalg.lstsq(lhs, rhs.T).solution.T  # singular at lam = 0: least norm
+
+
+def _held_out_error(m: torch.Tensor, a: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor) -> float:
+    """Mean squared output error of ``a`` on the data of ``gram``, relative to the output energy."""
+    c = gram.shape[0] - 1
+    s_idx = torch.cat([kept, torch.tensor([c])])
+    energy = float(torch.einsum("oi,ij,oj->", m, gram, m))
+    cross = float(torch.einsum("oi,ij,oj->", a, gram[s_idx], m))
+    own = float(torch.einsum("oi,ij,oj->", a, gram[s_idx][:, s_idx], a))
+    return max(energy - 2 * cross + own, 0.0) / max(energy, 1e-300)
 
 
 def _weight_path(groups: ChannelGroups, node: str) -> str | None:
@@ -89,11 +148,15 @@ def why_not_affine(node: torch.fx.Node, root: nn.Module) -> str | None:
     return None
 
 
-def compensation_fills(groups: ChannelGroups, kept: torch.Tensor, stats: ActivationStats) -> Compensation:
-    """The reference values of the removed channels at every affine consumer input."""
+def compensation_fills(groups: ChannelGroups, kept: torch.Tensor, stats: ActivationStats,
+                       fit: tuple[ActivationStats, ActivationStats] | None = None) -> Compensation:
+    """The reference values of the removed channels at every affine consumer input; with
+    ``fit`` (statistics with input Gram matrices of two disjoint halves of the data), the
+    least-squares refits of the linear consumers among them."""
     nodes = {n.name: n for n in groups.gm.graph.nodes}
     fills: dict[str, dict] = {}
     skipped: list[str] = []
+    refits: dict[str, Refit] = {}
     for (name, pos), site in consumer_sites(groups).items():
         mask = kept[groups.class_of[site.labels]]
         if bool(mask.all()) or pos not in (0, "input"):
@@ -105,6 +168,11 @@ def compensation_fills(groups: ChannelGroups, kept: torch.Tensor, stats: Activat
         if why is not None:
             skipped.append(f"{name}: {why}")
             continue
+        if fit is not None:
+            refit = _refit(groups, node, site, mask, fit)
+            if refit is not None:
+                refits[name] = refit
+                continue
         st = stats.stats.get(site.key)
         if st is None or st.count == 0:
             skipped.append(f"{name}: no calibration statistics of its input")
@@ -113,7 +181,70 @@ def compensation_fills(groups: ChannelGroups, kept: torch.Tensor, stats: Activat
         shape[site.dim] = -1
         mean = st.mean.reshape(shape)
         fills.setdefault(name, {})[pos] = torch.where(mask, torch.zeros((), dtype=torch.float64), mean)
-    return Compensation(fills, tuple(skipped))
+    return Compensation(fills, tuple(skipped), refits)
+
+
+def refit_statistics(groups: ChannelGroups, kept: torch.Tensor, data, *, max_batches: int | None = None,
+                     progress: bool | None = None) -> tuple[ActivationStats, ActivationStats]:
+    """Input Gram matrices of the linear consumers that lose input channels under ``kept``,
+    on two disjoint halves of the batches (even and odd), for :func:`compensation_fills`."""
+    from itertools import islice
+
+    from .calibration import check_data
+    from .statistics import collect_statistics
+
+    check_data(data, "compensate='lsq'")
+    batches = list(data if max_batches is None else islice(data, max_batches))
+    if len(batches) < 2:
+        raise ConfigError(f"compensate='lsq' needs at least 2 calibration batches (half of them are held out "
+                          f"to choose the ridge), got {len(batches)}; pass more batches in data=")
+    nodes = {n.name: n for n in groups.gm.graph.nodes}
+    keys = [(name, pos) for (name, pos), site in consumer_sites(groups).items()
+            if pos in (0, "input") and not bool(kept[groups.class_of[site.labels]].all())
+            and linear_parts(nodes[name], groups.gm) is not None]
+    if not keys:
+        raise ConfigError("compensate='lsq': no linear layer reads a removed channel; use compensate='bias'")
+    common = dict(consumers=False, producers=False, gram=keys, progress=progress, criterion="compensate='lsq'")
+    return (collect_statistics(groups, batches[0::2], **common), collect_statistics(groups, batches[1::2], **common))
+
+
+def linear_parts(node: torch.fx.Node, root: nn.Module) -> tuple[str, str | None] | None:
+    """(weight path, bias path or None) of a linear consumer whose weight is a plain
+    attribute used by this node alone; None for anything else."""
+    if node.op == "call_module":
+        mod = root.get_submodule(node.target)
+        if type(mod) is not nn.Linear:
+            return None
+        return f"{node.target}.weight", (f"{node.target}.bias" if mod.bias is not None else None)
+    if node.op != "call_function" or node.target not in _LINEAR_FNS or len(node.args) < 2:
+        return None
+    w = node.args[1]
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if not (isinstance(w, torch.fx.Node) and w.op == "get_attr" and len(w.users) == 1):
+        return None
+    if b is not None and not (isinstance(b, torch.fx.Node) and b.op == "get_attr" and len(b.users) == 1):
+        return None
+    return w.target, (b.target if b is not None else None)
+
+
+def _refit(groups, node, site, mask, fit) -> Refit | None:
+    parts = linear_parts(node, groups.gm)
+    a, b = (s.stats.get(site.key) for s in fit)
+    if parts is None or a is None or b is None or a.gram is None or b.gram is None or not a.count or not b.count:
+        return None
+    weight = get_tensor(groups.gm, parts[0]).detach().double()
+    if weight.ndim != 2 or weight.shape[1] != a.n_channels:
+        return None
+    bias = get_tensor(groups.gm, parts[1]).detach().double() if parts[1] else torch.zeros(weight.shape[0],
+                                                                                          dtype=torch.float64)
+    m = torch.cat([weight, bias[:, None]], 1)
+    kept_cols = torch.nonzero(mask.reshape(-1)).flatten()
+    fit_gram, hold_gram = a.gram / a.count, b.gram / b.count
+    curve = tuple((lam, _held_out_error(m, ridge_refit(m, fit_gram, kept_cols, lam), hold_gram, kept_cols))
+                  for lam in RIDGE_GRID)
+    best = min(curve, key=lambda item: (item[1], -item[0]))[0]
+    full = (a.gram + b.gram) / (a.count + b.count)
+    return Refit(parts[0], parts[1], full, kept_cols, best, curve)
 
 
 def _delta(groups: ChannelGroups, kept: torch.Tensor, path: str, fill: torch.Tensor) -> torch.Tensor:
@@ -122,12 +253,15 @@ def _delta(groups: ChannelGroups, kept: torch.Tensor, path: str, fill: torch.Ten
     w = get_tensor(groups.gm, path).detach().double()
     if w.ndim > 2:
         w = w.sum(tuple(range(2, w.ndim)))
-    delta = w @ fill.reshape(-1)
+    return _kept_rows(groups, kept, path, w @ fill.reshape(-1))
+
+
+def _kept_rows(groups: ChannelGroups, kept: torch.Tensor, path: str, rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` (one per output row of the weight at ``path``) for the rows the plan keeps."""
     for a in groups.alignments:
         if a.path == path and a.dim == 0:
-            delta = delta[kept[groups.class_of[a.labels.reshape(-1)]]]
-            break
-    return delta
+            return rows[kept[groups.class_of[a.labels.reshape(-1)]]]
+    return rows
 
 
 def apply_compensation(module: torch.fx.GraphModule, groups: ChannelGroups, kept: torch.Tensor,
@@ -135,7 +269,7 @@ def apply_compensation(module: torch.fx.GraphModule, groups: ChannelGroups, kept
     """Fold ``comp`` into the biases of the pruned ``module`` (its consumer nodes keep the
     original nodes' names). Only tensors of ``module`` are replaced: the rewrite gave it
     its own copies, and a new tensor is set rather than one changed in place."""
-    if not comp.fills:
+    if not comp.fills and not comp.refits:
         return
     new_nodes = {n.name: n for n in module.graph.nodes}
     old_nodes = {n.name: n for n in groups.gm.graph.nodes}
@@ -156,7 +290,47 @@ def apply_compensation(module: torch.fx.GraphModule, groups: ChannelGroups, kept
             mod.bias = nn.Parameter((bias + delta).to(dtype))
             continue
         _add_bias_argument(module, new, delta, dtype)
+    for name, refit in comp.refits.items():
+        old, new = old_nodes[name], new_nodes[name]
+        w = get_tensor(groups.gm, refit.weight)
+        b = get_tensor(groups.gm, refit.bias).detach().double() if refit.bias else torch.zeros(w.shape[0],
+                                                                                              dtype=torch.float64)
+        a = ridge_refit(torch.cat([w.detach().double(), b[:, None]], 1), refit.gram, refit.kept, refit.lam)
+        a = _kept_rows(groups, kept, refit.weight, a)
+        weight, bias = nn.Parameter(a[:, :-1].to(w.dtype).contiguous()), nn.Parameter(a[:, -1].to(w.dtype))
+        if old.op == "call_module" and calls.get(new.target, 0) == 1:
+            mod = module.get_submodule(new.target)
+            mod.weight, mod.bias = weight, bias
+            continue
+        attr = f"{new.name}_refit"
+        while hasattr(module, attr + "_weight"):
+            attr += "_"
+        module.register_parameter(attr + "_weight", weight)
+        module.register_parameter(attr + "_bias", bias)
+        with module.graph.inserting_before(new):
+            gw, gb = module.graph.get_attr(attr + "_weight"), module.graph.get_attr(attr + "_bias")
+        stale = [new.args[1], new.args[2] if len(new.args) > 2 else new.kwargs.get("bias")]
+        new.args = (new.args[0], gw, gb, *new.args[3:])
+        new.kwargs = {k: v for k, v in new.kwargs.items() if k != "bias"}
+        for n in stale:
+            if isinstance(n, torch.fx.Node) and n.op == "get_attr" and not n.users:
+                module.graph.erase_node(n)
+                _drop_attribute(module, n.target)
     module.recompile()
+
+
+def _drop_attribute(module: torch.fx.GraphModule, target: str) -> None:
+    """Remove the tensor at ``target`` from ``module`` when no node reads it any more."""
+    if any(n.op == "get_attr" and n.target == target for n in module.graph.nodes):
+        return
+    owner_path, _, name = target.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    if name in owner._parameters:
+        del owner._parameters[name]
+    elif name in owner._buffers:
+        del owner._buffers[name]
+    elif hasattr(owner, name):
+        delattr(owner, name)
 
 
 def _add_bias_argument(module: torch.fx.GraphModule, node: torch.fx.Node, delta: torch.Tensor,

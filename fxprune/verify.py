@@ -175,10 +175,12 @@ class _Masked(torch.fx.Interpreter):
     def __init__(self, gm, masks: dict[str, dict[int | str, torch.Tensor]],
                  modules: dict[str, torch.nn.Module] | None = None, tensors: dict[str, torch.Tensor] | None = None,
                  mixing: dict[str, Any] | None = None, kept_of: Any = None,
-                 fills: dict[str, dict[int | str, torch.Tensor]] | None = None):
+                 fills: dict[str, dict[int | str, torch.Tensor]] | None = None,
+                 refits: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
         super().__init__(gm)
         self.masks = masks
         self.fills = fills or {}
+        self.refits = refits or {}
         self.modules = modules or {}
         self.tensors = tensors or {}
         self.mixing = mixing or {}
@@ -219,6 +221,12 @@ class _Masked(torch.fx.Interpreter):
         return args, kwargs
 
     def run_node(self, n: torch.fx.Node) -> Any:
+        if n.name in self.refits:  # a linear layer refit by least squares: its closed form
+            with self._set_current_node(n):
+                args, kwargs = self._masked_args(n, *self.fetch_args_kwargs_from_env(n))
+                x = args[0] if args else kwargs["input"]
+                weight, bias = self.refits[n.name]
+                return torch.nn.functional.linear(x, weight.to(x.dtype), bias.to(x.dtype))
         masked = self.mixing.get(n.name)
         if masked is not None and getattr(masked, "counts", False):
             return self._count(n, masked)
@@ -408,8 +416,41 @@ def _mixing_semantics(groups) -> dict[str, Any]:
     return {k: v for k, v in found.items() if k not in blocked}
 
 
+def refit_reference(groups, refits: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The oracle's own solution of every least-squares refit (``fxprune.compensate``):
+    the ridge normal equations solved directly, as full-size weights whose removed
+    columns are zero."""
+    from .rules.context import get_tensor
+
+    out = {}
+    for name, r in refits.items():
+        w = get_tensor(groups.gm, r.weight).detach().double()
+        b = get_tensor(groups.gm, r.bias).detach().double() if r.bias else torch.zeros(w.shape[0],
+                                                                                      dtype=torch.float64)
+        c = w.shape[1]
+        gram = r.gram.double()
+        s_idx = torch.cat([r.kept, torch.tensor([c])])
+        removed = torch.ones(c, dtype=torch.bool)
+        removed[r.kept] = False
+        mean = gram[c, :c] / gram[c, c]
+        bias0 = b + w[:, removed] @ mean[removed]
+        if r.lam == float("inf"):
+            a = torch.cat([w[:, r.kept], bias0[:, None]], 1)
+        else:
+            g_ss = gram[s_idx][:, s_idx]
+            scale = float(g_ss.diagonal().mean()) or 1.0
+            target = torch.cat([w, b[:, None]], 1) @ gram[:, s_idx] + r.lam * scale * torch.cat(
+                [w[:, r.kept], bias0[:, None]], 1)
+            system = g_ss + r.lam * scale * torch.eye(len(s_idx), dtype=torch.float64)
+            a = torch.linalg.lstsq(system, target.T).solution.T
+        full = torch.zeros_like(w)
+        full[:, r.kept] = a[:, :-1]
+        out[name] = (full, a[:, -1])
+    return out
+
+
 def masked_reference(groups, kept: torch.Tensor, inputs: tuple, gm: torch.fx.GraphModule | None = None,
-                     fills: dict | None = None) -> Any:
+                     fills: dict | None = None, refits: dict | None = None) -> Any:
     """Outputs of the original graph (or of ``gm``, a float64 copy of it) with the channels
     ``kept`` marks False absent: zeroed at their linear consumers (or, at the consumers
     ``fills`` names, set to the value bias compensation gave them), left out of every
@@ -418,7 +459,7 @@ def masked_reference(groups, kept: torch.Tensor, inputs: tuple, gm: torch.fx.Gra
     with torch.no_grad():
         return _Masked(gm, consumer_masks(groups, kept), *masked_weights(groups, kept, gm),
                        mixing=_mixing_semantics(groups), kept_of=_KeptOf(groups, kept),
-                       fills=fills).run(*inputs)
+                       fills=fills, refits=refit_reference(groups, refits) if refits else None).run(*inputs)
 
 
 def unchecked_groups(groups, kept: torch.Tensor) -> dict[int, str]:
@@ -561,8 +602,9 @@ def verify(model: torch.nn.Module, result, example_inputs: Any, *, rtol: float |
     pruned_gm = result.module if not blocked else _rewrite(groups, check_kept)
     comp = getattr(plan, "compensation", None)
     fills = comp.fills if comp is not None and not blocked else None
+    refits = getattr(comp, "refits", None) if comp is not None and not blocked else None
     try:
-        got, reference, unpruned = _run_both(groups, check_kept, pruned_gm, precision, fills)
+        got, reference, unpruned = _run_both(groups, check_kept, pruned_gm, precision, fills, refits)
     except VerificationError:
         raise
     except Exception as exc:
@@ -572,7 +614,7 @@ def verify(model: torch.nn.Module, result, example_inputs: Any, *, rtol: float |
                 f"cannot check a {sorted(str(d) for d in _float_dtypes(groups.gm))} model in its own "
                 f"precision. Verify a float32 copy of the model and of the result instead") from exc
         precision.name = "native"
-        got, reference, unpruned = _run_both(groups, check_kept, pruned_gm, precision, fills)
+        got, reference, unpruned = _run_both(groups, check_kept, pruned_gm, precision, fills, refits)
     tol = rtol if rtol is not None else (DEFAULT_RTOL if precision.name == "float64" else 1e-4)
     ref_scale = _scale(reference, min_scale)
     err = _compare(got, reference, "pruned vs oracle") / ref_scale
@@ -606,7 +648,7 @@ def _rewrite(groups, kept: torch.Tensor) -> torch.fx.GraphModule:
 
 
 def _run_both(groups, kept: torch.Tensor, pruned_gm: torch.fx.GraphModule, precision: _Precision,
-              fills: dict | None = None):
+              fills: dict | None = None, refits: dict | None = None):
     """(pruned outputs, masked reference outputs, unpruned outputs), all flat, in the
     precision chosen."""
     args = precision.args()
@@ -615,7 +657,7 @@ def _run_both(groups, kept: torch.Tensor, pruned_gm: torch.fx.GraphModule, preci
         got = _flat(pruned(*args))
         del pruned  # one float64 copy at a time: a large model's copies are several GB
         gm = precision.prepare(groups.gm)
-        reference = _flat(masked_reference(groups, kept, args, gm, fills))
+        reference = _flat(masked_reference(groups, kept, args, gm, fills, refits))
         unpruned = _flat(gm(*args))
     return got, reference, unpruned
 

@@ -320,3 +320,34 @@ def test_distributed_statistics_equal_the_union(tmp_path):
             torch.testing.assert_close(got["mean"][k], s.mean)
             torch.testing.assert_close(got["m2"][k], s.m2)
     assert os.path.exists(f"{path}.1")
+
+
+# -- least-squares refit ------------------------------------------------------------------------
+def test_lsq_refit_is_checked_and_never_worse_on_held_out_data_than_the_mean():
+    model = mlp()
+    data = shifted_batches((32, 6), n=6)
+    x = data[0]
+    results = {}
+    for comp in ("bias", "lsq"):
+        results[comp], v = prune_and_verify(model, x, ratio=0.5, importance="wanda", compensate=comp,
+                                            data=data, healthy=False)
+    refits = results["lsq"].plan.compensation.refits
+    assert set(refits) >= {"_2", "_4"} or len(refits) == 2
+    for r in refits.values():  # the ridge was chosen on held-out data, inf (the mean) included
+        errors = dict(r.curve)
+        assert errors[r.lam] <= errors[float("inf")] + 1e-12
+    held_out = shifted_batches((512, 6), n=1, seed=11)[0]
+    with torch.no_grad():
+        ref = model(held_out)
+        err = {k: float((r.module(held_out) - ref).pow(2).mean()) for k, r in results.items()}
+    assert err["lsq"] <= err["bias"] * 1.05
+
+
+def test_lsq_on_a_functional_transformer_graph_and_its_errors():
+    llama = Llama(vocab=40, dim=32, layers=2).eval()
+    ids = [torch.randint(0, 40, (4, 6), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    result, v = prune_and_verify(llama, ids[0], ratio=0.3, importance="flap", compensate="lsq", data=ids,
+                                 healthy=False, frontend="export")
+    assert result.plan.compensation.refits
+    with pytest.raises(ConfigError, match="at least 2 calibration batches"):
+        fxprune.prune(llama, ids[0], ratio=0.3, compensate="lsq", data=ids[:1])

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import fxprune
 from fxprune.activation_scores import activation_scores
-from fxprune.compensate import apply_compensation, compensation_fills
+from fxprune.compensate import apply_compensation, compensation_fills, refit_statistics
 from fxprune.plan import select_channels
 from fxprune.rewrite import rewrite_graph
 from fxprune.scoring import magnitude_scores
@@ -152,6 +152,7 @@ def main(argv=None) -> None:
     ap.add_argument("--eval", type=int, default=None, help="evaluation windows (default: all of lee.cor)")
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--compensations", default="none,bias,lsq", help="none, bias, lsq")
     ap.add_argument("--heads", action="store_true", help="also prune whole attention heads (kv groups)")
     ap.add_argument("--verify", action="store_true", help="run the oracle on the best 20%% configuration")
     ap.add_argument("--torch-pruning", action="store_true", help="also run Torch-Pruning (when installed)")
@@ -173,6 +174,14 @@ def main(argv=None) -> None:
     print(f"analysis {time.time() - t:.0f} s (statistics: {stats.nbytes / 2**20:.1f} MiB)")
     ignore = tuple(non_ffn_names(model))
     ratios = [float(r) for r in args.ratios.split(",")]
+    comps = [None if c == "none" else c for c in args.compensations.split(",")]
+    fit = None
+    if "lsq" in comps:  # every FFN output projection loses inputs at any ratio: one pass of Gram matrices
+        t = time.time()
+        probe = select_channels(groups, magnitude_scores(groups), ratio=max(ratios), ignore=ignore)
+        fit = refit_statistics(groups, probe.kept, calib, progress=True)
+        print(f"Gram matrices of {len(fit[0].stats)} layers in {time.time() - t:.0f} s "
+              f"({(fit[0].nbytes + fit[1].nbytes) / 2**20:.0f} MiB)")
     rows = []
     head = f"{'criterion':<11} {'alloc':<9} {'comp':<5} " + " ".join(f"{f'{r:.0%}':>15}" for r in ratios)
     print("FFN channels removed (perplexity; x dense)")
@@ -181,13 +190,14 @@ def main(argv=None) -> None:
     for criterion in args.criteria.split(","):
         scores = scores_for(criterion, groups, stats, calib, progress=True)
         for adaptive in (False, True):
-            for comp in (None, "bias"):
+            for comp in comps:
                 cells = []
                 for r in ratios:
                     plan = select_channels(groups, scores, ratio=r, ignore=ignore, adaptive=adaptive)
                     module = rewrite_graph(groups, plan.kept)
                     if comp:
-                        apply_compensation(module, groups, plan.kept, compensation_fills(groups, plan.kept, stats))
+                        fills = compensation_fills(groups, plan.kept, stats, fit if comp == "lsq" else None)
+                        apply_compensation(module, groups, plan.kept, fills)
                     ppl = perplexity(module, evals)
                     if abs(r - 0.2) < 1e-9 and ppl < best[0]:
                         best = (ppl, dict(importance=criterion, adaptive=adaptive, compensate=comp))
