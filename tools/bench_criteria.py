@@ -15,6 +15,10 @@ same budget and fine-tunes. It prints one table of test accuracies.
     python tools/bench_criteria.py              # about 5-10 minutes on 2 cores
     python tools/bench_criteria.py --quick      # 16x16 images, fewer samples: about a minute
 
+The activation-aware criteria (wanda, flap, activation) also run with adaptive
+allocation and bias compensation (``adaptive=True, compensate="bias"``); a ResNet's
+3x3 convs are padded, so only the consumers that can fold a mean are compensated.
+
 Every run starts from the same base model and data order; accuracies of a few
 percent apart are within noise on this small test set.
 """
@@ -140,13 +144,18 @@ def finish(row, base, result, example, splits, args, started):
     return row
 
 
-def run_criterion(name, base, example, calib, splits, args):
+ACTIVATION_AWARE = ("wanda", "flap", "activation")  # also run with adaptive allocation and bias compensation
+
+
+def run_criterion(name, base, example, calib, splits, args, variant=None):
     started = time.perf_counter()
-    row = Row(name)
+    row = Row(name if variant is None else f"{name} adaptive+bias")
     extra = dict(data=calib) if data_driven(name) else {}
+    if variant is not None:
+        extra.update(adaptive=True, compensate="bias", data=calib)
     try:
         result = fxprune.prune(base, example, importance=name, target_macs=args.target_macs,
-                               global_ranking=args.global_ranking, **extra)
+                               global_ranking=args.global_ranking and variant is None, **extra)
     except fxprune.FxpruneError as exc:
         row.note = f"{type(exc).__name__}: {exc}"[:60]
         return row
@@ -180,11 +189,11 @@ def fmt(v, spec):
 
 
 def table(rows, base_acc):
-    head = (f"{'method':<22}{'MACs':>7}{'params':>8}{'base':>7}{'sparse':>8}{'pruned':>8}{'tuned':>7}"
+    head = (f"{'method':<26}{'MACs':>7}{'params':>8}{'base':>7}{'sparse':>8}{'pruned':>8}{'tuned':>7}"
             f"{'oracle':>9}{'sec':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.method:<22}{fmt(r.macs, '7.3f')}{fmt(r.params, '8.3f')}{base_acc:7.1f}"
+        lines.append(f"{r.method:<26}{fmt(r.macs, '7.3f')}{fmt(r.params, '8.3f')}{base_acc:7.1f}"
                      f"{fmt(r.sparse, '8.1f')}{fmt(r.pruned, '8.1f')}{fmt(r.tuned, '7.1f')}"
                      f"{fmt(r.err, '9.1e')}{r.seconds:6.0f}" + (f"  {r.note}" if r.note else ""))
     return "\n".join(lines)
@@ -236,8 +245,9 @@ def main(argv=None):
     calib = list(batches(*splits["train"], args.batch_size, args.seed + 7))[:args.calib_batches]
     rows = []
     for name in criteria(args.criteria):
-        rows.append(run_criterion(name, base, example, calib, splits, args))
-        print(f"  {name}: tuned {fmt(rows[-1].tuned, '.1f')}% ({rows[-1].seconds:.0f}s)", flush=True)
+        for variant in (None, "adaptive") if name in ACTIVATION_AWARE else (None,):
+            rows.append(run_criterion(name, base, example, calib, splits, args, variant))
+            print(f"  {rows[-1].method}: tuned {fmt(rows[-1].tuned, '.1f')}% ({rows[-1].seconds:.0f}s)", flush=True)
     control = Row("unpruned (+ft)", macs=1.0, params=1.0, seconds=time.perf_counter())
     control.tuned = accuracy(train(copy.deepcopy(base), splits["train"], args.epochs, lr=args.lr / 2,
                                    batch_size=args.batch_size, seed=args.seed + 100), splits["test"])
