@@ -107,13 +107,17 @@ def test_nothing_dead_is_a_no_op_and_the_pipeline_form_works():
     assert_same_outputs(net, r.module, (16, 5))
 
 
-def test_after_group_lasso_the_zeroed_channels_disappear_without_accuracy_change():
+@pytest.mark.parametrize("regularizer", ["group-lasso", "growing-reg"])
+def test_after_sparse_training_the_zeroed_channels_disappear_without_accuracy_change(regularizer):
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
     x_train = torch.randn(512, 6)
     y_train = teacher(x_train).argmax(1).detach()
     net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
-    reg = fxprune.regularize.GroupLasso(net, x_train[:8], reg=3e-2)
+    if regularizer == "group-lasso":
+        reg = fxprune.regularize.GroupLasso(net, x_train[:8], reg=3e-2)
+    else:
+        reg = fxprune.regularize.GrowingReg(net, x_train[:8], ratio=0.5, delta=0.05, interval=1, ceiling=10.0)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     for step in range(300):
         loss = nn.functional.cross_entropy(net(x_train), y_train)
