@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._util import as_tuple, mutable_args
+from . import hf
 from .decompose import decomposition
 from .errors import InputError, TraceError
 from .meta import FRONTEND_KEY, LIFTED_KEY, TensorMeta, copy_pytree_specs, get_meta, set_meta, tensor_meta
@@ -1015,6 +1016,16 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
         propagate_shapes(gm, inputs)
         gm.meta[FRONTEND_KEY] = "graph"
         return gm
+    with hf.capture_settings(model) as notes:  # a Hugging Face model: use_cache=False, noted
+        gm = _trace_module(model, inputs, leaf_modules, concrete_args, frontend)
+    if notes:
+        gm.meta[hf.NOTES_KEY] = tuple(notes)
+    return gm
+
+
+def _trace_module(model: nn.Module, inputs: tuple, leaf_modules: Iterable, concrete_args: dict[str, Any] | None,
+                  frontend: str) -> torch.fx.GraphModule:
+    """:func:`trace` of a module that is no GraphModule."""
     if frontend == "export":
         return _export(model, inputs)
     user_concrete = concrete_args
