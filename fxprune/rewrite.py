@@ -141,6 +141,18 @@ def _drop_dead_sizes(env: dict[torch.fx.Node, torch.fx.Node]) -> None:
             new.graph.erase_node(new)
 
 
+def _copy_modes(gm: torch.nn.Module, out: torch.nn.Module) -> None:
+    """Every module of ``out`` in the train/eval mode of its namesake in ``gm`` (an eval-mode
+    BatchNorm inside a container left in train mode stays in eval mode); containers the
+    GraphModule made itself take the mode of their nearest namesake above."""
+    modes = {name: m.training for name, m in gm.named_modules()}
+    for name, m in out.named_modules():
+        key = name
+        while key not in modes and key:
+            key = key.rpartition(".")[0]
+        m.training = modes.get(key, gm.training)
+
+
 def rewrite_graph(groups: ChannelGroups, kept: torch.Tensor) -> torch.fx.GraphModule:
     """The pruned GraphModule for the classes ``kept`` (a bool per class)."""
     gm = groups.gm
@@ -176,6 +188,6 @@ def rewrite_graph(groups: ChannelGroups, kept: torch.Tensor) -> torch.fx.GraphMo
     graph._codegen = copy.deepcopy(gm.graph._codegen)  # an exported graph's pytree in/out
     out = torch.fx.GraphModule(root, graph, type(gm).__name__.replace("GraphModule", "") + "Pruned")
     copy_pytree_specs(gm, out)
-    out.train(gm.training)
+    _copy_modes(gm, out)
     out.meta.update(gm.meta)
     return out

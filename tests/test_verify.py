@@ -299,3 +299,20 @@ def test_compact_and_scatter_round_trip():
     back = scatter(compact(x, kept), kept, (2, 5))
     assert torch.equal(back[:, [1, 3]], x[:, [1, 3]]) and not back[:, [0, 2, 4]].any()
     assert compact(x, None) is x and compact(torch.ones(2, 1), kept).shape == (2, 1)
+
+
+def test_each_module_keeps_its_own_train_or_eval_mode_after_rewrite():
+    """An eval-mode net inside a container left in train mode: the pruned BatchNorm
+    stays in eval mode (running statistics), as in the model."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    with torch.no_grad():
+        inner[1].running_mean.uniform_(-1, 1)
+        inner[1].running_var.uniform_(0.5, 2)
+    outer = nn.Sequential(inner)
+    x = torch.randn(2, 3, 8, 8)
+    result = fxprune.prune(outer, x, ratio=0.5)
+    assert result.module.training and not result.module.get_submodule("0.1").training
+    fxprune.verify(outer, result, x)
