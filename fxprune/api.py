@@ -82,7 +82,7 @@ def _policy(policy: str) -> str:
     return POLICY_ALIASES[policy]
 
 
-def _names(model: nn.Module, items: Iterable, option: str) -> tuple[str, ...]:
+def qualified_names(model: nn.Module, items: Iterable, option: str) -> tuple[str, ...]:
     """Module objects or qualified names to qualified names, checked against ``model``."""
     items = tuple(items)
     if not items:
@@ -105,7 +105,7 @@ def _names(model: nn.Module, items: Iterable, option: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _scoring_pass(importance: Any, data: Any = None, loss_fn: Any = None, data_used: bool = False) -> Pass:
+def scoring_pass(importance: Any, data: Any = None, loss_fn: Any = None, data_used: bool = False) -> Pass:
     """``importance`` as a scoring pass: 'l1', 'l2', a registered scoring pass name without
     its ``score-`` prefix ('bn-scale', 'taylor', ...), or a pass object. Data-driven passes
     (those with ``data``/``loss_fn`` options) receive ``data`` and ``loss_fn``."""
@@ -147,7 +147,7 @@ def _pipeline_with_data(body: Pipeline, data: Any, loss_fn: Any) -> Pipeline:
                           for p, t in zip(body.passes, takes)))
 
 
-def _check_model(model: Any) -> None:
+def check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
@@ -167,7 +167,7 @@ def analyze(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (
     """
     from fxprune.passes.channel_deps import ChannelDeps
 
-    _check_model(model)
+    check_model(model)
     if policy == "both":
         raise ConfigError("policy='both' prunes in two stages (heads, then head_dim); analyze with "
                           "policy='heads' or policy='head_dim'")
@@ -244,7 +244,7 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
     from fxprune.plan import check_ratio
     from fxprune.passes.select_budget import SelectBudget
 
-    _check_model(model)
+    check_model(model)
     if policy == "both":
         return _prune_both(model, example_inputs, ratio=ratio, ratios=ratios, ignore=ignore,
                            round_to=round_to, importance=importance, leaf_modules=leaf_modules,
@@ -265,15 +265,15 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
                           "write the budget into it: select-budget{target_macs=0.5}")
     ratio = 0.5 if ratio is None else check_ratio(ratio)
     inputs = as_tuple(example_inputs)
-    ratio_items = tuple(zip(_names(model, (ratios or {}).keys(), "ratios"), (ratios or {}).values()))
-    ignored = _names(model, ignore, "ignore")
+    ratio_items = tuple(zip(qualified_names(model, (ratios or {}).keys(), "ratios"), (ratios or {}).values()))
+    ignored = qualified_names(model, ignore, "ignore")
     if pipeline is None:
         options = dict(ratios=ratio_items, ignore=ignored, round_to=round_to,
                        global_ranking=global_ranking, max_ratio=max_ratio, isomorphic=isomorphic,
                        adaptive=adaptive, cost=cost)
         select = (SelectBudget(target_macs=target_macs, target_params=target_params, **options) if budget
                   else Select(ratio=ratio, exact_heads=exact_heads, **options))
-        scoring = _scoring_pass(importance, data, loss_fn, data_used=compensate not in (None, "none"))
+        scoring = scoring_pass(importance, data, loss_fn, data_used=compensate not in (None, "none"))
         if compensate not in (None, "none") and data is None:
             raise ConfigError(f"compensate={compensate!r} needs calibration data: pass data= (batches the "
                               f"model takes, as for the data-driven criteria)")
@@ -290,7 +290,7 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float | None = None,
     if state.module is None or state.plan is None:
         raise ConfigError(f"pipeline {pipe} produced no pruned module; it must end with "
                           f"select and rewrite")
-    rep = _report(model, state, inputs) if report else None
+    rep = prune_report(model, state, inputs) if report else None
     return PruneResult(state.module, rep, state.groups, state.plan, state.scores, state.timings,
                        str(pipe), state.frontend)
 
@@ -328,8 +328,8 @@ def _prune_both(model, example_inputs, *, ratio, ratios, ignore, unsupported, re
 
     step = lambda r: 1.0 - math.sqrt(1.0 - check_ratio(r))  # noqa: E731  (checks r first)
     ratio = step(0.5 if ratio is None else ratio)
-    names = dict(zip(_names(model, (ratios or {}).keys(), "ratios"), (ratios or {}).values()))
-    ignored = _names(model, ignore, "ignore")
+    names = dict(zip(qualified_names(model, (ratios or {}).keys(), "ratios"), (ratios or {}).values()))
+    ignored = qualified_names(model, ignore, "ignore")
     staged = dict(ratios={k: step(v) for k, v in names.items()}, ignore=ignored, **common)
     heads = prune(model, example_inputs, ratio=ratio, policy="outer", report=False, **staged)
     if not heads.groups.head_splits:
@@ -353,7 +353,7 @@ def _prune_both(model, example_inputs, *, ratio, ratios, ignore, unsupported, re
                        f"{heads.pipeline} | then | {dims.pipeline}", heads.frontend, (heads, dims))
 
 
-def _report(model, state: PruneState, inputs: tuple):
+def prune_report(model, state: PruneState, inputs: tuple):
     """Before/after numbers, MACs counted on the meta device (the captured graph computes
     what the model computes; parameters are counted on the model itself)."""
     from fxprune.budget import meta_stats

@@ -157,12 +157,12 @@ class FxprunePass(PassBase):
         return PruneState(model=gm, example_inputs=inputs)
 
     def _result(self, gm: torch.fx.GraphModule, state: PruneState, inputs: tuple):
-        from .api import PruneResult, _report
+        from .api import PruneResult, prune_report
 
         if state.plan is None or state.groups is None:
             raise ConfigError(f"{self.name}: the pipeline rewrote no plan; run channel-deps, a scoring pass "
                               f"and select before rewrite")
-        rep = _report(gm, state, inputs) if self.options.get("report", True) else None
+        rep = prune_report(gm, state, inputs) if self.options.get("report", True) else None
         return PruneResult(state.module, rep, state.groups, state.plan, state.scores, state.timings,
                            str(Pipeline(tuple(p for p in self.pipeline.passes))), state.frontend)
 

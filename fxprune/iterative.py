@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from ._util import as_tuple
-from .api import PruneResult, _check_model, _names, analyze, prune
+from .api import PruneResult, check_model, qualified_names, analyze, prune
 from .errors import ConfigError
 from .report import PruneReport
 
@@ -173,7 +173,7 @@ def iterative(model: nn.Module, example_inputs: Any, *, steps: int, ratio: float
 
     from .verify import verify
 
-    _check_model(model)
+    check_model(model)
     check_ratio(ratio)
     if finetune is not None and not callable(finetune):
         raise ConfigError(f"finetune must be a callable(module, step), got {type(finetune).__name__}")
@@ -185,8 +185,8 @@ def iterative(model: nn.Module, example_inputs: Any, *, steps: int, ratio: float
     inputs = as_tuple(example_inputs)
     options = dict(prune_options)
     ratios = options.pop("ratios", None) or {}
-    own = dict(zip(_names(model, ratios.keys(), "ratios"), ratios.values()))
-    options["ignore"] = _names(model, options.pop("ignore", ()), "ignore")
+    own = dict(zip(qualified_names(model, ratios.keys(), "ratios"), ratios.values()))
+    options["ignore"] = qualified_names(model, options.pop("ignore", ()), "ignore")
     for r in own.values():
         check_ratio(r, "a ratio in ratios")
     pooled = bool(options.get("global_ranking") or options.get("isomorphic"))

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ._util import as_tuple
-from .api import PruneResult, _check_model, _names, _scoring_pass, analyze, prune
+from .api import PruneResult, check_model, qualified_names, scoring_pass, analyze, prune
 from .channels import ChannelGroups
 from .errors import ConfigError
 from .passes_base import AnalysisPass, PruneState
@@ -138,10 +138,10 @@ class Regularizer:
 
     def __init__(self, model: nn.Module, example_inputs: Any, *, ignore=(), bias: bool = True,
                  leaf_modules=(), concrete_args=None):
-        _check_model(model)
+        check_model(model)
         self.model = model
         self.example_inputs = as_tuple(example_inputs)
-        self.ignore = _names(model, ignore, "ignore")
+        self.ignore = qualified_names(model, ignore, "ignore")
         self.bias = bool(bias)
         self.analysis_options = dict(leaf_modules=tuple(leaf_modules), concrete_args=concrete_args)
         self.groups = analyze(model, self.example_inputs, **self.analysis_options)
@@ -297,7 +297,7 @@ class GrowingReg(Regularizer):
         self.interval = interval
         super().__init__(model, example_inputs, **options)
         self.select_options = dict(select_options or {})
-        scorer = _scoring_pass(importance, data, loss_fn)
+        scorer = scoring_pass(importance, data, loss_fn)
         state = PruneState(model=model, example_inputs=self.example_inputs, gm=self.groups.gm,
                            groups=self.groups)
         scores = scorer.run(state).scores

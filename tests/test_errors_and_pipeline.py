@@ -263,4 +263,4 @@ def test_every_pass_declares_what_it_needs_and_produces():
     for name in known_passes():
         cls = _PASSES[name]
         assert cls.produces, f"{name} produces nothing"
-        assert set(cls.requires) | set(cls.produces) <= {"model", "gm", "groups", "scores", "plan", "module"}
+        assert set(cls.requires) | set(cls.produces) <= {"model", "gm", "groups", "scores", "stats", "plan", "module"}
