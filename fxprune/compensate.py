@@ -101,9 +101,9 @@ def _held_out_error(m: torch.Tensor, a: torch.Tensor, gram: torch.Tensor, kept: 
     """Mean squared output error of ``a`` on the data of ``gram``, relative to the output energy."""
     c = gram.shape[0] - 1
     s_idx = torch.cat([kept, torch.tensor([c])])
-    energy = float(torch.einsum("oi,ij,oj->", m, gram, m))
-    cross = float(torch.einsum("oi,ij,oj->", a, gram[s_idx], m))
-    own = float(torch.einsum("oi,ij,oj->", a, gram[s_idx][:, s_idx], a))
+    energy = float(((m @ gram) * m).sum())
+    cross = float(((a @ gram[s_idx]) * m).sum())
+    own = float(((a @ gram[s_idx][:, s_idx]) * a).sum())
     return max(energy - 2 * cross + own, 0.0) / max(energy, 1e-300)
 
 

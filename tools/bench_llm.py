@@ -21,6 +21,7 @@ when the package is installed (it is not a dependency).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import math
 import os
@@ -37,6 +38,8 @@ from fxprune.plan import select_channels
 from fxprune.rewrite import rewrite_graph
 from fxprune.scoring import magnitude_scores
 from fxprune.statistics import collect_statistics
+
+print = functools.partial(print, flush=True)  # noqa: A001  (rows appear as they are measured)
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -153,6 +156,7 @@ def main(argv=None) -> None:
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--compensations", default="none,bias,lsq", help="none, bias, lsq")
+    ap.add_argument("--all-lsq", action="store_true", help="also lsq rows for l2 and taylor")
     ap.add_argument("--heads", action="store_true", help="also prune whole attention heads (kv groups)")
     ap.add_argument("--verify", action="store_true", help="run the oracle on the best 20%% configuration")
     ap.add_argument("--torch-pruning", action="store_true", help="also run Torch-Pruning (when installed)")
@@ -191,6 +195,8 @@ def main(argv=None) -> None:
         scores = scores_for(criterion, groups, stats, calib, progress=True)
         for adaptive in (False, True):
             for comp in comps:
+                if comp == "lsq" and criterion in ("l2", "taylor") and not args.all_lsq:
+                    continue  # the refit is measured with the activation-aware criteria
                 cells = []
                 for r in ratios:
                     plan = select_channels(groups, scores, ratio=r, ignore=ignore, adaptive=adaptive)
