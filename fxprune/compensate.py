@@ -59,6 +59,8 @@ class Compensation:
     fills: dict[str, dict]
     skipped: tuple[str, ...] = ()
     refits: dict[str, "Refit"] = field(default_factory=dict)
+    # paths of the layer tensors compensation set in the pruned module (for write-back)
+    written: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, eq=False)
@@ -266,9 +268,12 @@ def _kept_rows(groups: ChannelGroups, kept: torch.Tensor, path: str, rows: torch
 
 def apply_compensation(module: torch.fx.GraphModule, groups: ChannelGroups, kept: torch.Tensor,
                        comp: Compensation) -> None:
-    """Fold ``comp`` into the biases of the pruned ``module`` (its consumer nodes keep the
-    original nodes' names). Only tensors of ``module`` are replaced: the rewrite gave it
-    its own copies, and a new tensor is set rather than one changed in place."""
+    """Fold ``comp`` into the pruned ``module`` (its consumer nodes keep the original nodes'
+    names). New tensors are set, never changed in place (the rewrite's copies may be
+    shared by tied layers), and they sit at the layer's own paths (``<layer>.bias``,
+    ``<layer>.weight``) wherever the layer's weight has one, so that the generated code
+    reads them as the layer's and write-back (``fxprune.apply``) finds them. The paths
+    set are recorded in ``comp.written``."""
     if not comp.fills and not comp.refits:
         return
     new_nodes = {n.name: n for n in module.graph.nodes}
@@ -288,8 +293,14 @@ def apply_compensation(module: torch.fx.GraphModule, groups: ChannelGroups, kept
             mod = module.get_submodule(new.target)
             bias = mod.bias.detach().double() if mod.bias is not None else 0.0
             mod.bias = nn.Parameter((bias + delta).to(dtype))
-            continue
-        _add_bias_argument(module, new, delta, dtype)
+            comp.written.append(f"{new.target}.bias")
+        elif old.op == "call_module":  # a layer called more than once: an add after this call
+            _add_after(module, new, delta, dtype)
+        else:
+            old_bias = _argument(new, 2, "bias")
+            bias = get_tensor(module, old_bias.target).detach().double() if old_bias is not None else 0.0
+            _set_argument(module, new, 2, "bias", _layer_path(new, "bias"), nn.Parameter((bias + delta).to(dtype)),
+                          comp)
     for name, refit in comp.refits.items():
         old, new = old_nodes[name], new_nodes[name]
         w = get_tensor(groups.gm, refit.weight)
@@ -298,25 +309,66 @@ def apply_compensation(module: torch.fx.GraphModule, groups: ChannelGroups, kept
         a = ridge_refit(torch.cat([w.detach().double(), b[:, None]], 1), refit.gram, refit.kept, refit.lam)
         a = _kept_rows(groups, kept, refit.weight, a)
         weight, bias = nn.Parameter(a[:, :-1].to(w.dtype).contiguous()), nn.Parameter(a[:, -1].to(w.dtype))
-        if old.op == "call_module" and calls.get(new.target, 0) == 1:
+        if old.op == "call_module":  # linear_parts admits a module called once only
             mod = module.get_submodule(new.target)
             mod.weight, mod.bias = weight, bias
+            comp.written.extend([f"{new.target}.weight", f"{new.target}.bias"])
             continue
-        attr = f"{new.name}_refit"
-        while hasattr(module, attr + "_weight"):
-            attr += "_"
-        module.register_parameter(attr + "_weight", weight)
-        module.register_parameter(attr + "_bias", bias)
-        with module.graph.inserting_before(new):
-            gw, gb = module.graph.get_attr(attr + "_weight"), module.graph.get_attr(attr + "_bias")
-        stale = [new.args[1], new.args[2] if len(new.args) > 2 else new.kwargs.get("bias")]
-        new.args = (new.args[0], gw, gb, *new.args[3:])
-        new.kwargs = {k: v for k, v in new.kwargs.items() if k != "bias"}
-        for n in stale:
-            if isinstance(n, torch.fx.Node) and n.op == "get_attr" and not n.users:
-                module.graph.erase_node(n)
-                _drop_attribute(module, n.target)
+        _set_argument(module, new, 1, "weight", _layer_path(new, "weight"), weight, comp)
+        _set_argument(module, new, 2, "bias", _layer_path(new, "bias"), bias, comp)
     module.recompile()
+
+
+def _argument(node: torch.fx.Node, position: int, keyword: str) -> torch.fx.Node | None:
+    value = node.args[position] if len(node.args) > position else node.kwargs.get(keyword)
+    if value is not None and not (isinstance(value, torch.fx.Node) and value.op == "get_attr"):
+        raise ConfigError(f"compensation: the {keyword} of {node.format_node()} is computed, not a tensor")
+    return value
+
+
+def _layer_path(node: torch.fx.Node, leaf: str) -> str | None:
+    """``<layer>.<leaf>`` for a functional layer whose weight is the attribute ``<layer>.weight``."""
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and weight.target.endswith(".weight"):
+        return weight.target[:-len("weight")] + leaf
+    return None
+
+
+def _set_argument(module: torch.fx.GraphModule, node: torch.fx.Node, position: int, keyword: str,
+                  path: str | None, value: nn.Parameter, comp: Compensation) -> None:
+    """Make argument ``position``/``keyword`` of ``node`` read ``value``, stored at ``path``
+    when that path is free or read by this node alone, else under a new name."""
+    old = _argument(node, position, keyword)
+    readers = [n for n in module.graph.nodes if n.op == "get_attr" and path is not None and n.target == path]
+    if path is None or any(n is not old or len(n.users) > 1 for n in readers):
+        path = f"{node.name}_compensated_{keyword}"
+        while hasattr(module, path):
+            path += "_"
+    owner_path, _, leaf = path.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    if leaf in owner._buffers:
+        del owner._buffers[leaf]
+    elif leaf not in owner._parameters and hasattr(owner, leaf):
+        delattr(owner, leaf)
+    owner.register_parameter(leaf, value)
+    if old is not None and old.target == path:
+        get = old
+    else:
+        with module.graph.inserting_before(node):
+            get = module.graph.get_attr(path)
+        if len(node.args) > position:
+            args = list(node.args)
+            args[position] = get
+            node.args = tuple(args)
+        elif len(node.args) == position and keyword not in node.kwargs:
+            node.args = (*node.args, get)
+        else:
+            node.kwargs = {**node.kwargs, keyword: get}
+        if old is not None and not old.users:
+            module.graph.erase_node(old)
+            _drop_attribute(module, old.target)
+    if "_compensated_" not in path:
+        comp.written.append(path)
 
 
 def _drop_attribute(module: torch.fx.GraphModule, target: str) -> None:
@@ -333,37 +385,16 @@ def _drop_attribute(module: torch.fx.GraphModule, target: str) -> None:
         delattr(owner, name)
 
 
-def _add_bias_argument(module: torch.fx.GraphModule, node: torch.fx.Node, delta: torch.Tensor,
-                       dtype: torch.dtype) -> None:
-    """Give a functional linear/conv call (or a module called more than once) the bias
-    ``old + delta`` as a new attribute; a module call gets an add after it."""
+def _add_after(module: torch.fx.GraphModule, node: torch.fx.Node, delta: torch.Tensor, dtype: torch.dtype) -> None:
+    """``node`` (a linear or conv module called more than once) followed by ``+ delta``."""
     attr = f"{node.name}_compensated_bias"
     while hasattr(module, attr):
         attr += "_"
-    if node.op == "call_module":
-        mod = module.get_submodule(node.target)
-        shape = [-1] + [1] * (0 if isinstance(mod, nn.Linear) else len(mod.kernel_size))
-        module.register_parameter(attr, nn.Parameter(delta.to(dtype).reshape(shape)))
-        with module.graph.inserting_after(node):
-            get = module.graph.get_attr(attr)
-        with module.graph.inserting_after(get):
-            add = module.graph.call_function(torch.add, (node, get))
-        node.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
-        return
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    old = 0.0
-    if isinstance(bias, torch.fx.Node):
-        if bias.op != "get_attr":
-            raise ConfigError(f"compensation: the bias of {node.format_node()} is computed, not a tensor")
-        old = get_tensor(module, bias.target).detach().double()
-    module.register_parameter(attr, nn.Parameter((old + delta).to(dtype)))
-    with module.graph.inserting_before(node):
+    mod = module.get_submodule(node.target)
+    shape = [-1] + [1] * (0 if isinstance(mod, nn.Linear) else len(mod.kernel_size))
+    module.register_parameter(attr, nn.Parameter(delta.to(dtype).reshape(shape)))
+    with module.graph.inserting_after(node):
         get = module.graph.get_attr(attr)
-    if len(node.args) > 2:
-        args = list(node.args)
-        args[2] = get
-        node.args = tuple(args)
-    elif len(node.args) == 2 and "bias" not in node.kwargs:
-        node.args = (*node.args, get)
-    else:
-        node.kwargs = {**node.kwargs, "bias": get}
+    with module.graph.inserting_after(get):
+        add = module.graph.call_function(torch.add, (node, get))
+    node.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)

@@ -200,8 +200,15 @@ def _write_stage(model: nn.Module, stage: Any, original: nn.Module, known: dict)
                                  f"shape {tuple(mine.shape)}, the pruned model's source had {tuple(t.shape)}. "
                                  f"Pass the model given to fxprune.prune, or prune this one")
         pairs.append((path, t, new, mine))
+    comp = getattr(stage.plan, "compensation", None)
+    written = set(getattr(comp, "written", ()))  # tensors compensation recomputed: not slices
+    hidden = [n.target for n in pruned.graph.nodes if n.op == "get_attr" and "_compensated_" in str(n.target)]
+    if hidden:
+        raise WritebackError(f"compensation added {', '.join(hidden[:3])} outside {what}'s layers (a layer "
+                             f"called more than once, or a weight that is not a layer attribute): its classes "
+                             f"cannot hold it. Use result.module, or prune without compensate=")
     for path, t, new, mine in pairs:
-        if path not in gains:
+        if path not in gains and path not in written:
             expected = sliced_copy(mine, dims.get(id(t)))
             if expected.shape != new.shape or not torch.equal(expected, new.detach()):
                 raise WritebackError(f"{what} differs from the model this result was pruned from: the kept part of "
@@ -214,6 +221,16 @@ def _write_stage(model: nn.Module, stage: Any, original: nn.Module, known: dict)
             memo[id(mine)] = fresh
     before = {name: tuple(t.shape) for name, t in _named_tensors(model)}
     out = copy.deepcopy(model, memo)
+    for path in written:  # a bias compensation gave a layer that had none, or a refit weight
+        owner_path, _, leaf = path.rpartition(".")
+        owner = out.get_submodule(owner_path) if owner_path else out
+        value = _lookup(pruned, path)
+        if value is None:
+            raise WritebackError(f"compensation set '{path}', which the pruned module does not hold")
+        if leaf not in owner._parameters and hasattr(owner, leaf):
+            raise WritebackError(f"compensation set '{path}', but {type(owner).__name__}.{leaf} is not a "
+                                 f"parameter slot there; use result.module")
+        owner.register_parameter(leaf, nn.Parameter(value.detach().clone()))
     rebuilt = _copy_rewritten_attributes(gm, pruned, out)
     graph_args = _graph_arguments(gm, pruned)
     for name, m in out.named_modules():
@@ -624,7 +641,7 @@ def _difference(ref: Any, got: Any) -> str | None:
 
 def _user_frame(tb) -> str:
     """The innermost traceback frame outside torch and fxprune, as 'file:line: code'."""
-    from .capture import _user_frame as frame
+    from .capture import user_frame as frame
 
     return frame(tb)
 

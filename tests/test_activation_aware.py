@@ -248,9 +248,12 @@ def test_bias_compensation_on_a_transformer_functional_graph():
     ids = [torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(i)) for i in range(3)]
     result, v = prune_and_verify(llama, ids[0], ratio=0.3, importance="wanda", compensate="bias", data=ids,
                                  healthy=False, frontend="export")
-    assert result.plan.compensation.fills
-    assert "compensated_bias" in result.module.code or any(
-        getattr(m, "bias", None) is not None for m in result.module.modules() if isinstance(m, nn.Linear))
+    comp = result.plan.compensation
+    assert comp.fills
+    # the folded biases are the layers' own biases (llama's layers had none): in the code and in write-back
+    params = dict(result.module.named_parameters())
+    assert comp.written and all(p.endswith(".bias") and p in params for p in comp.written)
+    assert all(p.replace(".", "_") in result.module.code for p in comp.written)
 
 
 # -- bad input --------------------------------------------------------------------------------
@@ -351,3 +354,20 @@ def test_lsq_on_a_functional_transformer_graph_and_its_errors():
     assert result.plan.compensation.refits
     with pytest.raises(ConfigError, match="at least 2 calibration batches"):
         fxprune.prune(llama, ids[0], ratio=0.3, compensate="lsq", data=ids[:1])
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("compensate", ["bias", "lsq"])
+def test_compensated_layers_write_back_to_the_users_classes(frontend, compensate):
+    model = mlp()
+    with torch.no_grad():
+        model[2].bias = None  # compensation gives it one
+    data = shifted_batches((16, 6), n=4)
+    result = fxprune.prune(model, data[0], ratio=0.5, importance="flap", compensate=compensate, data=data,
+                           frontend=frontend)
+    fxprune.verify(model, result, data[0])
+    assert "2.bias" in result.plan.compensation.written
+    back = result.apply(model, data[0])
+    assert type(back) is nn.Sequential and isinstance(back[2].bias, nn.Parameter)
+    assert model[2].bias is None  # the user's model is not changed
+    torch.testing.assert_close(back(data[1]), result.module(data[1]))
