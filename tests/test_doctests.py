@@ -8,7 +8,8 @@ import pytest
 MODULES = ["fxprune.labels", "fxprune.capture", "fxprune.api", "fxprune.passes_base",
            "fxprune.scoring", "fxprune.calibration", "fxprune.passes.score_bn_scale", "fxprune.passes.score_fpgm",
            "fxprune.passes.score_hessian", "fxprune.passes.score_lamp", "fxprune.passes.score_random", "fxprune.passes.score_taylor",
-           "fxprune.group_graph"]
+           "fxprune.group_graph", "fxprune.statistics", "fxprune.activation_scores", "fxprune.dead_channels",
+           "fxprune.plan"]
 
 
 @pytest.mark.parametrize("name", MODULES)
