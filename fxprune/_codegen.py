@@ -358,7 +358,7 @@ def emit_module(gm: torch.fx.GraphModule) -> Emitted:
         If the module uses a class, function or attribute that cannot be
         written as importable source (the message names it and the fix).
     """
-    from .capture import _OrderedDictOutput
+    from .capture import OrderedDictOutput as _OrderedDictOutput
 
     pytree_io = type(gm.graph._codegen) is torch.fx.graph._PyTreeCodeGen
     if type(gm.graph._codegen) not in (torch.fx.graph.CodeGen, _OrderedDictOutput) and not pytree_io:

@@ -376,7 +376,7 @@ def prune_report(model, state: PruneState, inputs: tuple):
 def _stale_shape_message(module: torch.fx.GraphModule, inputs: tuple, exc: Exception) -> str:
     """Which node of a pruned model fails on inputs the model itself accepted, and in
     which module of the user's model it sits."""
-    from .capture import _NodeFailure, _MetaProp
+    from .capture import MetaProp as _MetaProp, NodeFailure as _NodeFailure
 
     where, failure = "", exc.__cause__ or exc
     try:

@@ -28,14 +28,14 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from fxprune.capture import _MetaProp, _to_meta
+from fxprune.capture import MetaProp as _MetaProp, to_meta as _to_meta
 from fxprune.channels import ChannelGroups
 from fxprune.errors import ConfigError
 from fxprune.meta import graph_inputs
 from fxprune.report import ModelStats, count_params, human, measure
 from fxprune.plan import candidates, isomorphic_sets, own_ratios, segment_parts, select_channels
 from fxprune.rewrite import rewrite_graph
-from fxprune.rules.recurrent import _GATES
+from fxprune.rules.recurrent import GATES as _GATES
 
 
 @dataclass(frozen=True)

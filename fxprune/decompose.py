@@ -11,7 +11,7 @@ Masks keep torch's meaning: an attention mask of rank 2 or 3 (batch times heads)
 and a key padding mask, each boolean (True: may not attend) or additive, merged
 into one SDPA mask. Their rank and dtype decide the ops, so a mask that is traced
 (a model input, one made in forward) is looked up on the example inputs
-(``_Tracer.example_meta``); where that is not possible the trace fails and the
+(``DecomposingTracer.example_meta``); where that is not possible the trace fails and the
 auto front end uses torch.export instead.
 """
 
@@ -43,7 +43,7 @@ def _describe(t, what: str) -> tuple[int, bool]:
 
 def _careful(t) -> bool:
     """Whether ``t`` is traced by a tracer that reads ranks and dtypes where it helps (see
-    ``_Tracer.careful``)."""
+    ``DecomposingTracer.careful``)."""
     return isinstance(t, torch.fx.Proxy) and getattr(t.tracer, "careful", False)
 
 

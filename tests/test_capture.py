@@ -255,7 +255,7 @@ _FUNCTION_CASES = [
 def test_function_shape_shortcuts_match_the_meta_kernels(case):
     fn, args, kwargs = _FUNCTION_CASES[case]
     want = fn(*args, **kwargs)
-    got = capture._function_shape(fn, args, kwargs)
+    got = capture.function_shape(fn, args, kwargs)
     assert got == (tuple(want.shape), want.dtype)
 
 
@@ -268,7 +268,7 @@ def test_function_shape_shortcuts_match_the_meta_kernels(case):
     (torch.cat, ([_meta(2, 3), _meta(3, 4)], 1)),                # sizes differ off the cat dim
 ])
 def test_function_shape_shortcuts_leave_bad_arguments_to_the_kernel(fn, args):
-    assert capture._function_shape(fn, args, {}) is None
+    assert capture.function_shape(fn, args, {}) is None
     with pytest.raises(RuntimeError):
         fn(*args)
 
@@ -281,12 +281,12 @@ def test_function_shape_shortcuts_leave_bad_arguments_to_the_kernel(fn, args):
 ])
 def test_module_shape_shortcuts_match_the_modules(module, shape):
     x = torch.randn(shape)
-    assert capture._module_shape(module, (x,), {}) == tuple(module(x).shape)
+    assert capture.module_shape(module, (x,), {}) == tuple(module(x).shape)
 
 
 def test_module_shape_shortcuts_leave_bad_inputs_to_the_module():
-    assert capture._module_shape(nn.LayerNorm(8), (torch.randn(2, 7),), {}) is None
-    assert capture._module_shape(nn.GroupNorm(2, 4), (torch.randn(2, 6, 3),), {}) is None
+    assert capture.module_shape(nn.LayerNorm(8), (torch.randn(2, 7),), {}) is None
+    assert capture.module_shape(nn.GroupNorm(2, 4), (torch.randn(2, 6, 3),), {}) is None
 
 
 @pytest.mark.parametrize("module, shape", [
@@ -298,7 +298,7 @@ def test_module_shape_shortcuts_leave_bad_inputs_to_the_module():
 ])
 def test_recurrent_shape_shortcuts_match_the_modules(module, shape):
     x = torch.randn(shape)
-    got = capture._recurrent_outputs(module, (x,), {})
+    got = capture.recurrent_outputs(module, (x,), {})
     want = module(x)
     assert [t.shape for t in torch.utils._pytree.tree_leaves(got)] == \
         [t.shape for t in torch.utils._pytree.tree_leaves(want)]
@@ -307,9 +307,9 @@ def test_recurrent_shape_shortcuts_match_the_modules(module, shape):
 
 def test_recurrent_shape_shortcuts_leave_bad_inputs_and_states_to_the_module():
     lstm = nn.LSTM(6, 5)
-    assert capture._recurrent_outputs(lstm, (torch.randn(7, 2, 4),), {}) is None  # wrong width
+    assert capture.recurrent_outputs(lstm, (torch.randn(7, 2, 4),), {}) is None  # wrong width
     state = (torch.zeros(1, 2, 5), torch.zeros(1, 2, 5))
-    assert capture._recurrent_outputs(lstm, (torch.randn(7, 2, 6), state), {}) is None
+    assert capture.recurrent_outputs(lstm, (torch.randn(7, 2, 6), state), {}) is None
 
 
 def test_tensors_made_inside_forward_get_shapes_on_meta():
