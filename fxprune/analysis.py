@@ -9,7 +9,7 @@ linked through shared label sources become :class:`ChannelGroup` s.
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx
@@ -20,7 +20,7 @@ from fxprune.channels import Alignment, ChannelGroup, ChannelGroups, Member
 from fxprune.errors import AnalysisError, ConfigError, RuleError, Unsupported
 from fxprune.labels import CONST, LabelSpace, concat_tagged, constant_along, label_tensors, normalize, unique_runs
 from fxprune.meta import TensorMeta, get_meta, has_meta
-from fxprune.rules.context import AnalysisContext
+from fxprune.rules.context import AnalysisContext, attr_target
 from fxprune.rules.registry import describe_target, lookup
 from fxprune.weight_norm import weight_norm_of
 
@@ -45,7 +45,7 @@ def _check(ctx: AnalysisContext, labels: Any, meta: Any, free: bool = False) -> 
         chose: list[int] = []
         out = normalize(ctx.space, labels, ctx.policy, ctx.avoid_dims, chose)
         if chose:  # a view split channels into blocks (heads x head_dim): the policy chose
-            ctx.head_splits.append((ctx.node.name, out))
+            ctx.head_splits.append((ctx.current.name, out))
         return out
     if isinstance(meta, tuple):
         if not isinstance(labels, tuple) or len(labels) != len(meta):
@@ -144,7 +144,7 @@ def _track_channel_sized(ctx: AnalysisContext, node: torch.fx.Node) -> None:
     """Ints derived from a channel count stay marked through getitem and arithmetic."""
     marks = [ctx.channel_sized.get(i.name) for i in node.all_input_nodes]
     if node.op == "call_function" and node.target is operator.getitem and isinstance(marks[0], set):
-        size, index = get_meta(node.args[0]), ctx.value(node.args[1])
+        size, index = get_meta(cast(torch.fx.Node, node.args[0])), ctx.value(node.args[1])
         positions = range(len(size)) if isinstance(size, (tuple, list)) else None
         if positions is None:  # an unknown length: the marked entries are not tracked
             ctx.channel_sized[node.name] = True
@@ -168,7 +168,7 @@ def _carries_tensor(meta: Any) -> bool:
 def _carries_channels(ctx: AnalysisContext, node: torch.fx.Node) -> bool:
     """Whether any position of ``node``'s value belongs to a class other than CONST."""
     if node.op == "get_attr" and node not in ctx.labels_of:  # not labelled here: that would
-        t = ctx.tensor(node.target)                         # make it a sliceable source
+        t = ctx.tensor(attr_target(node))                   # make it a sliceable source
         return isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim > 0
     got = ctx.labels_of.get(node)
     found = got if isinstance(got, tuple) else (got,)
@@ -219,7 +219,10 @@ def _family_components(space: LabelSpace, class_of: torch.Tensor, n: int) -> tor
         comp = new
 
 
-def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inexact_why):
+def _build_groups(space: LabelSpace, class_of: torch.Tensor, n: int, alignments: tuple[Alignment, ...],
+                  pinned: torch.Tensor, pin_why: dict[int, list[str]], inexact: torch.Tensor,
+                  inexact_why: dict[int, list[str]],
+                  ) -> tuple[tuple[ChannelGroup, ...], torch.Tensor, tuple[tuple[Member, ...], tuple[str, ...]]]:
     comp = _family_components(space, class_of, n)
     const_class = int(class_of[CONST])
     fam = space.family_of
@@ -245,7 +248,7 @@ def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inex
                           torch.bincount(gid_of[sort][free],
                                          minlength=len(counts)).tolist())
     members: dict[int, list[Member]] = {}
-    kept: list[tuple] = []  # (alignment, member) whose channels joined the constants
+    kept: list[tuple[Alignment, Member]] = []  # (alignment, member) whose channels joined the constants
     n_groups = len(counts) + 1
     # one (alignment, group) key per pair, in alignment order, for all alignments at once
     for key in _tagged_distinct([a.labels for a in alignments], group_of_class[class_of] + 1, n_groups).tolist():
@@ -290,8 +293,9 @@ def _build_groups(space, class_of, n, alignments, pinned, pin_why, inexact, inex
     return groups, group_of_class, (kept_members, why_const if kept_members else ())
 
 
-def _chunks(flat: list, counts: list[int]) -> list[list]:
-    out, at = [], 0
+def _chunks(flat: list[int], counts: list[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    at = 0
     for k in counts:
         out.append(flat[at:at + k])
         at += k
@@ -309,7 +313,7 @@ def _tagged_distinct(labels: list[torch.Tensor], table: torch.Tensor, bound: int
     return unique_runs(tag * bound + table[flat])
 
 
-def _segments(labels_of: dict, class_of: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _segments(labels_of: dict[torch.fx.Node, Any], class_of: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The classes along the channel dim of every tensor (each must keep one), one entry
     per distinct sequence: a class may repeat inside an entry, which changes nothing for
     the check."""
@@ -370,7 +374,7 @@ def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
     alignments = tuple(Alignment(p, normalize(space, l), r, nd) for p, l, r, nd in ctx.alignments)
     # a free tensor's labels (and those of values made from free tensors alone) are left
     # as created until their users are known; separable now
-    def separable(labels):
+    def separable(labels: Any) -> Any:
         if isinstance(labels, tuple):
             return tuple(separable(l) for l in labels)
         return normalize(space, labels) if isinstance(labels, torch.Tensor) else labels
@@ -383,13 +387,15 @@ def analyze_channels(gm: torch.fx.GraphModule, *, policy: str = "inner",
 
     groups, group_of_class, (const_members, const_reasons) = _build_groups(
         space, class_of, n, alignments, pinned, pin_why, inexact, inexact_why)
-    head_groups = set()
+    head_groups: set[int] = set()
     for _, labels in ctx.head_splits:
         gids = group_of_class[class_of[labels.reshape(-1)]]
         head_groups.update(int(g) for g in torch.unique(gids).tolist() if g >= 0)
     return ChannelGroups(
         gm=gm, class_of=class_of, n_classes=n, class_pinned=pinned, class_inexact=inexact,
-        node_labels=node_labels, alignments=alignments, consumers=tuple(ctx.consumers),
+        node_labels=node_labels, alignments=alignments,
+        # (an entry may also be (position, item): an operand in a list, see AnalysisContext.consume)
+        consumers=cast("tuple[tuple[str, int | str], ...]", tuple(ctx.consumers)),
         groups=groups, group_of_class=group_of_class, barriers=tuple(ctx.barriers),
         policy=policy, frontend=frontend, segments=_segments(ctx.labels_of, class_of),
         channel_sized=frozenset(k for k, v in ctx.channel_sized.items() if v is True),

@@ -343,3 +343,23 @@ def test_layer_norm_shape_computed_in_forward_follows_the_pruned_size(as_list):
     result, _ = prune_and_verify(ShapeFromForward(as_list).eval(), torch.randn(4, 6), ratio=0.5)
     assert result.module.get_parameter("w").shape == (8,)
     assert result.module(torch.randn(5, 6)).shape == (5, 3)
+
+
+def test_prelu_with_a_slope_computed_in_the_graph():
+    """F.prelu whose per-channel slope is computed in forward (not a parameter): the
+    slope's positions go with the channels they scale."""
+    import fxprune
+    from tests.helpers.oracle import prune_and_verify
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 4, 1)
+            self.slope = torch.nn.Parameter(torch.rand(8))
+
+        def forward(self, x):
+            return self.b(torch.nn.functional.prelu(self.a(x), self.slope * 0.5))
+
+    groups = fxprune.analyze(Net(), torch.randn(2, 3, 6, 6))
+    assert [g.size for g in groups.prunable] == [8]
+    prune_and_verify(Net(), torch.randn(2, 3, 6, 6), ratio=0.5)

@@ -43,14 +43,12 @@ def table() -> str:
     import fxprune.rules  # noqa: F401  (fills the registry)
 
     by_rule: dict[tuple[str, str, bool], list[str]] = defaultdict(list)
-    for tab in (registry._FUNCTIONS, registry._MODULES, registry._METHODS, registry._TAGS, registry._OP_NAMES):
-        for key, rule in tab.items():
-            if not rule.analyze.__module__.startswith("fxprune."):
-                continue  # a rule registered by user code (or a test), not fxprune's own
-            family = rule.analyze.__module__.rsplit(".", 1)[-1]
-            name = key if tab is registry._OP_NAMES else _key_name(key)
-            by_rule[(family, rule.name, rule.rewrite is not None)].append(f"`{name}`" if tab is registry._OP_NAMES
-                                                                        else name)
+    for tab, key, rule in registry.entries():
+        if not rule.analyze.__module__.startswith("fxprune."):
+            continue  # a rule registered by user code (or a test), not fxprune's own
+        family = rule.analyze.__module__.rsplit(".", 1)[-1]
+        name = f"`{key}`" if tab == "op_name" else _key_name(key)
+        by_rule[(family, rule.name, rule.rewrite is not None)].append(name)
     lines = ["# Op coverage", "",
              "Generated from the rule registry by `python tools/op_coverage.py --write`; a test fails",
              "when it is stale. An op not listed here pins its channels (the analysis names it).", "",

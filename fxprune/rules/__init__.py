@@ -1,7 +1,8 @@
 """Per-op channel rules, one file per op family; importing this package fills
 the registry (``fxprune.rules.registry``)."""
 
-from . import contract, conv, embedding, norm, pointwise, recurrent, reduce, shape, torchvision_ops  # noqa: F401
+from . import (concat, contract, conv, embedding, gather, indexing, layout, norm, pointwise,  # noqa: F401
+               recurrent, reduce, spectral, torchvision_ops, views, windows)
 from . import aten  # noqa: F401  (after the rules it maps ATen ops onto)
 from .registry import Rule, lookup, register
 

@@ -16,22 +16,25 @@ input's values.
 
 from __future__ import annotations
 
+from typing import Any
+
 import sys
 
 import torch
 import torch.fx
 
-from . import contract, conv, embedding, norm, pointwise, reduce, shape
+from . import (concat, contract, conv, embedding, gather, indexing, layout, norm, pointwise, reduce, spectral,
+               views, windows)
 from ..errors import Unsupported
 from ..labels import const_like
 from ..meta import get_meta
-from .context import get_tensor, weight_operand
+from .context import AnalysisContext, RewriteContext, get_tensor, op_name, weight_operand
 from .registry import register, register_op_name, register_tag
 
 aten = torch.ops.aten
 
 
-def _ops(*names: str) -> list:
+def _ops(*names: str) -> list[Any]:
     """The ATen packets of ``names`` that exist in this torch build."""
     return [getattr(aten, n) for n in names if hasattr(aten, n)]
 
@@ -48,7 +51,7 @@ register(*_ops("embedding", "embedding_bag", "_embedding_bag"))(embedding.embedd
 register(aten.bilinear)(conv.bilinear)
 
 
-def weight_norm(ctx, node):
+def weight_norm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """``_weight_norm(v, g, dim)``, an exported weight-normalized layer: its users align
     the weight through ``g`` and ``v`` (``AnalysisContext.align``); the value itself is
     only known as a weight."""
@@ -59,8 +62,9 @@ def weight_norm(ctx, node):
     return const_like(ctx.meta(node).ndim)
 
 
-def rewrite_weight_norm(r, old, new):
-    v, g = (get_tensor(r.groups.gm, a.target) for a in old.args[:2])
+def rewrite_weight_norm(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
+    params: Any = old.args[:2]  # the get_attr nodes of v and g
+    v, g = (get_tensor(r.groups.gm, a.target) for a in params)
     r.fold_weight_norm(g, v, old.args[2] if len(old.args) > 2 else old.kwargs.get("dim", 0))
 
 
@@ -74,27 +78,26 @@ register(*_ops("matmul", "mm", "bmm"))(contract.matmul)
 register(aten.einsum)(contract.einsum)
 register(aten.scaled_dot_product_attention, rewrite=contract.rewrite_sdpa)(contract.sdpa)
 
-register(*_ops("view", "_unsafe_view", "reshape"), rewrite=shape.rewrite_sizes)(shape.split_relabel)
-register(aten.expand, rewrite=shape.rewrite_sizes)(shape.expand)
-register(aten.unflatten, rewrite=shape.rewrite_unflatten)(shape.split_relabel)
-register(*_ops("split", "split_with_sizes", "chunk", "unsafe_split"), rewrite=shape.rewrite_split)(shape.relabel)
-register(*_ops("tensor_split"), rewrite=shape.rewrite_split)(shape.tensor_split)
-register(aten.narrow, rewrite=shape.rewrite_narrow)(shape.relabel)
-register(aten.unbind)(shape.unbind)
-register(aten.roll)(shape.roll)
-register(aten.triu, aten.tril, aten.triu_, aten.tril_)(shape.triangle)
+register(*_ops("view", "_unsafe_view", "reshape"), rewrite=views.rewrite_sizes)(views.split_relabel)
+register(aten.expand, rewrite=views.rewrite_sizes)(views.expand)
+register(aten.unflatten, rewrite=views.rewrite_unflatten)(views.split_relabel)
+register(*_ops("split", "split_with_sizes", "chunk", "unsafe_split"), rewrite=concat.rewrite_split)(concat.split)
+register(*_ops("tensor_split"), rewrite=concat.rewrite_split)(concat.tensor_split)
+register(aten.narrow, rewrite=indexing.rewrite_narrow)(indexing.narrow)
+register(aten.unbind)(concat.unbind)
+register(aten.roll)(layout.roll)
+register(aten.triu, aten.tril, aten.triu_, aten.tril_)(layout.triangle)
 register(aten._fft_r2c, aten._fft_c2r, aten._fft_c2c,
-         *(getattr(aten, "fft_" + n) for n in shape._FFT_1D + shape._FFT_2D + shape._FFT_ND
-           if hasattr(aten, "fft_" + n)))(shape.spectral)
-register(aten.unfold)(shape.unfold_dim)
-register(aten.im2col)(shape.im2col)
-register(aten.col2im)(shape.col2im)
-register(*_ops("cat", "concat", "stack"))(shape.cat)
+         *(getattr(aten, "fft_" + n) for n in spectral.FFT_NAMES if hasattr(aten, "fft_" + n)))(spectral.spectral)
+register(aten.unfold)(windows.unfold_dim)
+register(aten.im2col)(windows.im2col)
+register(aten.col2im)(windows.col2im)
+register(*_ops("cat", "concat", "stack"))(concat.cat)
 register(*_ops("flatten", "permute", "transpose", "t", "squeeze", "unsqueeze", "movedim", "flip", "rot90",
                "repeat", "repeat_interleave", "tile", "pixel_shuffle", "pixel_unshuffle",
-               "numpy_T", "mT", "view_as", "reshape_as"))(shape.relabel)
-register(aten.expand_as)(shape.expand_as)
-register(*_ops("channel_shuffle", "native_channel_shuffle"))(shape.channel_shuffle)
+               "numpy_T", "mT", "view_as", "reshape_as"))(layout.relabel)
+register(aten.expand_as)(views.expand_as)
+register(*_ops("channel_shuffle", "native_channel_shuffle"))(layout.channel_shuffle)
 
 register(*_ops("sum", "nansum", "mean", "nanmean", "amax", "amin", "max", "min", "std", "var",
                "norm", "linalg_vector_norm", "logsumexp", "prod", "median", "all", "any"))(reduce.reduce)
@@ -119,37 +122,39 @@ register_tag(torch.Tag.pointwise)(pointwise.pointwise)
 
 
 # -- slice and select: getitem spelled as ops ---------------------------------------------
-def _slice_index(ctx, node) -> tuple:
-    dim = ctx.value(ctx.arg(1, "dim", 0)) % ctx.meta(node.args[0]).ndim
+def _slice_index(ctx: AnalysisContext, node: torch.fx.Node) -> tuple[Any, ...]:
+    dim: int = ctx.value(ctx.arg(1, "dim", 0)) % ctx.meta(node.args[0]).ndim
     start, end, step = (ctx.value(ctx.arg(i, n, d)) for i, n, d in
                         ((2, "start", None), (3, "end", None), (4, "step", 1)))
     end = None if isinstance(end, int) and end >= sys.maxsize else end  # "to the end"
     return (slice(None),) * dim + (slice(start, end, step),)
 
 
-def aten_slice(ctx, node):
+def aten_slice(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """aten.slice(x, dim, start, end, step) is x[..., start:end:step] along dim."""
-    return shape.index_labels(ctx, node, node.args[0], _slice_index(ctx, node))
+    return indexing.index_labels(ctx, node, node.args[0], _slice_index(ctx, node))
 
 
-def rewrite_slice(r, old, new):
+def rewrite_slice(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
     x = old.args[0]
-    got = r.kept_index(r.node_labels(x)) if isinstance(x, torch.fx.Node) else None
+    if not isinstance(x, torch.fx.Node):
+        return
+    got = r.kept_index(r.node_labels(x))
     if got is None:
         return
     cdim, kept = got
-    args = list(old.args) + [None] * (4 - len(old.args))
-    dim = args[1] if args[1] is not None else old.kwargs.get("dim", 0)
+    args: list[Any] = list(old.args) + [None] * (4 - len(old.args))
+    dim: Any = args[1] if args[1] is not None else old.kwargs.get("dim", 0)
     if dim % len(r.old_shape(x)) != cdim:
         return
-    start = args[2] if args[2] is not None else old.kwargs.get("start")
-    end = args[3] if args[3] is not None else old.kwargs.get("end")
+    start: Any = args[2] if args[2] is not None else old.kwargs.get("start")
+    end: Any = args[3] if args[3] is not None else old.kwargs.get("end")
     end = None if isinstance(end, int) and end >= sys.maxsize else end
     step = (list(old.args) + [None] * 5)[4] or old.kwargs.get("step", 1)
-    if step != 1:  # whole blocks of `step` went (see shape.index_labels): same offset, to the end
+    if step != 1:  # whole blocks of `step` went (see indexing.index_labels): same offset, to the end
         end = None
     else:
-        start, end = shape.new_bounds(r, x, cdim, kept, start, end)
+        start, end = indexing.new_bounds(r, x, cdim, kept, start, end)
     new.args = (new.args[0], dim, start, end, step)
     new.kwargs = {}
 
@@ -157,18 +162,18 @@ def rewrite_slice(r, old, new):
 register(aten.slice, rewrite=rewrite_slice)(aten_slice)
 
 
-def aten_select(ctx, node):
+def aten_select(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """aten.select(x, dim, index) is x[..., index] along dim."""
     dim = ctx.value(ctx.arg(1, "dim")) % ctx.meta(node.args[0]).ndim
     index = ctx.value(ctx.arg(2, "index"))
-    return shape.index_labels(ctx, node, node.args[0], (slice(None),) * dim + (index,))
+    return indexing.index_labels(ctx, node, node.args[0], (slice(None),) * dim + (index,))
 
 
 register(aten.select)(aten_select)
 
 
 # -- addmm: bias + mat1 @ mat2 -------------------------------------------------------------
-def addmm(ctx, node):
+def addmm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """``beta * input + alpha * (mat1 @ mat2)``. With a parameter ``mat2`` (GPT-2's Conv1D)
     it is a linear layer whose weight is stored (in, out)."""
     bias, a, b = node.args[:3]
@@ -185,7 +190,7 @@ def addmm(ctx, node):
 register(aten.addmm, torch.addmm, "addmm")(addmm)
 
 
-def baddbmm(ctx, node):
+def baddbmm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """``beta * input + alpha * (batch1 @ batch2)``, batched (BLOOM's ALiBi attention
     scores): a contraction over K plus a broadcast input."""
     bias, a, b = ctx.arg(0, "input"), ctx.arg(1, "batch1"), ctx.arg(2, "batch2")
@@ -199,7 +204,7 @@ register(aten.baddbmm, torch.baddbmm, "baddbmm")(baddbmm)
 
 
 # -- mixture of experts ---------------------------------------------------------------
-def grouped_mm(ctx, node):
+def grouped_mm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """``grouped_mm(x, W, offs)``: tokens sorted by expert, each block of rows times its
     expert's (in, out) matrix of W (experts, in, out). Every expert has the same width,
     so an input or output feature goes from all experts at once, like a dense layer."""
@@ -221,7 +226,7 @@ register(getattr(aten, "_grouped_mm", None))(grouped_mm)
 register_op_name("transformers::grouped_mm_fallback")(grouped_mm)
 
 
-def topk(ctx, node):
+def topk(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Values and indices of the k largest along ``dim``: which entries win depends on the
     values there, so channels along ``dim`` are pinned; the other dims keep their labels."""
     x = node.args[0]
@@ -243,7 +248,7 @@ register(aten.topk, torch.topk, "topk")(topk)
 _FACTORIES = ("zeros", "ones", "empty", "full", "new_zeros", "new_ones", "new_empty", "new_full")
 
 
-def factory(ctx, node):
+def factory(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """A constant made in forward (``torch.zeros(size)``, ones, empty, full and the
     ``x.new_*`` twins): every position holds the same value, so any of them may go. Its
     positions are free labels, sized by what they meet (an LSTM's initial state, zero
@@ -265,10 +270,10 @@ def factory(ctx, node):
     return ctx.free_labels(node, tuple(literal), f"constant {node.name}")
 
 
-def _size_arg(node) -> tuple:
+def _size_arg(node: torch.fx.Node) -> tuple[Any, tuple[str, int]]:
     """(size, how it is passed): ``"packed"`` (one list, tuple or shape node at ``at``),
     ``"varargs"`` (ints from ``at`` on) or ``"kw"`` (the ``size`` keyword)."""
-    at = 1 if shape._op_name(node).startswith("new_") else 0
+    at = 1 if op_name(node).startswith("new_") else 0
     if len(node.args) > at:
         first = node.args[at]
         if isinstance(first, (list, tuple, torch.Size)) or isinstance(first, torch.fx.Node) and not _is_int(first):
@@ -281,7 +286,7 @@ def _is_int(n: torch.fx.Node) -> bool:
     return isinstance(get_meta(n), int)
 
 
-def _shape_read(size):
+def _shape_read(size: Any) -> Any:
     """The tensor whose whole shape ``size`` is (``t.shape``, ``t.size()``), else None."""
     if not isinstance(size, torch.fx.Node) or not size.args:
         return None
@@ -290,7 +295,7 @@ def _shape_read(size):
     return size.args[0] if whole else None
 
 
-def rewrite_factory(r, old, new):
+def rewrite_factory(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
     """The kept counts in the size of a constant whose positions were pruned."""
     before, after = r.old_shape(old), r.new_shape(old)
     if before == after:
@@ -298,7 +303,8 @@ def rewrite_factory(r, old, new):
     size, (how, at) = _size_arg(old)  # (the new node's arguments have no shapes to tell)
     if isinstance(size, torch.fx.Node):  # a shape read at run time: it follows by itself
         return
-    sizes = list(new.kwargs["size"] if how == "kw" else new.args[at] if how == "packed" else new.args[at:])
+    given: Any = new.kwargs["size"] if how == "kw" else new.args[at] if how == "packed" else new.args[at:]
+    sizes = list(given)
     for k, (a, b) in enumerate(zip(before, after)):
         if a != b:
             sizes[k] = b
@@ -314,16 +320,16 @@ register(*_ops(*_FACTORIES, "scalar_tensor"), torch.zeros, torch.ones, torch.emp
          "new_zeros", "new_ones", "new_empty", "new_full", rewrite=rewrite_factory)(factory)
 
 
-def aten_index(ctx, node):
-    """aten.index(x, [idx or None, ...]): advanced indexing (see ``shape.gather_labels``)."""
-    return shape.gather_labels(ctx, node, node.args[0], node.args[1], aten_list=True)
+def aten_index(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
+    """aten.index(x, [idx or None, ...]): advanced indexing (see ``indexing.gather_labels``)."""
+    return indexing.gather_labels(ctx, node, node.args[0], node.args[1], aten_list=True)
 
 
 register(aten.index)(aten_index)
-register(aten.gather, aten.take_along_dim, rewrite=shape.rewrite_gather)(shape.gather)
-register(aten.index_select)(shape.index_select)
+register(aten.gather, aten.take_along_dim, rewrite=gather.rewrite_gather)(gather.gather)
+register(aten.index_select)(gather.index_select)
 register(aten.scatter, aten.scatter_add, aten.scatter_reduce, aten.index_add, aten.index_copy, aten.index_reduce,
-         rewrite=shape.rewrite_scatter)(shape.scatter)
+         rewrite=gather.rewrite_scatter)(gather.scatter)
 
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx
@@ -40,7 +40,8 @@ def _transposes(node: torch.fx.Node, ndim: int) -> bool | None:
     .T, .mT, transpose, permute), False when it keeps the layout, None when it is not one."""
     if node.op not in ("call_function", "call_method"):
         return None  # (a submodule may be called "t")
-    t, args = node.target, node.args
+    t = node.target
+    args: Any = node.args  # torch.fx's Argument union: checked below
     if t in ("t", torch.t, _aten.t.default, _aten.numpy_T.default):
         return True if ndim == 2 else None
     if node.op == "call_function" and t is getattr and len(args) == 2 and args[1] in ("T", "mT"):
@@ -75,10 +76,10 @@ def weight_operand(root: torch.nn.Module, x: Any, ndim: int) -> tuple[str, bool]
         flips, node = flips ^ flip, node.args[0]
     if not isinstance(node, torch.fx.Node):
         return None
-    t = get_tensor(root, node.target)
+    t = get_tensor(root, attr_target(node))
     if not isinstance(t, torch.Tensor) or t.ndim != ndim or not t.is_floating_point():
         return None
-    return (node.target, flips) if _weight_uses_only(node, ndim) else None
+    return (attr_target(node), flips) if _weight_uses_only(node, ndim) else None
 
 
 def _weight_uses_only(node: torch.fx.Node, ndim: int) -> bool:
@@ -130,18 +131,18 @@ def get_tensor(root: torch.nn.Module, path: str) -> torch.Tensor:
         for table in ("_parameters", "_buffers"):
             t = d.get(table, {}).get(name)
             if t is not None:
-                return t
+                return cast(torch.Tensor, t)
     except (KeyError, AttributeError):
         obj = root
         for part in parents:
             obj = getattr(obj, part)
-    return getattr(obj, name)
+    return cast(torch.Tensor, getattr(obj, name))
 
 
 def get_module(root: torch.nn.Module, target: str) -> torch.nn.Module:
     """The submodule at a dotted ``target`` (``root.get_submodule``, walking the module
     dicts directly: lookups happen for every node of every pass)."""
-    obj = root
+    obj: Any = root
     try:
         for part in target.split(".") if target else ():
             obj = obj._modules[part]
@@ -150,6 +151,24 @@ def get_module(root: torch.nn.Module, target: str) -> torch.nn.Module:
     if not isinstance(obj, torch.nn.Module):
         return root.get_submodule(target)  # raises its own clear error
     return obj
+
+
+def attr_target(node: torch.fx.Node) -> str:
+    """The dotted path a ``get_attr`` or ``call_module`` node names, or the method name of
+    a ``call_method`` node (torch.fx types a target as a callable or a str; these ops
+    always hold a str)."""
+    return cast(str, node.target)
+
+
+def op_name(node: torch.fx.Node) -> str:
+    """The bare name of what ``node`` calls: a method name, an ATen packet's name
+    (``aten.view.default`` -> ``"view"``) or a function's ``__name__``."""
+    t = node.target
+    if isinstance(t, str):
+        return t
+    if isinstance(t, torch._ops.OpOverload):
+        return str(t.overloadpacket.__name__)
+    return str(getattr(t, "__name__", ""))
 
 
 def _only_along(labels: torch.Tensor, dim: int) -> torch.Tensor:
@@ -177,7 +196,7 @@ class AnalysisContext:
         # size tuple the set of its entries that are channel counts
         self.channel_sized: dict[str, Any] = {}
         self._tensor_paths: dict[int, list[str]] = {}
-        self._first_alignment: dict[tuple[int, int], torch.Tensor] = {}
+        self._first_alignment: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         self.node: torch.fx.Node | None = None
         self.splits_channels = False  # set by view-like rules: the policy picks the channel dim
         self.avoid_dims: set[int] = set()  # ... but not one of these (unpacked right away)
@@ -193,9 +212,18 @@ class AnalysisContext:
 
     # -- reading the graph ----------------------------------------------
     @property
-    def module(self) -> torch.nn.Module:
-        """The submodule a ``call_module`` node calls."""
-        return get_module(self.gm, self.node.target)
+    def current(self) -> torch.fx.Node:
+        """The node whose rule is running."""
+        if self.node is None:
+            raise AnalysisError("no op rule is running")
+        return self.node
+
+    @property
+    def module(self) -> Any:
+        """The submodule a ``call_module`` node calls (typed ``Any``: rules read the
+        attributes of its layer type, ``in_channels``, ``eps``, which torch types as
+        ``Tensor | Module``)."""
+        return get_module(self.gm, attr_target(self.current))
 
     def meta(self, x: Any) -> TensorMeta:
         m = tensor_meta(x)
@@ -218,13 +246,13 @@ class AnalysisContext:
 
     def arg(self, i: int, name: str, default: Any = None) -> Any:
         """Positional-or-keyword argument ``i``/``name`` of the current node."""
-        n = self.node
+        n = self.current
         if len(n.args) > i:
             return n.args[i]
         return n.kwargs.get(name, default)
 
     def where(self) -> str:
-        return self.node.format_node() if self.node is not None else "<graph>"
+        return str(self.node.format_node()) if self.node is not None else "<graph>"
 
     # -- labels -----------------------------------------------------------
     def labels(self, x: Any) -> torch.Tensor | None:
@@ -241,12 +269,13 @@ class AnalysisContext:
         labels = self.labels(x)
         return labels if labels is not None else const_like(self.meta(x).ndim)
 
-    def tuple_labels(self, x: Any) -> tuple | None:
+    def tuple_labels(self, x: Any) -> tuple[Any, ...] | None:
         got = self.labels_of.get(x) if isinstance(x, torch.fx.Node) else None
         return got if isinstance(got, tuple) else None
 
     def _attr_labels(self, node: torch.fx.Node) -> Any:
-        t = get_tensor(self.gm, node.target)
+        path = attr_target(node)
+        t = get_tensor(self.gm, path)
         if not isinstance(t, torch.Tensor):
             return None
         if t.ndim == 0 or not t.is_floating_point() or t.layout != torch.strided:
@@ -258,17 +287,17 @@ class AnalysisContext:
             # mask): one label per output channel; the layer aligns the inputs itself
             labels = self.space.fresh((t.shape[0],) + (1,) * (t.ndim - 1),
                                       Family(f"tensor {node.target}", node.name))
-            self.align(node.target, labels, "free")
+            self.align(path, labels, "free")
             self.free_nodes.add(node)
             return labels
         # a parameter or buffer used by value (layer scale, positional embedding, rotary
         # frequencies): every position gets a fresh label, so it is sliced with what it meets
         labels = self.free_labels(node, tuple(t.shape), f"tensor {node.target}")
         if labels.any():
-            self.align(node.target, labels, "free")
+            self.align(path, labels, "free")
         return labels
 
-    def free_labels(self, node: torch.fx.Node, shape: tuple, what: str) -> torch.Tensor:
+    def free_labels(self, node: torch.fx.Node, shape: tuple[int, ...], what: str) -> torch.Tensor:
         """A fresh label for every position of ``node``'s value, which is then *free*: not
         normalized here, the ops that use it decide which dim is the channel."""
         if math.prod(shape) > MAX_FREE_LABELS and len(shape) >= 2 and 1 < shape[-1] <= MAX_FREE_LABELS:
@@ -292,7 +321,7 @@ class AnalysisContext:
             labels = const_like(len(shape))
         return labels.expand(shape)
 
-    def fresh(self, shape, what: str) -> torch.Tensor:
+    def fresh(self, shape: Any, what: str) -> torch.Tensor:
         return self.space.fresh(shape, Family(what, self.node.name if self.node is not None else None))
 
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -353,7 +382,7 @@ class AnalysisContext:
         exported weight normalization, aligned through its g and v), else None."""
         if isinstance(x, torch.fx.Node):
             if x.op == "get_attr":
-                return x.target
+                return attr_target(x)
             key = f"<{x.name}>"
             if key in self.weight_norms:
                 return key
@@ -389,24 +418,25 @@ class AnalysisContext:
         entry of a list passed there, as einsum's operands can be): the oracle zeroes
         removed channels there."""
         if item is not None:
-            self.consumers.append((self.node.name, (argpos, item)))
+            self.consumers.append((self.current.name, (argpos, item)))
             return
-        by_name = name is not None and argpos >= len(self.node.args) and name in self.node.kwargs
-        self.consumers.append((self.node.name, name if by_name else argpos))
+        node = self.current
+        by_name = name is not None and argpos >= len(node.args) and name in node.kwargs
+        self.consumers.append((node.name, name if by_name and name is not None else argpos))
 
     def consume_param(self, path: str, labels: torch.Tensor) -> None:
         """The current (opaque) module contracts over positions of its own tensor ``path``
         labelled ``labels`` (a recurrent weight's hidden columns): the oracle zeroes the
         removed ones inside the module."""
-        self.param_consumers.append((self.node.name, path, labels))
+        self.param_consumers.append((self.current.name, path, labels))
 
     def barrier(self, reason: str) -> None:
         """Pin every tensor input of the current node and record why. A parameter handed to
         an opaque op is never sliced (no label is made for it here; any use elsewhere is
         pinned when the walk ends)."""
-        for inp in self.node.all_input_nodes:
+        for inp in self.current.all_input_nodes:
             if inp.op == "get_attr" and inp not in self.labels_of:
-                self.opaque_tensors[id(get_tensor(self.gm, inp.target))] = reason
+                self.opaque_tensors[id(get_tensor(self.gm, attr_target(inp)))] = reason
                 continue
             self.pin(self.labels(inp), reason)
             tl = self.tuple_labels(inp)
@@ -417,7 +447,7 @@ class AnalysisContext:
 
     def const_output(self) -> Any:
         """CONST labels shaped like the current node's output (a tensor or a tuple)."""
-        return _const_for(get_meta(self.node))
+        return _const_for(get_meta(self.current))
 
 
 def _const_for(meta: Any) -> Any:
@@ -439,8 +469,9 @@ class RewriteContext:
         self.fold_weight_norm: Any = None  # ... (g, v, dim) of a weight norm: see fxprune.weight_norm
         self._kept: dict[int, tuple[torch.Tensor, Any]] = {}  # id(labels) -> (labels, answer)
 
-    def module(self, old: torch.fx.Node) -> torch.nn.Module:
-        """The rebuilt module that the copy of ``call_module`` node ``old`` calls."""
+    def module(self, old: torch.fx.Node) -> Any:
+        """The rebuilt module that the copy of ``call_module`` node ``old`` calls (``Any``,
+        as :attr:`AnalysisContext.module`)."""
         return self.module_for(old.target)
 
     def kept_index(self, labels: torch.Tensor | None) -> tuple[int, torch.Tensor] | None:
@@ -488,19 +519,20 @@ class RewriteContext:
             return None
         return dim, mask.nonzero().reshape(-1)
 
-    def node_labels(self, node: torch.fx.Node, index: int | None = None) -> torch.Tensor | None:
+    def node_labels(self, node: Any, index: int | None = None) -> torch.Tensor | None:
+        """The labels of ``node`` (a node, typed ``Any`` as the node arguments rules pass are)."""
         got = self.groups.node_labels.get(node.name)
         if index is not None and isinstance(got, tuple):
             got = got[index]
         return got if isinstance(got, torch.Tensor) else None
 
-    def old_shape(self, node: torch.fx.Node, index: int | None = None) -> tuple[int, ...]:
+    def old_shape(self, node: Any, index: int | None = None) -> tuple[int, ...]:
         meta = get_meta(node)
         if index is not None:
             meta = meta[index]
         return tuple(meta.shape)
 
-    def new_shape(self, node: torch.fx.Node, index: int | None = None) -> tuple[int, ...]:
+    def new_shape(self, node: Any, index: int | None = None) -> tuple[int, ...]:
         shape = list(self.old_shape(node, index))
         got = self.kept_index(self.node_labels(node, index))
         if got is not None:
@@ -508,7 +540,7 @@ class RewriteContext:
             shape[dim] = idx.numel()
         return tuple(shape)
 
-    def kept_along(self, node: torch.fx.Node, dim: int, index: int | None = None) -> torch.Tensor | None:
+    def kept_along(self, node: Any, dim: int, index: int | None = None) -> torch.Tensor | None:
         """Kept indices of ``node``'s value along ``dim`` (None: all kept)."""
         got = self.kept_index(self.node_labels(node, index))
         if got is None:

@@ -12,15 +12,18 @@ contracting head_dim), the output carries no channel.
 
 from __future__ import annotations
 
+from typing import Any
+
 import operator
 import string
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 
 from ..errors import Unsupported
 from ..labels import channel_dim, const_like, normalize
-from .context import weight_operand
+from .context import AnalysisContext, RewriteContext, weight_operand
 from .conv import dense
 from .registry import register
 
@@ -58,7 +61,8 @@ def _settle(ctx, labels: torch.Tensor, letters: str, met: set) -> torch.Tensor:
     return ctx.along(rows[:, 0].contiguous(), d, labels.ndim)
 
 
-def contract(ctx, node, operands, out_letters):
+def contract(ctx: AnalysisContext, node: torch.fx.Node, operands: list[tuple[Any, str]],
+             out_letters: str) -> torch.Tensor:
     """Relate labels of ``operands`` (list of (node, letters)) contracted into ``out_letters``.
 
     Each normalized operand's channels vary along at most one letter. Two operands that
@@ -141,7 +145,7 @@ def _matmul_letters(na: int, nb: int):
     return "".join(a) + i + k, "".join(b) + k + j, "".join(bl) + i + j
 
 
-def matmul(ctx, node):
+def matmul(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     a, b = node.args[0], node.args[1]
     weight = weight_operand(ctx.gm, b, 2)
     if weight is not None:  # x @ W.T with a parameter W: a linear layer written by hand
@@ -158,7 +162,7 @@ register(torch.matmul, operator.matmul, "matmul", "__matmul__", torch.bmm, "bmm"
          torch.sparse.mm)(matmul)
 
 
-def einsum(ctx, node):
+def einsum(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """einsum(equation, *operands) or (equation, [operands]): a contraction; the oracle
     zeroes removed channels in every operand (a channel summed over in the second and
     third operands only is not reached through the first)."""
@@ -202,7 +206,7 @@ def _expand_ellipsis(ctx, ops, ins: list[str], rhs: str, eq: str) -> tuple[list[
 register(torch.einsum)(einsum)
 
 
-def outer(ctx, node):
+def outer(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """outer(a, b)[i, j] = a[i] * b[j]."""
     return contract(ctx, node, [(node.args[0], "i"), (node.args[1], "j")], "ij")
 
@@ -210,7 +214,7 @@ def outer(ctx, node):
 register(torch.outer, torch.ger, "outer", "ger")(outer)
 
 
-def sdpa(ctx, node):
+def sdpa(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """softmax(q k^T * scale + mask) @ v as one contraction of q (..LE), k (..SE) and
     v (..SV) into (..LV); the default scale depends on head_dim, so the rewrite passes the
     original scale explicitly."""
@@ -278,7 +282,7 @@ def _couple_mask(ctx, node, q, q_letters, mask, mask_letters):
     ctx.union(_vector(lq), _vector(lm) if cm == cq else lm.reshape(-1)[:1])
 
 
-def rewrite_sdpa(r, old, new):
+def rewrite_sdpa(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
     q = old.args[0] if old.args else old.kwargs["query"]
     e_old, e_new = r.old_shape(q)[-1], r.new_shape(q)[-1]
     if e_old != e_new and "scale" not in old.kwargs and len(old.args) < 7:

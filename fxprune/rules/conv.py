@@ -10,14 +10,17 @@ group widths by removing the same local channels from every group.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 import torch
+import torch.fx
 from torch import nn
 
 from ..errors import Unsupported
 from ..labels import CONST, constant_along
 from ..masked import MaskedCall, compact, scatter
-from .context import weight_operand
+from .context import AnalysisContext, RewriteContext, weight_operand
 from .registry import register
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -34,7 +37,7 @@ def is_transposed(target) -> bool:
     return packet is not None and packet.__name__.startswith("conv_transpose")
 
 
-def _conv_parts(ctx, node):
+def _conv_parts(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """(input node, weight path, bias path or None, groups, transposed) for either dialect."""
     if node.op == "call_module":
         m = ctx.module
@@ -126,7 +129,7 @@ def _channels_along_length(ctx, node, x, cdim: int):
     return None, True
 
 
-def _conv_channels(ctx, node, in_vec: torch.Tensor, c_out: int, groups: int):
+def conv_channels(ctx, node, in_vec: torch.Tensor, c_out: int, groups: int):
     """(output channel labels, input and output channels of one group), or (output
     labels, None, None) for a depthwise conv, whose outputs follow their input channel.
     Grouped convs keep equal group widths: the same local channels go in every group."""
@@ -141,7 +144,7 @@ def _conv_channels(ctx, node, in_vec: torch.Tensor, c_out: int, groups: int):
     return out_vec, in_blocks[0], out_blocks[0]
 
 
-def conv(ctx, node):
+def conv(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     x, weight, bias, groups, transposed = _conv_parts(ctx, node)
     computed = isinstance(weight, torch.fx.Node)
     w_shape = ctx.meta(weight).shape if computed else ctx.tensor(weight).shape
@@ -156,7 +159,7 @@ def conv(ctx, node):
         else ctx.vector(x, cdim)
     c_out = w_shape[1] * groups if transposed else w_shape[0]
     ctx.consume(0)
-    out_vec, in_cols, out_cols = _conv_channels(ctx, node, in_vec, c_out, groups)
+    out_vec, in_cols, out_cols = conv_channels(ctx, node, in_vec, c_out, groups)
     depthwise = in_cols is None
     if source is not None:
         # the computed weight's rows go with the output channels (so do the parameter's
@@ -181,7 +184,7 @@ def _new_groups(r, x, cdim: int, groups: int, c_in_old: int) -> int:
     return r.new_shape(x)[cdim] if groups > 1 and groups == c_in_old else groups
 
 
-def rewrite_conv(r, old, new):
+def rewrite_conv(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
     x = old.args[0] if old.args else old.kwargs["input"]
     if old.op == "call_module":
         wn = r.module(old).weight.ndim
@@ -213,7 +216,7 @@ def rewrite_conv(r, old, new):
 register(*_CONV, *_CONV_T, *_F_CONV, *_F_CONV_T, rewrite=rewrite_conv)(conv)
 
 
-def linear(ctx, node):
+def linear(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """y = x W^T + b: input features are weight columns, output features fresh rows."""
     if node.op == "call_module":
         x, weight = node.args[0], f"{node.target}.weight"
@@ -315,7 +318,7 @@ def dense(ctx, node, x, argpos: int, weight: str, bias: str | None, *, out_dim: 
     return out_vec
 
 
-def rewrite_linear(r, old, new):
+def rewrite_linear(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
     if old.op == "call_module":
         m = r.module(old)
         m.out_features, m.in_features = m.weight.shape
@@ -324,7 +327,7 @@ def rewrite_linear(r, old, new):
 register(nn.Linear, F.linear, rewrite=rewrite_linear)(linear)
 
 
-def bilinear(ctx, node):
+def bilinear(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """y_k = x1 W_k x2^T + b_k: the weight (out, in1, in2) consumes the last dim of both
     inputs; its rows are fresh output features."""
     if node.op == "call_module":
@@ -346,7 +349,7 @@ def bilinear(ctx, node):
     return ctx.along(out_vec, -1, ctx.meta(node).ndim)
 
 
-def rewrite_bilinear(r, old, new):
+def rewrite_bilinear(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
     if old.op == "call_module":
         m = r.module(old)
         m.out_features, m.in1_features, m.in2_features = m.weight.shape

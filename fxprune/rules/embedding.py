@@ -5,17 +5,22 @@ together."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 from ..labels import const_like
 from ..meta import get_meta, is_multi
 from ..errors import Unsupported
+from .context import AnalysisContext, RewriteContext
 from .registry import register
 
 
-def embedding(ctx, node):
+def embedding(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
+    weight: str | None
     if node.op == "call_module":
         weight = f"{node.target}.weight"
     else:
@@ -34,7 +39,7 @@ def embedding(ctx, node):
     return ctx.along(vec, -1, ctx.meta(node).ndim)
 
 
-def _max_norm(ctx, node):
+def _max_norm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """The max_norm of an embedding lookup (F.embedding's 4th argument, F.embedding_bag's
     4th), or None."""
     if node.op == "call_module":
@@ -44,7 +49,7 @@ def _max_norm(ctx, node):
     return ctx.arg(3, "max_norm")
 
 
-def rewrite_embedding(r, old, new):
+def rewrite_embedding(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
     if old.op == "call_module":
         m = r.module(old)
         m.embedding_dim = m.weight.shape[1]

@@ -9,7 +9,10 @@ channels from every group.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -17,17 +20,19 @@ from ..errors import Unsupported
 from ..labels import const_like
 from ..masked import MaskedCall, compact, scatter
 from ..meta import get_meta, is_multi
+from .context import AnalysisContext, RewriteContext
 from .registry import register
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
        nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
-def _channel_tensors(ctx, node, names_positions, computed: list | None = None):
+def _channel_tensors(ctx: AnalysisContext, node: torch.fx.Node, names_positions: list[tuple[str, int]],
+                     computed: list[Any] | None = None) -> list[tuple[str, str]]:
     """Attribute paths of per-channel tensors (module attributes or get_attr args). Where
     ``computed`` is given, tensors computed in the graph are collected there instead of
     being refused."""
-    found = []
+    found: list[tuple[str, str]] = []
     if node.op == "call_module":
         for name, _ in names_positions:
             if getattr(ctx.module, name, None) is not None:
@@ -52,7 +57,7 @@ def _role(name: str) -> str:
     return "stat" if name.startswith("running") else "norm"
 
 
-def batch_norm(ctx, node):
+def batch_norm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Per-channel affine (and statistics) along dim 1."""
     x = node.args[0] if node.args else node.kwargs["input"]
     if isinstance(node.target, torch._ops.OpOverload):  # aten order: weight, bias, then stats
@@ -61,7 +66,7 @@ def batch_norm(ctx, node):
         names = [("running_mean", 1), ("running_var", 2), ("weight", 3), ("bias", 4)]
     cdim = 1 if ctx.meta(x).ndim > 1 else 0
     vec = ctx.vector(x, cdim)
-    computed: list = []  # an affine weight computed in the graph (NFNet's gain * scale)
+    computed: list[Any] = []  # an affine weight computed in the graph (NFNet's gain * scale)
     for path, name in _channel_tensors(ctx, node, names, computed):
         ctx.align(path, vec, _role(name))
     for a in computed:
@@ -72,7 +77,7 @@ def batch_norm(ctx, node):
     return out
 
 
-def rewrite_batch_norm(r, old, new):
+def rewrite_batch_norm(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
     if old.op == "call_module":
         x = old.args[0]
         r.module(old).num_features = r.new_shape(x)[1 if len(r.old_shape(x)) > 1 else 0]
@@ -81,7 +86,7 @@ def rewrite_batch_norm(r, old, new):
 register(*_BN, F.batch_norm, F.instance_norm, rewrite=rewrite_batch_norm)(batch_norm)
 
 
-def layer_norm(ctx, node):
+def layer_norm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Normalizes over the last ``len(normalized_shape)`` dims, with per-position affine."""
     x = node.args[0] if node.args else node.kwargs["input"]
     if node.op == "call_module":
@@ -105,17 +110,18 @@ def layer_norm(ctx, node):
     return labels
 
 
-def masked_layer_norm(call: MaskedCall):
+def masked_layer_norm(call: MaskedCall) -> Any:
     """Layer (or RMS) norm over the kept positions: the input, the normalized shape and
     the affine parameters lose the removed channels, the output gets them back as zeros."""
+    module: Any = call.module  # nn.LayerNorm or nn.RMSNorm, or None for a functional call
     kept = call.input_kept()
     x = call.arg(0, "input")
     if kept is None:
         return call.run(call.args, call.kwargs)
-    rms = "rms" in (type(call.module).__name__.lower() if call.module is not None
+    rms = "rms" in (type(module).__name__.lower() if module is not None
                     else getattr(call.node.target, "__name__", str(call.node.target)))
-    if call.module is not None:
-        m = call.module
+    if module is not None:
+        m = module
         nd = len(m.normalized_shape)
         weight, bias = m.weight, getattr(m, "bias", None)
     else:
@@ -127,9 +133,9 @@ def masked_layer_norm(call: MaskedCall):
     xs = compact(x, kept)
     w = compact(weight, (pdim, idx)) if weight is not None else None
     shape = list(xs.shape[x.ndim - nd:])
-    if call.module is not None:
-        y = F.rms_norm(xs, shape, w, call.module.eps) if rms else F.layer_norm(xs, shape, w, compact(
-            bias, (pdim, idx)) if bias is not None else None, call.module.eps)
+    if module is not None:
+        y = F.rms_norm(xs, shape, w, module.eps) if rms else F.layer_norm(xs, shape, w, compact(
+            bias, (pdim, idx)) if bias is not None else None, module.eps)
     else:
         args, kwargs = list(call.args), dict(call.kwargs)
         args[0] = xs
@@ -141,14 +147,14 @@ def masked_layer_norm(call: MaskedCall):
     return scatter(y, kept, tuple(x.shape))
 
 
-def rewrite_layer_norm(r, old, new):
+def rewrite_layer_norm(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
     x = old.args[0] if old.args else old.kwargs["input"]
     if old.op == "call_module":
         m = r.module(old)
         nd = len(m.normalized_shape)
         m.normalized_shape = tuple(r.new_shape(x)[-nd:])
         return
-    shape_arg = old.args[1] if len(old.args) > 1 else old.kwargs["normalized_shape"]
+    shape_arg: Any = old.args[1] if len(old.args) > 1 else old.kwargs["normalized_shape"]
     if isinstance(shape_arg, torch.fx.Node):
         return  # computed in forward (x.shape[-1:]): it follows the sizes it is made of
     nd = len(shape_arg)
@@ -163,7 +169,7 @@ register(nn.LayerNorm, F.layer_norm, getattr(nn, "RMSNorm", None), getattr(F, "r
          rewrite=rewrite_layer_norm)(layer_norm)
 
 
-def group_norm(ctx, node):
+def group_norm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Statistics per group of channels along dim 1; per-channel affine."""
     x = node.args[0] if node.args else node.kwargs["input"]
     if node.op == "call_module":
@@ -184,7 +190,7 @@ def group_norm(ctx, node):
     return ctx.labels(x)
 
 
-def masked_group_norm(call: MaskedCall):
+def masked_group_norm(call: MaskedCall) -> Any:
     """Group norm over the kept channels: every group lost the same local channels, so
     the group count stays and each group's statistics cover its kept channels."""
     kept = call.input_kept()
@@ -194,7 +200,7 @@ def masked_group_norm(call: MaskedCall):
     xs = compact(x, kept)
     idx = (0, kept[1])
     if call.module is not None:
-        m = call.module
+        m: Any = call.module  # nn.GroupNorm
         y = F.group_norm(xs, m.num_groups, compact(m.weight, idx), compact(m.bias, idx), m.eps)
     else:
         args, kwargs = list(call.args), dict(call.kwargs)
@@ -205,7 +211,7 @@ def masked_group_norm(call: MaskedCall):
     return scatter(y, kept, tuple(x.shape))
 
 
-def rewrite_group_norm(r, old, new):
+def rewrite_group_norm(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
     x = old.args[0] if old.args else old.kwargs["input"]
     c_old, c_new = r.old_shape(x)[1], r.new_shape(x)[1]
     if old.op == "call_module":
@@ -215,7 +221,7 @@ def rewrite_group_norm(r, old, new):
             m.num_groups = c_new // per
         m.num_channels = c_new
         return
-    groups = old.args[1] if len(old.args) > 1 else old.kwargs["num_groups"]
+    groups: Any = old.args[1] if len(old.args) > 1 else old.kwargs["num_groups"]
     per = c_old // groups
     if per == 1 or r.groups.policy == "outer":
         if len(new.args) > 1:

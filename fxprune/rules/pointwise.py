@@ -9,21 +9,27 @@ channels: its own channels are pinned instead.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import math
 import operator
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 from ..labels import const_like
 from ..masked import compact_apply
+from .context import AnalysisContext, RewriteContext
 from .registry import register
 
 
-def tensor_args(ctx, node) -> list:
-    found = []
+def tensor_args(ctx: AnalysisContext, node: torch.fx.Node) -> list[Any]:
+    found: list[Any] = []
 
-    def walk(a):
+    def walk(a: Any) -> None:
         if isinstance(a, (list, tuple)):
             for v in a:
                 walk(v)
@@ -42,12 +48,13 @@ def _right_align(labels: torch.Tensor, ndim: int) -> torch.Tensor:
     return labels.reshape((1,) * (ndim - labels.ndim) + tuple(labels.shape))
 
 
-def broadcast_union(ctx, node, inputs) -> torch.Tensor:
+def broadcast_union(ctx: AnalysisContext, node: torch.fx.Node, inputs: Iterable[Any]) -> torch.Tensor:
     """Union aligned positions of ``inputs`` (graph nodes) and return the output labels."""
     return broadcast_labels(ctx, node, [(ctx.labels(a), ctx.meta(a).shape) for a in inputs])
 
 
-def broadcast_labels(ctx, node, operands, out_shape=None) -> torch.Tensor:
+def broadcast_labels(ctx: AnalysisContext, node: torch.fx.Node, operands: Sequence[tuple[torch.Tensor | None, Any]],
+                     out_shape: Any = None) -> torch.Tensor:
     """:func:`broadcast_union` over (labels or None, shape) pairs: operands that are not
     graph nodes (a product computed inside a rule) broadcast the same way. ``out_shape``
     defaults to the node's."""
@@ -88,31 +95,31 @@ def broadcast_labels(ctx, node, operands, out_shape=None) -> torch.Tensor:
     return min(aligned, key=lambda l: l.numel())
 
 
-def pointwise(ctx, node):
+def pointwise(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Elementwise op over every tensor argument."""
     if not ctx.is_tensor(node):
         return None  # arithmetic on sizes and other Python values
     return broadcast_union(ctx, node, tensor_args(ctx, node))
 
 
-def first_input(ctx, node):
+def first_input(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """The value of the first argument passes through unchanged (identity-like ops)."""
     x = node.args[0] if node.args else next(iter(node.kwargs.values()))
     return ctx.labels(x) if ctx.labels(x) is not None else const_like(ctx.meta(node).ndim)
 
 
-def _softmax_dim(ctx, node):
+def _softmax_dim(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     if node.op == "call_module":
         return -3 if isinstance(ctx.module, nn.Softmax2d) else ctx.module.dim  # Softmax2d: over C
     return ctx.value(ctx.arg(1, "dim"))
 
 
-def mixing_along_dim(ctx, node):
+def mixing_along_dim(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """softmax-like: pointwise in shape, but each value depends on its whole row along ``dim``."""
     return _mixing(ctx, node, _softmax_dim(ctx, node))
 
 
-def normalize(ctx, node):
+def normalize(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """F.normalize(x, p, dim): x divided by its p-norm along ``dim`` (default 1). Over the
     channel dim with p > 0 a removed channel that is zeroed adds nothing to the norm, so
     zeroing the removed channels of the input (the oracle's mask: a consumer) gives the
@@ -126,12 +133,12 @@ def normalize(ctx, node):
     return _mixing(ctx, node, dim)
 
 
-def zero_blind_norm(p) -> bool:
+def zero_blind_norm(p: Any) -> bool:
     """Whether the p-norm of a vector is unchanged by zero entries (p > 0, inf, 'fro')."""
     return p in (None, "fro") or isinstance(p, (int, float)) and p > 0
 
 
-def _mixing(ctx, node, dim):
+def _mixing(ctx: AnalysisContext, node: torch.fx.Node, dim: Any) -> torch.Tensor:
     x = node.args[0] if node.args else node.kwargs["input"]
     labels = ctx.labels(x)
     if labels is not None and dim is not None:
@@ -176,7 +183,7 @@ register(*_ARITH, *[getattr(torch, n, None) for n in dict.fromkeys(_TORCH)],
          *dict.fromkeys(_METHODS), *_ACT_MODULES)(pointwise)
 
 
-def _stochastic_depth_targets():
+def _stochastic_depth_targets() -> list[Any]:
     try:
         import torchvision.ops as tv_ops
     except Exception:  # torchvision is optional
@@ -198,7 +205,7 @@ register(nn.Softmax, nn.Softmax2d, nn.LogSoftmax, nn.Softmin, F.softmax, F.log_s
          "cumsum", "cumprod")(mixing_along_dim)
 
 
-def glu(ctx, node):
+def glu(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """glu(x, dim): the first half along ``dim`` gated by the second, so channel ``i`` of the
     output holds input channels ``i`` and ``i + half``: those go together."""
     x = node.args[0] if node.args else node.kwargs["input"]
@@ -218,16 +225,17 @@ def glu(ctx, node):
 register(nn.GLU, F.glu)(glu)
 
 
-def prelu(ctx, node):
+def prelu(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """PReLU: elementwise, with one learned slope per channel (dim 1, or dim 0 of a 1-d
     input) unless a single slope is shared."""
     x = node.args[0] if node.args else node.kwargs["input"]
+    path: str | None
     if node.op == "call_module":
         weight, path = None, f"{node.target}.weight"
     else:
         weight = ctx.arg(1, "weight")
         path = ctx.attr_path(weight)
-    n = ctx.tensor(path).numel() if path is not None else ctx.meta(weight).numel()
+    n = ctx.tensor(path).numel() if path is not None else math.prod(ctx.meta(weight).shape)
     ndim = ctx.meta(x).ndim
     if n == 1:
         return first_input(ctx, node)
@@ -239,7 +247,7 @@ def prelu(ctx, node):
     return ctx.labels(x) if ctx.labels(x) is not None else ctx.along(vec, 1 if ndim > 1 else 0, ndim)
 
 
-def rewrite_prelu(r, old, new):
+def rewrite_prelu(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
     if old.op == "call_module":
         m = r.module(old)
         m.num_parameters = m.weight.numel()
@@ -248,7 +256,7 @@ def rewrite_prelu(r, old, new):
 register(nn.PReLU, F.prelu, rewrite=rewrite_prelu)(prelu)
 
 
-def local_response_norm(ctx, node):
+def local_response_norm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Local response normalization divides each channel by the energy of its neighbours
     along dim 1: removing a channel changes its neighbours' values (inexact)."""
     return _mixing(ctx, node, 1)

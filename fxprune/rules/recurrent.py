@@ -13,17 +13,21 @@ RNNCell) called step by step in ``forward`` gets the state as an argument: its
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
+import torch.fx
 from torch import nn
 
-from . import shape
 from ..errors import RewriteError, Unsupported
+from .context import AnalysisContext, RewriteContext, op_name
 from .registry import register
 
-_GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
+GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}  # gate blocks per hidden unit, by layer type
 
 
-def _initial_state(ctx, node, states, vectors) -> None:
+def _initial_state(ctx: AnalysisContext, node: torch.fx.Node, states: int,
+                   vectors: tuple[torch.Tensor, torch.Tensor]) -> None:
     """Couple the state argument (``hx``: a tensor, or LSTM's (h, c)) with the hidden
     units along its last dim; ``h`` (the first) is consumed by ``weight_hh``."""
     by_name = len(node.args) < 2
@@ -45,31 +49,33 @@ def _initial_state(ctx, node, states, vectors) -> None:
         ctx.consume(1, "hx")
 
 
-def recurrent(ctx, node):
+def recurrent(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """nn.LSTM, nn.GRU and nn.RNN modules, and export's ``lstm``/``gru``/``rnn_*`` ops
     (their weights passed as one list, per layer and direction: w_ih, w_hh, then the
     biases, then LSTM's projection)."""
     x = node.args[0] if node.args else node.kwargs["input"]
     if node.op == "call_module":
         m = ctx.module
-        gates, layers, dirs = _GATES[type(m)], m.num_layers, 2 if m.bidirectional else 1
+        gates, layers, dirs = GATES[type(m)], m.num_layers, 2 if m.bidirectional else 1
         names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if m.bias else []) + \
             (["weight_hr"] if getattr(m, "proj_size", 0) else [])
         paths = [[f"{node.target}.{n}_l{layer}{suffix}" for n in names]
                  for layer in range(layers) for suffix in ([""] if dirs == 1 else ["", "_reverse"])]
         lstm = isinstance(m, nn.LSTM)
     else:
-        name = shape._op_name(node)
+        name = op_name(node)
         if getattr(node.target, "_overloadname", "input") != "input":
             raise Unsupported(f"{node.target} (packed sequences) is not analysed")
         gates = {"lstm": 4, "gru": 3}.get(name, 1)
-        flat, layers, dirs = node.args[2], node.args[4], 2 if node.args[7] else 1
+        args: Any = node.args  # (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, ...)
+        flat, layers, dirs = args[2], args[4], 2 if args[7] else 1
         per = len(flat) // (layers * dirs)
-        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if node.args[3] else []) + \
+        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if args[3] else []) + \
             (["weight_hr"] if per in (3, 5) else [])
-        paths = [[ctx.attr_path(a) for a in flat[k * per:(k + 1) * per]] for k in range(layers * dirs)]
-        if len(names) != per or any(p is None for chunk in paths for p in chunk):
+        found = [[ctx.attr_path(a) for a in flat[k * per:(k + 1) * per]] for k in range(layers * dirs)]
+        if len(names) != per or any(p is None for chunk in found for p in chunk):
             raise Unsupported("the recurrent weights must be parameters of the module (get_attr)")
+        paths = cast("list[list[str]]", found)  # every path found (checked above)
         lstm = name == "lstm"
     chunks = [dict(zip(names, chunk)) for chunk in paths]
     hidden = ctx.tensor(chunks[0]["weight_ih"]).shape[0] // gates
@@ -111,13 +117,13 @@ def recurrent(ctx, node):
     return (output, *states)
 
 
-def rewrite_recurrent(r, old, new):
+def rewrite_recurrent(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
     """Sizes from the (sliced) weights: gate rows give the hidden size, the projection's
     rows the projected size (the exported ops read them from the weights)."""
     if old.op != "call_module":
         return
     m = r.module(old)
-    m.hidden_size = m.weight_ih_l0.shape[0] // _GATES[type(m)]
+    m.hidden_size = m.weight_ih_l0.shape[0] // GATES[type(m)]
     m.input_size = m.weight_ih_l0.shape[1]
     if getattr(m, "proj_size", 0):
         m.proj_size = m.weight_hr_l0.shape[0]
@@ -133,26 +139,27 @@ register(nn.LSTM, nn.GRU, nn.RNN, *[getattr(torch.ops.aten, n) for n in ("lstm",
                                      if hasattr(torch.ops.aten, n)], rewrite=rewrite_recurrent)(recurrent)
 
 
-def cell(ctx, node):
+def cell(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """One step of an LSTMCell, GRUCell or RNNCell (or export's ``lstm_cell``,
     ``gru_cell``, ``rnn_tanh_cell``, ``rnn_relu_cell``): (input, state) -> state."""
     x = node.args[0] if node.args else node.kwargs["input"]
     if node.op == "call_module":
-        paths = [f"{node.target}.{n}" for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-        paths = [p if ctx.module.bias or "bias" not in p else None for p in paths]
+        every = [f"{node.target}.{n}" for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        paths: list[str | None] = [p if ctx.module.bias or "bias" not in p else None for p in every]
         lstm = isinstance(ctx.module, nn.LSTMCell)
     else:
         paths = [ctx.attr_path(a) if a is not None else None for a in node.args[2:6]]
         if any(p is None and a is not None for p, a in zip(paths, node.args[2:6])) or None in paths[:2]:
             raise Unsupported("the cell's weights must be parameters of the module (get_attr)")
         lstm = "lstm" in str(node.target)
-    hidden = ctx.tensor(paths[1]).shape[1]
+    w_ih, w_hh = cast(str, paths[0]), cast(str, paths[1])  # both weights are found (checked above)
+    hidden = ctx.tensor(w_hh).shape[1]
     hvec = ctx.fresh((hidden,), f"{node.name} hidden units")
-    rows = ctx.along(torch.cat([hvec] * (ctx.tensor(paths[0]).shape[0] // hidden)), 0, 2)
-    ctx.align(paths[0], rows, "out")
-    ctx.align(paths[0], ctx.along(ctx.vector(x, -1), 1, 2), "in")
-    ctx.align(paths[1], rows, "out")
-    ctx.align(paths[1], ctx.along(hvec, 1, 2), "in")
+    rows = ctx.along(torch.cat([hvec] * (ctx.tensor(w_ih).shape[0] // hidden)), 0, 2)
+    ctx.align(w_ih, rows, "out")
+    ctx.align(w_ih, ctx.along(ctx.vector(x, -1), 1, 2), "in")
+    ctx.align(w_hh, rows, "out")
+    ctx.align(w_hh, ctx.along(hvec, 1, 2), "in")
     for bias in paths[2:]:
         if bias is not None:
             ctx.align(bias, rows.reshape(-1), "out")
@@ -162,7 +169,7 @@ def cell(ctx, node):
     return (state, state) if lstm else state
 
 
-def rewrite_cell(r, old, new):
+def rewrite_cell(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
     if old.op == "call_module":
         m = r.module(old)
         m.hidden_size, m.input_size = m.weight_hh.shape[1], m.weight_ih.shape[1]

@@ -10,6 +10,9 @@ channels are pinned.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, cast
+
 import builtins
 import operator
 
@@ -21,21 +24,24 @@ from torch import nn
 from ..labels import channel_dim, const_like
 from ..masked import MaskedCall, compact_apply
 from ..meta import is_multi, tensor_meta
+from .layout import relabel
 from .pointwise import broadcast_labels, zero_blind_norm
+from .context import AnalysisContext
 from .registry import register
 
 _SUM_LIKE = {"sum", "nansum"}
 _NORMS = {"norm": "p", "linalg_vector_norm": "ord", "vector_norm": "ord"}  # name -> its p argument
+_broadcast_shapes = cast(Callable[..., torch.Size], torch.broadcast_shapes)  # torch leaves it untyped
 
 
-def _name(node) -> str:
+def _name(node: torch.fx.Node) -> str:
     t = node.target
     if isinstance(t, torch._ops.OpOverload):
-        return t.overloadpacket.__name__
+        return str(t.overloadpacket.__name__)
     return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
 
-def reduce(ctx, node):
+def reduce(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     x = node.args[0] if node.args else node.kwargs["input"]
     ndim = ctx.meta(x).ndim
     labels = ctx.labels_or_const(x)
@@ -69,7 +75,7 @@ def reduce(ctx, node):
     return (out, out) if is_multi(node) else out
 
 
-def compare(ctx, node):
+def compare(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """``cosine_similarity(a, b, dim)`` and ``pairwise_distance(a, b, p, eps, keepdim)``
     (over the last dim): the inputs meet position by position (their channels pair up,
     broadcasting), then the dim is reduced. Over the channel dim, cosine similarity is a
@@ -77,7 +83,7 @@ def compare(ctx, node):
     (the oracle's consumer masks) gives exactly the pruned result; a distance adds ``eps``
     at every position, removed ones too (inexact)."""
     a, b = node.args[0], node.args[1]
-    shape = torch.broadcast_shapes(ctx.meta(a).shape, ctx.meta(b).shape)
+    shape = _broadcast_shapes(ctx.meta(a).shape, ctx.meta(b).shape)
     labels = broadcast_labels(ctx, node, [(ctx.labels(a), ctx.meta(a).shape), (ctx.labels(b), ctx.meta(b).shape)],
                               out_shape=shape)
     cosine = _name(node) == "cosine_similarity"
@@ -104,7 +110,7 @@ _REDUCTIONS = ["sum", "nansum", "mean", "nanmean", "amax", "amin", "max", "min",
 register(*[getattr(torch, n) for n in _REDUCTIONS], *_REDUCTIONS, torch.linalg.vector_norm)(reduce)
 
 
-def _spatial_rank(node, module) -> int | None:
+def _spatial_rank(node: torch.fx.Node, module: Any) -> int | None:
     name = type(module).__name__ if module is not None else _name(node)
     for k in (1, 2, 3):
         if f"{k}d" in name:
@@ -112,7 +118,7 @@ def _spatial_rank(node, module) -> int | None:
     return None
 
 
-def spatial(ctx, node):
+def spatial(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Pooling and resampling: act on the trailing spatial dims, channel-wise."""
     x = node.args[0] if node.args else node.kwargs["input"]
     labels = ctx.labels(x)
@@ -156,14 +162,14 @@ for n in _POOL_FUNCTIONS:
 register(*_POOL_MODULES, *_fs)(spatial)
 
 
-def grid_sample(ctx, node):
+def grid_sample(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Sampling at given coordinates: each channel is resampled on its own (the grid's
     last dim holds coordinates, never channels)."""
     ctx.pin(ctx.labels(ctx.arg(1, "grid")), f"{node.name}: sampling coordinates")
     return spatial(ctx, node)
 
 
-def affine_grid(ctx, node):
+def affine_grid(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Sampling coordinates from affine coefficients: they are not channels."""
     ctx.pin(ctx.labels(ctx.arg(0, "theta")), f"{node.name}: affine transform coefficients")
     return const_like(ctx.meta(node).ndim)
@@ -176,7 +182,7 @@ register(F.affine_grid)(affine_grid)
 register(torch.var_mean, torch.std_mean)(reduce)  # two reductions over the same dims
 
 
-def pad(ctx, node):
+def pad(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Constant padding of the channel dim adds CONST channels; other dims pass through."""
     x = node.args[0] if node.args else node.kwargs["input"]
     labels = ctx.labels(x)
@@ -228,7 +234,8 @@ def is_shape_sink(node: torch.fx.Node) -> bool:
     return _name(node) in _SHAPE_SINKS or node.op == "call_function" and node.target in _SHAPE_FUNCTIONS
 
 
-def _feeds_only_shapes(node: torch.fx.Node, seen=None, entries: tuple[int, set] | None = None) -> bool:
+def _feeds_only_shapes(node: torch.fx.Node, seen: set[torch.fx.Node] | None = None,
+                       entries: tuple[int, set[int]] | None = None) -> bool:
     """True when every use of an int derived from a size ends up as a shape argument.
     ``entries`` = (length, channel positions) when ``node`` is a size tuple: an index
     that picks none of the channel positions (``x.shape[-2:]``) does not use them."""
@@ -261,29 +268,29 @@ def _feeds_only_shapes(node: torch.fx.Node, seen=None, entries: tuple[int, set] 
 _FIELDS = {"values": 0, "indices": 1}
 
 
-def size_query(ctx, node):
+def size_query(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """x.size(), x.shape, x.dim(), x.numel(): no labels; using a channel count as a
     *value* (not a shape) changes results when channels go, so it marks them inexact."""
-    x = node.args[0]
+    x: Any = node.args[0]
     if node.op == "call_function" and node.target is builtins.getattr and node.args[1] != "shape":
         if not ctx.is_tensor(node):
             return None  # dtype, device, ...
         if node.args[1] in ("T", "mT", "H", "mH"):
-            from .shape import relabel
             return relabel(ctx, node)
         if ctx.labels(x) is not None:
             return ctx.labels(x)  # .real, .imag, .data: same positions
         # a field of a returned structure (x.max(dim).values, topk(...).indices)
-        parts, index = ctx.tuple_labels(x), _FIELDS.get(node.args[1])
+        field: Any = node.args[1]
+        parts, index = ctx.tuple_labels(x), _FIELDS.get(field)
         if parts is not None and index is not None and index < len(parts) and parts[index] is not None:
             return parts[index]
         ctx.barrier(f"{node.name}: attribute {node.args[1]!r} of {x.name if hasattr(x, 'name') else x} "
                     f"is not known")
         return ctx.const_output()
     labels = ctx.labels(x)
-    if labels is None or channel_dim(labels) is None:
+    cd = None if labels is None else channel_dim(labels)
+    if labels is None or cd is None:
         return None
-    cd = channel_dim(labels)
     if (node.target == "size" or _name(node) == "sym_size") and len(node.args) > 1:
         if ctx.value(node.args[1]) % labels.ndim != cd:
             return None
@@ -299,7 +306,7 @@ def size_query(ctx, node):
     return None
 
 
-def kept_count(call: MaskedCall):
+def kept_count(call: MaskedCall) -> Any:
     """The size query as the pruned model answers it: on a tensor whose channel dim holds
     the kept channels only. The oracle uses this value where the count is a value (a
     scale, a divisor) and the full one where it is a shape."""
@@ -312,7 +319,8 @@ def kept_count(call: MaskedCall):
     return call.run((torch.empty(shape, dtype=value.dtype, device="meta"), *call.args[1:]), call.kwargs)
 
 
-kept_count.counts = True  # type: ignore[attr-defined]  (a value beside the full one: see fxprune.verify)
+# a flag on the function (a value beside the full one: see fxprune.verify), which mypy does not model
+kept_count.counts = True  # type: ignore[attr-defined]
 
 
 register("size", "dim", "numel", torch.numel, builtins.getattr, builtins.len)(size_query)

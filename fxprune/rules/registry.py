@@ -15,14 +15,14 @@ and has no rule of its own (``Tag.pointwise``: elementwise with broadcasting).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.fx
 
-from .context import get_module
+from .context import attr_target, get_module
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,10 @@ _METHODS: dict[str, Rule] = {}
 _TAGS: dict[Any, Rule] = {}
 _OP_NAMES: dict[str, Rule] = {}  # custom ops by qualified name ("transformers::grouped_mm_fallback")
 
+_F = TypeVar("_F", bound=Callable[..., Any])
 
-def _table_for(key: Any) -> dict:
+
+def _table_for(key: Any) -> dict[Any, Rule]:
     if isinstance(key, str):
         return _METHODS
     if isinstance(key, type) and issubclass(key, torch.nn.Module):
@@ -52,11 +54,12 @@ def _table_for(key: Any) -> dict:
     raise TypeError(f"cannot register a rule for {key!r}: not a method name, module type or callable")
 
 
-def _registrar(keys, table_of: Callable[[Any], dict], rewrite: Callable[..., None] | None = None) -> Callable:
+def _registrar(keys: tuple[Any, ...], table_of: Callable[[Any], dict[Any, Rule]],
+               rewrite: Callable[..., None] | None = None) -> Callable[[_F], _F]:
     """A decorator that enters ``fn``'s rule under each key (skipping ``None``) in the
     table ``table_of(key)``; a key registered twice is an error."""
 
-    def deco(fn: Callable) -> Callable:
+    def deco(fn: _F) -> _F:
         rule = Rule(fn.__name__, fn, rewrite)
         for key in keys:
             if key is None:
@@ -71,7 +74,7 @@ def _registrar(keys, table_of: Callable[[Any], dict], rewrite: Callable[..., Non
     return deco
 
 
-def register(*keys: Any, rewrite: Callable[..., None] | None = None) -> Callable:
+def register(*keys: Any, rewrite: Callable[..., None] | None = None) -> Callable[[_F], _F]:
     """Decorator: register ``fn`` as the analysis rule for each key.
 
     Keys that do not exist in this torch build (``None``) are skipped.
@@ -79,13 +82,13 @@ def register(*keys: Any, rewrite: Callable[..., None] | None = None) -> Callable
     return _registrar(keys, _table_for, rewrite)
 
 
-def register_op_name(*names: str) -> Callable:
+def register_op_name(*names: str) -> Callable[[_F], _F]:
     """Decorator: ``fn`` is the rule of the custom ops with these qualified names, which
     exist only once the library defining them is imported (after fxprune may be)."""
     return _registrar(names, lambda _: _OP_NAMES)
 
 
-def register_tag(*tags: Any) -> Callable:
+def register_tag(*tags: Any) -> Callable[[_F], _F]:
     """Decorator: ``fn`` is the rule of every ATen overload tagged with one of ``tags``
     that has no rule of its own."""
     return _registrar(tags, lambda _: _TAGS)
@@ -101,9 +104,10 @@ def lookup(node: torch.fx.Node, root: torch.nn.Module) -> Rule | None:
             rule = _pointwise_twin(getattr(node.target, "__name__", ""))
         return rule
     if node.op == "call_method":
-        return _METHODS.get(node.target) or _pointwise_twin(node.target)
+        method = attr_target(node)  # a method name
+        return _METHODS.get(method) or _pointwise_twin(method)
     if node.op == "call_module":
-        module = get_module(root, node.target)
+        module = get_module(root, attr_target(node))
         cls = type(module)
         if "parametrizations" in module._modules and torch.nn.utils.parametrize.is_parametrized(module) \
                 and "forward" not in vars(cls):
@@ -137,7 +141,7 @@ def _pointwise_twin(name: str) -> Rule | None:
     packet = getattr(torch.ops.aten, name, None) if name and not name.startswith("_") else None
     if not isinstance(packet, torch._ops.OpOverloadPacket):
         return None
-    overloads = [getattr(packet, o, None) for o in packet.overloads()]
+    overloads = [getattr(packet, o, None) for o in packet.overloads()]  # type: ignore[no-untyped-call]
     if not any(o is not None and torch.Tag.pointwise in o.tags for o in overloads):
         return None
     return _TAGS.get(torch.Tag.pointwise)
@@ -168,7 +172,7 @@ def _aten_rule(op: torch._ops.OpOverload) -> Rule | None:
 def describe_target(node: torch.fx.Node, root: torch.nn.Module) -> str:
     """A short human name for what ``node`` calls."""
     if node.op == "call_module":
-        return f"module {type(root.get_submodule(node.target)).__name__}"
+        return f"module {type(root.get_submodule(attr_target(node))).__name__}"
     if node.op == "call_method":
         return f"method .{node.target}()"
     target = node.target
@@ -179,3 +183,13 @@ def describe_target(node: torch.fx.Node, root: torch.nn.Module) -> str:
 
 def known_keys() -> int:
     return len(_FUNCTIONS) + len(_MODULES) + len(_METHODS) + len(_TAGS) + len(_OP_NAMES)
+
+
+def entries() -> Iterator[tuple[str, Any, Rule]]:
+    """Every registration as (table, key, rule), table one of ``"function"`` (a callable
+    or ATen packet), ``"module"`` (a module type), ``"method"`` (a method name), ``"tag"``
+    (a ``torch.Tag``) and ``"op_name"`` (a custom op's qualified name)."""
+    for table, entries_ in (("function", _FUNCTIONS), ("module", _MODULES), ("method", _METHODS),
+                            ("tag", _TAGS), ("op_name", _OP_NAMES)):
+        for key, rule in entries_.items():
+            yield table, key, rule

@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.fx
 
 from ..labels import channel_dim, const_like
 from ..errors import Unsupported
+from .conv import conv_channels
+from .context import AnalysisContext
 from .registry import register
 
 
-def _targets(*names):
+def _targets(*names: str) -> list[Any]:
     try:
         from torchvision.models import swin_transformer
     except Exception:  # torchvision is optional
@@ -18,7 +23,7 @@ def _targets(*names):
     return [getattr(swin_transformer, n) for n in names if hasattr(swin_transformer, n)]
 
 
-def patch_merging_pad(ctx, node):
+def patch_merging_pad(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Swin's ``_patch_merging_pad(x)``: pads H and W of an (..., H, W, C) tensor and
     concatenates its four 2x2-strided sub-grids along C, so the output channels are the
     input channels four times over."""
@@ -37,14 +42,12 @@ def patch_merging_pad(ctx, node):
 register(*_targets("_patch_merging_pad"))(patch_merging_pad)
 
 
-def deform_conv2d(ctx, node):
+def deform_conv2d(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """torchvision's deformable convolution (input, weight, offset, mask, bias, stride,
     padding, dilation, groups, offset groups, use_mask): a convolution over the input's
     channels whose sampling positions come from ``offset`` (and ``mask``). Their channels
     are kernel positions: pinned. Input channels of every offset group (and weight group)
     keep equal widths."""
-    from .conv import _conv_channels
-
     x, weight, offset, mask, bias = node.args[:5]
     groups, offset_groups = node.args[11], node.args[12]
     path = ctx.attr_path(weight)
@@ -59,7 +62,7 @@ def deform_conv2d(ctx, node):
         raise Unsupported("a depthwise deformable convolution is not analysed")
     ctx.consume(0)
     w = ctx.tensor(path)
-    out_vec, in_cols, _ = _conv_channels(ctx, node, in_vec, w.shape[0], groups)
+    out_vec, in_cols, _ = conv_channels(ctx, node, in_vec, w.shape[0], groups)
     if offset_groups > 1:
         blocks = in_vec.reshape(offset_groups, -1)
         ctx.union(blocks, blocks[:1])

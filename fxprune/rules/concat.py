@@ -1,0 +1,87 @@
+"""Concatenation and splitting: cat, stack, split, chunk, tensor_split, unbind.
+
+cat and stack run on the label tensors (expanded only along the dims that carry
+labels or are concatenated); split and friends run the op itself on the labels,
+and their rewrite hook gives the pieces their new sizes. unbind over a channel
+dim would change the number of outputs: that dim is pinned.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+
+from ..errors import Unsupported
+from .context import AnalysisContext, RewriteContext
+from .layout import dim_arg, relabel
+from .registry import register
+
+
+def unbind(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
+    """unbind over a labelled dim would change the number of outputs: pin that dim."""
+    out = relabel(ctx, node)
+    x = node.args[0]
+    dim = dim_arg(ctx, node, 1, "dim", 0)
+    labels = ctx.labels(x)
+    if labels is not None and labels.shape[dim % labels.ndim] > 1:
+        ctx.pin(labels, f"{node.name}: unbind over a channel dim")
+    return out
+
+
+register("unbind", torch.unbind)(unbind)
+
+
+def cat(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
+    """cat/stack: the inputs' labels side by side along ``dim`` (stack: along a new dim)."""
+    tensors = ctx.arg(0, "tensors")
+    dim = ctx.value(ctx.arg(1, "dim", 0))
+    ndim = ctx.meta(node).ndim
+    stack = node.target is torch.stack or getattr(node.target, "overloadpacket", None) is torch.ops.aten.stack
+    d = None if stack else dim % ndim
+    ls = [ctx.labels_or_const(t) for t in tensors]
+    if d is None:
+        return torch.stack([l.expand(ctx.meta(t).shape) for l, t in zip(ls, tensors)], dim)
+    need = {k for l in ls for k in range(l.ndim) if l.shape[k] > 1} | {d}
+    parts = []
+    for l, t in zip(ls, tensors):
+        shape = ctx.meta(t).shape
+        parts.append(l.expand(tuple(s if k in need else 1 for k, s in enumerate(shape))))
+    return torch.cat(parts, d)
+
+
+register(torch.cat, torch.concat, getattr(torch, "concatenate", None), torch.stack)(cat)
+
+
+def rewrite_split(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
+    """split/chunk with a changed dim becomes split with explicit new sizes."""
+    x = old.args[0]
+    dim: Any = old.args[2] if len(old.args) > 2 else old.kwargs.get("dim", 0)
+    n_out = len(r.groups.node_labels[old.name])
+    d = dim % len(r.old_shape(x))
+    if r.old_shape(x)[d] == r.new_shape(x)[d]:
+        return
+    sizes = [r.new_shape(old, i)[d] for i in range(n_out)]
+    new.op, new.target = "call_function", torch.split
+    new.args = (new.args[0], sizes, dim)
+    new.kwargs = {}
+
+
+def split(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
+    """split/chunk/split_with_sizes: pieces of ``x`` along ``dim``, run on the labels."""
+    return relabel(ctx, node)
+
+
+register("split", "chunk", "split_with_sizes", torch.split, torch.chunk, rewrite=rewrite_split)(split)
+
+
+def tensor_split(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
+    """tensor_split(x, sections or indices, dim): pieces of ``x`` like split (the rewrite
+    gives the pieces their new sizes); indices passed as a tensor are not analysed."""
+    if any(ctx.is_tensor(a) for a in (*node.args[1:], *node.kwargs.values())):
+        raise Unsupported("split points computed in the graph are not analysed")
+    return relabel(ctx, node)
+
+
+register("tensor_split", torch.tensor_split, rewrite=rewrite_split)(tensor_split)
