@@ -138,7 +138,10 @@ def _pipeline_with_data(body: Pipeline, data: Any, loss_fn: Any) -> Pipeline:
     extra = {k: v for k, v in (("data", data), ("loss_fn", loss_fn)) if v is not None}
     if not extra:
         return body
-    takes = [{f.name for f in dataclasses.fields(p)} for p in body.passes]
+    # a pass takes an option it has as a field, unless it says it will not use it as configured
+    # (the rewrite uses data only to compensate)
+    takes = [{f.name for f in dataclasses.fields(p)} - set(getattr(p, "unused_options", lambda: ())())
+             for p in body.passes]
     unused = sorted(k for k in extra if not any(k in t for t in takes))
     if unused:
         raise ConfigError(f"pipeline {body} has no pass that uses {' or '.join(unused)}; add a "

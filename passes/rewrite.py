@@ -36,6 +36,10 @@ class Rewrite(TransformPass):
     progress: bool | None = None
     data: Any = field(default=None, repr=False, compare=False)
 
+    def unused_options(self) -> tuple[str, ...]:
+        """``data`` serves compensation only."""
+        return ("data",) if self.compensate in (None, "none") else ()
+
     def run(self, state: PruneState) -> PruneState:
         if self.compensate not in COMPENSATIONS:
             raise ConfigError(f"compensate={self.compensate!r} is not one of 'bias', 'lsq' or None")
