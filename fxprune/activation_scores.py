@@ -22,16 +22,19 @@ formulas hold, a kernel's spatial taps counted as rows.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
 from .channels import ChannelGroups
 from .errors import ConfigError
+from .passes_base import AnalysisPass, PruneState
 from .rules.context import get_tensor
 from .scoring import ChannelScores, magnitude_scores
 from .statistics import ActivationStats, ChannelStats, collect_statistics, consumer_sites, producer_sites
 
-__all__ = ["ACTIVATION_CRITERIA", "activation_scores"]
+__all__ = ["ACTIVATION_CRITERIA", "ActivationScorePass", "activation_scores"]
 
 ACTIVATION_CRITERIA = ("wanda", "fluctuation", "activation")
 
@@ -139,3 +142,23 @@ def activation_scores(groups: ChannelGroups, data: Iterable | None = None, *, cr
                 fallback = magnitude_scores(groups).values
             values[idx] = fallback[idx]
     return ChannelScores(values, criterion), stats
+
+
+@dataclass(frozen=True)
+class ActivationScorePass(AnalysisPass):
+    """Base of the activation-aware scoring passes: a subclass names its pass and its
+    ``criterion``. Calibration statistics are computed from ``data``
+    (``fxprune.prune(..., data=batches)``) unless an earlier pass left them in the
+    state; they stay there for compensation."""
+
+    criterion: ClassVar[str] = ""
+    requires = ("groups",)
+    produces = ("scores", "stats")
+    max_batches: int | None = None
+    progress: bool | None = None
+    data: Any = field(default=None, repr=False, compare=False)
+
+    def run(self, state: PruneState) -> PruneState:
+        scores, stats = activation_scores(state.groups, self.data, criterion=self.criterion, stats=state.stats,
+                                          max_batches=self.max_batches, progress=self.progress)
+        return state.replace(scores=scores, stats=stats)

@@ -7,30 +7,16 @@ Adaptive Structured Pruning for Large Language Models", 2024).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from fxprune.activation_scores import activation_scores
-from fxprune.passes_base import AnalysisPass, PruneState, register_pass
+from fxprune.activation_scores import ActivationScorePass
+from fxprune.passes_base import register_pass
 
 
 @register_pass
 @dataclass(frozen=True)
-class ScoreFlap(AnalysisPass):
-    """FLAP's fluctuation: input variance times the squared consumer column norm.
-
-    Calibration statistics are computed from ``data`` (``fxprune.prune(..., data=batches)``)
-    unless an earlier pass left them in the state; they stay there for compensation.
-    """
+class ScoreFlap(ActivationScorePass):
+    """FLAP's fluctuation: input variance times the squared consumer column norm."""
 
     name = "score-flap"
-    requires = ("groups",)
-    produces = ("scores", "stats")
-    max_batches: int | None = None
-    progress: bool | None = None
-    data: Any = field(default=None, repr=False, compare=False)
-
-    def run(self, state: PruneState) -> PruneState:
-        scores, stats = activation_scores(state.groups, self.data, criterion="fluctuation", stats=state.stats,
-                                          max_batches=self.max_batches, progress=self.progress)
-        return state.replace(scores=scores, stats=stats)
+    criterion = "fluctuation"
