@@ -146,6 +146,27 @@ def torch_pruning_row(model, example, ratio, calib, evals, ignore_names) -> str:
         return f"failed ({type(exc).__name__}: {str(exc)[:60]})"
 
 
+def heads_rows(model, example, calib, evals, dense, args) -> None:
+    """Whole kv groups: one of the three per layer (three query heads and their kv head)."""
+    t = time.time()
+    hg = fxprune.analyze(model, example, policy="heads")
+    hstats = collect_statistics(hg, calib)
+    keep = tuple(non_attention_names(model))
+    print(f"\nwhole kv groups removed (1 of 3 per layer: 3 query heads and their kv head), "
+          f"analysis {time.time() - t:.0f} s")
+    for criterion in ("l2", "wanda", "flap", "activation"):
+        if criterion not in args.criteria.split(","):
+            continue
+        hs = scores_for(criterion, hg, hstats, calib, progress=False)
+        for comp in (None, "bias"):
+            plan = select_channels(hg, hs, ratio=1 / 3, ignore=keep)
+            module = rewrite_graph(hg, plan.kept)
+            if comp:
+                apply_compensation(module, hg, plan.kept, compensation_fills(hg, plan.kept, hstats))
+            ppl = perplexity(module, evals)
+            print(f"{criterion:<11} heads     {comp or '-':<5} {ppl:>9.1f} {ppl / dense:.2f}x")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,6 +179,7 @@ def main(argv=None) -> None:
     ap.add_argument("--compensations", default="none,bias,lsq", help="none, bias, lsq")
     ap.add_argument("--all-lsq", action="store_true", help="also lsq rows for l2 and taylor")
     ap.add_argument("--heads", action="store_true", help="also prune whole attention heads (kv groups)")
+    ap.add_argument("--heads-only", action="store_true", help="only the attention-head rows")
     ap.add_argument("--verify", action="store_true", help="run the oracle on the best 20%% configuration")
     ap.add_argument("--torch-pruning", action="store_true", help="also run Torch-Pruning (when installed)")
     args = ap.parse_args(argv)
@@ -172,6 +194,11 @@ def main(argv=None) -> None:
     dense = perplexity(model, evals)
     print(f"dense perplexity: {dense:.2f}\n")
     example = calib[0]
+    if args.heads_only:
+        args.heads, args.criteria, args.torch_pruning, args.verify = True, args.criteria, False, False
+        heads_rows(model, example, calib, evals, dense, args)
+        print(f"\ntotal {time.time() - t0:.0f} s")
+        return
     t = time.time()
     groups = fxprune.analyze(model, example)
     stats = collect_statistics(groups, calib, progress=True)
@@ -216,22 +243,7 @@ def main(argv=None) -> None:
         cells = [torch_pruning_row(model, example, r, calib, evals, ignore) for r in ratios]
         print(f"{'tp-taylor':<11} {'uniform':<9} {'-':<5} " + " ".join(f"{c:>15}" for c in cells))
     if args.heads:
-        t = time.time()
-        hg = fxprune.analyze(model, example, policy="heads")
-        hstats = collect_statistics(hg, calib)
-        keep = tuple(non_attention_names(model))
-        print(f"\nwhole kv groups (1 of 3 per layer: 3 query heads and their kv head), {time.time() - t:.0f} s")
-        for criterion in ("l2", "wanda", "flap", "activation"):
-            if criterion not in args.criteria.split(","):
-                continue
-            hs = scores_for(criterion, hg, hstats, calib, progress=False)
-            for comp in (None, "bias"):
-                plan = select_channels(hg, hs, ratio=1 / 3, ignore=keep)
-                module = rewrite_graph(hg, plan.kept)
-                if comp:
-                    apply_compensation(module, hg, plan.kept, compensation_fills(hg, plan.kept, hstats))
-                ppl = perplexity(module, evals)
-                print(f"{criterion:<11} heads     {comp or '-':<5} {ppl:>9.1f} {ppl / dense:.2f}x", flush=True)
+        heads_rows(model, example, calib, evals, dense, args)
     if args.verify and best[1] is not None:
         t = time.time()
         result = fxprune.prune(model, example, ratio=0.2, ignore=ignore, data=calib, **best[1])
