@@ -46,14 +46,13 @@ def _zero(values: torch.Tensor, threshold: float, scale: float) -> torch.Tensor:
     return values <= threshold * scale if threshold > 0 else values == 0
 
 
-def structurally_dead(groups: ChannelGroups, threshold: float = 0.0) -> tuple[torch.Tensor, dict[int, str]]:
+def structurally_dead(groups: ChannelGroups, threshold: float = 0.0) -> torch.Tensor:
     """Per class: whether a structural reason makes its value constant (all producing
-    rows zero, or a zero norm scale), and the reason by class."""
+    rows zero, or a zero norm scale)."""
     n = groups.n_classes
     rows_seen = torch.zeros(n, dtype=torch.bool)
     rows_live = torch.zeros(n, dtype=torch.bool)
     scale_zero = torch.zeros(n, dtype=torch.bool)
-    why: dict[int, str] = {}
     for a in groups.alignments:
         if a.dim is None:
             continue
@@ -69,14 +68,8 @@ def structurally_dead(groups: ChannelGroups, threshold: float = 0.0) -> tuple[to
             live = ~_zero(per, threshold, scale)
             rows_live.index_put_((cls,), live, accumulate=True)
         elif a.role == "norm" and a.path.rsplit(".", 1)[-1] in ("weight", "scale", "gamma"):
-            zero = _zero(per, threshold, scale)
-            for c in cls[zero].tolist():
-                why.setdefault(int(c), f"norm scale {a.path} is zero")
-            scale_zero[cls[zero]] = True
-    rows_dead = rows_seen & ~rows_live
-    for c in torch.nonzero(rows_dead & ~scale_zero).flatten().tolist():
-        why.setdefault(int(c), "every weight row producing it is zero")
-    return rows_dead | scale_zero, why
+            scale_zero[cls[_zero(per, threshold, scale)]] = True
+    return (rows_seen & ~rows_live) | scale_zero
 
 
 def _probes(inputs: tuple, n: int, seed: int) -> list[tuple]:
@@ -101,14 +94,14 @@ def _probes(inputs: tuple, n: int, seed: int) -> list[tuple]:
 
 
 def dead_classes(groups: ChannelGroups, example_inputs: Any, *, threshold: float = 0.0, probes: int = 4,
-                 seed: int = 0, progress: bool | None = False) -> tuple[torch.Tensor, Any, dict[int, str]]:
-    """The channel classes to remove (a bool per class), the calibration statistics of
-    the probes (the constants to fold), and why each removed class is dead."""
-    candidate, why = structurally_dead(groups, threshold)
+                 seed: int = 0, progress: bool | None = False) -> tuple[torch.Tensor, Any]:
+    """The channel classes to remove (a bool per class) and the calibration statistics of
+    the probes (the constants to fold)."""
+    candidate = structurally_dead(groups, threshold)
     candidate &= ~groups.class_pinned & ~groups.class_inexact
     inputs = as_tuple(example_inputs)
     if not bool(candidate.any()):
-        return torch.zeros(groups.n_classes, dtype=torch.bool), None, {}
+        return torch.zeros(groups.n_classes, dtype=torch.bool), None
     batches = [graph_inputs(groups.gm, b) for b in _probes(inputs, probes, seed)]
     stats = collect_statistics(groups, [[b] for b in batches], producers=False, progress=progress,
                                criterion="eliminate-dead-channels")
@@ -121,18 +114,13 @@ def dead_classes(groups: ChannelGroups, example_inputs: Any, *, threshold: float
             continue
         cls = groups.class_of[site.labels.reshape(-1)]
         std = st.var.clamp_min(0).sqrt()
-        level = float(std.max()) + float(st.mean.abs().max())
-        flat = std > max(threshold, 1e-7) * max(level, 1e-30)
-        constant[cls[flat]] = False
+        tiny = max(threshold, 1e-7) * max(float(std.max()) + float(st.mean.abs().max()), 1e-30)
+        constant[cls[std > tiny]] = False
         read[cls] = True
         # a consumer that cannot fold a constant into a bias must read zero
-        affine = pos in (0, "input") and why_not_affine(nodes[name], groups.gm) is None
-        if not affine:
-            nonzero = st.mean.abs() > max(threshold, 1e-7) * max(level, 1e-30)
-            constant[cls[nonzero]] = False
-    dead = constant & read
-    # a group loses all its channels only if every one of them is dead (nothing is left to compute)
-    return dead, stats, {c: why[c] for c in torch.nonzero(dead).flatten().tolist() if c in why}
+        if not (pos in (0, "input") and why_not_affine(nodes[name], groups.gm) is None):
+            constant[cls[st.mean.abs() > tiny]] = False
+    return constant & read, stats
 
 
 def eliminate(groups: ChannelGroups, example_inputs: Any, *, threshold: float = 0.0, probes: int = 4,
@@ -142,7 +130,7 @@ def eliminate(groups: ChannelGroups, example_inputs: Any, *, threshold: float = 
 
     from .rewrite import rewrite_graph
 
-    dead, stats, why = dead_classes(groups, example_inputs, threshold=threshold, probes=probes, seed=seed,
+    dead, stats = dead_classes(groups, example_inputs, threshold=threshold, probes=probes, seed=seed,
                                     progress=progress)
     plan = PrunePlan(~dead, _per_group(groups, dead))
     module = rewrite_graph(groups, plan.kept)
@@ -173,8 +161,8 @@ def eliminate_dead_channels(model: nn.Module, example_inputs: Any, *, threshold:
     >>> r.module.get_submodule("0").out_features, r.plan.n_removed
     (4, 2)
     """
-    from .api import PruneResult, analyze
-    from .report import ModelStats, PruneReport, count_params
+    from .api import PruneResult, analyze, prune_report
+    from .passes_base import PruneState
 
     if not isinstance(threshold, (int, float)) or not 0.0 <= threshold < 1.0:
         raise ConfigError(f"threshold must be a number in [0, 1), got {threshold!r}: weights at most "
@@ -185,16 +173,10 @@ def eliminate_dead_channels(model: nn.Module, example_inputs: Any, *, threshold:
     t1 = time.perf_counter()
     plan, module, scores = eliminate(groups, example_inputs, threshold=threshold, probes=probes, seed=seed,
                                      progress=progress)
-    dead = ~plan.kept
-    t2 = time.perf_counter()
-    inputs = graph_inputs(groups.gm, as_tuple(example_inputs))
-    from .budget import meta_stats
-
-    timings = (("analyze", t1 - t0), ("eliminate-dead-channels", t2 - t1))
-    report = PruneReport(before=ModelStats(count_params(model), meta_stats(groups.gm, inputs).macs),
-                         after=meta_stats(module, inputs), channels_before=sum(g.size for g in groups.groups),
-                         channels_after=sum(g.size for g in groups.groups) - int(dead.sum()),
-                         groups_pruned=len(plan.removed_per_group), timings=timings)
+    timings = (("analyze", t1 - t0), ("eliminate-dead-channels", time.perf_counter() - t1))
+    state = PruneState(model=model, example_inputs=as_tuple(example_inputs), gm=groups.gm, groups=groups,
+                       plan=plan, module=module, timings=timings)
+    report = prune_report(model, state, as_tuple(example_inputs))
     result = PruneResult(module, report, groups, plan, scores, timings, "capture,channel-deps,"
                          f"eliminate-dead-channels{{threshold={threshold}}},rewrite", groups.frontend)
     if check and plan.n_removed:
