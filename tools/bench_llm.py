@@ -195,7 +195,6 @@ def main(argv=None) -> None:
     print(f"dense perplexity: {dense:.2f}\n")
     example = calib[0]
     if args.heads_only:
-        args.heads, args.criteria, args.torch_pruning, args.verify = True, args.criteria, False, False
         heads_rows(model, example, calib, evals, dense, args)
         print(f"\ntotal {time.time() - t0:.0f} s")
         return
