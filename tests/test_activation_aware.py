@@ -228,6 +228,7 @@ def test_bias_compensation_equals_mean_replacement():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # and compensation helps on data like the calibration data: closer to the original
     plain = fxprune.prune(model, x, ratio=0.5, importance="l2")
+    fxprune.verify(model, plain, x)
     held_out = shifted_batches((512, 6), n=1, seed=5)[0]
     with torch.no_grad():
         ref = model(held_out)
