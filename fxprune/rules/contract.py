@@ -12,7 +12,7 @@ contracting head_dim), the output carries no channel.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence, cast
 
 import operator
 import string
@@ -34,11 +34,11 @@ def _channel_letter(labels: torch.Tensor, letters: str) -> str | None:
 
 
 def _vector(labels: torch.Tensor) -> torch.Tensor:
-    cd = channel_dim(labels)
+    cd = cast(int, channel_dim(labels))  # callers pass labels that vary along one dim
     return labels.movedim(cd, -1).reshape(-1, labels.shape[cd])[0]
 
 
-def _single_class(ctx, labels: torch.Tensor) -> bool:
+def _single_class(ctx: AnalysisContext, labels: torch.Tensor) -> bool:
     roots = ctx.classes(_vector(labels))
     return bool((roots == roots[0]).all())
 
@@ -47,7 +47,7 @@ def _varying(labels: torch.Tensor) -> int:
     return sum(1 for n in labels.shape if n > 1)
 
 
-def _settle(ctx, labels: torch.Tensor, letters: str, met: set) -> torch.Tensor:
+def _settle(ctx: AnalysisContext, labels: torch.Tensor, letters: str, met: set[str | None]) -> torch.Tensor:
     """The labels of an operand that still has one per element (a parameter used by value,
     a relative-position table ``q @ rel_k.T``), made to vary along one letter: the one
     another operand's channels vary along (its positions there go with those channels,
@@ -126,7 +126,7 @@ def contract(ctx: AnalysisContext, node: torch.fx.Node, operands: list[tuple[Any
     return const_like(out_ndim)
 
 
-def _matmul_letters(na: int, nb: int):
+def _matmul_letters(na: int, nb: int) -> tuple[str, str, str]:
     """Letters of a @ b with numpy broadcasting of batch dims."""
     batch = max(na, nb) - 2 if min(na, nb) >= 2 else max(na, nb) - (1 if min(na, nb) == 1 else 2)
     pool = iter(string.ascii_letters)
@@ -166,11 +166,11 @@ def einsum(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """einsum(equation, *operands) or (equation, [operands]): a contraction; the oracle
     zeroes removed channels in every operand (a channel summed over in the second and
     third operands only is not reached through the first)."""
-    eq = node.args[0]
-    ops = node.args[1:]
+    eq = cast(str, node.args[0])  # the equation
+    ops: Sequence[Any] = node.args[1:]
     listed = None  # the position of the operand list, when they come as one
     if isinstance(node.target, torch._ops.OpOverload):
-        ops, listed = node.args[1], 1  # aten.einsum(equation, tensors, path=None)
+        ops, listed = cast("Sequence[Any]", node.args[1]), 1  # aten.einsum(equation, tensors, path=None)
     if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
         ops, listed = ops[0], 1
     for k, op in enumerate(ops):
@@ -191,7 +191,8 @@ def einsum(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     return contract(ctx, node, list(zip(ops, ins)), rhs)
 
 
-def _expand_ellipsis(ctx, ops, ins: list[str], rhs: str, eq: str) -> tuple[list[str], str]:
+def _expand_ellipsis(ctx: AnalysisContext, ops: Sequence[Any], ins: list[str], rhs: str,
+                     eq: str) -> tuple[list[str], str]:
     """Letters for the dims an einsum's ``...`` stands for: broadcast like numpy (aligned
     from the right across operands), one fresh letter per dim, in the output where it
     writes ``...``."""
@@ -222,12 +223,12 @@ def sdpa(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     nq = ctx.meta(q).ndim
     batch = string.ascii_lowercase[:nq - 2]
 
-    def letters(t, tail):
+    def letters(t: Any, tail: str) -> str:
         n = ctx.meta(t).ndim
         return batch[len(batch) - (n - 2):] + tail
 
     mask = ctx.arg(3, "attn_mask")
-    kv_letters = letters(k, "SE"), letters(v, "SV")
+    kv_letters: tuple[str, ...] = letters(k, "SE"), letters(v, "SV")
     if nq >= 3 and ctx.meta(k).ndim == nq and ctx.meta(k).shape[-3] not in (1, ctx.meta(q).shape[-3]):
         _group_query_heads(ctx, node, q, k, v)
         # kv heads get a letter of their own: query head h meets kv head h // rep, which
@@ -240,7 +241,7 @@ def sdpa(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     return contract(ctx, node, operands, batch + "LV")
 
 
-def _group_query_heads(ctx, node, q, k, v):
+def _group_query_heads(ctx: AnalysisContext, node: torch.fx.Node, q: Any, k: Any, v: Any) -> None:
     """Grouped-query SDPA (``enable_gqa=True``): query head h attends with kv head
     ``h // rep``. Where the heads are the channels, a kv head goes with its query heads
     (``gqa="kv_groups"``), or the kv heads stay and every group loses the same query
@@ -267,7 +268,8 @@ def _group_query_heads(ctx, node, q, k, v):
         ctx.union(groups, groups[:1])
 
 
-def _couple_mask(ctx, node, q, q_letters, mask, mask_letters):
+def _couple_mask(ctx: AnalysisContext, node: torch.fx.Node, q: Any, q_letters: str, mask: Any,
+                 mask_letters: str) -> None:
     """The mask is added to the (.., heads, L, S) scores. One broadcast along the heads
     ((B, 1, L, S) padding) is the same for every head; a per-head one (T5's relative bias,
     ALiBi) goes with the heads, and one whose heads are not traced (an opaque op made it)
@@ -279,6 +281,7 @@ def _couple_mask(ctx, node, q, q_letters, mask, mask_letters):
         ctx.pin(lm, f"{node.name}: attention mask with channels along its L or S dim")
     if cq is None or cq not in mask_letters or ctx.meta(mask).shape[mask_letters.index(cq)] == 1:
         return
+    lq = cast(torch.Tensor, lq)  # cq is a letter: q has labels
     ctx.union(_vector(lq), _vector(lm) if cm == cq else lm.reshape(-1)[:1])
 
 

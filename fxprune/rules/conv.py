@@ -10,7 +10,7 @@ group widths by removing the same local channels from every group.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch.nn.functional as F
 import torch
@@ -19,8 +19,8 @@ from torch import nn
 
 from ..errors import Unsupported
 from ..labels import CONST, constant_along
-from ..masked import MaskedCall, compact, scatter
-from .context import AnalysisContext, RewriteContext, weight_operand
+from ..masked import MaskedCall, MaskedSemantics, compact, scatter
+from .context import AnalysisContext, RewriteContext, attr_target, weight_operand
 from .registry import register
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -29,7 +29,7 @@ _F_CONV = (F.conv1d, F.conv2d, F.conv3d)
 _F_CONV_T = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
 
-def is_transposed(target) -> bool:
+def is_transposed(target: torch.fx.node.Target) -> bool:
     """True for a functional or ATen transposed convolution."""
     if target in _F_CONV_T:
         return True
@@ -55,7 +55,8 @@ def _conv_parts(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     return ctx.arg(0, "input"), weight, bias, groups, transposed
 
 
-def computed_weight(ctx, node, weight: torch.fx.Node) -> tuple[str, tuple[str, ...], bool]:
+def computed_weight(ctx: AnalysisContext, node: torch.fx.Node,
+                    weight: torch.fx.Node) -> tuple[str, tuple[str, ...], bool]:
     """The parameter a convolution weight computed in the graph is made from: weight
     standardization (timm's StdConv2d, NFNet's ScaledStdConv2d: the weight normalized
     per output channel over its fan-in, times a per-channel gain), or a mask of its shape
@@ -77,13 +78,13 @@ def computed_weight(ctx, node, weight: torch.fx.Node) -> tuple[str, tuple[str, .
         if n.op == "placeholder":
             raise Unsupported("the weight depends on the model's inputs")
         if n.op == "get_attr":
-            t = ctx.tensor(n.target)
+            t = ctx.tensor(attr_target(n))
             if not isinstance(t, torch.Tensor) or t.numel() == 1:
                 continue
             if tuple(t.shape) == shape and isinstance(t, nn.Parameter) and source in (None, n):
                 source = n
             elif tuple(t.shape) == shape and not isinstance(t, nn.Parameter):
-                partners.append(n.target)
+                partners.append(attr_target(n))
             elif t.ndim < 1 or any(s != 1 for s in t.shape[1:]) or t.shape[0] != shape[0]:
                 raise Unsupported(f"the weight is computed from {n.target} of shape {tuple(t.shape)}, "
                                  f"which is neither the weight nor a per-output-channel tensor")
@@ -102,10 +103,11 @@ def computed_weight(ctx, node, weight: torch.fx.Node) -> tuple[str, tuple[str, .
             or not torch.equal(k.reshape(k.shape[0], -1)[:, 0], ctx.classes(src_rows.reshape(-1))):
         raise Unsupported(f"the weight's rows are not {source.target}'s rows in order (the computation "
                          f"moves them)")
-    return source.target, tuple(dict.fromkeys(partners)), elementwise
+    return attr_target(source), tuple(dict.fromkeys(partners)), elementwise
 
 
-def _channels_along_length(ctx, node, x, cdim: int):
+def _channels_along_length(ctx: AnalysisContext, node: torch.fx.Node, x: Any,
+                           cdim: int) -> tuple[torch.Tensor | None, bool]:
     """When ``x``'s channels lie along a spatial dim of the convolution (CoaT stacks class
     tokens into (B, 3, C) and convolves over the 3; ECA convolves along the channels): a
     position-wise conv (kernel 1, stride 1, no padding) keeps them where they are, and its
@@ -129,10 +131,13 @@ def _channels_along_length(ctx, node, x, cdim: int):
     return None, True
 
 
-def conv_channels(ctx, node, in_vec: torch.Tensor, c_out: int, groups: int):
+def conv_channels(ctx: AnalysisContext, node: torch.fx.Node, in_vec: torch.Tensor, c_out: int,
+                  groups: int) -> tuple[torch.Tensor, Any, Any]:
     """(output channel labels, input and output channels of one group), or (output
     labels, None, None) for a depthwise conv, whose outputs follow their input channel.
     Grouped convs keep equal group widths: the same local channels go in every group."""
+    # the group's channels are typed Any (None for a depthwise conv): callers that exclude
+    # depthwise (conv's other branches, torchvision's deform_conv2d) use them unnarrowed
     c_in = in_vec.numel()
     if groups > 1 and groups == c_in:
         return in_vec.repeat_interleave(c_out // c_in), None, None
@@ -180,7 +185,7 @@ def conv(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     return ctx.along(out_vec, cdim, out_ndim)
 
 
-def _new_groups(r, x, cdim: int, groups: int, c_in_old: int) -> int:
+def _new_groups(r: RewriteContext, x: Any, cdim: int, groups: int, c_in_old: int) -> int:
     return r.new_shape(x)[cdim] if groups > 1 and groups == c_in_old else groups
 
 
@@ -203,7 +208,7 @@ def rewrite_conv(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> N
     groups = old.args[pos] if len(old.args) > pos else old.kwargs.get("groups", 1)
     if isinstance(groups, torch.fx.Node):
         return  # computed in forward (x.shape[1], batch x groups): it follows the sizes it is made of
-    new_groups = _new_groups(r, x, cdim, groups, c_in_old)
+    new_groups = _new_groups(r, x, cdim, cast(int, groups), c_in_old)  # an int once not a Node
     if new_groups != groups:
         if len(new.args) > pos:
             args = list(new.args)
@@ -218,6 +223,7 @@ register(*_CONV, *_CONV_T, *_F_CONV, *_F_CONV_T, rewrite=rewrite_conv)(conv)
 
 def linear(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """y = x W^T + b: input features are weight columns, output features fresh rows."""
+    weight: str | None
     if node.op == "call_module":
         x, weight = node.args[0], f"{node.target}.weight"
         bias = f"{node.target}.bias" if ctx.module.bias is not None else None
@@ -239,7 +245,9 @@ def linear(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     return ctx.along(out_vec, -1, ctx.meta(node).ndim)
 
 
-def _link_computed(ctx, node, weight, found, out_vec, in_cols, in_vec, ndim: int, inputs: str) -> None:
+def _link_computed(ctx: AnalysisContext, node: torch.fx.Node, weight: torch.fx.Node,
+                   found: tuple[str, tuple[str, ...], bool], out_vec: torch.Tensor, in_cols: torch.Tensor | None,
+                   in_vec: torch.Tensor, ndim: int, inputs: str) -> None:
     """A weight computed in forward (``found``: computed_weight's answer): its rows go with
     the output channels (so do the parameter's rows and every per-channel gain); the
     parameter's columns, and a same-shape mask's, are the inputs (``in_cols``; None for a
@@ -256,16 +264,18 @@ def _link_computed(ctx, node, weight, found, out_vec, in_cols, in_vec, ndim: int
                     _masked_computed_weight(weight, (source, *partners), ctx.along(in_cols, 1, ndim)))
 
 
-def _masked_computed_weight(weight: torch.fx.Node, paths: tuple[str, ...], columns: torch.Tensor):
+def _masked_computed_weight(weight: torch.fx.Node, paths: tuple[str, ...], columns: torch.Tensor) -> MaskedSemantics:
     """The masked semantics of a layer whose weight is computed in forward across its
     inputs: the weight is computed again from the kept columns of its parameter (and of
     same-shape buffers), its removed columns are zeros, and the layer runs with it (its
     removed inputs are zeroed, as for any consumer)."""
-    def masked(call: MaskedCall):
+    def masked(call: MaskedCall) -> Any:
+        assert call.kept_labels is not None  # the oracle passes it (and recompute) to masked semantics
         kept = call.kept_labels(columns)
         if kept is None:
             return call.run(call.args, call.kwargs)
         idx = (1, kept[1])
+        assert call.recompute is not None
         small = call.recompute(weight, {p: (lambda t: compact(t, idx)) for p in paths})
         full = call.arg(1, "weight")
         args, kwargs = list(call.args), dict(call.kwargs)
@@ -275,7 +285,8 @@ def _masked_computed_weight(weight: torch.fx.Node, paths: tuple[str, ...], colum
     return masked
 
 
-def _computed_dense(ctx, node, x, weight: torch.fx.Node, bias: str | None) -> torch.Tensor:
+def _computed_dense(ctx: AnalysisContext, node: torch.fx.Node, x: Any, weight: torch.fx.Node,
+                    bias: str | None) -> torch.Tensor:
     """F.linear with a weight computed in forward from one parameter of its shape (MADE's
     masked layers, ``mask * weight``; a standardized weight): as for a convolution (see
     computed_weight), its rows are the output features, the parameter's columns and any
@@ -292,7 +303,7 @@ def _computed_dense(ctx, node, x, weight: torch.fx.Node, bias: str | None) -> to
     return out_vec
 
 
-def _linear_weight(ctx, w) -> tuple[str | None, int]:
+def _linear_weight(ctx: AnalysisContext, w: Any) -> tuple[str | None, int]:
     """(parameter path, the dim holding the output features) of F.linear's weight: a
     parameter, or one seen through transposes used only here (a decoder tied to an
     encoder's weight, ``F.linear(h, enc.weight.t())``: the output features are its columns)."""
@@ -303,7 +314,8 @@ def _linear_weight(ctx, w) -> tuple[str | None, int]:
     return (found[0], 1 if found[1] else 0) if found is not None else (None, 0)
 
 
-def dense(ctx, node, x, argpos: int, weight: str, bias: str | None, *, out_dim: int) -> torch.Tensor:
+def dense(ctx: AnalysisContext, node: torch.fx.Node, x: Any, argpos: int, weight: str, bias: str | None, *,
+          out_dim: int) -> torch.Tensor:
     """A dense layer on the last dim of input ``argpos`` (node ``x``): weight rows (or
     columns, ``out_dim=1``: GPT-2's Conv1D stores (in, out)) are fresh output features,
     the other dim consumes the input's. Returns the output features' labels."""
@@ -330,6 +342,7 @@ register(nn.Linear, F.linear, rewrite=rewrite_linear)(linear)
 def bilinear(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """y_k = x1 W_k x2^T + b_k: the weight (out, in1, in2) consumes the last dim of both
     inputs; its rows are fresh output features."""
+    weight: str | None
     if node.op == "call_module":
         weight = f"{node.target}.weight"
         bias = f"{node.target}.bias" if ctx.module.bias is not None else None
