@@ -8,17 +8,19 @@ inlined between calls that enter and leave the mode.
 
 from __future__ import annotations
 
+import itertools
 import operator
-import sys
 from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from ..errors import TraceError
 from ..meta import copy_pytree_specs, set_meta, tensor_meta
 from ..rules.context import get_tensor
+from . import repeated
 from .graphs import copy_graph, copy_node, graph_module
 from .shapes import propagate_shapes
 from .source import user_frame
@@ -151,30 +153,20 @@ def _check_buffer_assignments(gm: torch.fx.GraphModule, model: nn.Module,
                              f"shape and dtype the forward gives it, or compute the value without storing it")
 
 
-def export_capture(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
-    """Capture ``model`` with non-strict ``torch.export``: an ATen-level graph whose
-    shapes come from the export itself. Input dims the model does not fix stay symbolic
-    (see :func:`_dynamic_dims`; shape ops read them with ``sym_size`` at run time). The
-    graph takes and returns what the model does (pytree in/out specs kept); run-time
-    checks are dropped."""
-    try:
-        program, assigned = _export_program(model, inputs)
-    except Exception as exc:  # export raises many types; one typed error here
-        where = user_frame(sys.exc_info()[2])
-        at = f" at {where}" if where else ""
-        raise TraceError(f"torch.export could not capture {type(model).__name__}{at}: "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-                         f"Fix: make the failing code export-friendly or mark it as a leaf module "
-                         f"and use frontend='fx'.") from exc
-    exported = program.module()
+def _clean_graph(exported: torch.fx.GraphModule) -> torch.fx.Graph:
+    """A copy of an exported module's graph with mode scopes inlined and run-time checks
+    dropped."""
     graph = copy_graph(exported.graph)
     _inline_scopes(exported, graph)
     for node in reversed(list(graph.nodes)):
         name = node.target if node.op == "call_module" else getattr(node.target, "__name__", "")
         if not node.users and name.split(".")[0] in _CHECKS:
             graph.erase_node(node)
-    gm = graph_module(exported, graph, type(model).__name__)  # code generated when first run
-    copy_pytree_specs(exported, gm)
+    return graph
+
+
+def _finish(gm: torch.fx.GraphModule, model: nn.Module, inputs: tuple, assigned: list) -> torch.fx.GraphModule:
+    """Shape metadata from the export's values, buffer assignments checked and owned."""
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             set_meta(node, get_tensor(gm, node.target))
@@ -186,3 +178,219 @@ def export_capture(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
     _check_buffer_assignments(gm, model, assigned)
     own_written_buffers(gm, model)
     return gm
+
+
+def _export_failed(model: nn.Module, exc: BaseException) -> TraceError:
+    where = user_frame(exc.__traceback__)
+    at = f" at {where}" if where else ""
+    return TraceError(f"torch.export could not capture {type(model).__name__}{at}: "
+                      f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+                      f"Fix: make the failing code export-friendly or mark it as a leaf module "
+                      f"and use frontend='fx'.")
+
+
+def export_capture(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
+    """Capture ``model`` with non-strict ``torch.export``: an ATen-level graph whose
+    shapes come from the export itself. Input dims the model does not fix stay symbolic
+    (see :func:`_dynamic_dims`; shape ops read them with ``sym_size`` at run time). The
+    graph takes and returns what the model does (pytree in/out specs kept); run-time
+    checks are dropped. A run of identical blocks (a transformer's layers) is exported
+    once and spliced in for every block (:mod:`.repeated`)."""
+    runs = repeated.find_runs(model)
+    why = ""
+    if runs:
+        try:
+            gm, why = _capture_repeated(model, inputs, runs)
+        except Exception as exc:  # noqa: BLE001 (the whole model is exported instead; the reason kept)
+            gm, why = None, f"{type(exc).__name__}: {exc}"
+        if gm is not None:
+            return gm
+    try:
+        program, assigned = _export_program(model, inputs)
+    except Exception as exc:  # export raises many types; one typed error here
+        raise _export_failed(model, exc) from exc
+    exported = program.module()
+    gm = graph_module(exported, _clean_graph(exported), type(model).__name__)  # code generated when first run
+    copy_pytree_specs(exported, gm)
+    if runs:
+        gm.meta[repeated.REPEATED_KEY] = f"not used: {why}"
+    return _finish(gm, model, inputs, assigned)
+
+
+def _capture_repeated(model: nn.Module, inputs: tuple,
+                      runs: list) -> tuple[torch.fx.GraphModule | None, str]:
+    """:func:`export_capture` with each run of identical blocks exported once
+    (:mod:`.repeated`): the GraphModule, or None and why not."""
+    with repeated.Stubs(runs) as stubs:
+        program, assigned = _export_program(model, inputs)
+    exported = program.module()
+    graph = _clean_graph(exported)
+    stub_nodes = [n for n in graph.nodes if n.op == "call_function" and n.target is _BLOCK_OP]
+    if not stub_nodes:
+        return None, "no block of a run was called with tensors and plain values only"
+    bodies = {key: _block_graph(model, call) for key, call in stubs.calls.items()}
+    for key, (body, _) in bodies.items():
+        if body is None:
+            return None, f"block '{stubs.calls[key].path}' alone: {_}"
+    owners = {id(m): p for p, m in model.named_modules()}
+    attach: dict[str, tuple[torch.Tensor, bool]] = {}
+    for stub in stub_nodes:
+        key = stub.args[0]
+        call = stubs.calls[key]
+        path = _stub_owner(stub, owners, call)
+        if path is None:
+            return None, f"a call of fxprune::block ({stub.name}) names no block of the model"
+        block = model.get_submodule(path)
+        body_gm, body_graph = bodies[key]
+        _splice(graph, stub, body_gm, body_graph, path, block, key, call, attach)
+    for target, (value, persistent) in attach.items():
+        _attach(exported, target, value, persistent)
+    gm = graph_module(exported, graph, type(model).__name__)
+    copy_pytree_specs(exported, gm)
+    _finish(gm, model, inputs, assigned)
+    if not any(p.device.type == "meta" for p in itertools.chain(model.parameters(), model.buffers())):
+        mismatch = _differs_from_model(gm, model, inputs)
+        if mismatch:
+            return None, f"the spliced graph does not compute what the model does ({mismatch})"
+    n_blocks = len(stub_nodes)
+    gm.meta[repeated.REPEATED_KEY] = (f"{n_blocks} blocks in {len(runs)} run(s) spliced from "
+                                      f"{len(bodies)} exported block graph(s)")
+    return gm, ""
+
+
+_BLOCK_OP = torch.ops.fxprune.block.default
+
+
+def _stub_owner(stub: torch.fx.Node, owners: dict, call: Any) -> str | None:
+    """The qualified name of the block whose forward made ``stub``: the innermost module
+    on its module stack that is a block of the call's run."""
+    stack = stub.meta.get("nn_module_stack") or {}
+    for path, _ in reversed(list(stack.values())):
+        path = path.removeprefix("L['self'].")
+        if path in call.run_paths:
+            return path
+    return None
+
+
+def _block_graph(model: nn.Module, call: Any) -> tuple[torch.fx.GraphModule | None, Any]:
+    """``call``'s block exported alone on zeros of its inputs' example shapes: (the
+    exported module, its cleaned graph), or (None, why not)."""
+    wrapper = repeated.Wrapper(call.block, call)
+    examples, dims = repeated.example_tensors(call)
+    try:
+        with torch.no_grad(), state_restored(model):
+            program = torch.export.export(wrapper, (examples,), dynamic_shapes=(dims,), strict=False)
+    except Exception as exc:  # noqa: BLE001 (reported as the reason)
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    body = program.module()
+    graph = _clean_graph(body)
+    if buffer_writes(graph_module(body, graph, "Block")):
+        return None, "the block assigns a buffer"
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is not None and schema.is_mutable and any(
+                isinstance(a, torch.fx.Node) and a.op == "placeholder" for a in node.args):
+            return None, f"the block writes into its input in place ({node.format_node()})"
+    return body, graph
+
+
+def _splice(graph: torch.fx.Graph, stub: torch.fx.Node, body: torch.fx.GraphModule, body_graph: torch.fx.Graph,
+            path: str, block: nn.Module, key: int, call: Any, attach: dict) -> None:
+    """Replace ``stub`` by a copy of ``body_graph`` reading block ``path``'s attributes."""
+    outer_stack = dict(stub.meta.get("nn_module_stack") or {})
+    placeholders = [n for n in body_graph.nodes if n.op == "placeholder"]
+    tensors = list(stub.args[1])
+    if len(placeholders) != len(tensors):
+        raise TraceError(f"block '{path}': {len(placeholders)} inputs exported, {len(tensors)} passed")
+    env: dict[torch.fx.Node, Any] = dict(zip(placeholders, tensors))
+    outs: Any = ()
+    with graph.inserting_before(stub):
+        for n in body_graph.nodes:
+            if n.op == "placeholder":
+                continue
+            if n.op == "output":
+                outs = torch.fx.node.map_arg(n.args[0], env.__getitem__)
+                break
+            new = env[n] = copy_node(graph, n, env.__getitem__)
+            if n.op == "get_attr":
+                new.target = _attach_target(body, n.target, path, block, key, attach)
+            stack = dict(outer_stack)
+            for k, (p, cls) in (n.meta.get("nn_module_stack") or {}).items():
+                p = p.removeprefix("L['self'].")
+                if p == "block" or p.startswith("block."):
+                    full = path + p[len("block"):]
+                    stack[full] = (full, cls)
+            new.meta["nn_module_stack"] = stack
+    flat = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    tensor_outs = [v for v, is_t in zip(flat, call.out_is_tensor) if is_t]
+    for user in list(stub.users):
+        if user.op != "call_function" or user.target is not operator.getitem:
+            raise TraceError(f"block '{path}': its outputs are used other than by index ({user.format_node()})")
+        user.replace_all_uses_with(tensor_outs[user.args[1]])
+        graph.erase_node(user)
+    graph.erase_node(stub)
+
+
+def _attach_target(body: torch.fx.GraphModule, target: str, path: str, block: nn.Module, key: int,
+                   attach: dict) -> str:
+    """The name, in the spliced graph, of attribute ``target`` of the exported block: the
+    called block's own parameter or buffer, or a constant of the export (shared by every
+    copy of one call)."""
+    if target.startswith("block."):
+        rel = target[len("block."):]
+        *owner_path, name = rel.split(".")
+        owner = block.get_submodule(".".join(owner_path))
+        value = owner._parameters.get(name)
+        if value is None:
+            value = owner._buffers.get(name)
+        if value is None:
+            raise TraceError(f"block '{path}': the exported block reads '{rel}', which the block does not hold")
+        full = f"{path}.{rel}"
+        attach.setdefault(full, (value, name not in owner._non_persistent_buffers_set))
+        return full
+    full = f"_fxprune_block{key}_{target.replace('.', '_')}"
+    attach.setdefault(full, (get_tensor(body, target), True))
+    return full
+
+
+def _attach(root: nn.Module, target: str, value: torch.Tensor, persistent: bool) -> None:
+    *path, name = target.split(".")
+    owner = root
+    for atom in path:
+        child = owner._modules.get(atom)
+        if child is None:
+            child = nn.Module()
+            owner.add_module(atom, child)
+        owner = child
+    if name in owner._parameters or name in owner._buffers:
+        return
+    if isinstance(value, nn.Parameter):
+        owner.register_parameter(name, value)
+    else:
+        owner.register_buffer(name, value, persistent=persistent)
+
+
+def _differs_from_model(gm: torch.fx.GraphModule, model: nn.Module, inputs: tuple) -> str:
+    """'' when ``gm`` and ``model`` give the same outputs on ``inputs``, else what differs."""
+    try:
+        with torch.no_grad(), state_restored(model):
+            want = pytree.tree_leaves(model(*inputs))
+        with torch.no_grad():
+            got = pytree.tree_leaves(gm(*inputs))
+    except Exception as exc:  # noqa: BLE001 (reported as the reason)
+        return f"{type(exc).__name__}: {exc}"
+    want = [w for w in want if isinstance(w, torch.Tensor)]
+    got = [g for g in got if isinstance(g, torch.Tensor)]
+    if len(want) != len(got):
+        return f"{len(got)} tensor outputs instead of {len(want)}"
+    for i, (w, g) in enumerate(zip(want, got)):
+        if w.shape != g.shape or w.dtype != g.dtype:
+            return f"output {i}: {tuple(g.shape)} {g.dtype} instead of {tuple(w.shape)} {w.dtype}"
+        if w.is_floating_point():
+            scale = float(w.abs().max()) if w.numel() else 0.0
+            err = float((w - g).abs().max()) if w.numel() else 0.0
+            if not err <= max(1e-4, 64 * torch.finfo(w.dtype).eps) * max(scale, 1.0):
+                return f"output {i}: largest difference {err:.3g} (values up to {scale:.3g})"
+        elif not torch.equal(w, g):
+            return f"output {i}: different values"
+    return ""
