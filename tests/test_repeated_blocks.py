@@ -170,9 +170,9 @@ def test_llama_shaped_hugging_face_model_uses_the_spliced_capture():
     torch.manual_seed(0)
     model = T.LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(0))
-    result, _ = prune_and_verify(model, ids, ratio=0.25, healthy=False)
+    result, _ = prune_and_verify(model, ids, ratio=0.25, healthy=False, frontend="export")
     assert result.frontend == "export"
-    gm = trace(model, ids)
+    gm = trace(model, ids, frontend="export")
     assert gm.meta[KEY].startswith("4 blocks in 1 run(s)"), gm.meta[KEY]
 
 
@@ -183,10 +183,11 @@ def test_a_model_on_the_meta_device_is_analysed_without_weights():
     with torch.device("meta"):
         model = T.LlamaForCausalLM(cfg).eval()
     ids = torch.zeros(1, 16, dtype=torch.long, device="meta")
-    gm = trace(model, ids)
+    gm = trace(model, ids, frontend="export")
     assert gm.meta[KEY].startswith("6 blocks"), gm.meta[KEY]
     assert all(t.device.type == "meta" for t in [*gm.parameters(), *gm.buffers()])
-    groups = fxprune.analyze(model, ids)
+    groups = fxprune.analyze(model, ids)  # the followed symbolic trace: values on the meta device
+    assert groups.frontend == "fx"
     assert all(p.device.type == "meta" for p in model.parameters())
     # every layer's MLP is a prunable group of its own, its 96 channels free
     mlp = [g for g in groups.prunable if any(m.path.endswith("mlp.up_proj.weight") and m.dim == 0 for m in g.members)]

@@ -21,7 +21,7 @@ from torch import nn
 from .. import hf
 from .._util import as_tuple
 from ..errors import InputError, TraceError
-from ..meta import FRONTEND_KEY, LIFTED_KEY, copy_pytree_specs
+from ..meta import FRONTEND_KEY, LIFTED_KEY, copy_pytree_specs, has_meta
 from ..passes_base import Pass, PruneState, register_pass
 from .graphs import copy_graph
 from .shapes import propagate_shapes
@@ -118,6 +118,9 @@ def _trace_module(model: nn.Module, inputs: tuple, leaf_modules: Iterable, concr
         gm = symbolic_trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args,
                             example_inputs=inputs)
     except TraceError as fx_error:
+        followed = _follow(model, inputs, leaf_modules) if hf.is_hf_model(model) and not user_concrete else None
+        if followed is not None:
+            return followed
         if frontend == "fx" or user_concrete:
             raise
         try:
@@ -156,6 +159,22 @@ def _trace_module(model: nn.Module, inputs: tuple, leaf_modules: Iterable, concr
             return _export(model, inputs)
         except TraceError:
             pass
+    return gm
+
+
+def _follow(model: nn.Module, inputs: tuple, leaf_modules: Iterable) -> torch.fx.GraphModule | None:
+    """The symbolic trace following the example values (``Tracer.follow``: Python that
+    needs a size reads it on the example inputs, as torch.export specializes it), shapes
+    propagated; None where that does not capture the model either."""
+    try:
+        gm = symbolic_trace(model, leaf_modules=leaf_modules, example_inputs=inputs, follow=True)
+        if not all(has_meta(n) for n in gm.graph.nodes if n.op != "output"):
+            propagate_shapes(gm, inputs)  # a value the trace could not follow: shapes computed apart
+    except (TraceError, InputError):
+        return None
+    gm.meta[FRONTEND_KEY] = "fx"
+    if opaque_calls(gm):
+        return None
     return gm
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
+import itertools
 import operator
 import sys
 import types
@@ -23,7 +25,7 @@ import torch.fx
 from torch import nn
 
 from ..errors import TraceError
-from ..meta import TensorMeta
+from ..meta import TensorMeta, set_meta
 from .decompositions import DecomposingTracer
 from .graphs import ancestors, graph_module, set_args
 from .shapes import MetaProp, to_meta
@@ -56,6 +58,39 @@ class _Proxy(torch.fx.Proxy):
         if inst is not None and inst.opname == "UNPACK_SEQUENCE":
             return (self[i] for i in range(inst.argval))
         return self.tracer.iter(self)
+
+    def __len__(self):
+        """``len(x)``: from the example values when the tracer follows them, else torch.fx's
+        error."""
+        known = self.tracer.shape_value(self)
+        if known is not _UNKNOWN:
+            return len(known)
+        return super().__len__()
+
+    def __add__(self, other):
+        """``x.size()[:-1] + (n,)``: where the tracer follows example values, a shape
+        joined with a tuple becomes a tuple of its sizes, one node each (the form a view
+        with literal sizes has, whose channel counts the rewrite updates)."""
+        if isinstance(other, (tuple, list)):
+            known = self.tracer.shape_value(self)
+            if isinstance(known, tuple) and self.node in getattr(self.tracer, "_shape_nodes", ()):
+                return tuple(self[i] for i in range(len(known))) + tuple(other)
+        return torch.fx.Proxy.__add__(self, other)
+
+    def __radd__(self, other):
+        if isinstance(other, (tuple, list)):
+            known = self.tracer.shape_value(self)
+            if isinstance(known, tuple) and self.node in getattr(self.tracer, "_shape_nodes", ()):
+                return tuple(other) + tuple(self[i] for i in range(len(known)))
+        return torch.fx.Proxy.__radd__(self, other)
+
+    def __index__(self):
+        """A size used as an index or count (``range(n)``): its example value, when the
+        tracer follows values and the size comes from shapes alone."""
+        known = self.tracer.shape_value(self)
+        if known is not _UNKNOWN and isinstance(known, int):
+            return known
+        raise TypeError(f"'{type(self).__name__}' cannot be used as an index while tracing")
 
     def __setitem__(self, key, value):
         """``x[index] = v`` with a basic index becomes an ``operator.setitem`` node (torch.fx
@@ -117,13 +152,28 @@ def _basic_index(key: Any) -> bool:
 
 _PLAIN_ARGS = (int, float, bool, str, type(...))  # arguments a graph holds as they are
 
+_UNKNOWN = object()  # a traced value not followed (no example values, or one that failed)
+# what reading a tensor's shape looks like in a traced graph: attributes and methods whose
+# result depends on no tensor's values
+_SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "is_sparse", "is_quantized", "layout",
+                          "requires_grad", "is_meta"})
+_SHAPE_METHODS = frozenset({"size", "dim", "numel", "ndimension", "nelement", "get_device", "is_floating_point",
+                            "is_complex", "is_contiguous", "element_size", "stride"})
+
 
 class Tracer(DecomposingTracer):
     """A symbolic tracer with extra leaf modules that remembers the module stack,
     so a failure can name the module being traced."""
 
-    def __init__(self, leaf_modules: Iterable = (), example_inputs: tuple | None = None, careful: bool = False):
+    def __init__(self, leaf_modules: Iterable = (), example_inputs: tuple | None = None, careful: bool = False,
+                 follow: bool = False):
         super().__init__(example_inputs, careful)
+        # follow: every traced value is also computed on the example inputs as the trace goes,
+        # and Python that needs a size (a branch on a sequence length, len(), unpacking a
+        # shape) reads it there, as torch.export specializes such values
+        self.follow = follow and example_inputs is not None
+        self._values: dict[torch.fx.Node, Any] = {}
+        self._shape_nodes: set[torch.fx.Node] = set()
         self.proxy_buffer_attributes = True  # buffers sliced by traced sizes become graph nodes
         self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
@@ -149,10 +199,14 @@ class Tracer(DecomposingTracer):
         self._instructions: dict[types.CodeType, tuple[list[int], list]] = {}
         self._ordered_keys: list[list] = []
         self._static: set[torch.fx.Node] = set()
+        self._values, self._shape_nodes = {}, set()
+        self._shadows: dict[str, nn.Module] = {}
+        self._tensor_ids: set[int] | None = None
         try:
             graph = super().trace(root, concrete_args)
         finally:
             self._instructions = {}
+            self._values, self._shadows = {}, {}  # the example values (activations) are not kept
         for n in reversed(list(graph.nodes)):  # what only a static branch condition used
             if n in self._static and not n.users and n.op in ("call_function", "call_method", "get_attr"):
                 graph.erase_node(n)
@@ -315,6 +369,10 @@ class Tracer(DecomposingTracer):
         and the state: it is computed (on meta) and the branch taken, as torch.export
         specializes such values. A condition on the inputs, or on a buffer's values (a
         flag a forward may flip), still fails the trace."""
+        if self.follow and obj.node in self._shape_nodes:
+            value = self._values.get(obj.node, _UNKNOWN)
+            if value is not _UNKNOWN and not isinstance(value, torch.Tensor):
+                return bool(value)  # a size condition on the example inputs: specialized, as export does
         need = ancestors(obj.node)
         if any(n.op == "placeholder" for n in need):
             return super().to_bool(obj)
@@ -327,6 +385,144 @@ class Tracer(DecomposingTracer):
 
     def proxy(self, node):
         return _Proxy(node, self)
+
+    # -- following example values (``follow``) -------------------------------------------
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        """With ``follow``: a forward that takes ``*args``/``**kwargs`` (a decorated
+        forward, as Hugging Face models have) gets one placeholder per example input,
+        named after the undecorated forward's parameters; and an output that is a pytree
+        node of its own class (a ``ModelOutput``) is returned as that class again."""
+        if not self.follow:
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        import inspect
+
+        import torch.utils._pytree as pytree
+
+        try:
+            params = list(inspect.signature(inspect.unwrap(root_fn)).parameters.values())
+        except (TypeError, ValueError):
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        names = [p.name for p in params[1 if is_module else 0:]
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(names) < len(self.example_inputs) or concrete_args:
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        args = [self.root] if is_module else []
+        args += [self.create_proxy("placeholder", names[i], (), {}) for i in range(len(self.example_inputs))]
+        in_spec = pytree.tree_flatten(tuple(args[1 if is_module else 0:]))[1]
+        plain = (tuple, list, dict, collections.OrderedDict)
+
+        def fn(*a):
+            out = root_fn(*a)
+            if type(out) in plain or type(out) not in pytree.SUPPORTED_NODES:
+                return out
+            leaves, out_spec = pytree.tree_flatten(out)
+            self.graph._codegen = torch.fx.graph._PyTreeCodeGen(
+                torch.fx.graph._PyTreeInfo(names[:len(self.example_inputs)], in_spec, out_spec))
+            return leaves
+
+        return fn, args
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self.follow and isinstance(proxy, torch.fx.Proxy):
+            self._follow(proxy.node)
+        return proxy
+
+    def _follow(self, node: torch.fx.Node) -> None:
+        """Compute ``node``'s value on the example inputs from its inputs' values (or
+        leave it unknown), and note whether it depends on shapes only."""
+        values = self._values
+        if node.op == "placeholder":
+            k = sum(1 for n in values if n.op == "placeholder")
+            x = self.example_inputs[k] if k < len(self.example_inputs) else _UNKNOWN
+            values[node] = x.clone() if isinstance(x, torch.Tensor) else x  # an in-place op must not reach it
+            set_meta(node, x)
+            return
+        if node.op == "get_attr":
+            values[node] = resolve(self.root, node.target)
+            set_meta(node, values[node])
+            return
+        unknown = False
+
+        def value_of(n: torch.fx.Node) -> Any:
+            nonlocal unknown
+            v = values.get(n, _UNKNOWN)
+            if v is _UNKNOWN:
+                unknown = True
+            return v
+
+        args = torch.fx.node.map_arg(node.args, value_of)
+        kwargs = torch.fx.node.map_arg(node.kwargs, value_of)
+        if unknown:
+            values[node] = _UNKNOWN
+            return
+        inputs = node.all_input_nodes
+        if node.op == "call_function" and node.target is getattr and args[1] in _SHAPE_ATTRS \
+                or node.op == "call_method" and node.target in _SHAPE_METHODS \
+                or node.op in ("call_function", "call_method") and inputs \
+                and all(i in self._shape_nodes for i in inputs):
+            self._shape_nodes.add(node)
+        try:
+            with torch.no_grad():
+                values[node] = self._evaluate(node, args, kwargs)
+        except Exception:  # noqa: BLE001 (a value not followed: Python that needs it fails as before)
+            values[node] = _UNKNOWN
+            self._shape_nodes.discard(node)
+            return
+        if isinstance(values[node], torch.Tensor):
+            self._shape_nodes.discard(node)
+        set_meta(node, values[node])  # the shape record, as shape propagation would store it
+
+    def _evaluate(self, node: torch.fx.Node, args: tuple, kwargs: dict) -> Any:
+        if node.op in ("call_function", "call_method") and args and _in_place(node) \
+                and isinstance(args[0], torch.Tensor) and id(args[0]) in self._model_tensors():
+            args = (args[0].clone(), *args[1:])  # the model's own tensor is never written
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module":
+            module = self.root.get_submodule(node.target)
+            if module._modules or module._forward_hooks or module._forward_pre_hooks:
+                from torch.fx._symbolic_trace import _maybe_revert_all_patches
+
+                with _maybe_revert_all_patches():
+                    return module(*args, **kwargs)
+            shadow = self._shadows.get(node.target)
+            if shadow is None:
+                shadow = self._shadows[node.target] = _shadow(module)
+            return type(module).forward(shadow, *args, **kwargs)
+        return _UNKNOWN
+
+    def _model_tensors(self) -> set[int]:
+        if self._tensor_ids is None:
+            self._tensor_ids = {id(t) for t in itertools.chain(self.root.parameters(), self.root.buffers())}
+        return self._tensor_ids
+
+    def shape_value(self, proxy: torch.fx.Proxy) -> Any:
+        """The example value of ``proxy`` where Python may read it without depending on any
+        tensor's values (a size, a shape, a tuple's length), else ``_UNKNOWN``."""
+        if not self.follow:
+            return _UNKNOWN
+        value = self._values.get(proxy.node, _UNKNOWN)
+        if value is _UNKNOWN:
+            return _UNKNOWN
+        if proxy.node in self._shape_nodes or isinstance(value, (torch.Tensor, tuple, list)):
+            return value
+        return _UNKNOWN
+
+    def iter(self, obj):
+        known = self.shape_value(obj)
+        if known is not _UNKNOWN and not isinstance(known, (int, float, bool)):
+            return (obj[i] for i in range(len(known)))
+        return super().iter(obj)
+
+    def keys(self, obj):
+        value = self._values.get(obj.node, _UNKNOWN) if self.follow else _UNKNOWN
+        if isinstance(value, dict):
+            return list(value.keys())
+        return super().keys(obj)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, (), {}, name, type_expr)
@@ -352,12 +548,34 @@ class Tracer(DecomposingTracer):
         return super().create_arg(a)
 
     def call_whole_module(self, m, forward, args, kwargs):
+        if self.follow:
+            try:
+                self.path_of_module(m)
+            except NameError:  # a module the model holds outside its tree (in a dict): traced through
+                return forward(*args, **kwargs)
         qualname = self.path_of_module(m)
         self._fxp_stack.append((qualname, type(m).__name__))
         try:
             return super().call_whole_module(m, forward, args, kwargs)
         finally:
             self._fxp_stack.pop()
+
+def _in_place(node: torch.fx.Node) -> bool:
+    """Whether ``node`` writes into its first argument (``x.add_(y)``, ``x += y``)."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return isinstance(name, str) and (name.endswith("_") and not name.endswith("__")
+                                      or name.startswith("i") and getattr(operator, name, None) is node.target)
+
+
+def _shadow(module: nn.Module) -> nn.Module:
+    """A stand-in for a leaf module whose attributes are found without
+    ``nn.Module.__getattr__`` (which torch.fx patches while tracing): its forward runs on
+    example values without making graph nodes."""
+    shadow = copy.copy(module)
+    for registry in ("_parameters", "_buffers", "_modules"):
+        shadow.__dict__.update(getattr(module, registry))
+    return shadow
+
 
 def _trace_hint(exc: BaseException) -> str:
     msg = str(exc)
@@ -372,11 +590,12 @@ def _trace_hint(exc: BaseException) -> str:
 
 def symbolic_trace(model: nn.Module, *, leaf_modules: Iterable = (),
                    concrete_args: dict[str, Any] | None = None,
-                   example_inputs: tuple | None = None, careful: bool = False) -> torch.fx.GraphModule:
+                   example_inputs: tuple | None = None, careful: bool = False,
+                   follow: bool = False) -> torch.fx.GraphModule:
     """Symbolically trace ``model``; raise :class:`TraceError` naming the module and line on
     failure. ``example_inputs``, where given, let decompositions learn the shape and dtype
     of a traced value (``Tracer.example_meta``)."""
-    tracer = Tracer(leaf_modules, example_inputs, careful)
+    tracer = Tracer(leaf_modules, example_inputs, careful, follow)
     # the model is left as it was, also without the tensor constants torch.fx puts on it
     # (the GraphModule built here copies them first) and with the parameters, buffers and
     # submodules it had before the forward ran (restored before the GraphModule is built)
