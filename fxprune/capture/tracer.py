@@ -112,6 +112,18 @@ class _Proxy(torch.fx.Proxy):
         super().__setattr__(name, value)
 
 
+def _proxy_getattr(self, k):
+    return _Attribute(self, k)
+
+
+_Proxy.__getattr__ = _proxy_getattr  # x.shape: an attribute proxy with _Proxy's behaviour
+
+
+class _Attribute(torch.fx.proxy.Attribute, _Proxy):
+    """``x.shape``/``x.size`` of a traced value (made a node when used): ``len``, iteration
+    and joining behave as for :class:`_Proxy`."""
+
+
 class OrderedDictOutput(torch.fx.graph.CodeGen):
     """Generated code that returns an ``OrderedDict`` where the model did (torch.fx
     records a model's returned OrderedDict as a plain dict: torchvision's segmentation
@@ -153,6 +165,7 @@ def _basic_index(key: Any) -> bool:
 _PLAIN_ARGS = (int, float, bool, str, type(...))  # arguments a graph holds as they are
 
 _UNKNOWN = object()  # a traced value not followed (no example values, or one that failed)
+FOLLOW_BYTES = 1 << 30  # example values held while following a trace; beyond, it goes on on meta
 # what reading a tensor's shape looks like in a traced graph: attributes and methods whose
 # result depends on no tensor's values
 _SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "is_sparse", "is_quantized", "layout",
@@ -200,6 +213,8 @@ class Tracer(DecomposingTracer):
         self._ordered_keys: list[list] = []
         self._static: set[torch.fx.Node] = set()
         self._values, self._shape_nodes = {}, set()
+        self._dynamic: set[torch.fx.Node] = set()
+        self._on_meta, self._held = False, 0
         self._shadows: dict[str, nn.Module] = {}
         self._tensor_ids: set[int] | None = None
         try:
@@ -405,6 +420,9 @@ class Tracer(DecomposingTracer):
             return super().create_args_for_root(root_fn, is_module, concrete_args)
         names = [p.name for p in params[1 if is_module else 0:]
                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        star = next((p.name for p in params if p.kind == p.VAR_POSITIONAL), None)
+        if star is not None:  # forward(x, *args): the other example inputs fill *args
+            names += [f"{star}_{i}" for i in range(len(self.example_inputs) - len(names))]
         if len(names) < len(self.example_inputs) or concrete_args:
             return super().create_args_for_root(root_fn, is_module, concrete_args)
         args = [self.root] if is_module else []
@@ -440,8 +458,9 @@ class Tracer(DecomposingTracer):
             set_meta(node, x)
             return
         if node.op == "get_attr":
-            values[node] = resolve(self.root, node.target)
-            set_meta(node, values[node])
+            value = resolve(self.root, node.target)
+            values[node] = to_meta(value) if self._on_meta and isinstance(value, torch.Tensor) else value
+            set_meta(node, value)
             return
         unknown = False
 
@@ -458,21 +477,38 @@ class Tracer(DecomposingTracer):
             values[node] = _UNKNOWN
             return
         inputs = node.all_input_nodes
-        if node.op == "call_function" and node.target is getattr and args[1] in _SHAPE_ATTRS \
+        if _data_dependent_shape(node, args) or any(i in self._dynamic for i in inputs):
+            self._dynamic.add(node)  # its shape (or a size read from it) depends on values
+        elif node.op == "call_function" and node.target is getattr and args[1] in _SHAPE_ATTRS \
                 or node.op == "call_method" and node.target in _SHAPE_METHODS \
                 or node.op in ("call_function", "call_method") and inputs \
                 and all(i in self._shape_nodes for i in inputs):
             self._shape_nodes.add(node)
+        if self._on_meta and "device" in kwargs:
+            kwargs = {**kwargs, "device": torch.device("meta")}
         try:
-            with torch.no_grad():
-                values[node] = self._evaluate(node, args, kwargs)
+            with torch.no_grad(), torch.device("meta") if self._on_meta else contextlib.nullcontext():
+                value = values[node] = self._evaluate(node, args, kwargs)
         except Exception:  # noqa: BLE001 (a value not followed: Python that needs it fails as before)
             values[node] = _UNKNOWN
             self._shape_nodes.discard(node)
             return
-        if isinstance(values[node], torch.Tensor):
+        if isinstance(value, torch.Tensor):
             self._shape_nodes.discard(node)
-        set_meta(node, values[node])  # the shape record, as shape propagation would store it
+            if not self._on_meta and value.device.type != "meta":
+                self._held += value.numel() * value.element_size()
+                if self._held > FOLLOW_BYTES:
+                    self._to_meta()
+        set_meta(node, value)  # the shape record, as shape propagation would store it
+
+    def _to_meta(self) -> None:
+        """Follow the rest of the trace on the meta device (shapes, no data): the example
+        values held exceed ``FOLLOW_BYTES``."""
+        self._on_meta = True
+        self._shadows = {}
+        for node, value in self._values.items():
+            if isinstance(value, torch.Tensor):
+                self._values[node] = to_meta(value)
 
     def _evaluate(self, node: torch.fx.Node, args: tuple, kwargs: dict) -> Any:
         if node.op in ("call_function", "call_method") and args and _in_place(node) \
@@ -491,7 +527,7 @@ class Tracer(DecomposingTracer):
                     return module(*args, **kwargs)
             shadow = self._shadows.get(node.target)
             if shadow is None:
-                shadow = self._shadows[node.target] = _shadow(module)
+                shadow = self._shadows[node.target] = _shadow(module, self._on_meta)
             return type(module).forward(shadow, *args, **kwargs)
         return _UNKNOWN
 
@@ -567,14 +603,37 @@ def _in_place(node: torch.fx.Node) -> bool:
                                       or name.startswith("i") and getattr(operator, name, None) is node.target)
 
 
-def _shadow(module: nn.Module) -> nn.Module:
+def _shadow(module: nn.Module, on_meta: bool = False) -> nn.Module:
     """A stand-in for a leaf module whose attributes are found without
     ``nn.Module.__getattr__`` (which torch.fx patches while tracing): its forward runs on
-    example values without making graph nodes."""
+    example values without making graph nodes (on meta tensors with ``on_meta``)."""
     shadow = copy.copy(module)
     for registry in ("_parameters", "_buffers", "_modules"):
-        shadow.__dict__.update(getattr(module, registry))
+        for k, v in getattr(module, registry).items():
+            shadow.__dict__[k] = to_meta(v) if on_meta and isinstance(v, torch.Tensor) else v
     return shadow
+
+
+# ops whose output shape depends on their input's values: a size read from their output is
+# data, not shape (no branch may be taken on it)
+_VALUE_SHAPED = frozenset({"nonzero", "nonzero_static", "masked_select", "unique", "unique_consecutive",
+                           "_unique", "_unique2", "argwhere", "bincount", "histc", "repeat_interleave",
+                           "masked_scatter", "tolist", "item"})
+
+
+def _data_dependent_shape(node: torch.fx.Node, args: tuple) -> bool:
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name in _VALUE_SHAPED:
+        return True
+    if isinstance(node.target, torch._ops.OpOverload) and (
+            torch.Tag.dynamic_output_shape in node.target.tags or torch.Tag.data_dependent_output in node.target.tags):
+        return True
+    if name == "where" and len(args) == 1:
+        return True
+    if node.target is operator.getitem and args and isinstance(args[0], torch.Tensor):  # x[mask]
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+    return False
 
 
 def _trace_hint(exc: BaseException) -> str:
