@@ -4,6 +4,8 @@ a condition on a tensor's values still fails, sizes read from value-shaped ops a
 shapes, nothing the user passed is written, and past a memory budget the trace goes on
 on the meta device."""
 
+import operator
+
 import pytest
 import torch
 from torch import nn
@@ -108,3 +110,30 @@ def test_past_the_memory_budget_the_trace_goes_on_on_meta(monkeypatch):
         torch.testing.assert_close(gm(x), model(x))
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     assert tensor_meta(out).shape == (2, 5, 8)
+
+
+class MaskAfterLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.lin(x)
+        picked = h[h > 0]  # its shape depends on the linear's output values
+        return picked.sum() + h.sum(), h.shape[-1]
+
+
+def test_a_value_shaped_op_after_a_layer_gets_no_shape_from_stand_in_values():
+    """Layers whose output shape their attributes give are followed by zeros of that shape
+    (only shapes steer the trace); an op whose shape depends on values must not record a
+    shape computed from them."""
+    torch.manual_seed(0)
+    model = MaskAfterLinear().eval()
+    x = torch.randn(4, 6)
+    gm = symbolic_trace(model, example_inputs=(x,), follow=True)
+    picked = next(n for n in gm.graph.nodes if n.target is operator.getitem and n.args[0].op == "call_module")
+    got = tensor_meta(picked)
+    with torch.no_grad():
+        h = model.lin(x)
+        assert got is None or got.shape == tuple(h[h > 0].shape)
+        torch.testing.assert_close(gm(x)[0], model(x)[0])

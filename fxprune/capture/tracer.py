@@ -28,7 +28,7 @@ from ..errors import TraceError
 from ..meta import TensorMeta, set_meta
 from .decompositions import DecomposingTracer
 from .graphs import ancestors, graph_module, set_args
-from .shapes import MetaProp, to_meta
+from .shapes import MetaProp, module_shape, to_meta
 from .source import user_frame
 from .state import ABSENT, Registered, own_written_buffers, resolve, state_restored
 
@@ -214,6 +214,7 @@ class Tracer(DecomposingTracer):
         self._static: set[torch.fx.Node] = set()
         self._values, self._shape_nodes = {}, set()
         self._dynamic: set[torch.fx.Node] = set()
+        self._stand_in: set[torch.fx.Node] = set()  # values computed from zeros standing in for a layer's output
         self._on_meta, self._held = False, 0
         self._shadows: dict[str, nn.Module] = {}
         self._tensor_ids: set[int] | None = None
@@ -477,6 +478,11 @@ class Tracer(DecomposingTracer):
             values[node] = _UNKNOWN
             return
         inputs = node.all_input_nodes
+        if any(i in self._stand_in for i in inputs):
+            if _data_dependent_shape(node, args):  # its shape would come from stand-in values
+                values[node] = _UNKNOWN
+                return
+            self._stand_in.add(node)
         if _data_dependent_shape(node, args) or any(i in self._dynamic for i in inputs):
             self._dynamic.add(node)  # its shape (or a size read from it) depends on values
         elif node.op == "call_function" and node.target is getattr and args[1] in _SHAPE_ATTRS \
@@ -525,6 +531,14 @@ class Tracer(DecomposingTracer):
 
                 with _maybe_revert_all_patches():
                     return module(*args, **kwargs)
+            x = args[0] if args else None
+            if not self._on_meta and not kwargs and isinstance(x, torch.Tensor) and x.is_floating_point():
+                # a layer whose output shape its attributes give (a linear, a conv): zeros of
+                # that shape stand in for its output, as only shapes steer the trace
+                shape = module_shape(module, args, kwargs)
+                if shape is not None:
+                    self._stand_in.add(node)
+                    return x.new_zeros(shape)
             shadow = self._shadows.get(node.target)
             if shadow is None:
                 shadow = self._shadows[node.target] = _shadow(module, self._on_meta)
