@@ -25,7 +25,6 @@ from fractions import Fraction
 from typing import Any
 
 import torch
-from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from fxprune.capture import MetaProp as _MetaProp, to_meta as _to_meta
@@ -35,7 +34,7 @@ from fxprune.meta import graph_inputs
 from fxprune.report import ModelStats, count_params, human, measure
 from fxprune.plan import candidates, isomorphic_sets, own_ratios, segment_parts, select_channels
 from fxprune.rewrite import rewrite_graph
-from fxprune.rules.recurrent import GATES as _GATES
+from fxprune.rules.registry import OpSpec
 
 
 @dataclass(frozen=True)
@@ -94,10 +93,11 @@ def meta_stats(gm: torch.fx.GraphModule, inputs: tuple) -> ModelStats:
 
 class _Count(_MetaProp):
     """Runs a graph on meta tensors (under a FLOP counter) without recording shapes on its
-    nodes. Convs, linears, attention and recurrent layers whose output shape the shortcuts
-    know are not run: their FLOPs come from ``torch.utils.flop_counter``'s own formulas for
-    the matmuls and convolutions the counter would have seen (a third to a tenth of the
-    time of running them on meta; an LSTM's meta kernel runs step by step in Python)."""
+    nodes. Convs, linears, attention and recurrent layers whose output shape the shape
+    shortcuts of their op specs know are not run: their FLOPs come from the specs' FLOP
+    counts (``OpSpec.flops``: ``torch.utils.flop_counter``'s own formulas for the matmuls
+    and convolutions the counter would have seen; a third to a tenth of the time of
+    running them on meta; an LSTM's meta kernel runs step by step in Python)."""
 
     def __init__(self, gm: torch.fx.GraphModule):
         super().__init__(gm, on_meta=True)
@@ -106,32 +106,9 @@ class _Count(_MetaProp):
     def run_node(self, n: torch.fx.Node) -> Any:
         return torch.fx.Interpreter.run_node(self, n)
 
-    def skipped(self, kind, args, out_shape, module=None) -> None:
-        if kind == "conv":
-            self.flops += flop_counter.conv_flop_count(list(args[0].shape), list(module.weight.shape),
-                                                       list(out_shape))
-        elif kind == "linear":
-            k = args[0].shape[-1]
-            n = out_shape[-1]
-            self.flops += flop_counter.mm_flop((math.prod(out_shape[:-1]), k), (k, n))
-        elif kind == "recurrent":  # per layer and direction: input and hidden projections
-            x, m = args[0], module
-            rows = math.prod(x.shape[:-1])
-            gate = _GATES[type(m)] * m.hidden_size
-            out = getattr(m, "proj_size", 0) or m.hidden_size
-            d = 2 if m.bidirectional else 1
-            for layer in range(m.num_layers):
-                width = m.input_size if layer == 0 else d * out
-                step = flop_counter.mm_flop((rows, width), (width, gate)) + \
-                    flop_counter.mm_flop((rows, out), (out, gate))
-                if out != m.hidden_size:
-                    step += flop_counter.mm_flop((rows, m.hidden_size), (m.hidden_size, out))
-                self.flops += d * step
-        else:  # attention: batch dims flattened into one
-            q, k, v = (a.shape for a in args[:3])
-            batch = math.prod(q[:-2])
-            self.flops += flop_counter.sdpa_flop_count((1, batch, *q[-2:]), (1, batch, *k[-2:]),
-                                                       (1, batch, *v[-2:]))
+    def skipped(self, spec: OpSpec, op: Any, args: tuple, out: Any) -> None:
+        assert spec.flops is not None  # MetaProp calls this only for specs that count FLOPs
+        self.flops += spec.flops(op, args, out)
 
 
 def ratio_steps(groups: ChannelGroups, *, ignore=(), ratios=(), global_ranking=False,

@@ -105,3 +105,165 @@ def test_integer_index_into_channels_pins_them():
 def test_a_refusal_is_raised_as_unsupported():
     with pytest.raises(Unsupported):
         run_rule(torch.tensor_split, torch.randn(2, 6), torch.tensor([2, 4]), kwargs={"dim": 1})
+
+
+def test_a_parameter_argument_is_read_by_get_attr_and_aligned_by_path():
+    r = run_rule(F.conv2d, torch.randn(1, 3, 5, 5), nn.Parameter(torch.randn(4, 3, 1, 1)))
+    assert r.rule == "conv" and r.output == [3, 4, 5, 6]
+    assert r.alignments[("p0", "in")] == r.inputs[0] == [0, 1, 2]
+    assert r.alignments[("p0", "out")] == r.output
+
+
+# -- named arguments ----------------------------------------------------------------------
+def _named(fn, *args, **kwargs):
+    """The arguments ``ctx.named_args`` gives the rule of ``fn(*args, **kwargs)``, by name,
+    with each example tensor shown as its shape."""
+    import fxprune.rules.registry as registry
+
+    seen = {}
+    spec_of = registry.lookup
+
+    def spy(node, root):
+        spec = spec_of(node, root)
+
+        def analyze(ctx, n):
+            seen.update({k: tuple(ctx.meta(v).shape) if isinstance(v, torch.fx.Node) else v
+                         for k, v in ctx.named_args(("input", "dim")).items()})
+            return spec.analyze(ctx, n)
+        return registry.OpSpec(spec.name, analyze)
+
+    import tests.helpers.rule_harness as harness
+
+    saved, harness.lookup = harness.lookup, spy
+    try:
+        run_rule(fn, *args, kwargs=kwargs)
+    finally:
+        harness.lookup = saved
+    return seen
+
+
+def test_named_args_are_the_same_by_position_and_by_keyword():
+    x = torch.randn(2, 8, 3)
+    by_position, by_keyword = _named(F.glu, x, 1), _named(F.glu, x, dim=1)
+    assert by_position == by_keyword == {"input": (2, 8, 3), "dim": 1}
+    # an ATen overload: its schema's names, with ``self`` called ``input``
+    assert _named(torch.ops.aten.glu.default, x, 1) == {"input": (2, 8, 3), "dim": 1}
+    # defaults are filled in where the signature is known
+    assert _named(F.softmax, x, 1)["dtype"] is None
+
+
+def test_named_args_fall_back_to_the_rules_names_for_a_method():
+    assert _named("softmax", torch.randn(2, 4), 1) == {"input": (2, 4), "dim": 1}
+    assert _named("softmax", torch.randn(2, 4), dim=-1) == {"input": (2, 4), "dim": -1}
+
+
+def test_named_args_name_the_node_when_the_rule_names_too_few():
+    from fxprune.errors import AnalysisError
+
+    with pytest.raises(AnalysisError, match="positional arguments but the rule names only 2"):
+        _named("repeat", torch.randn(2, 4), 1, 2, 3)  # 4 positionals, the spy names 2
+
+
+# -- an op spec's shape shortcut and FLOP count are what capture and the MAC count use ------
+class _NoMetaKernel(nn.Module):
+    """A (toy) layer whose forward cannot run on meta tensors: only its op spec's shape
+    shortcut can give its output shape there."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, n))
+
+    def forward(self, x):
+        if x.device.type == "meta":
+            raise RuntimeError("no meta kernel")
+        return x @ self.weight
+
+
+def _no_meta_shape(op, args, kwargs):
+    return torch.empty(args[0].shape, dtype=args[0].dtype, device="meta") if len(args) == 1 else None
+
+
+def _no_meta_flops(op, args, out):
+    return 1000
+
+
+def _no_meta_rule(ctx, node):
+    return ctx.labels_or_const(node.args[0])
+
+
+def test_a_spec_declares_its_keys_shape_and_flops_in_one_place():
+    from fxprune.budget import meta_stats
+    from fxprune.capture import module_shape, propagate_shapes
+    from fxprune.rules import registry
+
+    if registry.module_spec(_NoMetaKernel) is None:
+        registry.register(_NoMetaKernel, shape=_no_meta_shape, flops=_no_meta_flops)(_no_meta_rule)
+    spec = registry.module_spec(_NoMetaKernel)
+    assert spec.keys == (_NoMetaKernel,) and spec.shape is _no_meta_shape and spec.flops is _no_meta_flops
+    assert module_shape(_NoMetaKernel(3), (torch.randn(2, 3),), {}) == (2, 3)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = _NoMetaKernel(3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    class Leaves(torch.fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return isinstance(m, _NoMetaKernel) or super().is_leaf_module(m, name)
+
+    net = Net()
+    gm = torch.fx.GraphModule(net, Leaves().trace(net))
+    assert propagate_shapes(gm, (torch.randn(4, 3),)) == "meta"  # the shortcut, not the kernel
+    macs = meta_stats(gm, (torch.randn(4, 3),)).macs
+    assert macs == (1000 + 2 * 4 * 3 * 2) // 2  # the spec's FLOPs, plus the linear's
+
+
+def test_flops_without_a_shape_shortcut_is_refused():
+    from fxprune.rules import registry
+
+    with pytest.raises(ValueError, match="pass shape= too"):
+        registry.register(type("Other", (nn.Module,), {}), flops=_no_meta_flops)
+
+
+def test_named_args_call_a_modules_first_argument_input():
+    # nn.RMSNorm.forward(x): the rules read every layer's input as "input"
+    assert _named(nn.RMSNorm(4), torch.randn(2, 4)) == {"input": (2, 4)}
+
+
+def test_an_ops_aten_keys_share_its_spec():
+    from fxprune.rules import registry
+
+    spec = registry.module_spec(nn.Conv2d)
+    assert spec is registry.function_spec(F.conv2d) is registry.function_spec(torch.ops.aten.conv2d)
+    assert torch.ops.aten.conv2d in spec.keys and nn.Conv2d in spec.keys
+    assert spec.rewrite is not None and spec.shape is not None and spec.flops is not None
+
+
+@pytest.mark.parametrize("op, args", [
+    (nn.Conv2d(3, 8, 3, stride=2, padding=1), (torch.randn(2, 3, 9, 9),)),
+    (nn.Conv1d(4, 6, 3, dilation=2), (torch.randn(2, 4, 11),)),
+    (nn.Linear(5, 7), (torch.randn(2, 3, 5),)),
+    (F.linear, (torch.randn(4, 5), torch.randn(7, 5))),
+    (F.scaled_dot_product_attention, (torch.randn(2, 3, 4, 8), torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 5))),
+    (nn.LSTM(4, 6, num_layers=2, bidirectional=True, proj_size=3), (torch.randn(5, 2, 4),)),
+    (nn.GRU(4, 6, batch_first=True), (torch.randn(2, 5, 4),)),
+], ids=["conv2d", "conv1d", "Linear", "linear", "sdpa", "lstm", "gru"])
+def test_a_specs_flop_count_is_what_the_kernel_counts(op, args):
+    """The shape shortcut gives the kernel's output shapes, and the FLOP count what
+    torch.utils.flop_counter counts when the kernel runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fxprune.rules import registry
+
+    spec = registry.module_spec(type(op)) if isinstance(op, nn.Module) else registry.function_spec(op)
+    meta_args = tuple(a.to("meta") for a in args)
+    out = spec.shape(op, meta_args, {})
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        want = op(*args)
+    assert [t.shape for t in torch.utils._pytree.tree_leaves(out)] == \
+        [t.shape for t in torch.utils._pytree.tree_leaves(want)]
+    assert spec.flops(op, meta_args, out) == counter.get_total_flops()

@@ -1,5 +1,6 @@
 """Print (or write) the op-coverage table: every op the channel analysis has a rule
-for, by family, generated from the rule registry.
+for, by family, with what its op spec declares (rewrite hook, shape shortcut, FLOP
+count), generated from the rule registry.
 
     python tools/op_coverage.py            # print the table
     python tools/op_coverage.py --write    # regenerate docs/op-coverage.md
@@ -42,21 +43,27 @@ def table() -> str:
     """The Markdown text of docs/op-coverage.md."""
     import fxprune.rules  # noqa: F401  (fills the registry)
 
-    by_rule: dict[tuple[str, str, bool], list[str]] = defaultdict(list)
+    by_rule: dict[tuple[str, str, bool, bool, bool], list[str]] = defaultdict(list)
     for tab, key, rule in registry.entries():
         if not rule.analyze.__module__.startswith("fxprune."):
             continue  # a rule registered by user code (or a test), not fxprune's own
         family = rule.analyze.__module__.rsplit(".", 1)[-1]
         name = f"`{key}`" if tab == "op_name" else _key_name(key)
-        by_rule[(family, rule.name, rule.rewrite is not None)].append(name)
+        by_rule[(family, rule.name, rule.rewrite is not None, rule.shape is not None,
+                 rule.flops is not None)].append(name)
     lines = ["# Op coverage", "",
              "Generated from the rule registry by `python tools/op_coverage.py --write`; a test fails",
-             "when it is stale. An op not listed here pins its channels (the analysis names it).", "",
-             "| family | rule | rewrite hook | ops |", "|---|---|---|---|"]
-    for (family, rule, rewrite), keys in sorted(by_rule.items()):
-        lines.append(f"| {family} | `{rule}` | {'yes' if rewrite else ''} | {', '.join(sorted(set(keys)))} |")
+             "when it is stale. An op not listed here pins its channels (the analysis names it).",
+             "Each row is a rule with what its op spec declares (`fxprune/rules/registry.py`; specs",
+             "are declared in the family's file under `fxprune/rules/`): a rewrite hook, a shape",
+             "shortcut (capture computes the output shape without running the kernel) and a FLOP",
+             "count (for the kernels the shortcut skips).", "",
+             "| family | rule | rewrite hook | shape shortcut | FLOP count | ops |", "|---|---|---|---|---|---|"]
+    for (family, rule, rewrite, shape, flops), keys in sorted(by_rule.items()):
+        marks = " | ".join("yes" if flag else "" for flag in (rewrite, shape, flops))
+        lines.append(f"| {family} | `{rule}` | {marks} | {', '.join(sorted(set(keys)))} |")
     total = sum(len(set(k)) for k in by_rule.values())
-    lines += ["", f"{total} ops in {len(by_rule)} rules."]
+    lines += ["", f"{total} ops in {len(by_rule)} op specs."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,17 +1,17 @@
-"""The ATen dialect: the ops of a ``torch.export`` graph, mapped onto the same rules.
+"""The ATen dialect: the ops of a ``torch.export`` graph that have no functional twin.
 
 Most ATen ops have the positional signature of their functional twin
-(``aten.conv2d`` is ``F.conv2d``, ``aten.view(x, sizes)`` is ``x.view(sizes)``),
-so they are registered with the very rule of that twin; the rules that read
-arguments by position know the few ATen orders that differ (``aten.embedding``
-takes the weight first, ``aten.batch_norm`` the affine parameters before the
-statistics). Every overload tagged ``pointwise`` in its schema is elementwise
-with broadcasting, and an in-place op (``relu_``) uses the rule of the op it
-mutates its input into (``fxprune.rules.registry``). The rest is here:
+(``aten.conv2d`` is ``F.conv2d``, ``aten.view(x, sizes)`` is ``x.view(sizes)``), so
+their packets are keys of the twin's op spec, declared in the twin's family file
+(``aten_ops(...)``); rules read arguments by name (``ctx.named_args``) where the ATen
+order differs (``aten.embedding`` takes the weight first, ``aten.batch_norm`` the
+affine parameters before the statistics). Every overload tagged ``pointwise`` in its
+schema is elementwise with broadcasting, and an in-place op (``relu_``) uses the rule
+of the op it mutates its input into (``fxprune.rules.registry``). The rest is here:
 slice/select (getitem in another form), ``index`` (advanced indexing), ``addmm``
-(GPT-2's ``Conv1D``: a linear layer with a transposed weight), ``sym_size`` (the
-dynamic sizes of an export), and ops whose output does not depend on their
-input's values.
+(GPT-2's ``Conv1D``: a linear layer with a transposed weight), ``_weight_norm``,
+grouped matmuls, ``topk`` and ops whose output does not depend on their input's
+values.
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ import sys
 import torch
 import torch.fx
 
-from . import (concat, contract, conv, embedding, gather, indexing, layout, norm, pointwise, reduce, spectral,
-               views, windows)
+from . import contract, conv, indexing, pointwise
 from ..errors import Unsupported
 from ..labels import const_like
 from ..meta import get_meta
 from .context import AnalysisContext, RewriteContext, get_tensor, op_name, weight_operand
-from .registry import register, register_op_name, register_tag
+from .registry import register, register_op_name
 
 aten = torch.ops.aten
 
@@ -37,18 +36,6 @@ aten = torch.ops.aten
 def _ops(*names: str) -> list[Any]:
     """The ATen packets of ``names`` that exist in this torch build."""
     return [getattr(aten, n) for n in names if hasattr(aten, n)]
-
-
-# -- same signature as the functional / method twin --------------------------------------
-register(*_ops("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
-               "conv_transpose3d"), rewrite=conv.rewrite_conv)(conv.conv)
-register(aten.linear, rewrite=conv.rewrite_linear)(conv.linear)
-register(*_ops("batch_norm", "instance_norm", "_native_batch_norm_legit_no_training",
-               "_native_batch_norm_legit", "native_batch_norm"))(norm.batch_norm)
-register(*_ops("layer_norm", "rms_norm"), rewrite=norm.rewrite_layer_norm)(norm.layer_norm)
-register(aten.group_norm, rewrite=norm.rewrite_group_norm)(norm.group_norm)
-register(*_ops("embedding", "embedding_bag", "_embedding_bag"))(embedding.embedding)
-register(aten.bilinear)(conv.bilinear)
 
 
 def weight_norm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
@@ -69,56 +56,7 @@ def rewrite_weight_norm(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Nod
 
 
 register(aten._weight_norm, rewrite=rewrite_weight_norm)(weight_norm)
-register(*_ops("grid_sampler", "grid_sampler_2d", "grid_sampler_3d"))(reduce.grid_sample)
-register(getattr(aten, "affine_grid_generator", None))(reduce.affine_grid)
-register(aten.glu)(pointwise.glu)
-register(*_ops("prelu", "_prelu_kernel"))(pointwise.prelu)
 
-register(*_ops("matmul", "mm", "bmm"))(contract.matmul)
-register(aten.einsum)(contract.einsum)
-register(aten.scaled_dot_product_attention, rewrite=contract.rewrite_sdpa)(contract.sdpa)
-
-register(*_ops("view", "_unsafe_view", "reshape"), rewrite=views.rewrite_sizes)(views.split_relabel)
-register(aten.expand, rewrite=views.rewrite_sizes)(views.expand)
-register(aten.unflatten, rewrite=views.rewrite_unflatten)(views.split_relabel)
-register(*_ops("split", "split_with_sizes", "chunk", "unsafe_split"), rewrite=concat.rewrite_split)(concat.split)
-register(*_ops("tensor_split"), rewrite=concat.rewrite_split)(concat.tensor_split)
-register(aten.narrow, rewrite=indexing.rewrite_narrow)(indexing.narrow)
-register(aten.unbind)(concat.unbind)
-register(aten.roll)(layout.roll)
-register(aten.triu, aten.tril, aten.triu_, aten.tril_)(layout.triangle)
-register(aten._fft_r2c, aten._fft_c2r, aten._fft_c2c,
-         *(getattr(aten, "fft_" + n) for n in spectral.FFT_NAMES if hasattr(aten, "fft_" + n)))(spectral.spectral)
-register(aten.unfold)(windows.unfold_dim)
-register(aten.im2col)(windows.im2col)
-register(aten.col2im)(windows.col2im)
-register(*_ops("cat", "concat", "stack"))(concat.cat)
-register(*_ops("flatten", "permute", "transpose", "t", "squeeze", "unsqueeze", "movedim", "flip", "rot90",
-               "repeat", "repeat_interleave", "tile", "pixel_shuffle", "pixel_unshuffle",
-               "numpy_T", "mT", "view_as", "reshape_as"))(layout.relabel)
-register(aten.expand_as)(views.expand_as)
-register(*_ops("channel_shuffle", "native_channel_shuffle"))(layout.channel_shuffle)
-
-register(*_ops("sum", "nansum", "mean", "nanmean", "amax", "amin", "max", "min", "std", "var",
-               "norm", "linalg_vector_norm", "logsumexp", "prod", "median", "all", "any"))(reduce.reduce)
-register(*_ops("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices",
-               "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-               "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
-               "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_max_pool1d",
-               "adaptive_max_pool2d", "adaptive_max_pool3d", "upsample_nearest1d",
-               "upsample_nearest2d", "upsample_nearest3d", "upsample_bilinear2d",
-               "upsample_bicubic2d", "upsample_linear1d", "upsample_trilinear3d",
-               "_upsample_bicubic2d_aa", "_upsample_bilinear2d_aa", "_upsample_nearest_exact1d",
-               "_upsample_nearest_exact2d", "_upsample_nearest_exact3d"))(reduce.spatial)
-register(*_ops("pad", "constant_pad_nd"))(reduce.pad)
-
-register(*_ops("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "cumprod"))(
-    pointwise.mixing_along_dim)
-register(*_ops("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "alias",
-               "clone", "contiguous", "detach", "to", "_to_copy", "type_as", "lift_fresh_copy",
-               "zeros_like", "ones_like", "empty_like", "full_like", "hardswish", "__and__",
-               "__or__", "__xor__", "fill", "zero", "where", "masked_fill", "copy_", "copy"))(pointwise.pointwise)
-register_tag(torch.Tag.pointwise)(pointwise.pointwise)
 
 
 # -- slice and select: getitem spelled as ops ---------------------------------------------
@@ -326,11 +264,3 @@ def aten_index(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
 
 
 register(aten.index)(aten_index)
-register(aten.gather, aten.take_along_dim, rewrite=gather.rewrite_gather)(gather.gather)
-register(aten.index_select)(gather.index_select)
-register(aten.scatter, aten.scatter_add, aten.scatter_reduce, aten.index_add, aten.index_copy, aten.index_reduce,
-         rewrite=gather.rewrite_scatter)(gather.scatter)
-
-
-
-register(aten.sym_size)(reduce.size_query)  # aten.sym_size(x, dim) is x.size(dim) at run time

@@ -16,7 +16,7 @@ import torch.fx
 from ..errors import Unsupported
 from .context import AnalysisContext, RewriteContext
 from .layout import dim_arg, relabel
-from .registry import register
+from .registry import aten_ops, meta_empty, register
 
 
 def unbind(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
@@ -30,7 +30,7 @@ def unbind(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     return out
 
 
-register("unbind", torch.unbind)(unbind)
+register("unbind", torch.unbind, *aten_ops("unbind"))(unbind)
 
 
 def cat(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
@@ -51,7 +51,28 @@ def cat(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     return torch.cat(parts, d)
 
 
-register(torch.cat, torch.concat, getattr(torch, "concatenate", None), torch.stack)(cat)
+def cat_shape(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """torch.cat/concat of tensors of one dtype that agree off the cat dim."""
+    if op is not torch.cat and op is not torch.concat:
+        return None
+    tensors = args[0] if args else kwargs.get("tensors")
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    if set(kwargs) - {"tensors", "dim"} or not isinstance(tensors, (list, tuple)) or not tensors or \
+            not isinstance(dim, int) or not all(isinstance(t, torch.Tensor) for t in tensors):
+        return None
+    first = tensors[0]
+    if first.ndim == 0 or not -first.ndim <= dim < first.ndim:
+        return None
+    d = dim % first.ndim
+    rest = [first.shape[:d], first.shape[d + 1:]]
+    if any(t.ndim != first.ndim or t.dtype != first.dtype or [t.shape[:d], t.shape[d + 1:]] != rest
+           for t in tensors):
+        return None
+    return meta_empty((*first.shape[:d], sum(t.shape[d] for t in tensors), *first.shape[d + 1:]), first.dtype)
+
+
+register(torch.cat, torch.concat, getattr(torch, "concatenate", None), torch.stack, *aten_ops("cat", "concat", "stack"),
+         shape=cat_shape)(cat)
 
 
 def rewrite_split(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
@@ -73,7 +94,8 @@ def split(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     return relabel(ctx, node)
 
 
-register("split", "chunk", "split_with_sizes", torch.split, torch.chunk, rewrite=rewrite_split)(split)
+register("split", "chunk", "split_with_sizes", torch.split, torch.chunk,
+         *aten_ops("split", "split_with_sizes", "chunk", "unsafe_split"), rewrite=rewrite_split)(split)
 
 
 def tensor_split(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
@@ -84,4 +106,4 @@ def tensor_split(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     return relabel(ctx, node)
 
 
-register("tensor_split", torch.tensor_split, rewrite=rewrite_split)(tensor_split)
+register("tensor_split", torch.tensor_split, *aten_ops("tensor_split"), rewrite=rewrite_split)(tensor_split)

@@ -4,12 +4,16 @@ kept indices)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import operator
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import torch
 import torch.fx
+from torch.fx.operator_schemas import ArgsKwargsPair, normalize_function
 
 from ..errors import AnalysisError, RewriteError
 from ..labels import CONST, Family, LabelSpace, channel_dim, concat_tagged, const_like
@@ -171,6 +175,32 @@ def op_name(node: torch.fx.Node) -> str:
     return str(getattr(t, "__name__", ""))
 
 
+@functools.cache
+def _forward_signature(cls: type) -> inspect.Signature | None:
+    """The signature of ``cls.forward`` (self included) where torch.fx's
+    ``normalize_module`` would bind it: a layer of ``torch.nn`` whose forward takes
+    neither ``*args`` nor ``**kwargs``. Cached: a rule reads the arguments of every
+    norm layer of a model, and ``inspect.signature`` is most of that cost."""
+    if getattr(torch.nn, cls.__name__, None) is not cls:
+        return None
+    sig = inspect.signature(inspect.unwrap(cls.forward))
+    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY)
+    return None if any(p.kind in kinds for p in sig.parameters.values()) else sig
+
+
+def _bind_forward(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ArgsKwargsPair | None:
+    """``normalize_module(..., normalize_to_only_use_kwargs=True)`` for a module of type
+    ``cls``, with its signature cached."""
+    sig = _forward_signature(cls)
+    if sig is None:
+        return None
+    bound = sig.bind(None, *args, **kwargs)
+    bound.apply_defaults()
+    named = dict(bound.arguments)
+    named.pop(next(iter(sig.parameters)))  # self
+    return ArgsKwargsPair((), named)
+
+
 def _only_along(labels: torch.Tensor, dim: int) -> torch.Tensor:
     """``labels`` with every dim but ``dim`` cut to its first position."""
     index = tuple(slice(None) if d == dim else slice(0, 1) for d in range(labels.ndim))
@@ -209,6 +239,7 @@ class AnalysisContext:
         self.weight_norms: dict[str, tuple[str, str, int]] = {}
         self.mixing: list[MixSite] = []  # ops that mix channel values (see inexact)
         self.wider: list[tuple[torch.Tensor, torch.Tensor, str]] = []  # see keep_wider
+        self._named_args: dict[torch.fx.Node, dict[str, Any]] = {}  # see named_args
 
     # -- reading the graph ----------------------------------------------
     @property
@@ -250,6 +281,43 @@ class AnalysisContext:
         if len(n.args) > i:
             return n.args[i]
         return n.kwargs.get(name, default)
+
+    def named_args(self, names: Sequence[str] = (), node: torch.fx.Node | None = None) -> Mapping[str, Any]:
+        """The arguments of ``node`` (default: the current node) by parameter name, so a rule
+        reads ``a["dim"]`` whether the call passed it by position or by keyword.
+
+        Where torch.fx can bind the call to the target's signature or ATen schema
+        (``torch.fx.operator_schemas.normalize_function`` with
+        ``normalize_to_only_use_kwargs=True``; for a ``torch.nn`` layer what
+        ``normalize_module`` does, its signature cached), every parameter is there,
+        defaults included; ATen's ``self`` and the first parameter of a module's ``forward``
+        (``x`` in ``nn.RMSNorm``) are called ``input``, as in the functional twins.
+        Otherwise (a method call, a builtin whose overloads the arguments do not
+        decide) the positional arguments are named by ``names`` in order, then the
+        keywords are added: read optional ones with ``.get(name, default)``."""
+        n = self.current if node is None else node
+        cached = self._named_args.get(n)
+        if cached is not None:
+            return cached
+        bound = None
+        try:
+            if n.op == "call_function":
+                bound = normalize_function(cast(Callable[..., Any], n.target), n.args, n.kwargs,
+                                           normalize_to_only_use_kwargs=True)
+            elif n.op == "call_module":
+                bound = _bind_forward(type(get_module(self.gm, attr_target(n))), n.args, n.kwargs)
+        except Exception:  # no signature to bind to: the fallback below names them
+            bound = None
+        if bound is not None:
+            first = next(iter(bound.kwargs), None) if n.op == "call_module" else "self"
+            named = {("input" if k == first else k): v for k, v in bound.kwargs.items()}
+        else:
+            if len(n.args) > len(names):
+                raise AnalysisError(f"{self.where()}: {len(n.args)} positional arguments but the rule names "
+                                    f"only {len(names)} ({', '.join(names)}); pass their names to named_args")
+            named = {**dict(zip(names, n.args)), **n.kwargs}
+        self._named_args[n] = named
+        return named
 
     def where(self) -> str:
         return str(self.node.format_node()) if self.node is not None else "<graph>"

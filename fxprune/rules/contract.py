@@ -14,18 +14,20 @@ from __future__ import annotations
 
 from typing import Any, Sequence, cast
 
+import math
 import operator
 import string
 
 import torch
 import torch.fx
 import torch.nn.functional as F
+from torch.utils import flop_counter
 
 from ..errors import Unsupported
 from ..labels import channel_dim, const_like, normalize
 from .context import AnalysisContext, RewriteContext, weight_operand
 from .conv import dense
-from .registry import register
+from .registry import aten_ops, meta_empty, register
 
 
 def _channel_letter(labels: torch.Tensor, letters: str) -> str | None:
@@ -159,7 +161,7 @@ def matmul(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
 
 # torch.sparse.mm: a (sparse) matrix product like any other (a GCN's adjacency)
 register(torch.matmul, operator.matmul, "matmul", "__matmul__", torch.bmm, "bmm", torch.mm, "mm",
-         torch.sparse.mm)(matmul)
+         torch.sparse.mm, *aten_ops("matmul", "mm", "bmm"))(matmul)
 
 
 def einsum(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
@@ -204,7 +206,7 @@ def _expand_ellipsis(ctx: AnalysisContext, ops: Sequence[Any], ins: list[str], r
     return ins, rhs.replace("...", fresh)
 
 
-register(torch.einsum)(einsum)
+register(torch.einsum, *aten_ops("einsum"))(einsum)
 
 
 def outer(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
@@ -292,4 +294,36 @@ def rewrite_sdpa(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> N
         new.kwargs = {**new.kwargs, "scale": e_old ** -0.5}
 
 
-register(F.scaled_dot_product_attention, rewrite=rewrite_sdpa)(sdpa)
+def sdpa_shape(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """F.scaled_dot_product_attention(q, k, v, ...): q's leading dims, v's last."""
+    if op is not F.scaled_dot_product_attention or len(args) != 3 or \
+            set(kwargs) - {"attn_mask", "dropout_p", "is_causal", "scale"}:
+        return None
+    q, k, v = args
+    mask = kwargs.get("attn_mask")
+    if not all(isinstance(t, torch.Tensor) and t.ndim >= 2 and t.dtype == q.dtype for t in (q, k, v)):
+        return None
+    if not (q.ndim == k.ndim == v.ndim and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
+            and q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2]):
+        return None
+    if mask is not None:
+        scores = (*q.shape[:-1], k.shape[-2])
+        try:
+            if not isinstance(mask, torch.Tensor) or \
+                    torch.broadcast_shapes(mask.shape, scores) != scores:  # type: ignore[no-untyped-call]
+                return None
+        except RuntimeError:
+            return None
+    return meta_empty((*q.shape[:-1], v.shape[-1]), q.dtype)
+
+
+def sdpa_flops(op: Any, args: tuple[Any, ...], out: Any) -> int:
+    """Batch dims flattened into one, as ``torch.utils.flop_counter`` counts attention."""
+    q, k, v = (a.shape for a in args[:3])
+    batch = math.prod(q[:-2])
+    return int(flop_counter.sdpa_flop_count((1, batch, *q[-2:]), (1, batch, *k[-2:]),  # type: ignore[no-untyped-call]
+                                            (1, batch, *v[-2:])))
+
+
+register(F.scaled_dot_product_attention, *aten_ops("scaled_dot_product_attention"), rewrite=rewrite_sdpa,
+         shape=sdpa_shape, flops=sdpa_flops)(sdpa)

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import math
+
 import torch.nn.functional as F
 import torch
 import torch.fx
 from torch import nn
+from torch.utils import flop_counter
 
 from ..errors import Unsupported
 from ..labels import CONST, constant_along
 from ..masked import MaskedCall, MaskedSemantics, compact, scatter
 from .context import AnalysisContext, RewriteContext, attr_target, weight_operand
-from .registry import register
+from .registry import aten_ops, meta_empty, one_float_input, register
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -218,7 +221,26 @@ def rewrite_conv(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> N
             new.kwargs = {**new.kwargs, "groups": new_groups}
 
 
-register(*_CONV, *_CONV_T, *_F_CONV, *_F_CONV_T, rewrite=rewrite_conv)(conv)
+def conv_shape(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """nn.Conv1d/2d/3d with numeric padding: the output size from the module's attributes."""
+    x = one_float_input(args, kwargs)
+    if x is None or type(op) not in _CONV:
+        return None
+    shape = tuple(x.shape)
+    if len(shape) != len(op.kernel_size) + 2 or shape[1] != op.in_channels or isinstance(op.padding, str):
+        return None
+    spatial = tuple((n + 2 * p - d * (ks - 1) - 1) // s + 1 for n, p, d, ks, s in
+                    zip(shape[2:], op.padding, op.dilation, op.kernel_size, op.stride))
+    return None if min(spatial) < 1 else meta_empty((shape[0], op.out_channels, *spatial), x.dtype)
+
+
+def conv_flops(op: Any, args: tuple[Any, ...], out: Any) -> int:
+    return int(flop_counter.conv_flop_count(list(args[0].shape), list(op.weight.shape), list(out.shape)))
+
+
+register(*_CONV, *_CONV_T, *_F_CONV, *_F_CONV_T,
+         *aten_ops("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"),
+         rewrite=rewrite_conv, shape=conv_shape, flops=conv_flops)(conv)
 
 
 def linear(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
@@ -336,7 +358,31 @@ def rewrite_linear(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) ->
         m.out_features, m.in_features = m.weight.shape
 
 
-register(nn.Linear, F.linear, rewrite=rewrite_linear)(linear)
+def linear_shape(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """nn.Linear (its attributes) and F.linear (its weight's and bias's shapes)."""
+    if type(op) is nn.Linear:
+        x = one_float_input(args, kwargs)
+        if x is None or x.ndim == 0 or x.shape[-1] != op.in_features:
+            return None
+        return meta_empty((*x.shape[:-1], op.out_features), x.dtype)
+    if op is not F.linear:
+        return None
+    x, w, b = (list(args) + [kwargs.get("bias")])[:3] if len(args) >= 2 and set(kwargs) <= {"bias"} \
+        else (None, None, None)
+    if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and w.ndim == 2 and x.ndim >= 1
+            and x.shape[-1] == w.shape[1] and x.dtype == w.dtype
+            and (b is None or (isinstance(b, torch.Tensor) and tuple(b.shape) == (w.shape[0],)))):
+        return None
+    return meta_empty((*x.shape[:-1], w.shape[0]), x.dtype)
+
+
+def linear_flops(op: Any, args: tuple[Any, ...], out: Any) -> int:
+    k, n = args[0].shape[-1], out.shape[-1]
+    return int(flop_counter.mm_flop((math.prod(out.shape[:-1]), k), (k, n)))
+
+
+register(nn.Linear, F.linear, *aten_ops("linear"), rewrite=rewrite_linear, shape=linear_shape,
+         flops=linear_flops)(linear)
 
 
 def bilinear(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
@@ -369,3 +415,4 @@ def rewrite_bilinear(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) 
 
 
 register(nn.Bilinear, F.bilinear, rewrite=rewrite_bilinear)(bilinear)
+register(*aten_ops("bilinear"))(bilinear)  # export's form: no rewrite hook

@@ -16,7 +16,7 @@ from ..labels import const_like
 from ..meta import get_meta, is_multi
 from ..errors import Unsupported
 from .context import AnalysisContext, RewriteContext
-from .registry import register
+from .registry import aten_ops, register
 
 
 def embedding(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
@@ -56,3 +56,5 @@ def rewrite_embedding(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node)
 
 
 register(nn.Embedding, nn.EmbeddingBag, F.embedding, F.embedding_bag, rewrite=rewrite_embedding)(embedding)
+# export's forms (aten.embedding takes the weight first); the rewrite has nothing to update there
+register(*aten_ops("embedding", "embedding_bag", "_embedding_bag"))(embedding)

@@ -19,7 +19,7 @@ from ..labels import channel_dim, const_like
 from ..meta import tensor_meta
 from .context import AnalysisContext, RewriteContext, op_name
 from .pointwise import broadcast_labels
-from .registry import register
+from .registry import aten_ops, register
 
 
 def picked_by_data(ctx: AnalysisContext, node: torch.fx.Node, x: Any, labels: torch.Tensor, d: int,
@@ -117,7 +117,8 @@ def _narrow_index(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node, x: 
         new.args = (*new.args[:pos], value, *new.args[pos + 1:])
 
 
-register(torch.gather, "gather", torch.take_along_dim, "take_along_dim", rewrite=rewrite_gather)(gather)
+register(torch.gather, "gather", torch.take_along_dim, "take_along_dim", *aten_ops("gather", "take_along_dim"),
+         rewrite=rewrite_gather)(gather)
 
 
 _SCATTERS = ("scatter", "scatter_", "scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_")
@@ -168,7 +169,9 @@ def rewrite_scatter(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -
 
 
 register(*_SCATTERS, *_INDEX_WRITES, torch.scatter, torch.scatter_add, torch.scatter_reduce, torch.index_add,
-         torch.index_copy, torch.index_reduce, rewrite=rewrite_scatter)(scatter)
+         torch.index_copy, torch.index_reduce,
+         *aten_ops("scatter", "scatter_add", "scatter_reduce", "index_add", "index_copy", "index_reduce"),
+         rewrite=rewrite_scatter)(scatter)
 
 
 def index_select(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
@@ -179,4 +182,4 @@ def index_select(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     return picked_by_data(ctx, node, x, ctx.labels_or_const(x), d, "index_select along a channel dim")
 
 
-register(torch.index_select, "index_select")(index_select)
+register(torch.index_select, "index_select", *aten_ops("index_select"))(index_select)

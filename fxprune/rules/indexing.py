@@ -21,7 +21,7 @@ from .context import AnalysisContext, RewriteContext, op_name
 from .gather import picked_by_data
 from .layout import concrete, relabel
 from .pointwise import broadcast_labels
-from .registry import register
+from .registry import aten_ops, register
 
 
 def _index_dims(index: Any, ndim: int) -> tuple[tuple[Any, ...], list[int | None]]:
@@ -242,4 +242,4 @@ def narrow(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     return relabel(ctx, node)
 
 
-register("narrow", torch.narrow, rewrite=rewrite_narrow)(narrow)
+register("narrow", torch.narrow, *aten_ops("narrow"), rewrite=rewrite_narrow)(narrow)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .context import AnalysisContext, attr_target
-from .registry import register
+from .registry import aten_ops, register
 
 
 def concrete(ctx: AnalysisContext, a: Any, *, full: bool = True) -> Any:
@@ -109,8 +109,9 @@ def channel_shuffle(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """channel_shuffle(x, g) is view(B, g, C/g, ...) -> transpose(1, 2) -> view(B, C, ...):
     channels at the same index inside every group go together, so the op still shuffles
     correctly at the smaller width."""
-    x = node.args[0] if node.args else node.kwargs["input"]
-    groups = ctx.module.groups if node.op == "call_module" else ctx.value(ctx.arg(1, "groups"))
+    a = ctx.named_args(("input", "groups"))
+    x = a["input"]
+    groups = ctx.module.groups if node.op == "call_module" else ctx.value(a["groups"])
     vec = ctx.vector(x, 1)
     blocks = vec.reshape(groups, -1)
     ctx.union(blocks, blocks[:1])
@@ -120,12 +121,13 @@ def channel_shuffle(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
 
 _F_SHUFFLE = getattr(F, "channel_shuffle", None)
 register(torch.channel_shuffle, nn.ChannelShuffle,
-         _F_SHUFFLE if _F_SHUFFLE is not torch.channel_shuffle else None)(channel_shuffle)
+         _F_SHUFFLE if _F_SHUFFLE is not torch.channel_shuffle else None,
+         *aten_ops("channel_shuffle", "native_channel_shuffle"))(channel_shuffle)
 
 
 # -- ops that only move positions ------------------------------------------------------
-register("roll", torch.roll)(roll)
-register("triu", "tril", "triu_", "tril_", torch.triu, torch.tril)(triangle)
+register("roll", torch.roll, *aten_ops("roll"))(roll)
+register("triu", "tril", "triu_", "tril_", torch.triu, torch.tril, *aten_ops("triu", "tril", "triu_", "tril_"))(triangle)
 
 register("flatten", "permute", "transpose", "t", "squeeze", "unsqueeze", "movedim", "moveaxis",
          "swapaxes", "swapdims", "flip", "rot90", "repeat", "repeat_interleave", "tile", "view_as",
@@ -133,4 +135,7 @@ register("flatten", "permute", "transpose", "t", "squeeze", "unsqueeze", "movedi
          torch.flatten, torch.permute, torch.transpose, torch.t, torch.squeeze, torch.unsqueeze,
          torch.movedim, torch.moveaxis, torch.swapaxes, torch.swapdims, torch.flip, torch.rot90,
          torch.repeat_interleave, torch.tile, torch.pixel_shuffle, torch.pixel_unshuffle,
-         nn.Flatten, nn.PixelShuffle, nn.PixelUnshuffle)(relabel)
+         nn.Flatten, nn.PixelShuffle, nn.PixelUnshuffle,
+         *aten_ops("flatten", "permute", "transpose", "t", "squeeze", "unsqueeze", "movedim", "flip", "rot90",
+                   "repeat", "repeat_interleave", "tile", "pixel_shuffle", "pixel_unshuffle", "numpy_T", "mT",
+                   "view_as", "reshape_as"))(relabel)

@@ -21,25 +21,26 @@ from ..labels import const_like
 from ..masked import MaskedCall, compact, scatter
 from ..meta import get_meta, is_multi
 from .context import AnalysisContext, RewriteContext
-from .registry import register
+from .registry import aten_ops, meta_empty, one_float_input, register
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
        nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
-def _channel_tensors(ctx: AnalysisContext, node: torch.fx.Node, names_positions: list[tuple[str, int]],
+def _channel_tensors(ctx: AnalysisContext, node: torch.fx.Node, names: list[str],
                      computed: list[Any] | None = None) -> list[tuple[str, str]]:
-    """Attribute paths of per-channel tensors (module attributes or get_attr args). Where
-    ``computed`` is given, tensors computed in the graph are collected there instead of
-    being refused."""
+    """Attribute paths of the per-channel tensors ``names`` (module attributes, or named
+    arguments read by get_attr). Where ``computed`` is given, tensors computed in the
+    graph are collected there instead of being refused."""
     found: list[tuple[str, str]] = []
     if node.op == "call_module":
-        for name, _ in names_positions:
+        for name in names:
             if getattr(ctx.module, name, None) is not None:
                 found.append((f"{node.target}.{name}", name))
         return found
-    for name, pos in names_positions:
-        a = ctx.arg(pos, name)
+    args = ctx.named_args()
+    for name in names:
+        a = args.get(name)
         if a is None:
             continue
         path = ctx.attr_path(a)
@@ -59,11 +60,12 @@ def _role(name: str) -> str:
 
 def batch_norm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Per-channel affine (and statistics) along dim 1."""
-    x = node.args[0] if node.args else node.kwargs["input"]
-    if isinstance(node.target, torch._ops.OpOverload):  # aten order: weight, bias, then stats
-        names = [("weight", 1), ("bias", 2), ("running_mean", 3), ("running_var", 4)]
-    else:  # F.batch_norm / F.instance_norm order
-        names = [("running_mean", 1), ("running_var", 2), ("weight", 3), ("bias", 4)]
+    x = ctx.named_args(("input", "running_mean", "running_var", "weight", "bias"))["input"]
+    # read by name, aligned in the order the call passes them (F.batch_norm: the statistics
+    # first; ATen: the affine parameters first)
+    names = ["weight", "bias", "running_mean", "running_var"]
+    if not isinstance(node.target, torch._ops.OpOverload):
+        names = names[2:] + names[:2]
     cdim = 1 if ctx.meta(x).ndim > 1 else 0
     vec = ctx.vector(x, cdim)
     computed: list[Any] = []  # an affine weight computed in the graph (NFNet's gain * scale)
@@ -83,16 +85,30 @@ def rewrite_batch_norm(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node
         r.module(old).num_features = r.new_shape(x)[1 if len(r.old_shape(x)) > 1 else 0]
 
 
-register(*_BN, F.batch_norm, F.instance_norm, rewrite=rewrite_batch_norm)(batch_norm)
+def batch_norm_shape(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """nn.BatchNorm1d/2d/3d keep their input's shape (their meta kernels run Python
+    decompositions: computing the shape is ~100x cheaper)."""
+    x = one_float_input(args, kwargs)
+    if x is None or type(op) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) or \
+            x.ndim < 2 or x.shape[1] != op.num_features:
+        return None  # let the kernel raise its own error
+    return meta_empty(x.shape, x.dtype)
+
+
+register(*_BN, F.batch_norm, F.instance_norm, rewrite=rewrite_batch_norm, shape=batch_norm_shape)(batch_norm)
+# export's forms (the affine parameters before the statistics): no rewrite hook
+register(*aten_ops("batch_norm", "instance_norm", "_native_batch_norm_legit_no_training",
+                   "_native_batch_norm_legit", "native_batch_norm"))(batch_norm)
 
 
 def layer_norm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Normalizes over the last ``len(normalized_shape)`` dims, with per-position affine."""
-    x = node.args[0] if node.args else node.kwargs["input"]
+    a = ctx.named_args(("input", "normalized_shape", "weight", "bias", "eps"))
+    x = a["input"]
     if node.op == "call_module":
         nd = len(ctx.module.normalized_shape)
     else:
-        nd = len(ctx.value(ctx.arg(1, "normalized_shape")))
+        nd = len(ctx.value(a["normalized_shape"]))
     labels = ctx.labels(x)
     ndim = ctx.meta(x).ndim
     if labels is None:
@@ -104,8 +120,7 @@ def layer_norm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     if any(labels.shape[d] > 1 for d in range(ndim - nd)):
         # channels vary along a leading dim: the affine params see every class there
         param_labels = torch.zeros((1,) * nd, dtype=torch.int64)  # CONST: not sliced
-    rms = "rms_norm" in getattr(node.target, "__name__", "")  # F.rms_norm(x, shape, weight, eps)
-    for path, _ in _channel_tensors(ctx, node, [("weight", 2)] if rms else [("weight", 2), ("bias", 3)]):
+    for path, _ in _channel_tensors(ctx, node, ["weight", "bias"]):  # rms_norm has no bias
         ctx.align(path, param_labels, "norm")
     return labels
 
@@ -165,17 +180,43 @@ def rewrite_layer_norm(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node
         new.kwargs = {**new.kwargs, "normalized_shape": new_shape}
 
 
+def layer_norm_shape(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """nn.LayerNorm and F.layer_norm over the input's trailing dims keep its shape."""
+    if type(op) is nn.LayerNorm:
+        x = one_float_input(args, kwargs)
+        ns = tuple(op.normalized_shape)
+        if x is None or x.ndim < len(ns) or tuple(x.shape[x.ndim - len(ns):]) != ns:
+            return None
+        return meta_empty(x.shape, x.dtype)
+    if op is not F.layer_norm and op is not torch.layer_norm:
+        return None
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    if len(args) > len(names) or set(kwargs) - set(names[len(args):]):
+        return None
+    bound = {**dict(zip(names, args)), **kwargs}
+    x, ns_arg = bound.get("input"), bound.get("normalized_shape")
+    if not isinstance(x, torch.Tensor) or not isinstance(ns_arg, (int, tuple, list)):
+        return None
+    ns = (ns_arg,) if isinstance(ns_arg, int) else tuple(ns_arg)
+    params = [bound[k] for k in ("weight", "bias") if bound.get(k) is not None]
+    if len(ns) > x.ndim or tuple(x.shape[x.ndim - len(ns):]) != ns or \
+            any(not isinstance(p, torch.Tensor) or tuple(p.shape) != ns for p in params):
+        return None
+    return meta_empty(x.shape, x.dtype)
+
+
 register(nn.LayerNorm, F.layer_norm, getattr(nn, "RMSNorm", None), getattr(F, "rms_norm", None),
-         rewrite=rewrite_layer_norm)(layer_norm)
+         *aten_ops("layer_norm", "rms_norm"), rewrite=rewrite_layer_norm, shape=layer_norm_shape)(layer_norm)
 
 
 def group_norm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Statistics per group of channels along dim 1; per-channel affine."""
-    x = node.args[0] if node.args else node.kwargs["input"]
+    a = ctx.named_args(("input", "num_groups", "weight", "bias", "eps"))
+    x = a["input"]
     if node.op == "call_module":
         num_groups = ctx.module.num_groups
     else:
-        num_groups = ctx.value(ctx.arg(1, "num_groups"))
+        num_groups = ctx.value(a["num_groups"])
     vec = ctx.vector(x, 1)
     blocks = vec.reshape(num_groups, -1)
     if blocks.shape[1] > 1:
@@ -185,7 +226,7 @@ def group_norm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
             ctx.union(blocks, blocks[:1])
             ctx.inexact(vec, f"{node.name}: group norm statistics mix the channels of a group",
                         masked_group_norm)
-    for path, _ in _channel_tensors(ctx, node, [("weight", 2), ("bias", 3)]):
+    for path, _ in _channel_tensors(ctx, node, ["weight", "bias"]):
         ctx.align(path, vec, "norm")
     return ctx.labels(x)
 
@@ -230,4 +271,13 @@ def rewrite_group_norm(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node
             new.kwargs = {**new.kwargs, "num_groups": c_new // per}
 
 
-register(nn.GroupNorm, F.group_norm, rewrite=rewrite_group_norm)(group_norm)
+def group_norm_shape(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """nn.GroupNorm keeps its input's shape."""
+    x = one_float_input(args, kwargs)
+    if x is None or type(op) is not nn.GroupNorm or x.ndim < 2 or x.shape[1] != op.num_channels:
+        return None
+    return meta_empty(x.shape, x.dtype)
+
+
+register(nn.GroupNorm, F.group_norm, *aten_ops("group_norm"), rewrite=rewrite_group_norm,
+         shape=group_norm_shape)(group_norm)

@@ -23,7 +23,7 @@ from torch import nn
 from ..labels import const_like
 from ..masked import compact_apply
 from .context import AnalysisContext, RewriteContext
-from .registry import register
+from .registry import aten_ops, meta_empty, one_float_input, register, register_tag
 
 
 def tensor_args(ctx: AnalysisContext, node: torch.fx.Node) -> list[Any]:
@@ -124,10 +124,10 @@ def normalize(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     channel dim with p > 0 a removed channel that is zeroed adds nothing to the norm, so
     zeroing the removed channels of the input (the oracle's mask: a consumer) gives the
     pruned result exactly; other p (a norm that zeros change) mix the channels."""
-    x = node.args[0] if node.args else node.kwargs["input"]
-    labels = ctx.labels(x)
-    dim = ctx.value(ctx.arg(2, "dim", 1))
-    if labels is not None and labels.shape[dim % labels.ndim] > 1 and zero_blind_norm(ctx.value(ctx.arg(1, "p", 2.0))):
+    a = ctx.named_args(("input", "p", "dim", "eps", "out"))
+    labels = ctx.labels(a["input"])
+    dim = ctx.value(a.get("dim", 1))
+    if labels is not None and labels.shape[dim % labels.ndim] > 1 and zero_blind_norm(ctx.value(a.get("p", 2.0))):
         ctx.consume(0)
         return labels
     return _mixing(ctx, node, dim)
@@ -177,10 +177,64 @@ _ACT_MODULES = [nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GE
                 nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Threshold,
                 nn.Hardshrink, nn.Softshrink, nn.RReLU]
 
+# shape shortcuts (the meta kernels of many run Python decompositions)
+_SAME_SHAPE_ACTS = frozenset({nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
+                              nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.Mish})
+_UNARY = frozenset({F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
+                    F.leaky_relu, F.elu, F.selu, F.celu, F.softplus, F.sigmoid, torch.sigmoid, F.tanh,
+                    torch.tanh, torch.exp, torch.neg, torch.abs})  # of one tensor; the rest flags
+_BINARY = frozenset({operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul})
+
+
+def unary_shape(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """An elementwise function of one floating-point tensor (its other arguments are flags
+    and constants): the output has the input's shape and dtype."""
+    x = args[0] if args else kwargs.get("input")
+    others = list(args[1:]) + [v for k, v in kwargs.items() if k != "input"]
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or \
+            any(isinstance(v, torch.Tensor) for v in others):
+        return None
+    return meta_empty(x.shape, x.dtype)
+
+
+def same_shape_module(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """A layer called on one floating-point tensor whose output has its shape and dtype."""
+    x = one_float_input(args, kwargs)
+    return None if x is None else meta_empty(x.shape, x.dtype)
+
+
+def binary_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """Arithmetic of two operands, one a tensor at least: broadcast shape, promoted dtype."""
+    if kwargs or len(args) != 2 or not any(isinstance(a, torch.Tensor) for a in args):
+        return None
+    if not all(isinstance(a, (torch.Tensor, int, float)) and not isinstance(a, bool) for a in args):
+        return None
+    try:
+        shape = torch.broadcast_shapes(*(a.shape for a in args if isinstance(a, torch.Tensor)))  # type: ignore[no-untyped-call]
+        return meta_empty(shape, torch.result_type(*args))
+    except RuntimeError:
+        return None
+
+
+def pointwise_shape(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    if type(op) in _SAME_SHAPE_ACTS:
+        return same_shape_module(op, args, kwargs)
+    if op in _UNARY:
+        return unary_shape(op, args, kwargs)
+    if op in _BINARY:
+        return binary_shape(args, kwargs)
+    return None
+
+
 register(*_ARITH, *[getattr(torch, n, None) for n in dict.fromkeys(_TORCH)],
          *[getattr(F, n, None) for n in dict.fromkeys(_FUNCTIONAL)
            if getattr(F, n, None) is not None and getattr(F, n, None) is not getattr(torch, n, None)],
-         *dict.fromkeys(_METHODS), *_ACT_MODULES)(pointwise)
+         *dict.fromkeys(_METHODS), *_ACT_MODULES,
+         *aten_ops("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "alias", "clone",
+                   "contiguous", "detach", "to", "_to_copy", "type_as", "lift_fresh_copy", "zeros_like", "ones_like",
+                   "empty_like", "full_like", "hardswish", "__and__", "__or__", "__xor__", "fill", "zero", "where",
+                   "masked_fill", "copy_", "copy"), shape=pointwise_shape)(pointwise)
+register_tag(torch.Tag.pointwise)(pointwise)  # every ATen op tagged pointwise without a rule of its own
 
 
 def _stochastic_depth_targets() -> list[Any]:
@@ -191,26 +245,47 @@ def _stochastic_depth_targets() -> list[Any]:
     return [tv_ops.StochasticDepth, tv_ops.stochastic_depth]
 
 
+_SAME_SHAPE_IDENTITIES = frozenset({nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                                    nn.AlphaDropout})
+_UNARY_IDENTITIES = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout})
+
+
+def first_input_shape(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    if type(op) in _SAME_SHAPE_IDENTITIES:
+        return same_shape_module(op, args, kwargs)
+    return unary_shape(op, args, kwargs) if op in _UNARY_IDENTITIES else None
+
+
 register(nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
          nn.FeatureAlphaDropout, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
          torch.clone, torch.detach, torch.zeros_like, torch.ones_like, torch.empty_like,
          torch.full_like, "contiguous", "clone", "detach", "to", "float", "half",
          "double", "bfloat16", "type", "type_as", "cpu", "cuda", "requires_grad_",
-         *_stochastic_depth_targets())(first_input)
+         *_stochastic_depth_targets(), shape=first_input_shape)(first_input)
 
 register(F.normalize)(normalize)
 
+def softmax_shape(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """nn.Softmax and nn.LogSoftmax with an explicit, valid dim keep their input's shape."""
+    x = one_float_input(args, kwargs)
+    if x is None or type(op) not in (nn.Softmax, nn.LogSoftmax) or op.dim is None or \
+            not -x.ndim <= op.dim < max(x.ndim, 1):
+        return None
+    return meta_empty(x.shape, x.dtype)
+
+
 register(nn.Softmax, nn.Softmax2d, nn.LogSoftmax, nn.Softmin, F.softmax, F.log_softmax, F.softmin,
          torch.softmax, torch.log_softmax, torch.cumsum, torch.cumprod, "softmax", "log_softmax",
-         "cumsum", "cumprod")(mixing_along_dim)
+         "cumsum", "cumprod", *aten_ops("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "cumprod"),
+         shape=softmax_shape)(mixing_along_dim)
 
 
 def glu(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """glu(x, dim): the first half along ``dim`` gated by the second, so channel ``i`` of the
     output holds input channels ``i`` and ``i + half``: those go together."""
-    x = node.args[0] if node.args else node.kwargs["input"]
-    dim = ctx.module.dim if node.op == "call_module" else ctx.value(ctx.arg(1, "dim", -1))
-    labels = ctx.labels(x)
+    a = ctx.named_args(("input", "dim"))
+    dim = ctx.module.dim if node.op == "call_module" else ctx.value(a.get("dim", -1))
+    labels = ctx.labels(a["input"])
     if labels is None:
         return const_like(ctx.meta(node).ndim)
     d = dim % labels.ndim
@@ -222,7 +297,7 @@ def glu(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     return first
 
 
-register(nn.GLU, F.glu)(glu)
+register(nn.GLU, F.glu, *aten_ops("glu"))(glu)
 
 
 def prelu(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
@@ -254,6 +329,7 @@ def rewrite_prelu(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> 
 
 
 register(nn.PReLU, F.prelu, rewrite=rewrite_prelu)(prelu)
+register(*aten_ops("prelu", "_prelu_kernel"))(prelu)  # export's forms: no rewrite hook
 
 
 def local_response_norm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:

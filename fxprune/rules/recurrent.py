@@ -15,13 +15,16 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import math
+
 import torch
 import torch.fx
 from torch import nn
+from torch.utils import flop_counter
 
 from ..errors import RewriteError, Unsupported
 from .context import AnalysisContext, RewriteContext, op_name
-from .registry import register
+from .registry import aten_ops, meta_empty, register
 
 GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}  # gate blocks per hidden unit, by layer type
 
@@ -135,8 +138,48 @@ def rewrite_recurrent(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node)
     m._init_flat_weights()
 
 
-register(nn.LSTM, nn.GRU, nn.RNN, *[getattr(torch.ops.aten, n) for n in ("lstm", "gru", "rnn_tanh", "rnn_relu")
-                                     if hasattr(torch.ops.aten, n)], rewrite=rewrite_recurrent)(recurrent)
+def recurrent_shape(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """(output, h_n) of nn.RNN/GRU, (output, (h_n, c_n)) of nn.LSTM, as meta tensors from
+    the module's attributes (on meta these run a Python decomposition step by step: half
+    a second for one bidirectional LSTM over 14 steps). Only for a plain input tensor and
+    no initial state; anything else goes to the kernel, which checks it."""
+    if type(op) not in GATES or kwargs or len(args) != 1:
+        return None
+    x = args[0]
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim not in (2, 3) \
+            or x.shape[-1] != op.input_size or min(x.shape) < 1:
+        return None
+    d = 2 if op.bidirectional else 1
+    out_size = getattr(op, "proj_size", 0) or op.hidden_size
+    batch = () if x.ndim == 2 else (x.shape[0 if op.batch_first else 1],)
+    output = meta_empty((*x.shape[:-1], d * out_size), x.dtype)
+    h_n = meta_empty((d * op.num_layers, *batch, out_size), x.dtype)
+    if type(op) is nn.LSTM:
+        return output, (h_n, meta_empty((d * op.num_layers, *batch, op.hidden_size), x.dtype))
+    return output, h_n
+
+
+def recurrent_flops(op: Any, args: tuple[Any, ...], out: Any) -> int:
+    """Per layer and direction: the input and hidden projections (and an LSTM's output
+    projection), as ``torch.utils.flop_counter`` counts those matmuls."""
+    x, m = args[0], op
+    rows = math.prod(x.shape[:-1])
+    gate = GATES[type(m)] * m.hidden_size
+    width_out = getattr(m, "proj_size", 0) or m.hidden_size
+    d = 2 if m.bidirectional else 1
+    total = 0
+    for layer in range(m.num_layers):
+        width = m.input_size if layer == 0 else d * width_out
+        step = flop_counter.mm_flop((rows, width), (width, gate)) + \
+            flop_counter.mm_flop((rows, width_out), (width_out, gate))
+        if width_out != m.hidden_size:
+            step += flop_counter.mm_flop((rows, m.hidden_size), (m.hidden_size, width_out))
+        total += d * step
+    return int(total)
+
+
+register(nn.LSTM, nn.GRU, nn.RNN, *aten_ops("lstm", "gru", "rnn_tanh", "rnn_relu"), rewrite=rewrite_recurrent,
+         shape=recurrent_shape, flops=recurrent_flops)(recurrent)
 
 
 def cell(ctx: AnalysisContext, node: torch.fx.Node) -> Any:

@@ -27,7 +27,7 @@ from ..meta import is_multi, tensor_meta
 from .layout import relabel
 from .pointwise import broadcast_labels, zero_blind_norm
 from .context import AnalysisContext
-from .registry import register
+from .registry import aten_ops, meta_empty, one_float_input, register
 
 _SUM_LIKE = {"sum", "nansum"}
 _NORMS = {"norm": "p", "linalg_vector_norm": "ord", "vector_norm": "ord"}  # name -> its p argument
@@ -82,13 +82,14 @@ def compare(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     sum of products divided by norms of sums: zeroing the removed channels of both inputs
     (the oracle's consumer masks) gives exactly the pruned result; a distance adds ``eps``
     at every position, removed ones too (inexact)."""
-    a, b = node.args[0], node.args[1]
+    cosine = _name(node) == "cosine_similarity"
+    args = ctx.named_args(("x1", "x2", "dim", "eps") if cosine else ("x1", "x2", "p", "eps", "keepdim"))
+    a, b = args["x1"], args["x2"]
     shape = _broadcast_shapes(ctx.meta(a).shape, ctx.meta(b).shape)
     labels = broadcast_labels(ctx, node, [(ctx.labels(a), ctx.meta(a).shape), (ctx.labels(b), ctx.meta(b).shape)],
                               out_shape=shape)
-    cosine = _name(node) == "cosine_similarity"
-    dim = ctx.value(ctx.arg(2, "dim", 1)) if cosine else -1
-    keepdim = False if cosine else bool(ctx.value(ctx.arg(4, "keepdim", False)))
+    dim = ctx.value(args.get("dim", 1)) if cosine else -1
+    keepdim = False if cosine else bool(ctx.value(args.get("keepdim", False)))
     d = dim % len(shape)
     if labels.shape[d] > 1 and channel_dim(labels) == d:
         if cosine:
@@ -107,7 +108,8 @@ register(F.cosine_similarity, F.pairwise_distance, "cosine_similarity", "pairwis
 
 _REDUCTIONS = ["sum", "nansum", "mean", "nanmean", "amax", "amin", "max", "min", "std", "var",
                "norm", "logsumexp", "prod", "median", "all", "any"]
-register(*[getattr(torch, n) for n in _REDUCTIONS], *_REDUCTIONS, torch.linalg.vector_norm)(reduce)
+register(*[getattr(torch, n) for n in _REDUCTIONS], *_REDUCTIONS, torch.linalg.vector_norm,
+         *aten_ops(*_REDUCTIONS, "linalg_vector_norm"))(reduce)
 
 
 def _spatial_rank(node: torch.fx.Node, module: Any) -> int | None:
@@ -159,24 +161,50 @@ for n in _POOL_FUNCTIONS:
         f = getattr(owner, n, None)
         if f is not None and f not in _fs:
             _fs.append(f)
-register(*_POOL_MODULES, *_fs)(spatial)
+_ADAPTIVE_AVG = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+
+
+def spatial_shape(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """nn.AdaptiveAvgPool1d/2d/3d: the output size from the module (None: the input's)."""
+    k = _ADAPTIVE_AVG.get(type(op))
+    x = one_float_input(args, kwargs)
+    if k is None or x is None:
+        return None
+    size = op.output_size
+    size = (size,) * k if isinstance(size, int) else tuple(size)
+    shape = tuple(x.shape)
+    if len(shape) not in (k + 1, k + 2) or len(size) != k or min(shape[-k:]) < 1:
+        return None
+    return meta_empty(shape[:-k] + tuple(n if o is None else o for o, n in zip(size, shape[-k:])), x.dtype)
+
+
+register(*_POOL_MODULES, *_fs, *aten_ops(
+    "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices", "avg_pool1d",
+    "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+    "adaptive_max_pool3d", "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "upsample_bilinear2d",
+    "upsample_bicubic2d", "upsample_linear1d", "upsample_trilinear3d", "_upsample_bicubic2d_aa",
+    "_upsample_bilinear2d_aa", "_upsample_nearest_exact1d", "_upsample_nearest_exact2d",
+    "_upsample_nearest_exact3d"), shape=spatial_shape)(spatial)
 
 
 def grid_sample(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Sampling at given coordinates: each channel is resampled on its own (the grid's
     last dim holds coordinates, never channels)."""
-    ctx.pin(ctx.labels(ctx.arg(1, "grid")), f"{node.name}: sampling coordinates")
+    grid = ctx.named_args(("input", "grid", "mode", "padding_mode", "align_corners"))["grid"]
+    ctx.pin(ctx.labels(grid), f"{node.name}: sampling coordinates")
     return spatial(ctx, node)
 
 
 def affine_grid(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Sampling coordinates from affine coefficients: they are not channels."""
-    ctx.pin(ctx.labels(ctx.arg(0, "theta")), f"{node.name}: affine transform coefficients")
+    theta = ctx.named_args(("theta", "size", "align_corners"))["theta"]
+    ctx.pin(ctx.labels(theta), f"{node.name}: affine transform coefficients")
     return const_like(ctx.meta(node).ndim)
 
 
-register(F.grid_sample)(grid_sample)
-register(F.affine_grid)(affine_grid)
+register(F.grid_sample, *aten_ops("grid_sampler", "grid_sampler_2d", "grid_sampler_3d"))(grid_sample)
+register(F.affine_grid, *aten_ops("affine_grid_generator"))(affine_grid)
 
 
 register(torch.var_mean, torch.std_mean)(reduce)  # two reductions over the same dims
@@ -184,7 +212,8 @@ register(torch.var_mean, torch.std_mean)(reduce)  # two reductions over the same
 
 def pad(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Constant padding of the channel dim adds CONST channels; other dims pass through."""
-    x = node.args[0] if node.args else node.kwargs["input"]
+    a = ctx.named_args(("input", "pad", "mode", "value"))
+    x = a["input"]
     labels = ctx.labels(x)
     ndim = ctx.meta(x).ndim
     if node.op == "call_module":
@@ -192,9 +221,9 @@ def pad(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
         amounts = list(m.padding) if isinstance(m.padding, (tuple, list)) else [m.padding] * (2 * (ndim - 2))
         mode = "constant" if "Constant" in type(m).__name__ or "Zero" in type(m).__name__ else "other"
     else:
-        amounts = list(ctx.value(ctx.arg(1, "pad")))
+        amounts = list(ctx.value(a["pad"]))
         # aten.constant_pad_nd(self, pad, value) has no mode argument
-        mode = "constant" if _name(node) == "constant_pad_nd" else ctx.value(ctx.arg(2, "mode", "constant"))
+        mode = "constant" if _name(node) == "constant_pad_nd" else ctx.value(a.get("mode", "constant"))
     if labels is None:
         return const_like(ndim)
     cd = channel_dim(labels)
@@ -214,7 +243,7 @@ register(F.pad, nn.ZeroPad1d if hasattr(nn, "ZeroPad1d") else None, nn.ZeroPad2d
          nn.ReflectionPad1d, nn.ReflectionPad2d, getattr(nn, "ReflectionPad3d", None),
          nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
          getattr(nn, "CircularPad1d", None), getattr(nn, "CircularPad2d", None),
-         getattr(nn, "CircularPad3d", None))(pad)
+         getattr(nn, "CircularPad3d", None), *aten_ops("pad", "constant_pad_nd"))(pad)
 
 
 # -- size queries ----------------------------------------------------------------
@@ -323,4 +352,5 @@ def kept_count(call: MaskedCall) -> Any:
 kept_count.counts = True  # type: ignore[attr-defined]
 
 
-register("size", "dim", "numel", torch.numel, builtins.getattr, builtins.len)(size_query)
+# aten.sym_size(x, dim) is x.size(dim) at run time
+register("size", "dim", "numel", torch.numel, builtins.getattr, builtins.len, *aten_ops("sym_size"))(size_query)

@@ -1,6 +1,15 @@
-"""The op-rule registry: op semantics as data.
+"""The op-rule registry: op semantics as data, one op spec per op.
 
-A rule is keyed by what a node calls: a ``call_function`` target (a Python
+An :class:`OpSpec` holds everything fxprune knows about an op: its analysis rule,
+its rewrite hook, its shape shortcut and FLOP count (used by capture's shape
+propagation, ``fxprune.capture.shapes``, and the MAC count, ``fxprune.budget``), and
+the keys it is registered under. A family file under ``fxprune/rules/`` declares it
+with one call::
+
+    register(nn.Conv2d, F.conv2d, *aten_ops("conv2d"), rewrite=rewrite_conv,
+             shape=conv_shape, flops=conv_flops)(conv)
+
+A spec is keyed by what a node calls: a ``call_function`` target (a Python
 callable or an ATen ``OpOverload``/``OpOverloadPacket``, so a ``torch.export``
 graph uses the same table), a module type for ``call_module`` (exact type: a
 subclass with its own ``forward`` is not guessed at), or a method name for
@@ -25,26 +34,51 @@ import torch.fx
 from .context import attr_target, get_module
 
 
+ShapeFn = Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]
+"""A shape shortcut: ``shape(op, args, kwargs)`` with ``op`` the module (a
+``call_module`` node) or the target (a ``call_function`` node) and the arguments as
+meta tensors; returns the output as meta tensors (the op's kernel is not run), or
+None where anything is unusual (the kernel then runs and raises its own error)."""
+
+FlopsFn = Callable[[Any, tuple[Any, ...], Any], int]
+"""A FLOP count: ``flops(op, args, out)``, what ``torch.utils.flop_counter`` would have
+counted for the kernels a shape shortcut skipped (``out``: what the shortcut returned)."""
+
+
 @dataclass(frozen=True)
-class Rule:
-    """How one op relates channel labels (``analyze``) and, optionally, how its
-    copied node or module is updated once channels are removed (``rewrite``)."""
+class OpSpec:
+    """Everything fxprune knows about one op, declared in its family file:
+
+    - ``analyze(ctx, node)``: how the op relates channel labels (the rule);
+    - ``rewrite(r, old, new)``: how its copied node or module is updated once channels
+      are removed (ops carrying sizes that pruning changes), or None;
+    - ``shape``: a shape shortcut (:data:`ShapeFn`), or None: the kernel runs on meta;
+    - ``flops``: what the kernels skipped by ``shape`` would have counted
+      (:data:`FlopsFn`), or None: nothing the FLOP counter counts was skipped;
+    - ``keys``: every key it is registered under (functions, ATen packets, module types,
+      method names, tags, custom ops' qualified names)."""
 
     name: str
     analyze: Callable[..., Any]
     rewrite: Callable[..., None] | None = None
+    shape: ShapeFn | None = None
+    flops: FlopsFn | None = None
+    keys: tuple[Any, ...] = ()
 
 
-_FUNCTIONS: dict[Any, Rule] = {}
-_MODULES: dict[type, Rule] = {}
-_METHODS: dict[str, Rule] = {}
-_TAGS: dict[Any, Rule] = {}
-_OP_NAMES: dict[str, Rule] = {}  # custom ops by qualified name ("transformers::grouped_mm_fallback")
+Rule = OpSpec  # the name the analysis and the rewrite use for a registry entry
+
+
+_FUNCTIONS: dict[Any, OpSpec] = {}
+_MODULES: dict[type, OpSpec] = {}
+_METHODS: dict[str, OpSpec] = {}
+_TAGS: dict[Any, OpSpec] = {}
+_OP_NAMES: dict[str, OpSpec] = {}  # custom ops by qualified name ("transformers::grouped_mm_fallback")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _table_for(key: Any) -> dict[Any, Rule]:
+def _table_for(key: Any) -> dict[Any, OpSpec]:
     if isinstance(key, str):
         return _METHODS
     if isinstance(key, type) and issubclass(key, torch.nn.Module):
@@ -54,32 +88,56 @@ def _table_for(key: Any) -> dict[Any, Rule]:
     raise TypeError(f"cannot register a rule for {key!r}: not a method name, module type or callable")
 
 
-def _registrar(keys: tuple[Any, ...], table_of: Callable[[Any], dict[Any, Rule]],
-               rewrite: Callable[..., None] | None = None) -> Callable[[_F], _F]:
-    """A decorator that enters ``fn``'s rule under each key (skipping ``None``) in the
-    table ``table_of(key)``; a key registered twice is an error."""
+def _registrar(keys: tuple[Any, ...], table_of: Callable[[Any], dict[Any, OpSpec]],
+               rewrite: Callable[..., None] | None = None, shape: ShapeFn | None = None,
+               flops: FlopsFn | None = None) -> Callable[[_F], _F]:
+    """A decorator that enters the spec of ``fn`` under each key (skipping ``None``) in
+    the table ``table_of(key)``; a key registered twice is an error."""
+    if flops is not None and shape is None:
+        raise ValueError("flops= counts what a shape shortcut skips: pass shape= too")
 
     def deco(fn: _F) -> _F:
-        rule = Rule(fn.__name__, fn, rewrite)
-        for key in keys:
-            if key is None:
-                continue
+        present = tuple(k for k in keys if k is not None)
+        spec = OpSpec(fn.__name__, fn, rewrite, shape, flops, present)
+        for key in present:
             table = table_of(key)
             if key in table:
                 raise ValueError(f"a rule for {key!r} is already registered ({table[key].name}); "
                                  f"each op has exactly one rule")
-            table[key] = rule
+            table[key] = spec
         return fn
 
     return deco
 
 
-def register(*keys: Any, rewrite: Callable[..., None] | None = None) -> Callable[[_F], _F]:
-    """Decorator: register ``fn`` as the analysis rule for each key.
+def register(*keys: Any, rewrite: Callable[..., None] | None = None, shape: ShapeFn | None = None,
+             flops: FlopsFn | None = None) -> Callable[[_F], _F]:
+    """Decorator: declare the op spec of ``fn`` (the analysis rule) under each key, with
+    its rewrite hook, shape shortcut and FLOP count (see :class:`OpSpec`).
 
-    Keys that do not exist in this torch build (``None``) are skipped.
+    Keys are functions, ATen packets (:func:`aten_ops`), module types and method names;
+    keys that do not exist in this torch build (``None``) are skipped.
     """
-    return _registrar(keys, _table_for, rewrite)
+    return _registrar(keys, _table_for, rewrite, shape, flops)
+
+
+def one_float_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The input of a layer called with one floating-point tensor and nothing else (what
+    most module shape shortcuts accept), else None."""
+    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
+        return None
+    return args[0]
+
+
+def meta_empty(shape: Any, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of ``shape`` and ``dtype`` on the meta device (a shortcut's output)."""
+    return torch.empty(tuple(shape), dtype=dtype, device="meta")
+
+
+def aten_ops(*names: str) -> list[Any]:
+    """The ATen packets of ``names`` that exist in this torch build (keys for
+    :func:`register`: a ``torch.export`` graph calls them)."""
+    return [getattr(torch.ops.aten, n) for n in names if hasattr(torch.ops.aten, n)]
 
 
 def register_op_name(*names: str) -> Callable[[_F], _F]:
@@ -92,6 +150,17 @@ def register_tag(*tags: Any) -> Callable[[_F], _F]:
     """Decorator: ``fn`` is the rule of every ATen overload tagged with one of ``tags``
     that has no rule of its own."""
     return _registrar(tags, lambda _: _TAGS)
+
+
+def module_spec(cls: type) -> OpSpec | None:
+    """The spec registered for exactly the module type ``cls`` (shape shortcuts: a
+    subclass may have a forward of its own)."""
+    return _MODULES.get(cls)
+
+
+def function_spec(target: Any) -> OpSpec | None:
+    """The spec registered for exactly the ``call_function`` target ``target``."""
+    return _FUNCTIONS.get(target)
 
 
 def lookup(node: torch.fx.Node, root: torch.nn.Module) -> Rule | None:
@@ -185,7 +254,7 @@ def known_keys() -> int:
     return len(_FUNCTIONS) + len(_MODULES) + len(_METHODS) + len(_TAGS) + len(_OP_NAMES)
 
 
-def entries() -> Iterator[tuple[str, Any, Rule]]:
+def entries() -> Iterator[tuple[str, Any, OpSpec]]:
     """Every registration as (table, key, rule), table one of ``"function"`` (a callable
     or ATen packet), ``"module"`` (a module type), ``"method"`` (a method name), ``"tag"``
     (a ``torch.Tag``) and ``"op_name"`` (a custom op's qualified name)."""

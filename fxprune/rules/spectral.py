@@ -10,8 +10,8 @@ import torch
 import torch.fx
 
 from ..labels import const_like
-from .context import AnalysisContext
-from .registry import register
+from .context import AnalysisContext, op_name
+from .registry import aten_ops, register
 
 
 _FFT_1D = ("fft", "ifft", "rfft", "irfft", "hfft", "ihfft")
@@ -22,19 +22,14 @@ FFT_NAMES = _FFT_1D + _FFT_2D + _FFT_ND  # the torch.fft functions (aten.fft_<na
 
 def _fft_dims(ctx: AnalysisContext, node: torch.fx.Node, ndim: int) -> list[int]:
     """The dims a torch.fft transform (or export's _fft_r2c/_fft_c2r/_fft_c2c) runs over."""
-    if isinstance(node.target, torch._ops.OpOverload):
-        name = node.target._schema.name.split("::")[-1]
-        if name.startswith("_fft_"):  # _fft_r2c(self, dim, ...), _fft_c2r, _fft_c2c
-            dims: Any = node.args[1]
-            return [d % ndim for d in dims]
-    else:
-        name = getattr(node.target, "__name__", "")
-    name = name.removeprefix("fft_")
-    if name in _FFT_1D:
-        return [ctx.value(ctx.arg(2, "dim", -1)) % ndim]
-    dim = ctx.value(ctx.arg(2, "dim", (-2, -1) if name in _FFT_2D else None))
+    name = op_name(node).removeprefix("fft_")  # aten.fft_rfft is torch.fft.rfft
+    if name.startswith("_fft_"):  # _fft_r2c(self, dim, ...), _fft_c2r, _fft_c2c
+        return [d % ndim for d in ctx.named_args(("input", "dim"))["dim"]]
+    one_d = name in _FFT_1D
+    a = ctx.named_args(("input", "n" if one_d else "s", "dim", "norm"))
+    dim = ctx.value(a.get("dim", -1 if one_d else (-2, -1) if name in _FFT_2D else None))
     if dim is None:
-        size = ctx.value(ctx.arg(1, "s", None))
+        size = ctx.value(a.get("s"))
         return list(range(ndim - len(size), ndim)) if size is not None else list(range(ndim))
     return [d % ndim for d in ([dim] if isinstance(dim, int) else dim)]
 
@@ -61,4 +56,5 @@ def spectral(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     return labels
 
 
-register(*(getattr(torch.fft, n) for n in FFT_NAMES if hasattr(torch.fft, n)))(spectral)
+register(*(getattr(torch.fft, n) for n in FFT_NAMES if hasattr(torch.fft, n)),
+         *aten_ops("_fft_r2c", "_fft_c2r", "_fft_c2c", *("fft_" + n for n in FFT_NAMES)))(spectral)

@@ -20,7 +20,7 @@ from ..labels import CONST, channel_dim
 from ..meta import tensor_meta
 from .context import AnalysisContext, RewriteContext, op_name
 from .layout import relabel
-from .registry import register
+from .registry import aten_ops, register
 
 
 def _shape_args(args: Any) -> tuple[list[Any], bool]:
@@ -113,7 +113,8 @@ def _unpacked_dims(node: torch.fx.Node, ndim: int) -> set[int]:
     return found
 
 
-register("view", "reshape", torch.reshape, rewrite=rewrite_sizes)(split_relabel)
+register("view", "reshape", torch.reshape, *aten_ops("view", "_unsafe_view", "reshape"),
+         rewrite=rewrite_sizes)(split_relabel)
 
 
 def expand(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
@@ -157,7 +158,7 @@ def _merged_with_previous(node: torch.fx.Node, d: int, shape: tuple[int, ...]) -
     return out is not None and tuple(out.shape) == (*shape[:d - 1], shape[d - 1] * shape[d], *shape[d + 1:])
 
 
-register("expand", rewrite=rewrite_sizes)(expand)
+register("expand", *aten_ops("expand"), rewrite=rewrite_sizes)(expand)
 
 
 def rewrite_unflatten(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
@@ -179,7 +180,7 @@ def rewrite_unflatten(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node)
     new.kwargs = {k: v for k, v in new.kwargs.items() if k not in ("dim", "sizes")}
 
 
-register("unflatten", torch.unflatten, nn.Unflatten, rewrite=rewrite_unflatten)(split_relabel)
+register("unflatten", torch.unflatten, nn.Unflatten, *aten_ops("unflatten"), rewrite=rewrite_unflatten)(split_relabel)
 
 
 def expand_as(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
@@ -197,4 +198,4 @@ def expand_as(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     return relabel(ctx, node)
 
 
-register("expand_as")(expand_as)
+register("expand_as", *aten_ops("expand_as"))(expand_as)

@@ -14,7 +14,7 @@ from torch import nn
 from ..labels import constant_along
 from .context import AnalysisContext
 from .layout import relabel
-from .registry import register
+from .registry import aten_ops, register
 
 
 def unfold_dim(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
@@ -70,6 +70,6 @@ def col2im(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     return ctx.along(blocks[:, 0].contiguous(), cdim, ctx.meta(node).ndim)
 
 
-register("unfold")(unfold_dim)
-register(F.unfold, nn.Unfold)(im2col)
-register(F.fold, nn.Fold)(col2im)
+register("unfold", *aten_ops("unfold"))(unfold_dim)
+register(F.unfold, nn.Unfold, *aten_ops("im2col"))(im2col)
+register(F.fold, nn.Fold, *aten_ops("col2im"))(col2im)

@@ -53,11 +53,19 @@ class RuleResult:
         return self.output if isinstance(self.output, list) else [self.output]
 
 
-def _placeholders(graph: torch.fx.Graph, args: tuple, kwargs: dict) -> tuple[tuple, dict, list]:
-    """The call's arguments with every tensor replaced by a new placeholder node."""
+def _placeholders(graph: torch.fx.Graph, args: tuple, kwargs: dict,
+                  root: nn.Module) -> tuple[tuple, dict, list]:
+    """The call's arguments with every tensor replaced by a new placeholder node, and every
+    ``nn.Parameter`` by a ``get_attr`` node of a parameter of ``root`` (``p0``, ``p1``...)."""
     made: list[tuple[torch.fx.Node, torch.Tensor]] = []
 
     def swap(a: Any) -> Any:
+        if isinstance(a, nn.Parameter):
+            name = f"p{len(root._parameters)}"
+            root.register_parameter(name, a)
+            node = graph.get_attr(name)
+            set_meta(node, a)
+            return node
         if isinstance(a, torch.Tensor):
             node = graph.placeholder(f"x{len(made)}")
             made.append((node, a))
@@ -81,13 +89,15 @@ def run_rule(op: Any, *args: Any, kwargs: dict | None = None, channel_dims: list
 
     Every tensor in ``args``/``kwargs`` (lists included) becomes a placeholder whose
     positions along its channel dim (``channel_dims[i]``; default 1 for 3 dims or more,
-    else the last) are channels of their own. ``op`` is a callable, a method name or a
+    else the last) are channels of their own; an ``nn.Parameter`` becomes a parameter of
+    the graph's module read by ``get_attr`` (a functional layer's weight, aligned by its
+    path ``p0``, ``p1``... in the order met). ``op`` is a callable, a method name or a
     module. Raises what the rule raises (``Unsupported`` included: it is not turned into
     a barrier here) and ``LookupError`` when no rule is registered for the op."""
     kwargs = dict(kwargs or {})
     root = nn.Module()
     graph = torch.fx.Graph()
-    fx_args, fx_kwargs, made = _placeholders(graph, args, kwargs)
+    fx_args, fx_kwargs, made = _placeholders(graph, args, kwargs, root)
     if isinstance(op, nn.Module):
         root.add_module("op", op)
         node = graph.call_module("op", fx_args, fx_kwargs)
