@@ -59,10 +59,11 @@ def example_ids(seq: int):
 
 
 def fingerprint(result) -> str:
-    """A hash of what a prune decided: the pruned module's weights (names, shapes,
-    values) and the channels removed per group."""
+    """A hash of what a prune decided: the pruned module's parameters (names, shapes,
+    values) and the channels removed per group. Buffers are left out: a front end may
+    keep a buffer the forward never reads (export keeps LLaMA's original_inv_freq)."""
     h = hashlib.sha256()
-    for name, t in sorted(result.module.state_dict().items()):
+    for name, t in sorted(result.module.named_parameters()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.detach().contiguous().cpu().numpy().tobytes())
     h.update(repr(sorted((str(k), repr(v)) for k, v in dict(result.plan.removed_per_group).items())).encode())
