@@ -198,8 +198,6 @@ def run_isolated(fn, *args, mem_gib=8.0, timeout=600.0):
 def bench_llama_meta(layers=32, dim=4096, heads=32, kv_heads=8, ffn=11008, vocab=32000, seq=16):
     """Channel analysis of a LLaMA-shaped decoder whose weights live on the meta device
     (nothing allocated): seconds and peak resident memory growth of fxprune.analyze."""
-    import resource
-
     from fxprune.blocks import LlamaBlock, RMSNorm  # the reference LLaMA-shaped block
 
     class Decoder(nn.Module):
@@ -219,24 +217,29 @@ def bench_llama_meta(layers=32, dim=4096, heads=32, kv_heads=8, ffn=11008, vocab
     with torch.device("meta"):
         model = Decoder()
     ids = torch.randint(0, vocab, (1, seq))
+    groups, seconds, peak_mib = _timed_analysis(model, ids)
+    return seconds, peak_mib, len(groups.gm.graph.nodes), len(groups.prunable), groups.n_classes
+
+
+def _timed_analysis(model, ids):
+    """fxprune.analyze(model, ids): the groups, seconds, and the peak resident memory during
+    the analysis over what was resident before it, in MiB (where Linux cannot reset the
+    peak, the process's lifetime peak: an upper bound)."""
+    import resource
+
     before = _rss_kib("VmRSS")
     reset = _reset_peak_rss()
     t = time.perf_counter()
     groups = fxprune.analyze(model, ids)
     seconds = time.perf_counter() - t
-    # the peak resident memory during the analysis over what was resident before it (where
-    # Linux cannot reset the peak, the process's lifetime peak: an upper bound)
     peak = _rss_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak_mib = max(0, peak - before) / 1024
-    return seconds, peak_mib, len(groups.gm.graph.nodes), len(groups.prunable), groups.n_classes
+    return groups, seconds, max(0, peak - before) / 1024
 
 
 def bench_hf_llama_meta(layers=32, dim=4096, heads=32, kv_heads=32, ffn=11008, vocab=32000, seq=64):
     """fxprune.analyze of a LLaMA-7B-shaped Hugging Face ``LlamaForCausalLM`` built from a
     config on the meta device (default config: ``use_cache=True``): seconds, peak resident
     memory growth, and whether any weight was allocated."""
-    import resource
-
     import transformers
 
     cfg = transformers.LlamaConfig(hidden_size=dim, intermediate_size=ffn, num_hidden_layers=layers,
@@ -245,16 +248,10 @@ def bench_hf_llama_meta(layers=32, dim=4096, heads=32, kv_heads=32, ffn=11008, v
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, vocab, (1, seq), device="meta")
-    before = _rss_kib("VmRSS")
-    reset = _reset_peak_rss()
-    t = time.perf_counter()
-    groups = fxprune.analyze(model, ids)
-    seconds = time.perf_counter() - t
-    peak = _rss_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    groups, seconds, peak_mib = _timed_analysis(model, ids)
     allocated = [n for n, p in itertools.chain(model.named_parameters(), groups.gm.named_parameters())
                  if p.device.type != "meta"]
-    return (seconds, max(0, peak - before) / 1024, len(groups.gm.graph.nodes), len(groups.prunable),
-            groups.frontend, len(allocated))
+    return seconds, peak_mib, len(groups.gm.graph.nodes), len(groups.prunable), groups.frontend, len(allocated)
 
 
 def _rss_kib(field: str) -> int:
