@@ -229,15 +229,14 @@ def _capture_repeated(model: nn.Module, inputs: tuple,
     if not stub_nodes:
         return None, "no block of a run was called with tensors and plain values only"
     bodies = {key: _block_graph(model, call) for key, call in stubs.calls.items()}
-    for key, (body, _) in bodies.items():
+    for key, (body, why_not) in bodies.items():
         if body is None:
-            return None, f"block '{stubs.calls[key].path}' alone: {_}"
-    owners = {id(m): p for p, m in model.named_modules()}
+            return None, f"block '{stubs.calls[key].path}' alone: {why_not}"
     attach: dict[str, tuple[torch.Tensor, bool]] = {}
     for stub in stub_nodes:
         key = stub.args[0]
         call = stubs.calls[key]
-        path = _stub_owner(stub, owners, call)
+        path = _stub_owner(stub, call)
         if path is None:
             return None, f"a call of fxprune::block ({stub.name}) names no block of the model"
         block = model.get_submodule(path)
@@ -261,7 +260,7 @@ def _capture_repeated(model: nn.Module, inputs: tuple,
 _BLOCK_OP = torch.ops.fxprune.block.default
 
 
-def _stub_owner(stub: torch.fx.Node, owners: dict, call: Any) -> str | None:
+def _stub_owner(stub: torch.fx.Node, call: Any) -> str | None:
     """The qualified name of the block whose forward made ``stub``: the innermost module
     on its module stack that is a block of the call's run."""
     stack = stub.meta.get("nn_module_stack") or {}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import itertools
 import operator
 import sys
 import types
@@ -71,18 +70,19 @@ class _Proxy(torch.fx.Proxy):
         """``x.size()[:-1] + (n,)``: where the tracer follows example values, a shape
         joined with a tuple becomes a tuple of its sizes, one node each (the form a view
         with literal sizes has, whose channel counts the rewrite updates)."""
-        if isinstance(other, (tuple, list)):
-            known = self.tracer.shape_value(self)
-            if isinstance(known, tuple) and self.node in getattr(self.tracer, "_shape_nodes", ()):
-                return tuple(self[i] for i in range(len(known))) + tuple(other)
-        return torch.fx.Proxy.__add__(self, other)
+        sizes = self._sizes() if isinstance(other, (tuple, list)) else None
+        return torch.fx.Proxy.__add__(self, other) if sizes is None else sizes + tuple(other)
 
     def __radd__(self, other):
-        if isinstance(other, (tuple, list)):
-            known = self.tracer.shape_value(self)
-            if isinstance(known, tuple) and self.node in getattr(self.tracer, "_shape_nodes", ()):
-                return tuple(other) + tuple(self[i] for i in range(len(known)))
-        return torch.fx.Proxy.__radd__(self, other)
+        sizes = self._sizes() if isinstance(other, (tuple, list)) else None
+        return torch.fx.Proxy.__radd__(self, other) if sizes is None else tuple(other) + sizes
+
+    def _sizes(self) -> tuple | None:
+        """A followed shape as a tuple of one proxy per size, or None."""
+        known = self.tracer.shape_value(self)
+        if isinstance(known, tuple) and self.node in getattr(self.tracer, "_shape_nodes", ()):
+            return tuple(self[i] for i in range(len(known)))
+        return None
 
     def __index__(self):
         """A size used as an index or count (``range(n)``): its example value, when the
@@ -217,7 +217,6 @@ class Tracer(DecomposingTracer):
         self._stand_in: set[torch.fx.Node] = set()  # values computed from zeros standing in for a layer's output
         self._on_meta, self._held = False, 0
         self._shadows: dict[str, nn.Module] = {}
-        self._tensor_ids: set[int] | None = None
         try:
             graph = super().trace(root, concrete_args)
         finally:
@@ -478,12 +477,13 @@ class Tracer(DecomposingTracer):
             values[node] = _UNKNOWN
             return
         inputs = node.all_input_nodes
+        value_shaped = _data_dependent_shape(node, args)
         if any(i in self._stand_in for i in inputs):
-            if _data_dependent_shape(node, args):  # its shape would come from stand-in values
+            if value_shaped:  # its shape would come from stand-in values
                 values[node] = _UNKNOWN
                 return
             self._stand_in.add(node)
-        if _data_dependent_shape(node, args) or any(i in self._dynamic for i in inputs):
+        if value_shaped or any(i in self._dynamic for i in inputs):
             self._dynamic.add(node)  # its shape (or a size read from it) depends on values
         elif node.op == "call_function" and node.target is getattr and args[1] in _SHAPE_ATTRS \
                 or node.op == "call_method" and node.target in _SHAPE_METHODS \
@@ -518,7 +518,7 @@ class Tracer(DecomposingTracer):
 
     def _evaluate(self, node: torch.fx.Node, args: tuple, kwargs: dict) -> Any:
         if node.op in ("call_function", "call_method") and args and _in_place(node) \
-                and isinstance(args[0], torch.Tensor) and id(args[0]) in self._model_tensors():
+                and isinstance(args[0], torch.Tensor) and id(args[0]) in (self._attr_names or ()):
             args = (args[0].clone(), *args[1:])  # the model's own tensor is never written
         if node.op == "call_function":
             return node.target(*args, **kwargs)
@@ -544,11 +544,6 @@ class Tracer(DecomposingTracer):
                 shadow = self._shadows[node.target] = _shadow(module, self._on_meta)
             return type(module).forward(shadow, *args, **kwargs)
         return _UNKNOWN
-
-    def _model_tensors(self) -> set[int]:
-        if self._tensor_ids is None:
-            self._tensor_ids = {id(t) for t in itertools.chain(self.root.parameters(), self.root.buffers())}
-        return self._tensor_ids
 
     def shape_value(self, proxy: torch.fx.Proxy) -> Any:
         """The example value of ``proxy`` where Python may read it without depending on any
@@ -598,12 +593,12 @@ class Tracer(DecomposingTracer):
         return super().create_arg(a)
 
     def call_whole_module(self, m, forward, args, kwargs):
-        if self.follow:
-            try:
-                self.path_of_module(m)
-            except NameError:  # a module the model holds outside its tree (in a dict): traced through
-                return forward(*args, **kwargs)
-        qualname = self.path_of_module(m)
+        try:
+            qualname = self.path_of_module(m)
+        except NameError:
+            if not self.follow:
+                raise
+            return forward(*args, **kwargs)  # a module the model holds outside its tree (in a dict): traced through
         self._fxp_stack.append((qualname, type(m).__name__))
         try:
             return super().call_whole_module(m, forward, args, kwargs)
