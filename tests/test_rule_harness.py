@@ -228,6 +228,42 @@ def test_flops_without_a_shape_shortcut_is_refused():
         registry.register(type("Other", (nn.Module,), {}), flops=_no_meta_flops)
 
 
+def test_named_args_bind_builtins_whose_overloads_name_their_parameters_alike():
+    # F.conv2d's overloads differ only in padding's type: torch.fx will not choose one,
+    # but every parameter has the same name in both
+    x, w = torch.randn(1, 4, 6, 6), nn.Parameter(torch.randn(4, 1, 3, 3))
+    assert _named(F.conv2d, x, w, None, 1, 1, 1, 4)["groups"] == 4
+    named = _named(F.conv2d, x, w, padding="same", groups=4)
+    assert named["padding"] == "same" and named["groups"] == 4 and named["weight"] == (4, 1, 3, 3)
+    # torch.max(x, 1): the overloads call the second parameter dim or other, so the
+    # rule's own names are used
+    assert _named(torch.max, torch.randn(2, 4), 1) == {"input": (2, 4), "dim": 1}
+
+
+def test_replace_arg_writes_where_the_call_passed_it():
+    from fxprune.rules.context import bind_args, replace_arg
+
+    def f(x, w):
+        return F.conv2d(x, w, None, 1, 1, 1, 1), F.conv2d(x, w, padding=1, groups=1), F.conv2d(x, w)
+
+    gm = torch.fx.symbolic_trace(f)
+    positional, keyword, default = [n for n in gm.graph.nodes if n.op == "call_function"]
+    for node in (positional, keyword, default):
+        replace_arg(node, bind_args(node), "groups", 2)
+    assert positional.args[6] == 2 and "groups" not in positional.kwargs
+    assert keyword.kwargs["groups"] == 2 and len(keyword.args) == 2
+    assert default.kwargs == {"groups": 2}
+    # an ATen schema's self is the rules' input
+    gm = torch.fx.symbolic_trace(lambda x: torch.ops.aten.sum.dim_IntList(x, [1]))
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    y = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    replace_arg(node, bind_args(node), "input", y)
+    assert node.args[0] is y
+    node.args, node.kwargs = (), {"self": y, "dim": [1]}
+    replace_arg(node, bind_args(node), "dim", [0])
+    assert node.kwargs == {"self": y, "dim": [0]}
+
+
 def test_named_args_call_a_modules_first_argument_input():
     # nn.RMSNorm.forward(x): the rules read every layer's input as "input"
     assert _named(nn.RMSNorm(4), torch.randn(2, 4)) == {"input": (2, 4)}

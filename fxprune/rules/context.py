@@ -4,6 +4,7 @@ kept indices)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -13,7 +14,7 @@ from typing import Any, cast
 
 import torch
 import torch.fx
-from torch.fx.operator_schemas import ArgsKwargsPair, normalize_function
+from torch.fx.operator_schemas import ArgsKwargsPair, get_signature_for_torch_op, normalize_function
 
 from ..errors import AnalysisError, RewriteError
 from ..labels import CONST, Family, LabelSpace, channel_dim, concat_tagged, const_like
@@ -201,6 +202,88 @@ def _bind_forward(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
     return ArgsKwargsPair((), named)
 
 
+def _bind_overloads(node: torch.fx.Node) -> ArgsKwargsPair | None:
+    """The call bound to the overloads of a torch builtin that torch.fx would not choose
+    between without argument types (``F.conv2d``'s ``padding`` is an int list or a
+    string): when every overload the call fits names its parameters alike, the
+    arguments by those names, defaults left out (they may differ between overloads)."""
+    sigs = get_signature_for_torch_op(cast(Callable[..., Any], node.target))
+    if not sigs:
+        return None
+    fits = []
+    for sig in sigs:
+        try:
+            fits.append((tuple(sig.parameters), sig.bind(*node.args, **node.kwargs)))
+        except TypeError:
+            continue
+    if not fits or any(order != fits[0][0] for order, _ in fits):
+        return None
+    order, bound = fits[0]
+    return ArgsKwargsPair((), {k: bound.arguments[k] for k in order if k in bound.arguments})
+
+
+@dataclasses.dataclass(frozen=True)
+class CallArgs:
+    """One call's arguments by parameter name (:func:`bind_args`)."""
+
+    values: dict[str, Any]  # name -> argument, defaults included where a signature is known
+    order: tuple[str, ...]  # the parameters in order: positional argument i binds order[i]
+    keyword: dict[str, str]  # a name that differs from the callee's keyword -> that keyword
+
+
+def bind_args(node: torch.fx.Node, names: Sequence[str] = (), module: type | None = None,
+              where: str | None = None) -> CallArgs:
+    """The arguments of call ``node`` by parameter name.
+
+    Where torch.fx can bind the call to the target's signature or ATen schema
+    (``torch.fx.operator_schemas.normalize_function`` with
+    ``normalize_to_only_use_kwargs=True``; for a ``torch.nn`` layer ``module``, what
+    ``normalize_module`` does, its signature cached), every parameter is there, defaults
+    included; ATen's ``self`` and the first parameter of a module's ``forward`` (``x`` in
+    ``nn.RMSNorm``) are called ``input``, as in the functional twins. Otherwise (a method
+    call, a builtin whose overloads the arguments do not decide) the positional arguments
+    are named by ``names`` in order, then the keywords are added: optional ones are read
+    with ``.get(name, default)``. Too few ``names`` for the positional arguments is an
+    :class:`AnalysisError` naming the node."""
+    bound = None
+    try:
+        if node.op == "call_function":
+            try:
+                bound = normalize_function(cast(Callable[..., Any], node.target), node.args, node.kwargs,
+                                           normalize_to_only_use_kwargs=True)
+            except RuntimeError:  # "the schema match was ambiguous"
+                bound = None
+            if bound is None:
+                bound = _bind_overloads(node)
+        elif node.op == "call_module" and module is not None:
+            bound = _bind_forward(module, node.args, node.kwargs)
+    except Exception:  # no signature to bind to: the fallback below names them
+        bound = None
+    if bound is not None:
+        first = next(iter(bound.kwargs), None) if node.op == "call_module" else "self"
+        values = {("input" if k == first else k): v for k, v in bound.kwargs.items()}
+        keyword = {"input": first} if first is not None and first in bound.kwargs and first != "input" else {}
+        return CallArgs(values, tuple(values), keyword)
+    if len(node.args) > len(names):
+        raise AnalysisError(f"{where or node.format_node()}: {len(node.args)} positional arguments but the "
+                            f"rule names only {len(names)} ({', '.join(names)}); pass their names to named_args")
+    return CallArgs({**dict(zip(names, node.args)), **node.kwargs}, tuple(names), {})
+
+
+def replace_arg(node: torch.fx.Node, call: CallArgs, name: str, value: Any) -> None:
+    """Set argument ``name`` of ``node`` (bound as ``call``) to ``value``: where the call
+    passed it, by position or by keyword; as a keyword when it was left to its default."""
+    keyword = call.keyword.get(name, name)
+    if keyword in node.kwargs:
+        node.kwargs = {**node.kwargs, keyword: value}
+        return
+    pos = call.order.index(name) if name in call.order else len(node.args)
+    if pos < len(node.args):
+        node.args = (*node.args[:pos], value, *node.args[pos + 1:])
+    else:
+        node.kwargs = {**node.kwargs, keyword: value}
+
+
 def _only_along(labels: torch.Tensor, dim: int) -> torch.Tensor:
     """``labels`` with every dim but ``dim`` cut to its first position."""
     index = tuple(slice(None) if d == dim else slice(0, 1) for d in range(labels.ndim))
@@ -239,7 +322,7 @@ class AnalysisContext:
         self.weight_norms: dict[str, tuple[str, str, int]] = {}
         self.mixing: list[MixSite] = []  # ops that mix channel values (see inexact)
         self.wider: list[tuple[torch.Tensor, torch.Tensor, str]] = []  # see keep_wider
-        self._named_args: dict[torch.fx.Node, dict[str, Any]] = {}  # see named_args
+        self._named_args: dict[torch.fx.Node, CallArgs] = {}  # see named_args
 
     # -- reading the graph ----------------------------------------------
     @property
@@ -284,40 +367,15 @@ class AnalysisContext:
 
     def named_args(self, names: Sequence[str] = (), node: torch.fx.Node | None = None) -> Mapping[str, Any]:
         """The arguments of ``node`` (default: the current node) by parameter name, so a rule
-        reads ``a["dim"]`` whether the call passed it by position or by keyword.
-
-        Where torch.fx can bind the call to the target's signature or ATen schema
-        (``torch.fx.operator_schemas.normalize_function`` with
-        ``normalize_to_only_use_kwargs=True``; for a ``torch.nn`` layer what
-        ``normalize_module`` does, its signature cached), every parameter is there,
-        defaults included; ATen's ``self`` and the first parameter of a module's ``forward``
-        (``x`` in ``nn.RMSNorm``) are called ``input``, as in the functional twins.
-        Otherwise (a method call, a builtin whose overloads the arguments do not
-        decide) the positional arguments are named by ``names`` in order, then the
-        keywords are added: read optional ones with ``.get(name, default)``."""
+        reads ``a["dim"]`` whether the call passed it by position or by keyword (see
+        :func:`bind_args`; ``names`` names the positional arguments of a call torch.fx
+        cannot bind, a method call for one)."""
         n = self.current if node is None else node
         cached = self._named_args.get(n)
-        if cached is not None:
-            return cached
-        bound = None
-        try:
-            if n.op == "call_function":
-                bound = normalize_function(cast(Callable[..., Any], n.target), n.args, n.kwargs,
-                                           normalize_to_only_use_kwargs=True)
-            elif n.op == "call_module":
-                bound = _bind_forward(type(get_module(self.gm, attr_target(n))), n.args, n.kwargs)
-        except Exception:  # no signature to bind to: the fallback below names them
-            bound = None
-        if bound is not None:
-            first = next(iter(bound.kwargs), None) if n.op == "call_module" else "self"
-            named = {("input" if k == first else k): v for k, v in bound.kwargs.items()}
-        else:
-            if len(n.args) > len(names):
-                raise AnalysisError(f"{self.where()}: {len(n.args)} positional arguments but the rule names "
-                                    f"only {len(names)} ({', '.join(names)}); pass their names to named_args")
-            named = {**dict(zip(names, n.args)), **n.kwargs}
-        self._named_args[n] = named
-        return named
+        if cached is None:
+            module = type(get_module(self.gm, attr_target(n))) if n.op == "call_module" else None
+            cached = self._named_args[n] = bind_args(n, names, module, self.where())
+        return cached.values
 
     def where(self) -> str:
         return str(self.node.format_node()) if self.node is not None else "<graph>"
@@ -536,11 +594,30 @@ class RewriteContext:
         self.module_for: Any = None  # set by the rewrite: target -> the rebuilt module
         self.fold_weight_norm: Any = None  # ... (g, v, dim) of a weight norm: see fxprune.weight_norm
         self._kept: dict[int, tuple[torch.Tensor, Any]] = {}  # id(labels) -> (labels, answer)
+        self._bound: dict[torch.fx.Node, CallArgs] = {}  # see named_args
 
     def module(self, old: torch.fx.Node) -> Any:
         """The rebuilt module that the copy of ``call_module`` node ``old`` calls (``Any``,
         as :attr:`AnalysisContext.module`)."""
         return self.module_for(old.target)
+
+    def named_args(self, node: torch.fx.Node, names: Sequence[str] = ()) -> Mapping[str, Any]:
+        """The arguments of ``node`` (the old node or its copy) by parameter name, as
+        :meth:`AnalysisContext.named_args` reads them."""
+        return self._bind(node, names).values
+
+    def set_arg(self, node: torch.fx.Node, name: str, value: Any, names: Sequence[str] = ()) -> None:
+        """Set argument ``name`` of the copied node ``node`` to ``value``, by position or by
+        keyword as the call passed it (``names``: as for :meth:`named_args`)."""
+        replace_arg(node, self._bind(node, names), name, value)
+        self._bound.pop(node, None)
+
+    def _bind(self, node: torch.fx.Node, names: Sequence[str]) -> CallArgs:
+        got = self._bound.get(node)
+        if got is None:
+            module = type(self.module_for(node.target)) if node.op == "call_module" else None
+            got = self._bound[node] = bind_args(node, names, module)
+        return got
 
     def kept_index(self, labels: torch.Tensor | None) -> tuple[int, torch.Tensor] | None:
         """(dim, kept indices) of a normalized label tensor, or None when nothing there goes."""
