@@ -1,5 +1,5 @@
 """The channel data model as the analysis hands it on: channel groups with their
-members, constraints and exactness (see DESIGN.md, "The channel data model")."""
+members, constraints and exactness (docs/how-it-works.md, "The channel data model")."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from .channels import ChannelGroups
 from .errors import ConfigError
-from .rules.context import get_tensor
+from .rules.context import bind_args, get_tensor, replace_arg
 from .statistics import ActivationStats, consumer_sites
 
 __all__ = ["COMPENSATIONS", "Compensation", "Refit", "compensation_fills", "apply_compensation", "refit_statistics",
@@ -218,10 +218,10 @@ def linear_parts(node: torch.fx.Node, root: nn.Module) -> tuple[str, str | None]
         if type(mod) is not nn.Linear:
             return None
         return f"{node.target}.weight", (f"{node.target}.bias" if mod.bias is not None else None)
-    if node.op != "call_function" or node.target not in _LINEAR_FNS or len(node.args) < 2:
+    if node.op != "call_function" or node.target not in _LINEAR_FNS:
         return None
-    w = node.args[1]
-    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    a = bind_args(node).values
+    w, b = a.get("weight"), a.get("bias")
     if not (isinstance(w, torch.fx.Node) and w.op == "get_attr" and len(w.users) == 1):
         return None
     if b is not None and not (isinstance(b, torch.fx.Node) and b.op == "get_attr" and len(b.users) == 1):
@@ -297,10 +297,9 @@ def apply_compensation(module: torch.fx.GraphModule, groups: ChannelGroups, kept
         elif old.op == "call_module":  # a layer called more than once: an add after this call
             _add_after(module, new, delta, dtype)
         else:
-            old_bias = _argument(new, 2, "bias")
+            old_bias = _argument(new, "bias")
             bias = get_tensor(module, old_bias.target).detach().double() if old_bias is not None else 0.0
-            _set_argument(module, new, 2, "bias", _layer_path(new, "bias"), nn.Parameter((bias + delta).to(dtype)),
-                          comp)
+            _set_argument(module, new, "bias", _layer_path(new, "bias"), nn.Parameter((bias + delta).to(dtype)), comp)
     for name, refit in comp.refits.items():
         old, new = old_nodes[name], new_nodes[name]
         w = get_tensor(groups.gm, refit.weight)
@@ -314,13 +313,13 @@ def apply_compensation(module: torch.fx.GraphModule, groups: ChannelGroups, kept
             mod.weight, mod.bias = weight, bias
             comp.written.extend([f"{new.target}.weight", f"{new.target}.bias"])
             continue
-        _set_argument(module, new, 1, "weight", _layer_path(new, "weight"), weight, comp)
-        _set_argument(module, new, 2, "bias", _layer_path(new, "bias"), bias, comp)
+        _set_argument(module, new, "weight", _layer_path(new, "weight"), weight, comp)
+        _set_argument(module, new, "bias", _layer_path(new, "bias"), bias, comp)
     module.recompile()
 
 
-def _argument(node: torch.fx.Node, position: int, keyword: str) -> torch.fx.Node | None:
-    value = node.args[position] if len(node.args) > position else node.kwargs.get(keyword)
+def _argument(node: torch.fx.Node, keyword: str) -> torch.fx.Node | None:
+    value = bind_args(node).values.get(keyword)
     if value is not None and not (isinstance(value, torch.fx.Node) and value.op == "get_attr"):
         raise ConfigError(f"compensation: the {keyword} of {node.format_node()} is computed, not a tensor")
     return value
@@ -328,17 +327,17 @@ def _argument(node: torch.fx.Node, position: int, keyword: str) -> torch.fx.Node
 
 def _layer_path(node: torch.fx.Node, leaf: str) -> str | None:
     """``<layer>.<leaf>`` for a functional layer whose weight is the attribute ``<layer>.weight``."""
-    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    weight = bind_args(node).values.get("weight")
     if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and weight.target.endswith(".weight"):
         return weight.target[:-len("weight")] + leaf
     return None
 
 
-def _set_argument(module: torch.fx.GraphModule, node: torch.fx.Node, position: int, keyword: str,
+def _set_argument(module: torch.fx.GraphModule, node: torch.fx.Node, keyword: str,
                   path: str | None, value: nn.Parameter, comp: Compensation) -> None:
-    """Make argument ``position``/``keyword`` of ``node`` read ``value``, stored at ``path``
-    when that path is free or read by this node alone, else under a new name."""
-    old = _argument(node, position, keyword)
+    """Make argument ``keyword`` of ``node`` read ``value``, stored at ``path`` when that
+    path is free or read by this node alone, else under a new name."""
+    old = _argument(node, keyword)
     readers = [n for n in module.graph.nodes if n.op == "get_attr" and path is not None and n.target == path]
     if path is None or any(n is not old or len(n.users) > 1 for n in readers):
         path = f"{node.name}_compensated_{keyword}"
@@ -356,14 +355,7 @@ def _set_argument(module: torch.fx.GraphModule, node: torch.fx.Node, position: i
     else:
         with module.graph.inserting_before(node):
             get = module.graph.get_attr(path)
-        if len(node.args) > position:
-            args = list(node.args)
-            args[position] = get
-            node.args = tuple(args)
-        elif len(node.args) == position and keyword not in node.kwargs:
-            node.args = (*node.args, get)
-        else:
-            node.kwargs = {**node.kwargs, keyword: get}
+        replace_arg(node, bind_args(node), keyword, get)
         if old is not None and not old.users:
             module.graph.erase_node(old)
             _drop_attribute(module, old.target)

@@ -54,11 +54,11 @@ from torch import nn
 
 from . import hf
 from ._util import as_tuple
-from .errors import ConfigError, RewriteError
+from .errors import AnalysisError, ConfigError, RewriteError
 from .labels import label_tensors
 from .meta import graph_inputs, tensor_meta
 from .rewrite import sliced_copy, slice_plan
-from .rules.context import RewriteContext, get_tensor
+from .rules.context import RewriteContext, bind_args, get_tensor
 from .weight_norm import weight_norm_of
 
 HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
@@ -268,8 +268,8 @@ def _copy_rewritten_attributes(gm: torch.fx.GraphModule, pruned: torch.fx.GraphM
     return done
 
 
-_CONV_GROUPS = {"conv1d": 6, "conv2d": 6, "conv3d": 6, "convolution": 8, "conv_transpose1d": 6,
-                "conv_transpose2d": 6, "conv_transpose3d": 6}
+_CONVS = frozenset({"conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
+                    "conv_transpose3d"})
 
 
 def _graph_arguments(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule) -> dict[str, dict[str, Any]]:
@@ -278,18 +278,22 @@ def _graph_arguments(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule) -> 
     attrs = {n.name: n.target for n in pruned.graph.nodes if n.op == "get_attr"}
     out: dict[str, dict[str, Any]] = {}
     for node in pruned.graph.nodes:
-        if node.op != "call_function" or len(node.args) < 2:
+        if node.op != "call_function":
             continue
         name = getattr(node.target, "__name__", "").split(".")[0]
-        weight = node.args[1]
-        if name in _CONV_GROUPS and isinstance(weight, torch.fx.Node) and weight.name in attrs:
-            pos = _CONV_GROUPS[name]
-            groups = node.kwargs.get("groups", node.args[pos] if len(node.args) > pos else 1)
-            if isinstance(groups, int):
-                out[attrs[weight.name]] = {"groups": groups}
-        elif name == "group_norm" and len(node.args) > 2 and isinstance(node.args[2], torch.fx.Node) \
-                and node.args[2].name in attrs and isinstance(node.args[1], int):
-            out[attrs[node.args[2].name]] = {"num_groups": node.args[1]}
+        if name not in _CONVS and name != "group_norm":
+            continue
+        try:
+            a = bind_args(node).values
+        except AnalysisError:  # no signature: not one of these ops
+            continue
+        weight = a.get("weight")
+        if not (isinstance(weight, torch.fx.Node) and weight.name in attrs):
+            continue
+        if name in _CONVS and isinstance(a.get("groups", 1), int):
+            out[attrs[weight.name]] = {"groups": a.get("groups", 1)}
+        elif name == "group_norm" and isinstance(a.get("num_groups"), int):
+            out[attrs[weight.name]] = {"num_groups": a["num_groups"]}
     return out
 
 

@@ -357,6 +357,34 @@ def test_lsq_on_a_functional_transformer_graph_and_its_errors():
         fxprune.prune(llama, ids[0], ratio=0.3, compensate="lsq", data=ids[:1])
 
 
+class _KeywordLinears(nn.Module):
+    """Functional linears whose weights and biases are passed by keyword, one without a bias."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w1, self.b1 = nn.Parameter(torch.randn(12, 6) * 0.4), nn.Parameter(torch.randn(12) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(5, 12) * 0.3)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(torch.nn.functional.linear(input=x, weight=self.w1, bias=self.b1))
+        return torch.nn.functional.linear(h, weight=self.w2)
+
+
+@pytest.mark.parametrize("compensate", ["bias", "lsq"])
+def test_compensation_reads_and_writes_arguments_passed_by_keyword(compensate):
+    model = _KeywordLinears().eval()
+    data = shifted_batches((16, 6), n=4)
+    result, v = prune_and_verify(model, data[0], ratio=0.5, importance="l2", compensate=compensate, data=data,
+                                 healthy=False)
+    comp = result.plan.compensation
+    assert (comp.fills if compensate == "bias" else comp.refits)  # the keyword-called consumer was found
+    consumer = next(n for n in result.module.graph.nodes if n.op == "call_function" and n.kwargs.get("weight")
+                    is not None and tuple(result.module.get_parameter(n.kwargs["weight"].target).shape)[0] == 5)
+    assert isinstance(consumer.kwargs.get("bias"), torch.fx.Node)  # set where the call passes arguments
+    assert set(model.state_dict()) == {"w1", "b1", "w2"}  # the user's model is untouched
+
+
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 @pytest.mark.parametrize("compensate", ["bias", "lsq"])
 def test_compensated_layers_write_back_to_the_users_classes(frontend, compensate):

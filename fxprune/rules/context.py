@@ -322,7 +322,7 @@ class AnalysisContext:
         self.weight_norms: dict[str, tuple[str, str, int]] = {}
         self.mixing: list[MixSite] = []  # ops that mix channel values (see inexact)
         self.wider: list[tuple[torch.Tensor, torch.Tensor, str]] = []  # see keep_wider
-        self._named_args: dict[torch.fx.Node, CallArgs] = {}  # see named_args
+        self._named_args: dict[tuple[torch.fx.Node, tuple[str, ...]], CallArgs] = {}  # see named_args
 
     # -- reading the graph ----------------------------------------------
     @property
@@ -371,10 +371,11 @@ class AnalysisContext:
         :func:`bind_args`; ``names`` names the positional arguments of a call torch.fx
         cannot bind, a method call for one)."""
         n = self.current if node is None else node
-        cached = self._named_args.get(n)
+        key = (n, tuple(names))
+        cached = self._named_args.get(key)
         if cached is None:
             module = type(get_module(self.gm, attr_target(n))) if n.op == "call_module" else None
-            cached = self._named_args[n] = bind_args(n, names, module, self.where())
+            cached = self._named_args[key] = bind_args(n, names, module, self.where())
         return cached.values
 
     def where(self) -> str:
@@ -594,7 +595,7 @@ class RewriteContext:
         self.module_for: Any = None  # set by the rewrite: target -> the rebuilt module
         self.fold_weight_norm: Any = None  # ... (g, v, dim) of a weight norm: see fxprune.weight_norm
         self._kept: dict[int, tuple[torch.Tensor, Any]] = {}  # id(labels) -> (labels, answer)
-        self._bound: dict[torch.fx.Node, CallArgs] = {}  # see named_args
+        self._bound: dict[torch.fx.Node, dict[tuple[str, ...], CallArgs]] = {}  # see named_args
 
     def module(self, old: torch.fx.Node) -> Any:
         """The rebuilt module that the copy of ``call_module`` node ``old`` calls (``Any``,
@@ -613,10 +614,11 @@ class RewriteContext:
         self._bound.pop(node, None)
 
     def _bind(self, node: torch.fx.Node, names: Sequence[str]) -> CallArgs:
-        got = self._bound.get(node)
+        by_names = self._bound.setdefault(node, {})
+        got = by_names.get(tuple(names))
         if got is None:
             module = type(self.module_for(node.target)) if node.op == "call_module" else None
-            got = self._bound[node] = bind_args(node, names, module)
+            got = by_names[tuple(names)] = bind_args(node, names, module)
         return got
 
     def kept_index(self, labels: torch.Tensor | None) -> tuple[int, torch.Tensor] | None:

@@ -1,7 +1,7 @@
 """Give randomly initialized models healthy activations before an oracle test.
 
 torchvision's ``weights=None`` models often produce near-zero or constant
-outputs (DESIGN.md, "A trap"); any comparison passes on those. This module
+outputs (docs/oracle.md, "A degenerate reference"); any comparison passes on those. This module
 re-initializes all-zero weights and recalibrates BatchNorm statistics on random
 batches in train mode.
 """
