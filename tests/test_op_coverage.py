@@ -117,6 +117,8 @@ EXAMPLES: dict[str, list[Example]] = {
                _lazy(lambda: (aten.conv1d.default, _x(1, 3, 5), P(_x(4, 3, 1)), P(_x(4))))],
     "conv2d": [_lazy(lambda: (F.conv2d, _x(1, 3, 5, 5), P(_x(4, 3, 1, 1)))),
                _lazy(lambda: (aten.conv2d.default, _x(1, 3, 5, 5), P(_x(4, 3, 1, 1))))],
+    "convolution": [_lazy(lambda: (aten.convolution.default, _x(1, 4, 5, 5), P(_x(4, 2, 3, 3)), None, [1, 1],
+                                   [1, 1], [1, 1], False, [0, 0], 2))],
     "conv3d": [_lazy(lambda: (F.conv3d, _x(1, 3, 2, 2, 2), P(_x(4, 3, 1, 1, 1)))),
                _lazy(lambda: (aten.conv3d.default, _x(1, 3, 2, 2, 2), P(_x(4, 3, 1, 1, 1))))],
     "conv_transpose1d": [_lazy(lambda: (F.conv_transpose1d, _x(1, 3, 5), P(_x(3, 4, 1)))),

@@ -27,7 +27,7 @@ from . import contract, conv, indexing, pointwise
 from ..errors import Unsupported
 from ..labels import const_like
 from ..meta import get_meta
-from .context import AnalysisContext, RewriteContext, get_tensor, op_name, weight_operand
+from .context import AnalysisContext, RewriteContext, attr_target, get_tensor, op_name, weight_operand
 from .registry import register, register_op_name
 
 aten = torch.ops.aten
@@ -42,17 +42,18 @@ def weight_norm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """``_weight_norm(v, g, dim)``, an exported weight-normalized layer: its users align
     the weight through ``g`` and ``v`` (``AnalysisContext.align``); the value itself is
     only known as a weight."""
-    v, g = ctx.attr_path(node.args[0]), ctx.attr_path(node.args[1])
+    a = ctx.named_args()
+    v, g = ctx.attr_path(a["v"]), ctx.attr_path(a["g"])
     if v is None or g is None:
         raise Unsupported("g and v must be parameters of the module (get_attr)")
-    ctx.weight_norms[f"<{node.name}>"] = (g, v, ctx.value(ctx.arg(2, "dim", 0)))
+    ctx.weight_norms[f"<{node.name}>"] = (g, v, ctx.value(a["dim"]))
     return const_like(ctx.meta(node).ndim)
 
 
 def rewrite_weight_norm(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
-    params: Any = old.args[:2]  # the get_attr nodes of v and g
-    v, g = (get_tensor(r.groups.gm, a.target) for a in params)
-    r.fold_weight_norm(g, v, old.args[2] if len(old.args) > 2 else old.kwargs.get("dim", 0))
+    a = r.named_args(old)
+    v, g = (get_tensor(r.groups.gm, attr_target(a[name])) for name in ("v", "g"))  # get_attr nodes
+    r.fold_weight_norm(g, v, a["dim"])
 
 
 register(aten._weight_norm, rewrite=rewrite_weight_norm)(weight_norm)
@@ -61,40 +62,39 @@ register(aten._weight_norm, rewrite=rewrite_weight_norm)(weight_norm)
 
 # -- slice and select: getitem spelled as ops ---------------------------------------------
 def _slice_index(ctx: AnalysisContext, node: torch.fx.Node) -> tuple[Any, ...]:
-    dim: int = ctx.value(ctx.arg(1, "dim", 0)) % ctx.meta(node.args[0]).ndim
-    start, end, step = (ctx.value(ctx.arg(i, n, d)) for i, n, d in
-                        ((2, "start", None), (3, "end", None), (4, "step", 1)))
+    a = ctx.named_args()
+    dim: int = ctx.value(a["dim"]) % ctx.meta(a["input"]).ndim
+    start, end, step = (ctx.value(a[n]) for n in ("start", "end", "step"))
     end = None if isinstance(end, int) and end >= sys.maxsize else end  # "to the end"
     return (slice(None),) * dim + (slice(start, end, step),)
 
 
 def aten_slice(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """aten.slice(x, dim, start, end, step) is x[..., start:end:step] along dim."""
-    return indexing.index_labels(ctx, node, node.args[0], _slice_index(ctx, node))
+    return indexing.index_labels(ctx, node, ctx.named_args()["input"], _slice_index(ctx, node))
 
 
 def rewrite_slice(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
-    x = old.args[0]
+    a = r.named_args(old)
+    x = a["input"]
     if not isinstance(x, torch.fx.Node):
         return
     got = r.kept_index(r.node_labels(x))
     if got is None:
         return
     cdim, kept = got
-    args: list[Any] = list(old.args) + [None] * (4 - len(old.args))
-    dim: Any = args[1] if args[1] is not None else old.kwargs.get("dim", 0)
+    dim: Any = a["dim"]
     if dim % len(r.old_shape(x)) != cdim:
         return
-    start: Any = args[2] if args[2] is not None else old.kwargs.get("start")
-    end: Any = args[3] if args[3] is not None else old.kwargs.get("end")
+    start: Any = a["start"]
+    end: Any = a["end"]
     end = None if isinstance(end, int) and end >= sys.maxsize else end
-    step = (list(old.args) + [None] * 5)[4] or old.kwargs.get("step", 1)
-    if step != 1:  # whole blocks of `step` went (see indexing.index_labels): same offset, to the end
+    if a["step"] != 1:  # whole blocks of `step` went (see indexing.index_labels): same offset, to the end
         end = None
     else:
         start, end = indexing.new_bounds(r, x, cdim, kept, start, end)
-    new.args = (new.args[0], dim, start, end, step)
-    new.kwargs = {}
+    r.set_arg(new, "start", start)
+    r.set_arg(new, "end", end)
 
 
 register(aten.slice, rewrite=rewrite_slice)(aten_slice)
@@ -102,9 +102,10 @@ register(aten.slice, rewrite=rewrite_slice)(aten_slice)
 
 def aten_select(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """aten.select(x, dim, index) is x[..., index] along dim."""
-    dim = ctx.value(ctx.arg(1, "dim")) % ctx.meta(node.args[0]).ndim
-    index = ctx.value(ctx.arg(2, "index"))
-    return indexing.index_labels(ctx, node, node.args[0], (slice(None),) * dim + (index,))
+    a = ctx.named_args()
+    dim = ctx.value(a["dim"]) % ctx.meta(a["input"]).ndim
+    index = ctx.value(a["index"])
+    return indexing.index_labels(ctx, node, a["input"], (slice(None),) * dim + (index,))
 
 
 register(aten.select)(aten_select)
@@ -114,7 +115,8 @@ register(aten.select)(aten_select)
 def addmm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """``beta * input + alpha * (mat1 @ mat2)``. With a parameter ``mat2`` (GPT-2's Conv1D)
     it is a linear layer whose weight is stored (in, out)."""
-    bias, a, b = node.args[:3]
+    named = ctx.named_args(("input", "mat1", "mat2"))
+    bias, a, b = named["input"], named["mat1"], named["mat2"]
     weight = ctx.attr_path(b)
     bias_path = ctx.attr_path(bias)
     if weight is not None and bias_path is not None and ctx.tensor(bias_path).ndim == 1:
@@ -131,7 +133,8 @@ register(aten.addmm, torch.addmm, "addmm")(addmm)
 def baddbmm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """``beta * input + alpha * (batch1 @ batch2)``, batched (BLOOM's ALiBi attention
     scores): a contraction over K plus a broadcast input."""
-    bias, a, b = ctx.arg(0, "input"), ctx.arg(1, "batch1"), ctx.arg(2, "batch2")
+    named = ctx.named_args(("input", "batch1", "batch2"))
+    bias, a, b = named["input"], named["batch1"], named["batch2"]
     ctx.consume(1, "batch1")
     product = contract.contract(ctx, node, [(a, "BIK"), (b, "BKJ")], "BIJ")
     return pointwise.broadcast_labels(ctx, node, [(product, ctx.meta(node).shape),
@@ -146,7 +149,9 @@ def grouped_mm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """``grouped_mm(x, W, offs)``: tokens sorted by expert, each block of rows times its
     expert's (in, out) matrix of W (experts, in, out). Every expert has the same width,
     so an input or output feature goes from all experts at once, like a dense layer."""
-    x, weight = node.args[0], node.args[1]
+    a = ctx.named_args(("input", "weight"))
+    x = a["input"]
+    weight = a["mat2"] if "mat2" in a else a["weight"]  # aten._grouped_mm's, the transformers op's
     found = weight_operand(ctx.gm, weight, 3)
     if found is None or ctx.meta(x).ndim != 2:
         raise Unsupported("grouped_mm with a weight that is not a parameter of expert matrices")
@@ -167,10 +172,11 @@ register_op_name("transformers::grouped_mm_fallback")(grouped_mm)
 def topk(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Values and indices of the k largest along ``dim``: which entries win depends on the
     values there, so channels along ``dim`` are pinned; the other dims keep their labels."""
-    x = node.args[0]
+    a = ctx.named_args(("input", "k", "dim"))
+    x = a["input"]
     labels = ctx.labels(x)
     ndim = ctx.meta(x).ndim
-    dim = ctx.value(ctx.arg(2, "dim", -1)) % max(ndim, 1)
+    dim = ctx.value(a.get("dim", -1)) % max(ndim, 1)
     if labels is None:
         return const_like(ndim), const_like(ndim)
     if labels.shape[dim] > 1:
@@ -260,7 +266,8 @@ register(*_ops(*_FACTORIES, "scalar_tensor"), torch.zeros, torch.ones, torch.emp
 
 def aten_index(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """aten.index(x, [idx or None, ...]): advanced indexing (see ``indexing.gather_labels``)."""
-    return indexing.gather_labels(ctx, node, node.args[0], node.args[1], aten_list=True)
+    a = ctx.named_args()
+    return indexing.gather_labels(ctx, node, a["input"], a["indices"], aten_list=True)
 
 
 register(aten.index)(aten_index)

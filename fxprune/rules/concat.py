@@ -8,22 +8,24 @@ dim would change the number of outputs: that dim is pinned.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.fx
 
 from ..errors import Unsupported
-from .context import AnalysisContext, RewriteContext
-from .layout import dim_arg, relabel
+from .context import AnalysisContext, RewriteContext, bind_args
+from .layout import relabel
 from .registry import aten_ops, meta_empty, register
 
 
 def unbind(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """unbind over a labelled dim would change the number of outputs: pin that dim."""
     out = relabel(ctx, node)
-    x = node.args[0]
-    dim = dim_arg(ctx, node, 1, "dim", 0)
+    a = ctx.named_args(("input", "dim"))
+    x = a["input"]
+    dim = ctx.value(a.get("dim", 0))
     labels = ctx.labels(x)
     if labels is not None and labels.shape[dim % labels.ndim] > 1:
         ctx.pin(labels, f"{node.name}: unbind over a channel dim")
@@ -34,9 +36,11 @@ register("unbind", torch.unbind, *aten_ops("unbind"))(unbind)
 
 
 def cat(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
-    """cat/stack: the inputs' labels side by side along ``dim`` (stack: along a new dim)."""
-    tensors = ctx.arg(0, "tensors")
-    dim = ctx.value(ctx.arg(1, "dim", 0))
+    """cat/stack: the inputs' labels side by side along ``dim`` (stack: along a new dim).
+    torch.concatenate and torch.concat also take the dim as ``axis``."""
+    a = ctx.named_args(("tensors", "dim"))
+    tensors = a["tensors"]
+    dim = ctx.value(a["dim"] if "dim" in a else a.get("axis", 0))
     ndim = ctx.meta(node).ndim
     stack = node.target is torch.stack or getattr(node.target, "overloadpacket", None) is torch.ops.aten.stack
     d = None if stack else dim % ndim
@@ -75,17 +79,27 @@ register(torch.cat, torch.concat, getattr(torch, "concatenate", None), torch.sta
          shape=cat_shape)(cat)
 
 
+_SPLIT_NAMES = ("input", "sections", "dim")  # a method call's positional arguments
+
+
+def _split_input(a: Mapping[str, Any]) -> Any:
+    """The tensor split (torch.split calls it ``tensor``)."""
+    return a["input"] if "input" in a else a["tensor"]
+
+
 def rewrite_split(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
     """split/chunk with a changed dim becomes split with explicit new sizes."""
-    x = old.args[0]
-    dim: Any = old.args[2] if len(old.args) > 2 else old.kwargs.get("dim", 0)
+    a = r.named_args(old, _SPLIT_NAMES)
+    x = _split_input(a)
+    dim: Any = a.get("dim", 0)
     n_out = len(r.groups.node_labels[old.name])
     d = dim % len(r.old_shape(x))
     if r.old_shape(x)[d] == r.new_shape(x)[d]:
         return
     sizes = [r.new_shape(old, i)[d] for i in range(n_out)]
+    # the whole call is rebuilt: the target changes (chunk, tensor_split become split)
     new.op, new.target = "call_function", torch.split
-    new.args = (new.args[0], sizes, dim)
+    new.args = (_split_input(bind_args(new, _SPLIT_NAMES).values), sizes, dim)
     new.kwargs = {}
 
 
@@ -101,7 +115,8 @@ register("split", "chunk", "split_with_sizes", torch.split, torch.chunk,
 def tensor_split(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """tensor_split(x, sections or indices, dim): pieces of ``x`` like split (the rewrite
     gives the pieces their new sizes); indices passed as a tensor are not analysed."""
-    if any(ctx.is_tensor(a) for a in (*node.args[1:], *node.kwargs.values())):
+    a = ctx.named_args(_SPLIT_NAMES)
+    if any(ctx.is_tensor(v) for k, v in a.items() if k != "input"):
         raise Unsupported("split points computed in the graph are not analysed")
     return relabel(ctx, node)
 

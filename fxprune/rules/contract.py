@@ -147,8 +147,15 @@ def _matmul_letters(na: int, nb: int) -> tuple[str, str, str]:
     return "".join(a) + i + k, "".join(b) + k + j, "".join(bl) + i + j
 
 
+def _operands(ctx: AnalysisContext) -> tuple[Any, Any]:
+    """The two operands of a product, in parameter order (the ops name the second one
+    ``other``, ``mat2`` or ``vec2``; torch.sparse.mm names them ``sparse`` and ``dense``)."""
+    a, b, *_ = ctx.named_args(("input", "other")).values()
+    return a, b
+
+
 def matmul(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
-    a, b = node.args[0], node.args[1]
+    a, b = _operands(ctx)
     weight = weight_operand(ctx.gm, b, 2)
     if weight is not None:  # x @ W.T with a parameter W: a linear layer written by hand
         path, transposed = weight
@@ -211,7 +218,8 @@ register(torch.einsum, *aten_ops("einsum"))(einsum)
 
 def outer(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """outer(a, b)[i, j] = a[i] * b[j]."""
-    return contract(ctx, node, [(node.args[0], "i"), (node.args[1], "j")], "ij")
+    a, b = _operands(ctx)
+    return contract(ctx, node, [(a, "i"), (b, "j")], "ij")
 
 
 register(torch.outer, torch.ger, "outer", "ger")(outer)
@@ -221,15 +229,16 @@ def sdpa(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """softmax(q k^T * scale + mask) @ v as one contraction of q (..LE), k (..SE) and
     v (..SV) into (..LV); the default scale depends on head_dim, so the rewrite passes the
     original scale explicitly."""
-    q, k, v = (ctx.arg(i, n) for i, n in enumerate(("query", "key", "value")))
+    a = ctx.named_args()
+    q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
     nq = ctx.meta(q).ndim
     batch = string.ascii_lowercase[:nq - 2]
 
     def letters(t: Any, tail: str) -> str:
+        """The letters of ``t``'s dims, aligned from the right (a 1-d mask is S alone)."""
         n = ctx.meta(t).ndim
-        return batch[len(batch) - (n - 2):] + tail
+        return (batch + tail)[max(len(batch) + len(tail) - n, 0):]
 
-    mask = ctx.arg(3, "attn_mask")
     kv_letters: tuple[str, ...] = letters(k, "SE"), letters(v, "SV")
     if nq >= 3 and ctx.meta(k).ndim == nq and ctx.meta(k).shape[-3] not in (1, ctx.meta(q).shape[-3]):
         _group_query_heads(ctx, node, q, k, v)
@@ -288,10 +297,10 @@ def _couple_mask(ctx: AnalysisContext, node: torch.fx.Node, q: Any, q_letters: s
 
 
 def rewrite_sdpa(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
-    q = old.args[0] if old.args else old.kwargs["query"]
-    e_old, e_new = r.old_shape(q)[-1], r.new_shape(q)[-1]
-    if e_old != e_new and "scale" not in old.kwargs and len(old.args) < 7:
-        new.kwargs = {**new.kwargs, "scale": e_old ** -0.5}
+    a = r.named_args(old)
+    e_old, e_new = r.old_shape(a["query"])[-1], r.new_shape(a["query"])[-1]
+    if e_old != e_new and a.get("scale") is None:
+        r.set_arg(new, "scale", e_old ** -0.5)
 
 
 def sdpa_shape(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:

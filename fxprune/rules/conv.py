@@ -45,17 +45,19 @@ def _conv_parts(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     if node.op == "call_module":
         m = ctx.module
         bias = f"{node.target}.bias" if m.bias is not None else None
-        return node.args[0], f"{node.target}.weight", bias, m.groups, isinstance(m, _CONV_T)
-    transposed = is_transposed(node.target)
-    weight = ctx.attr_path(ctx.arg(1, "weight"))
-    bias_arg = ctx.arg(2, "bias")
+        return ctx.named_args(("input",))["input"], f"{node.target}.weight", bias, m.groups, isinstance(m, _CONV_T)
+    a = ctx.named_args()
+    # aten.convolution says whether it is transposed in an argument of its own
+    transposed = is_transposed(node.target) or bool(ctx.value(a.get("transposed", False)))
+    weight: Any = ctx.attr_path(a["weight"])  # a path, or the node computing it
+    bias_arg = a.get("bias")
     bias = ctx.attr_path(bias_arg)
-    if weight is None and not transposed and isinstance(ctx.arg(1, "weight"), torch.fx.Node):
-        weight = ctx.arg(1, "weight")  # computed in the graph: see computed_weight
+    if weight is None and not transposed and isinstance(a["weight"], torch.fx.Node):
+        weight = a["weight"]  # computed in the graph: see computed_weight
     if weight is None or (bias_arg is not None and bias is None):
         raise Unsupported("weight and bias must be parameters of the module (get_attr)")
-    groups = ctx.value(ctx.arg(6, "groups", 1))
-    return ctx.arg(0, "input"), weight, bias, groups, transposed
+    groups = ctx.value(a.get("groups", 1))
+    return a["input"], weight, bias, groups, transposed
 
 
 def computed_weight(ctx: AnalysisContext, node: torch.fx.Node,
@@ -193,32 +195,23 @@ def _new_groups(r: RewriteContext, x: Any, cdim: int, groups: int, c_in_old: int
 
 
 def rewrite_conv(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
-    x = old.args[0] if old.args else old.kwargs["input"]
-    if old.op == "call_module":
-        wn = r.module(old).weight.ndim
-    else:
-        w = old.args[1] if len(old.args) > 1 else old.kwargs["weight"]
-        wn = len(r.old_shape(w))
-    cdim = 1 if len(r.old_shape(x)) == wn else 0  # batched (N, C, ...) or unbatched (C, ...)
-    c_in_old = r.old_shape(x)[cdim]
     if old.op == "call_module":
         m = r.module(old)
-        m.groups = _new_groups(r, x, cdim, m.groups, c_in_old)
+        x: Any = r.named_args(old, ("input",))["input"]
+        cdim = 1 if len(r.old_shape(x)) == m.weight.ndim else 0  # batched (N, C, ...) or unbatched (C, ...)
+        m.groups = _new_groups(r, x, cdim, m.groups, r.old_shape(x)[cdim])
         m.in_channels = r.new_shape(x)[cdim]
         m.out_channels = r.new_shape(old)[cdim]
         return
-    pos = 6  # groups, in F.conv*d, F.conv_transpose*d and their ATen ops alike
-    groups = old.args[pos] if len(old.args) > pos else old.kwargs.get("groups", 1)
+    a = r.named_args(old)
+    x = a["input"]
+    cdim = 1 if len(r.old_shape(x)) == len(r.old_shape(a["weight"])) else 0
+    groups = a.get("groups", 1)
     if isinstance(groups, torch.fx.Node):
         return  # computed in forward (x.shape[1], batch x groups): it follows the sizes it is made of
-    new_groups = _new_groups(r, x, cdim, cast(int, groups), c_in_old)  # an int once not a Node
+    new_groups = _new_groups(r, x, cdim, cast(int, groups), r.old_shape(x)[cdim])  # an int once not a Node
     if new_groups != groups:
-        if len(new.args) > pos:
-            args = list(new.args)
-            args[pos] = new_groups
-            new.args = tuple(args)
-        else:
-            new.kwargs = {**new.kwargs, "groups": new_groups}
+        r.set_arg(new, "groups", new_groups)
 
 
 def conv_shape(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -239,7 +232,8 @@ def conv_flops(op: Any, args: tuple[Any, ...], out: Any) -> int:
 
 
 register(*_CONV, *_CONV_T, *_F_CONV, *_F_CONV_T,
-         *aten_ops("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"),
+         *aten_ops("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+                   "convolution"),
          rewrite=rewrite_conv, shape=conv_shape, flops=conv_flops)(conv)
 
 
@@ -247,15 +241,16 @@ def linear(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """y = x W^T + b: input features are weight columns, output features fresh rows."""
     weight: str | None
     if node.op == "call_module":
-        x, weight = node.args[0], f"{node.target}.weight"
+        x, weight = ctx.named_args(("input",))["input"], f"{node.target}.weight"
         bias = f"{node.target}.bias" if ctx.module.bias is not None else None
     else:
-        x = ctx.arg(0, "input")
-        weight, out_dim = _linear_weight(ctx, ctx.arg(1, "weight"))
-        bias_arg = ctx.arg(2, "bias")
+        a = ctx.named_args()
+        x = a["input"]
+        weight, out_dim = _linear_weight(ctx, a["weight"])
+        bias_arg = a.get("bias")
         bias = ctx.attr_path(bias_arg)
-        if weight is None and isinstance(ctx.arg(1, "weight"), torch.fx.Node):
-            out_vec = _computed_dense(ctx, node, x, ctx.arg(1, "weight"), bias)
+        if weight is None and isinstance(a["weight"], torch.fx.Node):
+            out_vec = _computed_dense(ctx, node, x, a["weight"], bias)
             return ctx.along(out_vec, -1, ctx.meta(node).ndim)
         if weight is None:
             raise Unsupported("the weight must be a parameter of the module (get_attr), possibly transposed")
@@ -320,8 +315,8 @@ def _computed_dense(ctx: AnalysisContext, node: torch.fx.Node, x: Any, weight: t
     _link_computed(ctx, node, weight, found, out_vec, in_vec, in_vec, 2, "features")
     if bias is not None:
         ctx.align(bias, out_vec, "out")
-    elif ctx.is_tensor(ctx.arg(2, "bias")):
-        ctx.union(ctx.vector(ctx.arg(2, "bias"), 0), out_vec)
+    elif ctx.is_tensor(ctx.named_args().get("bias")):
+        ctx.union(ctx.vector(ctx.named_args()["bias"], 0), out_vec)
     return out_vec
 
 
@@ -389,15 +384,16 @@ def bilinear(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """y_k = x1 W_k x2^T + b_k: the weight (out, in1, in2) consumes the last dim of both
     inputs; its rows are fresh output features."""
     weight: str | None
+    a = ctx.named_args(("input1", "input2"))
     if node.op == "call_module":
         weight = f"{node.target}.weight"
         bias = f"{node.target}.bias" if ctx.module.bias is not None else None
     else:
-        weight, bias = ctx.attr_path(ctx.arg(2, "weight")), ctx.attr_path(ctx.arg(3, "bias"))
-        if weight is None or (bias is None and ctx.arg(3, "bias") is not None):
+        weight, bias = ctx.attr_path(a["weight"]), ctx.attr_path(a.get("bias"))
+        if weight is None or (bias is None and a.get("bias") is not None):
             raise Unsupported("the weight and bias must be parameters of the module (get_attr)")
-    x1 = node.args[0] if node.args else node.kwargs["input1"]
-    x2 = node.args[1] if len(node.args) > 1 else node.kwargs["input2"]
+    x1 = a["input1"] if "input1" in a else a["input"]  # (nn.Bilinear's first forward parameter is "input")
+    x2 = a["input2"]
     out_vec = ctx.fresh((ctx.tensor(weight).shape[0],), f"{node.name} output features")
     ctx.align(weight, ctx.along(out_vec, 0, 3), "out")
     for pos, (name, x) in enumerate((("input1", x1), ("input2", x2))):

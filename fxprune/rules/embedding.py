@@ -24,8 +24,7 @@ def embedding(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     if node.op == "call_module":
         weight = f"{node.target}.weight"
     else:
-        aten = isinstance(node.target, torch._ops.OpOverload)  # aten.embedding(weight, indices)
-        weight = ctx.attr_path(node.args[0] if aten else ctx.arg(1, "weight"))
+        weight = ctx.attr_path(ctx.named_args()["weight"])  # (ATen takes it first: by name alike)
         if weight is None:
             raise Unsupported("the embedding weight must be a parameter of the module (get_attr)")
     w = ctx.tensor(weight)
@@ -46,7 +45,7 @@ def _max_norm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
         return getattr(ctx.module, "max_norm", None)
     if isinstance(node.target, torch._ops.OpOverload):
         return None  # ATen: the renorm is an op of its own (embedding_renorm_), with no rule
-    return ctx.arg(3, "max_norm")
+    return ctx.named_args().get("max_norm")
 
 
 def rewrite_embedding(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:

@@ -33,8 +33,8 @@ def _initial_state(ctx: AnalysisContext, node: torch.fx.Node, states: int,
                    vectors: tuple[torch.Tensor, torch.Tensor]) -> None:
     """Couple the state argument (``hx``: a tensor, or LSTM's (h, c)) with the hidden
     units along its last dim; ``h`` (the first) is consumed by ``weight_hh``."""
-    by_name = len(node.args) < 2
-    hx = node.kwargs.get("hx") if by_name else node.args[1]
+    by_name = len(node.args) < 2  # the oracle finds a consumed list entry by position
+    hx = ctx.named_args(("input", "hx")).get("hx")
     if hx is None:
         return
     if isinstance(hx, (tuple, list)):
@@ -56,7 +56,8 @@ def recurrent(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """nn.LSTM, nn.GRU and nn.RNN modules, and export's ``lstm``/``gru``/``rnn_*`` ops
     (their weights passed as one list, per layer and direction: w_ih, w_hh, then the
     biases, then LSTM's projection)."""
-    x = node.args[0] if node.args else node.kwargs["input"]
+    a = ctx.named_args(("input", "hx"))
+    x = a["input"]
     if node.op == "call_module":
         m = ctx.module
         gates, layers, dirs = GATES[type(m)], m.num_layers, 2 if m.bidirectional else 1
@@ -70,12 +71,11 @@ def recurrent(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
         if getattr(node.target, "_overloadname", "input") != "input":
             raise Unsupported(f"{node.target} (packed sequences) is not analysed")
         gates = {"lstm": 4, "gru": 3}.get(name, 1)
-        args: Any = node.args  # (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, ...)
-        flat, layers, dirs = args[2], args[4], 2 if args[7] else 1
+        flat, layers, dirs = a["params"], a["num_layers"], 2 if a["bidirectional"] else 1
         per = len(flat) // (layers * dirs)
-        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if args[3] else []) + \
+        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if a["has_biases"] else []) + \
             (["weight_hr"] if per in (3, 5) else [])
-        found = [[ctx.attr_path(a) for a in flat[k * per:(k + 1) * per]] for k in range(layers * dirs)]
+        found = [[ctx.attr_path(w) for w in flat[k * per:(k + 1) * per]] for k in range(layers * dirs)]
         if len(names) != per or any(p is None for chunk in found for p in chunk):
             raise Unsupported("the recurrent weights must be parameters of the module (get_attr)")
         paths = cast("list[list[str]]", found)  # every path found (checked above)
@@ -185,14 +185,16 @@ register(nn.LSTM, nn.GRU, nn.RNN, *aten_ops("lstm", "gru", "rnn_tanh", "rnn_relu
 def cell(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """One step of an LSTMCell, GRUCell or RNNCell (or export's ``lstm_cell``,
     ``gru_cell``, ``rnn_tanh_cell``, ``rnn_relu_cell``): (input, state) -> state."""
-    x = node.args[0] if node.args else node.kwargs["input"]
+    a = ctx.named_args(("input", "hx"))
+    x = a["input"]
     if node.op == "call_module":
         every = [f"{node.target}.{n}" for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
         paths: list[str | None] = [p if ctx.module.bias or "bias" not in p else None for p in every]
         lstm = isinstance(ctx.module, nn.LSTMCell)
     else:
-        paths = [ctx.attr_path(a) if a is not None else None for a in node.args[2:6]]
-        if any(p is None and a is not None for p, a in zip(paths, node.args[2:6])) or None in paths[:2]:
+        weights = [a.get(n) for n in ("w_ih", "w_hh", "b_ih", "b_hh")]
+        paths = [ctx.attr_path(w) if w is not None else None for w in weights]
+        if any(p is None and w is not None for p, w in zip(paths, weights)) or None in paths[:2]:
             raise Unsupported("the cell's weights must be parameters of the module (get_attr)")
         lstm = "lstm" in str(node.target)
     w_ih, w_hh = cast(str, paths[0]), cast(str, paths[1])  # both weights are found (checked above)

@@ -27,7 +27,7 @@ def patch_merging_pad(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Swin's ``_patch_merging_pad(x)``: pads H and W of an (..., H, W, C) tensor and
     concatenates its four 2x2-strided sub-grids along C, so the output channels are the
     input channels four times over."""
-    x = node.args[0]
+    x = ctx.named_args(("x",))["x"]
     labels = ctx.labels(x)
     ndim = ctx.meta(x).ndim
     if labels is None:
@@ -48,8 +48,9 @@ def deform_conv2d(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     channels whose sampling positions come from ``offset`` (and ``mask``). Their channels
     are kernel positions: pinned. Input channels of every offset group (and weight group)
     keep equal widths."""
-    x, weight, offset, mask, bias = node.args[:5]
-    groups, offset_groups = node.args[11], node.args[12]
+    a = ctx.named_args()
+    x, weight, offset, mask, bias = (a[n] for n in ("input", "weight", "offset", "mask", "bias"))
+    groups, offset_groups = a["groups"], a["offset_groups"]
     path = ctx.attr_path(weight)
     if path is None or not isinstance(groups, int) or not isinstance(offset_groups, int):
         raise Unsupported("the weight must be a parameter and the group counts numbers")
