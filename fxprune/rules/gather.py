@@ -39,14 +39,16 @@ def _is_free(ctx: AnalysisContext, x: Any) -> bool:
     return isinstance(x, torch.fx.Node) and x.op == "get_attr"
 
 
-def _gather_args(node: torch.fx.Node) -> tuple[Any, Any, Any]:
-    """(input, index, dim) of gather / take_along_dim (whose dim comes last, None: flat)."""
-    def arg(i: int, name: str, default: Any = None) -> Any:
-        return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+_GATHER = ("input", "dim", "index", "sparse_grad")  # x.gather(dim, index)
+_TAKE_ALONG = ("input", "indices", "dim")  # x.take_along_dim(indices, dim): dim None is flat
 
+
+def _gather_names(node: torch.fx.Node) -> tuple[str, str, tuple[str, ...]]:
+    """(name of the index argument, of the dim argument, names of the positional
+    parameters of a method call) of gather / take_along_dim."""
     if op_name(node) == "take_along_dim":
-        return arg(0, "input"), arg(1, "indices"), arg(2, "dim")
-    return arg(0, "input"), arg(2, "index"), arg(1, "dim")
+        return "indices", "dim", _TAKE_ALONG
+    return "index", "dim", _GATHER
 
 
 def _copied_dims(index: Any) -> list[int]:
@@ -69,8 +71,9 @@ def gather(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     channels go through (tokens kept by a top-k, neighbours gathered by k-NN). Where the
     index spans those channels it must be a broadcast copy (``idx.expand(-1, C, -1)``:
     the rewrite narrows it to the kept count); an index of its own size there pins them."""
-    x, index, dim = _gather_args(node)
-    dim = ctx.value(dim)
+    index_name, dim_name, names = _gather_names(node)
+    a = ctx.named_args(names)
+    x, index, dim = a["input"], a[index_name], ctx.value(a.get(dim_name))
     shape = ctx.meta(x).shape
     labels = ctx.labels_or_const(x)
     if dim is None:  # take_along_dim over the flattened input
@@ -93,28 +96,24 @@ def gather(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
 
 
 def rewrite_gather(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
-    x = _gather_args(old)[0]
-    _narrow_index(r, old, new, x, (1, "indices") if op_name(old) == "take_along_dim" else (2, "index"))
+    index_name, _, names = _gather_names(old)
+    _narrow_index(r, old, new, index_name, names)
 
 
-def _narrow_index(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node, x: Any,
-                  arg: tuple[int, str]) -> None:
-    """Narrow a broadcast-copied index (argument ``arg``: position, name) to the kept
-    count of the channels of ``x`` it spans."""
-    pos, name = arg
-    by_name = len(old.args) <= pos
-    index = old.kwargs[name] if by_name else old.args[pos]
-    dims = [k for k in _copied_dims(index) if r.old_shape(x)[k] != r.new_shape(x)[k]]
+def _narrow_index(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node, name: str,
+                  names: tuple[str, ...]) -> None:
+    """Narrow a broadcast-copied index (argument ``name``; ``names``: the positional
+    parameters of a method call) to the kept count of the channels of the input it spans."""
+    a = r.named_args(old, names)
+    x = a["input"]
+    dims = [k for k in _copied_dims(a[name]) if r.old_shape(x)[k] != r.new_shape(x)[k]]
     if not dims:
         return
-    value = new.kwargs[name] if by_name else new.args[pos]
+    value = r.named_args(new, names)[name]
     with new.graph.inserting_before(new):
         for k in dims:
             value = new.graph.call_method("narrow", (value, k, 0, r.new_shape(x)[k]))
-    if by_name:
-        new.kwargs = {**new.kwargs, name: value}
-    else:
-        new.args = (*new.args[:pos], value, *new.args[pos + 1:])
+    r.set_arg(new, name, value, names)
 
 
 register(torch.gather, "gather", torch.take_along_dim, "take_along_dim", *aten_ops("gather", "take_along_dim"),
@@ -125,6 +124,15 @@ _SCATTERS = ("scatter", "scatter_", "scatter_add", "scatter_add_", "scatter_redu
 _INDEX_WRITES = ("index_add", "index_add_", "index_copy", "index_copy_", "index_reduce", "index_reduce_")
 
 
+def _scatter_names(node: torch.fx.Node) -> tuple[str, ...]:
+    """The positional parameters of a scatter method call (``x.scatter_add(dim, index,
+    src)``, ``x.index_add(dim, index, source)``; a scalar ``value`` of scatter sits where
+    ``src`` does)."""
+    if op_name(node) in _INDEX_WRITES:
+        return "input", "dim", "index", "source", "reduce"
+    return "input", "dim", "index", "src", "reduce"
+
+
 def scatter(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """``x.scatter(dim, index, src)`` and friends (scatter_add, scatter_reduce, index_add,
     index_copy, index_reduce; in place or not): ``src``'s positions along ``dim`` land
@@ -132,10 +140,9 @@ def scatter(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     along the other dims position i of ``src`` is position i of ``x``, so their channels
     go together (messages summed into nodes of a graph). A scatter index spans those
     channels as a broadcast copy (narrowed by the rewrite) or pins them, as in gather."""
-    x, dim = node.args[0], ctx.value(ctx.arg(1, "dim"))
-    index = ctx.arg(2, "index")
-    src = node.args[3] if len(node.args) > 3 else next(
-        (node.kwargs[k] for k in ("src", "source", "value") if k in node.kwargs), None)
+    a = ctx.named_args(_scatter_names(node))
+    x, dim, index = a["input"], ctx.value(a["dim"]), a["index"]
+    src = next((a[k] for k in ("src", "source", "value") if k in a), None)
     shape = ctx.meta(x).shape
     d = dim % len(shape)
     why = f"{op_name(node)} along a channel dim"
@@ -165,7 +172,7 @@ def scatter(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
 
 def rewrite_scatter(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
     if op_name(old) in _SCATTERS:
-        _narrow_index(r, old, new, old.args[0], (2, "index"))
+        _narrow_index(r, old, new, "index", _scatter_names(old))
 
 
 register(*_SCATTERS, *_INDEX_WRITES, torch.scatter, torch.scatter_add, torch.scatter_reduce, torch.index_add,
@@ -177,8 +184,9 @@ register(*_SCATTERS, *_INDEX_WRITES, torch.scatter, torch.scatter_add, torch.sca
 def index_select(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """``x.index_select(dim, index)``: the positions along ``dim`` are data (one class; a
     channel dim there is pinned); the other dims keep their labels."""
-    x = node.args[0]
-    d = ctx.value(ctx.arg(1, "dim")) % ctx.meta(x).ndim
+    a = ctx.named_args(("input", "dim", "index"))
+    x = a["input"]
+    d = ctx.value(a["dim"]) % ctx.meta(x).ndim
     return picked_by_data(ctx, node, x, ctx.labels_or_const(x), d, "index_select along a channel dim")
 
 

@@ -42,9 +42,14 @@ def _index_dims(index: Any, ndim: int) -> tuple[tuple[Any, ...], list[int | None
     return index, dims
 
 
+_GETITEM = ("input", "index")  # operator.getitem(x, index), x.__getitem__(index)
+_SETITEM = ("input", "index", "value")  # operator.setitem(x, index, value)
+
+
 def getitem(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """``x[index]``: an entry of a tuple, or basic or advanced indexing of a tensor."""
-    x, index = node.args
+    a = ctx.named_args(_GETITEM)
+    x, index = a["input"], a["index"]
     tl = ctx.tuple_labels(x)
     if tl is not None:
         return tl[ctx.value(index)]
@@ -62,7 +67,8 @@ def setitem(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """``x[index] = v`` (operator.setitem: x changes in place, nothing is returned). The
     written region's channels go with v's, as in ``x[index] + v``; the region is found
     (and its bounds rewritten) as for ``x[index]``."""
-    x, index, v = node.args
+    a = ctx.named_args(_SETITEM)
+    x, index, v = a["input"], a["index"], a["value"]
     if not ctx.is_tensor(x):
         return None
     value = concrete(ctx, index, full=False)
@@ -74,9 +80,7 @@ def setitem(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
 
 
 def rewrite_setitem(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
-    value = new.args[2]
-    rewrite_getitem(r, old, new)  # the index, as for x[index]
-    new.args = (*new.args[:2], value)
+    _rewrite_index(r, old, new, _SETITEM)  # the index, as for x[index]
 
 
 register(operator.setitem, rewrite=rewrite_setitem)(setitem)
@@ -200,7 +204,14 @@ def new_bounds(r: RewriteContext, x: torch.fx.Node, cdim: int, kept: torch.Tenso
 
 
 def rewrite_getitem(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
-    x, index = old.args[:2]
+    _rewrite_index(r, old, new, _GETITEM)
+
+
+def _rewrite_index(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node, names: tuple[str, ...]) -> None:
+    """Move the int bounds of slices of the channel dim in argument ``index`` of ``x[index]``
+    (or of ``x[index] = v``) to the pruned tensor."""
+    a = r.named_args(old, names)
+    x, index = a["input"], a["index"]
     if not isinstance(x, torch.fx.Node) or r.node_labels(x) is None:
         return
     got = r.kept_index(r.node_labels(x))
@@ -208,7 +219,7 @@ def rewrite_getitem(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -
         return
     cdim, kept = got
     idx, dims = _index_dims(index, len(r.old_shape(x)))
-    new_index = new.args[1]
+    new_index = r.named_args(new, names)["index"]
     new_idx: list[Any] = list(new_index) if isinstance(new_index, tuple) else [new_index]
     for k, (i, d) in enumerate(zip(idx, dims)):
         if d != cdim or not isinstance(i, slice):
@@ -220,21 +231,29 @@ def rewrite_getitem(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -
         start = start if isinstance(i.start, int) else new_idx[k].start
         stop = stop if isinstance(i.stop, int) else new_idx[k].stop
         new_idx[k] = slice(start, stop, new_idx[k].step)
-    new.args = (new.args[0], tuple(new_idx) if isinstance(new_index, tuple) else new_idx[0])
+    r.set_arg(new, "index", tuple(new_idx) if isinstance(new_index, tuple) else new_idx[0], names)
 
 
 register(operator.getitem, "__getitem__", rewrite=rewrite_getitem)(getitem)
 
 
+_NARROW = ("input", "dim", "start", "length")  # x.narrow(dim, start, length)
+
+
 def rewrite_narrow(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
-    x = old.args[0]
-    rest: list[Any] = list(old.args[1:4]) + [None] * 3
-    dim, start, length = rest[:3]
+    """Along the channel dim, an int ``start`` becomes the count of kept channels before
+    it and an int ``length`` the kept count of the slice, each where the call passed it
+    (bounds computed from sizes in forward follow the pruned sizes on their own)."""
+    a = r.named_args(old, _NARROW)
+    x, dim, start = a["input"], a["dim"], a["start"]
     got = r.kept_index(r.node_labels(x))
     if got is None or got[0] != dim % len(r.old_shape(x)):
         return
-    kept = got[1]
-    new.args = (new.args[0], dim, int((kept < start).sum()), r.new_shape(old)[got[0]])
+    cdim, kept = got
+    if isinstance(start, int):  # else computed at run time from sizes: already right
+        r.set_arg(new, "start", new_bounds(r, x, cdim, kept, start, None)[0], _NARROW)
+    if isinstance(a["length"], int):
+        r.set_arg(new, "length", r.new_shape(old)[cdim], _NARROW)
 
 
 def narrow(ctx: AnalysisContext, node: torch.fx.Node) -> Any:

@@ -74,20 +74,24 @@ def _contiguous(a: Any) -> Any:
 
 
 def dim_arg(ctx: AnalysisContext, node: torch.fx.Node, pos: int, name: str, default: Any = 0) -> Any:
-    """The dim argument at ``pos``/``name`` (a module call takes ``default``)."""
+    """The value of argument ``name`` (a dim), passed at position ``pos`` where torch.fx
+    cannot bind the call to a signature; ``default`` when it is left out, and for a module
+    call (whose dim is an attribute)."""
     if node.op == "call_module":
         return default
-    return ctx.value(ctx.arg(pos, name, default))
+    names = ("input", *(f"arg{i}" for i in range(1, pos)), name)[-pos - 1:]  # pos 0 is the input
+    return ctx.value(ctx.named_args(names).get(name, default))
 
 
 def roll(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """roll along the given dims; channels moving along a rolled dim are pinned (a roll
     with no dims rolls the flattened tensor, so any channel dim counts)."""
     out = relabel(ctx, node)
-    labels = ctx.labels(node.args[0])
+    a = ctx.named_args(("input", "shifts", "dims"))  # x.roll(shifts, dims)
+    labels = ctx.labels(a["input"])
     if labels is None or not labels.ndim or max(labels.shape) == 1:
         return out
-    dims = ctx.value(ctx.arg(2, "dims", None))
+    dims = ctx.value(a.get("dims"))
     dims = [] if dims is None else [dims] if isinstance(dims, int) else list(dims)
     if not dims or any(labels.shape[d % labels.ndim] > 1 for d in dims):
         ctx.pin(labels, f"{node.name}: roll along a channel dim")
@@ -98,11 +102,12 @@ def triangle(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """triu/tril keep an element by its (row, column) position in the last two dims: the
     leading dims pass through, channels along the last two are pinned (removing one moves
     every later position across the diagonal)."""
-    labels = ctx.labels(node.args[0])
+    x = ctx.named_args(("input", "diagonal"))["input"]  # x.triu(diagonal)
+    labels = ctx.labels(x)
     if labels is not None and labels.ndim >= 2 and (labels.shape[-1] > 1 or labels.shape[-2] > 1):
         op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "triu/tril")
         ctx.pin(labels, f"{node.name}: {op.split('.')[0]} along a channel dim")
-    return ctx.labels_or_const(node.args[0])  # same shape, each element where it was
+    return ctx.labels_or_const(x)  # same shape, each element where it was
 
 
 def channel_shuffle(ctx: AnalysisContext, node: torch.fx.Node) -> Any:

@@ -81,7 +81,7 @@ def batch_norm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
 
 def rewrite_batch_norm(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
     if old.op == "call_module":
-        x = old.args[0]
+        x = r.named_args(old, ("input",))["input"]
         r.module(old).num_features = r.new_shape(x)[1 if len(r.old_shape(x)) > 1 else 0]
 
 
@@ -101,9 +101,13 @@ register(*aten_ops("batch_norm", "instance_norm", "_native_batch_norm_legit_no_t
                    "_native_batch_norm_legit", "native_batch_norm"))(batch_norm)
 
 
+_LAYER_NORM = ("input", "normalized_shape", "weight", "bias", "eps")
+_GROUP_NORM = ("input", "num_groups", "weight", "bias", "eps")
+
+
 def layer_norm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Normalizes over the last ``len(normalized_shape)`` dims, with per-position affine."""
-    a = ctx.named_args(("input", "normalized_shape", "weight", "bias", "eps"))
+    a = ctx.named_args(_LAYER_NORM)
     x = a["input"]
     if node.op == "call_module":
         nd = len(ctx.module.normalized_shape)
@@ -163,21 +167,17 @@ def masked_layer_norm(call: MaskedCall) -> Any:
 
 
 def rewrite_layer_norm(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
-    x = old.args[0] if old.args else old.kwargs["input"]
+    a = r.named_args(old, _LAYER_NORM)
+    x = a["input"]
     if old.op == "call_module":
         m = r.module(old)
         nd = len(m.normalized_shape)
         m.normalized_shape = tuple(r.new_shape(x)[-nd:])
         return
-    shape_arg: Any = old.args[1] if len(old.args) > 1 else old.kwargs["normalized_shape"]
+    shape_arg: Any = a["normalized_shape"]
     if isinstance(shape_arg, torch.fx.Node):
         return  # computed in forward (x.shape[-1:]): it follows the sizes it is made of
-    nd = len(shape_arg)
-    new_shape = list(r.new_shape(x)[-nd:])
-    if len(new.args) > 1:
-        new.args = (new.args[0], new_shape, *new.args[2:])
-    else:
-        new.kwargs = {**new.kwargs, "normalized_shape": new_shape}
+    r.set_arg(new, "normalized_shape", list(r.new_shape(x)[-len(shape_arg):]), _LAYER_NORM)
 
 
 def layer_norm_shape(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -211,7 +211,7 @@ register(nn.LayerNorm, F.layer_norm, getattr(nn, "RMSNorm", None), getattr(F, "r
 
 def group_norm(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Statistics per group of channels along dim 1; per-channel affine."""
-    a = ctx.named_args(("input", "num_groups", "weight", "bias", "eps"))
+    a = ctx.named_args(_GROUP_NORM)
     x = a["input"]
     if node.op == "call_module":
         num_groups = ctx.module.num_groups
@@ -253,7 +253,8 @@ def masked_group_norm(call: MaskedCall) -> Any:
 
 
 def rewrite_group_norm(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
-    x = old.args[0] if old.args else old.kwargs["input"]
+    a = r.named_args(old, _GROUP_NORM)
+    x = a["input"]
     c_old, c_new = r.old_shape(x)[1], r.new_shape(x)[1]
     if old.op == "call_module":
         m = r.module(old)
@@ -262,13 +263,9 @@ def rewrite_group_norm(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node
             m.num_groups = c_new // per
         m.num_channels = c_new
         return
-    groups: Any = old.args[1] if len(old.args) > 1 else old.kwargs["num_groups"]
-    per = c_old // groups
+    per = c_old // a["num_groups"]
     if per == 1 or r.groups.policy == "outer":
-        if len(new.args) > 1:
-            new.args = (new.args[0], c_new // per, *new.args[2:])
-        else:
-            new.kwargs = {**new.kwargs, "num_groups": c_new // per}
+        r.set_arg(new, "num_groups", c_new // per, _GROUP_NORM)
 
 
 def group_norm_shape(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:

@@ -102,16 +102,23 @@ def pointwise(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     return broadcast_union(ctx, node, tensor_args(ctx, node))
 
 
+def input_arg(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
+    """Argument ``input`` of ``node`` (ATen's ``self``, a method's tensor, the first
+    argument of a layer's forward), for rules that read no other argument: the other
+    positional arguments of a call torch.fx cannot bind are named by position only."""
+    return ctx.named_args(("input", *(f"arg{i}" for i in range(1, len(node.args)))))["input"]
+
+
 def first_input(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """The value of the first argument passes through unchanged (identity-like ops)."""
-    x = node.args[0] if node.args else next(iter(node.kwargs.values()))
+    x = input_arg(ctx, node)
     return ctx.labels(x) if ctx.labels(x) is not None else const_like(ctx.meta(node).ndim)
 
 
 def _softmax_dim(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     if node.op == "call_module":
         return -3 if isinstance(ctx.module, nn.Softmax2d) else ctx.module.dim  # Softmax2d: over C
-    return ctx.value(ctx.arg(1, "dim"))
+    return ctx.value(ctx.named_args(("input", "dim", "dtype")).get("dim"))  # x.softmax(dim, dtype)
 
 
 def mixing_along_dim(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
@@ -139,7 +146,7 @@ def zero_blind_norm(p: Any) -> bool:
 
 
 def _mixing(ctx: AnalysisContext, node: torch.fx.Node, dim: Any) -> torch.Tensor:
-    x = node.args[0] if node.args else node.kwargs["input"]
+    x = input_arg(ctx, node)
     labels = ctx.labels(x)
     if labels is not None and dim is not None:
         d = dim % labels.ndim
@@ -303,12 +310,13 @@ register(nn.GLU, F.glu, *aten_ops("glu"))(glu)
 def prelu(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """PReLU: elementwise, with one learned slope per channel (dim 1, or dim 0 of a 1-d
     input) unless a single slope is shared."""
-    x = node.args[0] if node.args else node.kwargs["input"]
+    a = ctx.named_args(("input", "weight"))
+    x = a["input"]
     path: str | None
     if node.op == "call_module":
         weight, path = None, f"{node.target}.weight"
     else:
-        weight = ctx.arg(1, "weight")
+        weight = a["weight"]
         path = ctx.attr_path(weight)
     n = ctx.tensor(path).numel() if path is not None else math.prod(ctx.meta(weight).shape)
     ndim = ctx.meta(x).ndim

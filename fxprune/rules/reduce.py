@@ -25,12 +25,13 @@ from ..labels import channel_dim, const_like
 from ..masked import MaskedCall, compact_apply
 from ..meta import is_multi, tensor_meta
 from .layout import relabel
-from .pointwise import broadcast_labels, zero_blind_norm
+from .pointwise import broadcast_labels, input_arg, zero_blind_norm
 from .context import AnalysisContext
 from .registry import aten_ops, meta_empty, one_float_input, register
 
 _SUM_LIKE = {"sum", "nansum"}
 _NORMS = {"norm": "p", "linalg_vector_norm": "ord", "vector_norm": "ord"}  # name -> its p argument
+_STATISTICS = {"std", "var", "std_mean", "var_mean"}  # (input, dim, unbiased, keepdim)
 _broadcast_shapes = cast(Callable[..., torch.Size], torch.broadcast_shapes)  # torch leaves it untyped
 
 
@@ -41,19 +42,33 @@ def _name(node: torch.fx.Node) -> str:
     return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
 
+def _reduce_names(name: str) -> tuple[str, ...]:
+    """The positional parameters of reduction ``name`` as a method call or a builtin whose
+    overloads torch.fx does not choose between (``x.max(1)``, ``torch.std(x, 1)``)."""
+    if name in _NORMS:
+        return "input", _NORMS[name], "dim", "keepdim", "dtype"
+    if name in _STATISTICS:
+        return "input", "dim", "unbiased", "keepdim"
+    return "input", "dim", "keepdim", "dtype"
+
+
 def reduce(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
-    x = node.args[0] if node.args else node.kwargs["input"]
+    """A reduction over ``dim`` (all dims when it is None or empty), kept as size 1 with
+    ``keepdim``; ``max``/``min`` of two tensors are elementwise."""
+    name = _name(node)
+    a = ctx.named_args(_reduce_names(name))
+    x = a["input"]
     ndim = ctx.meta(x).ndim
     labels = ctx.labels_or_const(x)
-    name = _name(node)
-    if name in ("max", "min") and len(node.args) > 1 and ctx.is_tensor(node.args[1]):
+    if name in ("max", "min") and ctx.is_tensor(a.get("other", a.get("dim"))):
         from .pointwise import pointwise
         return pointwise(ctx, node)  # elementwise max(x, y)
-    dim_pos = 2 if name in ("norm", "linalg_vector_norm", "vector_norm") else 1
-    dim = ctx.value(ctx.arg(dim_pos, "dim", None))
+    dim = ctx.value(a.get("dim"))
     if name in ("max", "min", "median") and not isinstance(dim, (int, list, tuple)):
         dim = None  # max(x, other) would be pointwise; max(x) reduces all
-    keepdim = bool(ctx.value(ctx.arg(dim_pos + 1, "keepdim", False)))
+    if name in _STATISTICS and isinstance(dim, bool):
+        dim = None  # std(x, unbiased): over all dims
+    keepdim = bool(ctx.value(a.get("keepdim", False)))
     if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
         dims = set(range(ndim))
     else:
@@ -61,7 +76,7 @@ def reduce(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     cd = channel_dim(labels)
     out_ndim = ndim if keepdim else ndim - len(dims)
     if cd is not None and cd in dims:
-        if name in _SUM_LIKE or name in _NORMS and zero_blind_norm(ctx.value(ctx.arg(dim_pos - 1, _NORMS[name], 2))):
+        if name in _SUM_LIKE or name in _NORMS and zero_blind_norm(ctx.value(a.get(_NORMS[name], 2))):
             ctx.consume(0)  # the removed channels, zeroed, add nothing (a p-norm with p > 0 too)
         else:
             ctx.inexact(labels, f"{node.name}: {name} over the channel dim", compact_apply)
@@ -122,7 +137,7 @@ def _spatial_rank(node: torch.fx.Node, module: Any) -> int | None:
 
 def spatial(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """Pooling and resampling: act on the trailing spatial dims, channel-wise."""
-    x = node.args[0] if node.args else node.kwargs["input"]
+    x = input_arg(ctx, node)
     labels = ctx.labels(x)
     ndim = ctx.meta(x).ndim
     k = _spatial_rank(node, ctx.module if node.op == "call_module" else None)
@@ -320,8 +335,10 @@ def size_query(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     cd = None if labels is None else channel_dim(labels)
     if labels is None or cd is None:
         return None
-    if (node.target == "size" or _name(node) == "sym_size") and len(node.args) > 1:
-        if ctx.value(node.args[1]) % labels.ndim != cd:
+    dim = ctx.named_args(("input", "dim")).get("dim") if node.target == "size" or _name(node) == "sym_size" \
+        else None  # x.size(dim)
+    if dim is not None:
+        if ctx.value(dim) % labels.ndim != cd:
             return None
         ctx.channel_sized[node.name] = True
     entries = None

@@ -20,13 +20,21 @@ _FFT_ND = ("fftn", "ifftn", "rfftn", "irfftn", "hfftn", "ihfftn")
 FFT_NAMES = _FFT_1D + _FFT_2D + _FFT_ND  # the torch.fft functions (aten.fft_<name>)
 
 
-def _fft_dims(ctx: AnalysisContext, node: torch.fx.Node, ndim: int) -> list[int]:
-    """The dims a torch.fft transform (or export's _fft_r2c/_fft_c2r/_fft_c2c) runs over."""
+def _fft_names(node: torch.fx.Node) -> tuple[str, ...]:
+    """The positional parameters of a transform torch.fx cannot bind."""
     name = op_name(node).removeprefix("fft_")  # aten.fft_rfft is torch.fft.rfft
     if name.startswith("_fft_"):  # _fft_r2c(self, dim, ...), _fft_c2r, _fft_c2c
-        return [d % ndim for d in ctx.named_args(("input", "dim"))["dim"]]
+        return "input", "dim"
+    return "input", "n" if name in _FFT_1D else "s", "dim", "norm"
+
+
+def _fft_dims(ctx: AnalysisContext, node: torch.fx.Node, ndim: int) -> list[int]:
+    """The dims a torch.fft transform (or export's _fft_r2c/_fft_c2r/_fft_c2c) runs over."""
+    name = op_name(node).removeprefix("fft_")
+    a = ctx.named_args(_fft_names(node))
+    if name.startswith("_fft_"):
+        return [d % ndim for d in a["dim"]]
     one_d = name in _FFT_1D
-    a = ctx.named_args(("input", "n" if one_d else "s", "dim", "norm"))
     dim = ctx.value(a.get("dim", -1 if one_d else (-2, -1) if name in _FFT_2D else None))
     if dim is None:
         size = ctx.value(a.get("s"))
@@ -39,8 +47,7 @@ def spectral(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     apart: channels along a transformed dim are pinned (FNet mixing the hidden dim); a
     tensor whose labels vary along it besides (a learned filter, one per channel) moves
     those positions together; the transformed dims carry no channel in the output."""
-    x = node.args[0]
-    labels = ctx.labels(x)
+    labels = ctx.labels(ctx.named_args(_fft_names(node))["input"])
     if labels is None:
         return None
     dims = _fft_dims(ctx, node, labels.ndim)

@@ -20,6 +20,7 @@ from ..labels import CONST, channel_dim
 from ..meta import tensor_meta
 from .context import AnalysisContext, RewriteContext, op_name
 from .layout import relabel
+from .pointwise import input_arg
 from .registry import aten_ops, register
 
 
@@ -31,15 +32,22 @@ def _shape_args(args: Any) -> tuple[list[Any], bool]:
 
 
 def rewrite_sizes(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
-    """view/reshape/expand: integer sizes of changed output dims become the new sizes."""
+    """view/reshape/expand: integer sizes of changed output dims become the new sizes. A
+    function (``torch.reshape``, ATen's view/reshape/expand) takes them as one argument
+    (``shape`` or ``size``), which is rewritten where the call passed it; a method takes
+    them as varargs or one sequence after the tensor, and is rebuilt in the same form."""
     old_out, new_out = r.old_shape(old), r.new_shape(old)
-    sizes, packed = _shape_args(new.args[1:])  # the input is args[0] in both dialects
-    old_sizes, _ = _shape_args(old.args[1:])
-    if old.op == "call_function" and "shape" in old.kwargs:
-        new_shape: Any = new.kwargs["shape"]
-        old_shape: Any = old.kwargs["shape"]
-        sizes, packed = list(new_shape), True
-        old_sizes = list(old_shape)
+    key: str | None = None  # the size argument of a function; a method takes varargs
+    if old.op == "call_function":
+        bound = r.named_args(old)
+        key = "shape" if "shape" in bound else "size"
+        if not isinstance(bound[key], (list, tuple, torch.Size)):
+            return  # one size tuple computed at run time: it follows the sizes it is made of
+        sizes, packed = list(r.named_args(new)[key]), True
+        old_sizes = list(bound[key])
+    else:
+        sizes, packed = _shape_args(new.args[1:])  # x.view(*sizes) or x.view(sizes)
+        old_sizes, _ = _shape_args(old.args[1:])
     sized = r.groups.channel_sized
     changed = False
     for k, (a, b) in enumerate(zip(old_out, new_out)):
@@ -55,15 +63,16 @@ def rewrite_sizes(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> 
         return
     # a view was valid for the original strides; at new sizes the same values may need a
     # copy (a reshape after a transpose that happened to be viewable), so emit reshape
-    if old.op == "call_method" and old.target == "view":
-        new.target = "reshape"
-    elif old.op == "call_function" and old.target in (torch.ops.aten.view.default,
-                                                      torch.ops.aten._unsafe_view.default):
-        new.target = torch.ops.aten.reshape.default
-    if old.op == "call_function" and "shape" in old.kwargs:
-        new.kwargs = {**new.kwargs, "shape": sizes}
-    else:
+    if key is None:
+        if old.target == "view":
+            new.target = "reshape"
         new.args = (new.args[0], *([sizes] if packed else sizes))
+    elif old.target in (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default):
+        # aten.reshape(self, shape) names its sizes apart from view(self, size): both by position
+        new.args, new.kwargs = (r.named_args(new)["input"], sizes), {}
+        new.target = torch.ops.aten.reshape.default
+    else:
+        r.set_arg(new, key, sizes)
 
 
 def split_relabel(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
@@ -124,7 +133,7 @@ def expand(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     group (the kv heads themselves then stay whole), with ``gqa="q_heads"``, and for a
     single kv head (multi-query attention: no kv group to remove) with whole heads."""
     out = split_relabel(ctx, node)
-    x = node.args[0]
+    x = input_arg(ctx, node)  # x.expand(*sizes)
     labels = ctx.labels(x)
     if labels is None or not (ctx.gqa == "q_heads" or ctx.policy == "outer"):
         return out
@@ -161,23 +170,27 @@ def _merged_with_previous(node: torch.fx.Node, d: int, shape: tuple[int, ...]) -
 register("expand", *aten_ops("expand"), rewrite=rewrite_sizes)(expand)
 
 
+_UNFLATTEN = ("input", "dim", "sizes")  # x.unflatten(dim, sizes)
+
+
 def rewrite_unflatten(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -> None:
+    """The integer sizes of the pruned dims among ``sizes`` (a module's
+    ``unflattened_size``) become their new sizes."""
     old_out, new_out = r.old_shape(old), r.new_shape(old)
     if old_out == new_out:
         return
-    in_ndim = len(r.old_shape(old.args[0]))  # dim counts the input's dims
+    a = r.named_args(old, _UNFLATTEN)
+    in_ndim = len(r.old_shape(a["input"]))  # dim counts the input's dims
     if old.op == "call_module":
         m = r.module(old)
         d = m.dim % in_ndim
         m.unflattened_size = tuple(new_out[d:d + len(m.unflattened_size)])
         return
-    dim: Any = old.args[1] if len(old.args) > 1 else old.kwargs["dim"]
-    d = dim % in_ndim
-    sizes: Any = new.args[2] if len(new.args) > 2 else new.kwargs["sizes"]
+    d = a["dim"] % in_ndim
+    sizes: Any = r.named_args(new, _UNFLATTEN)["sizes"]
     new_sizes = [new_out[d + k] if s != -1 and old_out[d + k] != new_out[d + k] else s
                  for k, s in enumerate(sizes)]
-    new.args = (new.args[0], dim, new_sizes)
-    new.kwargs = {k: v for k, v in new.kwargs.items() if k not in ("dim", "sizes")}
+    r.set_arg(new, "sizes", new_sizes, _UNFLATTEN)
 
 
 register("unflatten", torch.unflatten, nn.Unflatten, *aten_ops("unflatten"), rewrite=rewrite_unflatten)(split_relabel)
@@ -188,7 +201,8 @@ def expand_as(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     ``y``'s shape (a norm kept with keepdim, then divided into ``y``: F.normalize as
     export writes it), has ``y``'s positions: its size follows ``y`` at run time and its
     values do not change along the expanded dims. Otherwise the op runs on the labels."""
-    x, y = node.args[0], node.args[1]
+    a = ctx.named_args(("input", "other"))  # x.expand_as(other)
+    x, y = a["input"], a["other"]
     xl, yl = ctx.labels(x), ctx.labels(y)
     if yl is not None and (xl is None or not bool((ctx.classes(xl) != CONST).any())):
         shape = ctx.meta(x).shape

@@ -14,6 +14,7 @@ from torch import nn
 from ..labels import constant_along
 from .context import AnalysisContext
 from .layout import relabel
+from .pointwise import input_arg
 from .registry import aten_ops, register
 
 
@@ -22,8 +23,9 @@ def unfold_dim(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     non-channel dim every window position keeps its source's labels; windows over a
     channel dim overlap, and removing a channel would shift them all: pinned."""
     out = relabel(ctx, node)
-    labels = ctx.labels(node.args[0])
-    dim = ctx.value(ctx.arg(1, "dimension"))
+    a = ctx.named_args(("input", "dimension", "size", "step"))
+    labels = ctx.labels(a["input"])
+    dim = ctx.value(a["dimension"])
     if labels is not None and labels.ndim and not constant_along(ctx.classes(labels), dim % labels.ndim):
         ctx.pin(labels, f"{node.name}: unfold windows along a channel dim")
     return out
@@ -32,7 +34,7 @@ def unfold_dim(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
 def _window_input(ctx: AnalysisContext, node: torch.fx.Node, what: str) -> tuple[int, torch.Tensor] | None:
     """(channel dim, channel labels) of the input of F.unfold / F.fold, or None when
     channels also vary along the spatial (or block) dims, which are then pinned."""
-    x = node.args[0] if node.args else node.kwargs["input"]
+    x = input_arg(ctx, node)
     labels = ctx.labels(x)
     if labels is None:
         return None
