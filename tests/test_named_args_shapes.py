@@ -132,7 +132,9 @@ def test_roll_reads_dims_by_keyword():
 
 
 # -- models passing arguments by keyword prune and verify -------------------------------
-class _GroupNormByKeyword(nn.Module):
+class _NormByKeyword(nn.Module):
+    """conv -> a functional norm with its sizes passed by keyword -> conv."""
+
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
@@ -140,19 +142,14 @@ class _GroupNormByKeyword(nn.Module):
         self.bias = nn.Parameter(0.1 * torch.randn(8))
         self.conv2 = nn.Conv2d(8, 4, 1)
 
+
+class _GroupNormByKeyword(_NormByKeyword):
     def forward(self, x):
         y = F.group_norm(self.conv1(x), num_groups=4, weight=self.weight, bias=self.bias)
         return self.conv2(F.relu(y))
 
 
-class _LayerNormByKeyword(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.weight = nn.Parameter(1 + 0.5 * torch.rand(8))
-        self.bias = nn.Parameter(0.1 * torch.randn(8))
-        self.conv2 = nn.Conv2d(8, 4, 1)
-
+class _LayerNormByKeyword(_NormByKeyword):
     def forward(self, x):
         y = self.conv1(x).permute(0, 2, 3, 1)
         y = F.layer_norm(y, normalized_shape=(8,), weight=self.weight, bias=self.bias)
@@ -226,8 +223,8 @@ class _GatherScatterByKeyword(nn.Module):
         return self.fc(back.sum(dim=2) + picked.mean(2))
 
 
-@pytest.mark.parametrize("make", [_GatherScatterByKeyword, _GroupNormByKeyword, _LayerNormByKeyword, _NarrowByKeyword, _NarrowFromTheEnd,
-                                  _UnflattenByKeyword, _StdPool])
+@pytest.mark.parametrize("make", [_GatherScatterByKeyword, _GroupNormByKeyword, _LayerNormByKeyword,
+                                  _NarrowByKeyword, _NarrowFromTheEnd, _UnflattenByKeyword, _StdPool])
 def test_a_model_passing_arguments_by_keyword_prunes_and_verifies(make):
     torch.manual_seed(0)
     result, _ = prune_and_verify(make(), torch.randn(2, 3, 6, 6), ratio=0.5)
