@@ -36,7 +36,8 @@ from torch import nn
 
 from .channels import ChannelGroups
 from .errors import ConfigError
-from .rules.context import bind_args, get_tensor, replace_arg
+from .arguments import bind_args, replace_arg
+from .rules.context import get_tensor
 from .statistics import ActivationStats, consumer_sites
 
 __all__ = ["COMPENSATIONS", "Compensation", "Refit", "compensation_fills", "apply_compensation", "refit_statistics",

@@ -58,7 +58,8 @@ from .errors import AnalysisError, ConfigError, RewriteError
 from .labels import label_tensors
 from .meta import graph_inputs, tensor_meta
 from .rewrite import sliced_copy, slice_plan
-from .rules.context import RewriteContext, bind_args, get_tensor
+from .arguments import bind_args
+from .rules.context import RewriteContext, get_tensor
 from .weight_norm import weight_norm_of
 
 HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads")

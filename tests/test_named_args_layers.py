@@ -10,7 +10,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxprune.rules.context import bind_args
+from fxprune.arguments import bind_args
 from tests.helpers.oracle import prune_and_verify
 from tests.helpers.rule_harness import run_rule
 

@@ -241,7 +241,7 @@ def test_named_args_bind_builtins_whose_overloads_name_their_parameters_alike():
 
 
 def test_replace_arg_writes_where_the_call_passed_it():
-    from fxprune.rules.context import bind_args, replace_arg
+    from fxprune.arguments import bind_args, replace_arg
 
     def f(x, w):
         return F.conv2d(x, w, None, 1, 1, 1, 1), F.conv2d(x, w, padding=1, groups=1), F.conv2d(x, w)

@@ -15,7 +15,8 @@ import torch
 import torch.fx
 
 from ..errors import Unsupported
-from .context import AnalysisContext, RewriteContext, bind_args
+from ..arguments import bind_args
+from .context import AnalysisContext, RewriteContext
 from .layout import relabel
 from .registry import aten_ops, meta_empty, register
 
