@@ -21,11 +21,13 @@ or is itself evaluated on the kept positions).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
+
+from .arguments import CallArgs, bind_args
 
 __all__ = ["MaskedCall", "MaskedSemantics", "compact", "compact_apply", "scatter"]
 
@@ -51,24 +53,37 @@ class MaskedCall:
     # recompute(node, {attribute path: transform}): ``node``'s value recomputed with those
     # tensors transformed (a weight computed in forward from its parameter's kept columns)
     recompute: Callable[[torch.fx.Node, dict], Any] | None = None
+    _call: CallArgs | None = field(default=None, repr=False)  # the node's arguments by name
 
-    def input_kept(self, i: int = 0, name: str = "input") -> tuple[int, torch.Tensor] | None:
-        """Kept indices of the node's tensor argument ``i`` (or keyword ``name``)."""
-        arg = self.node.args[i] if len(self.node.args) > i else self.node.kwargs.get(name)
-        return self.kept(arg)
+    def input_kept(self, name: str = "input") -> tuple[int, torch.Tensor] | None:
+        """Kept indices of the node's tensor argument ``name``."""
+        return self.kept(self._bound().values.get(name))
 
-    def arg(self, i: int, name: str, default: Any = None) -> Any:
-        """The evaluated argument at position ``i`` or keyword ``name``."""
-        if len(self.args) > i:
-            return self.args[i]
-        return self.kwargs.get(name, default)
+    def arg(self, name: str, default: Any = None) -> Any:
+        """The evaluated argument ``name`` (see :func:`fxprune.arguments.bind_args`), or
+        ``default`` where the call left it out."""
+        call = self._bound()
+        pos = call.order.index(name) if name in call.order else len(self.args)
+        if pos < len(self.args):
+            return self.args[pos]
+        return self.kwargs.get(call.keyword.get(name, name), default)
 
-    def with_arg(self, args: list, kwargs: dict, i: int, name: str, value: Any) -> None:
-        """Set argument ``i``/``name`` in ``args``/``kwargs`` where the node passed it."""
-        if len(args) > i:
-            args[i] = value
-        elif name in kwargs:
-            kwargs[name] = value
+    def with_arg(self, args: list, kwargs: dict, name: str, value: Any) -> None:
+        """Set argument ``name`` in ``args``/``kwargs`` (a copy of the evaluated ones) where
+        the node passed it; an argument left out stays out."""
+        call = self._bound()
+        pos = call.order.index(name) if name in call.order else len(args)
+        keyword = call.keyword.get(name, name)
+        if pos < len(args):
+            args[pos] = value
+        elif keyword in kwargs:
+            kwargs[keyword] = value
+
+    def _bound(self) -> CallArgs:
+        if self._call is None:
+            names = ("input", *(f"arg{i}" for i in range(1, len(self.node.args))))  # a method call
+            self._call = bind_args(self.node, names, type(self.module) if self.module is not None else None)
+        return self._call
 
 
 MaskedSemantics = Callable[[MaskedCall], Any]

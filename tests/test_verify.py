@@ -292,6 +292,44 @@ def test_compact_apply_is_the_op_on_the_kept_positions(fn, kw, reduces):
         assert not got[:, [1, 4, 5]].any()  # removed positions hold zeros
 
 
+@pytest.mark.parametrize("by_keyword", [False, True])
+@pytest.mark.parametrize("norm", ["layer", "group"])
+def test_norm_masked_semantics_read_arguments_by_name(norm, by_keyword):
+    from fxprune.meta import META_KEY, TensorMeta
+    from fxprune.rules.norm import masked_group_norm, masked_layer_norm
+
+    torch.manual_seed(0)
+    keep = torch.tensor([0, 2, 3, 5])
+    if norm == "layer":  # channels last: normalized over them
+        x, w, b, dim = torch.randn(2, 3, 6), torch.rand(6) + 0.5, torch.randn(6), 2
+        fn, names, masked = torch.nn.functional.layer_norm, ("input", "normalized_shape", "weight", "bias"), \
+            masked_layer_norm
+        values = (x, (6,), w, b)
+        want = fn(x[..., keep], (4,), w[keep], b[keep])
+    else:  # 6 channels in 3 groups of 2: each group keeps the same local channel
+        x, w, b, dim = torch.randn(2, 6, 4), torch.rand(6) + 0.5, torch.randn(6), 1
+        fn, names, masked = torch.nn.functional.group_norm, ("input", "num_groups", "weight", "bias"), \
+            masked_group_norm
+        keep = torch.tensor([0, 2, 4])
+        values = (x, 3, w, b)
+        want = fn(x[:, keep], 3, w[keep], b[keep])
+    graph = torch.fx.Graph()
+    nodes = [graph.placeholder(n) if isinstance(v, torch.Tensor) else v for n, v in zip(names, values)]
+    args, kwargs = ((), dict(zip(names, nodes))) if by_keyword else (tuple(nodes), {})
+    node = graph.call_function(fn, args, kwargs)
+    node.meta[META_KEY] = TensorMeta(tuple(x.shape), x.dtype)
+    evaluated = ((), dict(zip(names, values))) if by_keyword else (values, {})
+    kept = {nodes[0]: (dim, keep)}
+    call = MaskedCall(node, *evaluated, None, lambda a: kept.get(a), lambda a, k: fn(*a, **k))
+    got = masked(call)
+    moved = [slice(None)] * x.ndim
+    moved[dim] = keep
+    assert torch.allclose(got[tuple(moved)], want, atol=1e-6)
+    removed = [i for i in range(x.shape[dim]) if i not in keep.tolist()]
+    moved[dim] = torch.tensor(removed)
+    assert not got[tuple(moved)].any()
+
+
 def test_compact_and_scatter_round_trip():
     x = torch.randn(2, 5)
     kept = (1, torch.tensor([1, 3]))

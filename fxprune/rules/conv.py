@@ -294,9 +294,9 @@ def _masked_computed_weight(weight: torch.fx.Node, paths: tuple[str, ...], colum
         idx = (1, kept[1])
         assert call.recompute is not None
         small = call.recompute(weight, {p: (lambda t: compact(t, idx)) for p in paths})
-        full = call.arg(1, "weight")
+        full = call.arg("weight")
         args, kwargs = list(call.args), dict(call.kwargs)
-        call.with_arg(args, kwargs, 1, "weight", scatter(small, idx, tuple(full.shape)))
+        call.with_arg(args, kwargs, "weight", scatter(small, idx, tuple(full.shape)))
         return call.run(tuple(args), kwargs)
 
     return masked

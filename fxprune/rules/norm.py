@@ -134,7 +134,7 @@ def masked_layer_norm(call: MaskedCall) -> Any:
     the affine parameters lose the removed channels, the output gets them back as zeros."""
     module: Any = call.module  # nn.LayerNorm or nn.RMSNorm, or None for a functional call
     kept = call.input_kept()
-    x = call.arg(0, "input")
+    x = call.arg("input")
     if kept is None:
         return call.run(call.args, call.kwargs)
     rms = "rms" in (type(module).__name__.lower() if module is not None
@@ -144,9 +144,9 @@ def masked_layer_norm(call: MaskedCall) -> Any:
         nd = len(m.normalized_shape)
         weight, bias = m.weight, getattr(m, "bias", None)
     else:
-        nd = len(call.arg(1, "normalized_shape"))
-        weight = call.arg(2, "weight")
-        bias = None if rms else call.arg(3, "bias")
+        nd = len(call.arg("normalized_shape"))
+        weight = call.arg("weight")
+        bias = None if rms else call.arg("bias")
     dim, idx = kept
     pdim = dim - (x.ndim - nd)
     xs = compact(x, kept)
@@ -157,11 +157,11 @@ def masked_layer_norm(call: MaskedCall) -> Any:
             bias, (pdim, idx)) if bias is not None else None, module.eps)
     else:
         args, kwargs = list(call.args), dict(call.kwargs)
-        args[0] = xs
-        call.with_arg(args, kwargs, 1, "normalized_shape", shape)
-        call.with_arg(args, kwargs, 2, "weight", w)
+        call.with_arg(args, kwargs, "input", xs)
+        call.with_arg(args, kwargs, "normalized_shape", shape)
+        call.with_arg(args, kwargs, "weight", w)
         if not rms and bias is not None:
-            call.with_arg(args, kwargs, 3, "bias", compact(bias, (pdim, idx)))
+            call.with_arg(args, kwargs, "bias", compact(bias, (pdim, idx)))
         y = call.run(tuple(args), kwargs)
     return scatter(y, kept, tuple(x.shape))
 
@@ -235,7 +235,7 @@ def masked_group_norm(call: MaskedCall) -> Any:
     """Group norm over the kept channels: every group lost the same local channels, so
     the group count stays and each group's statistics cover its kept channels."""
     kept = call.input_kept()
-    x = call.arg(0, "input")
+    x = call.arg("input")
     if kept is None:
         return call.run(call.args, call.kwargs)
     xs = compact(x, kept)
@@ -245,9 +245,9 @@ def masked_group_norm(call: MaskedCall) -> Any:
         y = F.group_norm(xs, m.num_groups, compact(m.weight, idx), compact(m.bias, idx), m.eps)
     else:
         args, kwargs = list(call.args), dict(call.kwargs)
-        args[0] = xs
-        call.with_arg(args, kwargs, 2, "weight", compact(call.arg(2, "weight"), idx))
-        call.with_arg(args, kwargs, 3, "bias", compact(call.arg(3, "bias"), idx))
+        call.with_arg(args, kwargs, "input", xs)
+        call.with_arg(args, kwargs, "weight", compact(call.arg("weight"), idx))
+        call.with_arg(args, kwargs, "bias", compact(call.arg("bias"), idx))
         y = call.run(tuple(args), kwargs)
     return scatter(y, kept, tuple(x.shape))
 

@@ -357,12 +357,14 @@ def kept_count(call: MaskedCall) -> Any:
     the kept channels only. The oracle uses this value where the count is a value (a
     scale, a divisor) and the full one where it is a shape."""
     kept = call.input_kept()
-    value = call.arg(0, "input")
+    value = call.arg("input")
     if kept is None or not isinstance(value, torch.Tensor):
         return call.run(call.args, call.kwargs)
     shape = list(value.shape)
     shape[kept[0]] = kept[1].numel()
-    return call.run((torch.empty(shape, dtype=value.dtype, device="meta"), *call.args[1:]), call.kwargs)
+    args, kwargs = list(call.args), dict(call.kwargs)
+    call.with_arg(args, kwargs, "input", torch.empty(shape, dtype=value.dtype, device="meta"))
+    return call.run(tuple(args), kwargs)
 
 
 # a flag on the function (a value beside the full one: see fxprune.verify), which mypy does not model
