@@ -247,13 +247,6 @@ class AnalysisContext:
             return {k: self.value(v) for k, v in x.items()}
         return x
 
-    def arg(self, i: int, name: str, default: Any = None) -> Any:
-        """Positional-or-keyword argument ``i``/``name`` of the current node."""
-        n = self.current
-        if len(n.args) > i:
-            return n.args[i]
-        return n.kwargs.get(name, default)
-
     def named_args(self, names: Sequence[str] = (), node: torch.fx.Node | None = None) -> Mapping[str, Any]:
         """The arguments of ``node`` (default: the current node) by parameter name, so a rule
         reads ``a["dim"]`` whether the call passed it by position or by keyword (see

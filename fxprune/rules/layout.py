@@ -73,16 +73,6 @@ def _contiguous(a: Any) -> Any:
     return a
 
 
-def dim_arg(ctx: AnalysisContext, node: torch.fx.Node, pos: int, name: str, default: Any = 0) -> Any:
-    """The value of argument ``name`` (a dim), passed at position ``pos`` where torch.fx
-    cannot bind the call to a signature; ``default`` when it is left out, and for a module
-    call (whose dim is an attribute)."""
-    if node.op == "call_module":
-        return default
-    names = ("input", *(f"arg{i}" for i in range(1, pos)), name)[-pos - 1:]  # pos 0 is the input
-    return ctx.value(ctx.named_args(names).get(name, default))
-
-
 def roll(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """roll along the given dims; channels moving along a rolled dim are pinned (a roll
     with no dims rolls the flattened tensor, so any channel dim counts)."""
