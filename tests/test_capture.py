@@ -665,3 +665,32 @@ def test_an_assignment_no_graph_keeps_fails_the_capture_naming_it(make, named, f
         fxprune.prune(model, x, ratio=0.5, frontend=frontend)
     _assert_same_objects(model, objects)
     assert_untouched(model, values)
+
+
+class _FactoryOfTracedSizes(nn.Module):
+    """Tensors made in forward from traced sizes given as varargs, the first one traced
+    (torch's argument parser takes ``ones(n, 3)`` as sizes only when ``n`` is an int)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(x))
+        n, h = y.shape[0], y.shape[2]
+        shift = torch.ones(n, 1, h, 1, dtype=y.dtype) + torch.zeros(n, 1, 1, 1).sum() \
+            + torch.empty(n, 1, 1, 1).fill_(0.5) + 0 * (torch.rand(n, 1).sum() + torch.randn(n, 2).sum())
+        return self.conv2(y + shift)
+
+
+def test_factories_with_traced_varargs_sizes_are_traced_and_read_their_sizes_at_run_time():
+    torch.manual_seed(0)
+    model = _FactoryOfTracedSizes().eval()
+    ones = torch.ones
+    result, _ = prune_and_verify(model, torch.randn(2, 3, 6, 6), ratio=0.5)
+    assert result.frontend == "fx"
+    assert torch.ones is ones  # the trace put torch's own factory back
+    assert result.module.conv1.out_channels == 4
+    made = [n.target for n in result.module.graph.nodes if n.op == "call_function"]
+    assert {torch.ones, torch.zeros, torch.empty, torch.rand, torch.randn} <= set(made)
+    assert result.module(torch.randn(5, 3, 4, 4)).shape == (5, 4, 4, 4)  # the sizes are read at run time

@@ -157,10 +157,9 @@ MORE = {  # other attention layouts: fused qkv (GPT-NeoX), partial rotary (Phi),
 }
 
 
-# where the followed symbolic trace stops and torch.export captures the model: OPT's
-# torch.ones(size, n), Mixtral's routing (item assignment at data-dependent indices), T5's
-# mask checks
-FRONTEND = {"opt": "export", "mixtral": "export", "t5": "export"}
+# where the followed symbolic trace stops and torch.export captures the model: Mixtral's
+# routing (item assignment at data-dependent indices), T5's mask checks
+FRONTEND = {"mixtral": "export", "t5": "export"}
 
 
 @pytest.mark.parametrize("name", sorted(MORE))

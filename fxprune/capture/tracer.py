@@ -164,6 +164,34 @@ def _basic_index(key: Any) -> bool:
 
 _PLAIN_ARGS = (int, float, bool, str, type(...))  # arguments a graph holds as they are
 
+# torch factories taking sizes as varargs: torch's argument parser only takes ``ones(n, 3)``
+# as a size list when ``n`` is an int, so a traced size first (``ones(x.shape[0], 3)``)
+# fails there; the trace passes such sizes as one tuple, which it records
+_VARARG_FACTORIES = ("ones", "zeros", "empty", "rand", "randn")
+
+
+def _packing_sizes(factory: Any) -> Any:
+    def call(*size: Any, **kwargs: Any) -> Any:
+        if len(size) > 1 and isinstance(size[0], torch.fx.Proxy):
+            return factory(size, **kwargs)
+        return factory(*size, **kwargs)
+    call.__name__, call.__qualname__, call.__doc__ = factory.__name__, factory.__qualname__, factory.__doc__
+    return call
+
+
+@contextlib.contextmanager
+def _factories_take_traced_sizes() -> Any:
+    """While tracing: ``torch.ones(n, 3)`` with a traced ``n`` calls ``torch.ones((n, 3))``."""
+    saved = {name: getattr(torch, name) for name in _VARARG_FACTORIES}
+    try:
+        for name, factory in saved.items():
+            setattr(torch, name, _packing_sizes(factory))
+        yield
+    finally:
+        for name, factory in saved.items():
+            setattr(torch, name, factory)
+
+
 _UNKNOWN = object()  # a traced value not followed (no example values, or one that failed)
 FOLLOW_BYTES = 1 << 30  # example values held while following a trace; beyond, it goes on on meta
 # what reading a tensor's shape looks like in a traced graph: attributes and methods whose
@@ -218,7 +246,8 @@ class Tracer(DecomposingTracer):
         self._on_meta, self._held = False, 0
         self._shadows: dict[str, nn.Module] = {}
         try:
-            graph = super().trace(root, concrete_args)
+            with _factories_take_traced_sizes():
+                graph = super().trace(root, concrete_args)
         finally:
             self._instructions = {}
             self._values, self._shadows = {}, {}  # the example values (activations) are not kept
