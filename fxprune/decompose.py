@@ -91,38 +91,178 @@ def multihead_attention(m: nn.MultiheadAttention, query, key, value, key_padding
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.unsqueeze(0)
     elif not m.batch_first:
-        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-    e, h = m.embed_dim, m.num_heads
-    d = e // h
-    if m._qkv_same_embed_dim:
-        if query is key and key is value:
-            q, k, v = F.linear(query, m.in_proj_weight, m.in_proj_bias).chunk(3, dim=-1)
-        else:
-            q = F.linear(query, m.in_proj_weight, m.in_proj_bias)[..., :e]
-            k = F.linear(key, m.in_proj_weight, m.in_proj_bias)[..., e:2 * e]
-            v = F.linear(value, m.in_proj_weight, m.in_proj_bias)[..., 2 * e:]
+        query, key, value = _batch_first(query, key, value)
+    separate = None if m._qkv_same_embed_dim else (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight)
+    out, weights = _attention(query, key, value, m.embed_dim, m.num_heads, m.in_proj_weight, m.in_proj_bias,
+                              separate, m.bias_k, m.bias_v, m.add_zero_attn, m.dropout if m.training else 0.0,
+                              m.out_proj.weight, m.out_proj.bias, key_padding_mask, need_weights, attn_mask,
+                              average_attn_weights, is_causal, m.out_proj.weight.dtype)
+    if unbatched:
+        return out.squeeze(0), (weights.squeeze(0) if weights is not None else None)
+    if not m.batch_first:
+        out = out.transpose(0, 1)
+    return out, weights
+
+
+class NotDecomposable(Exception):
+    """A call the functional decompositions do not reproduce; the tracer records it whole."""
+
+
+def multi_head_attention_forward(query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias,
+                                 bias_k, bias_v, add_zero_attn, dropout_p, out_proj_weight, out_proj_bias,
+                                 training=True, key_padding_mask=None, need_weights=True, attn_mask=None,
+                                 use_separate_proj_weight=False, q_proj_weight=None, k_proj_weight=None,
+                                 v_proj_weight=None, static_k=None, static_v=None, average_attn_weights=True,
+                                 is_causal=False):
+    """``F.multi_head_attention_forward`` (sequence first, the graphs Dynamo makes of
+    ``nn.MultiheadAttention``) written with traceable functional ops.
+
+    Raises :class:`NotDecomposable`, before any op is traced, for what it does not
+    reproduce: precomputed keys or values (``static_k``/``static_v``), or a query, mask or
+    output projection whose rank or dtype is not known while tracing."""
+    if static_k is not None or static_v is not None:
+        raise NotDecomposable("static_k/static_v (precomputed keys and values) are not decomposed")
+    if is_causal and attn_mask is None:
+        raise NotDecomposable("is_causal needs attn_mask in F.multi_head_attention_forward")
+    try:
+        rank = _describe(query, "query")[0]
+        for mask, what in ((attn_mask, "attention mask"), (key_padding_mask, "key padding mask")):
+            if mask is not None:
+                _describe(mask, what)
+        dtype = _dtype(out_proj_weight)
+    except TypeError as exc:
+        raise NotDecomposable(str(exc)) from exc
+    if not isinstance(embed_dim_to_check, int) or not isinstance(num_heads, int):
+        raise NotDecomposable("the embedding size or the number of heads is not a constant")
+    if is_causal and key_padding_mask is None and not need_weights:
+        attn_mask = None  # torch trusts the hint here: SDPA's causal mask, whatever attn_mask holds
+    unbatched = rank == 2
+    if unbatched:
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
     else:
-        q, k, v = F.linear(query, m.q_proj_weight), F.linear(key, m.k_proj_weight), F.linear(value, m.v_proj_weight)
-        if m.in_proj_bias is not None:
-            q, k, v = q + m.in_proj_bias[:e], k + m.in_proj_bias[e:2 * e], v + m.in_proj_bias[2 * e:]
+        query, key, value = _batch_first(query, key, value)
+    separate = (q_proj_weight, k_proj_weight, v_proj_weight) if use_separate_proj_weight else None
+    out, weights = _attention(query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias,
+                              separate, bias_k, bias_v, add_zero_attn, dropout_p if training else 0.0,
+                              out_proj_weight, out_proj_bias, key_padding_mask, need_weights, attn_mask,
+                              average_attn_weights, is_causal, dtype)
+    if unbatched:
+        return out.squeeze(0), (weights.squeeze(0) if weights is not None else None)
+    return out.transpose(0, 1), weights
+
+
+def _batched_self_attention_inputs(query, mask, dtype_of) -> torch.dtype:
+    """Checks shared by torch's fused fast paths, which take batched, batch-first inputs:
+    no mask (they take one in a layout of their own), a query of rank 3. The dtype of
+    ``dtype_of``."""
+    if mask is not None:
+        raise NotDecomposable("a fused attention fast path with a mask is not decomposed")
+    try:
+        rank, dtype = _describe(query, "query")[0], _dtype(dtype_of)
+    except TypeError as exc:
+        raise NotDecomposable(str(exc)) from exc
+    if rank != 3:
+        raise NotDecomposable("a fused attention fast path on an input that is not batched")
+    return dtype
+
+
+def native_multi_head_attention(query, key, value, embed_dim, num_head, qkv_weight, qkv_bias, proj_weight,
+                                proj_bias, mask=None, need_weights=True, average_attn_weights=True, mask_type=None):
+    """``torch._native_multi_head_attention``, the fused fast path of
+    ``nn.MultiheadAttention`` (batch first), written with traceable ops. Without a mask only."""
+    dtype = _batched_self_attention_inputs(query, mask, proj_weight)
+    return _attention(query, key, value, embed_dim, num_head, qkv_weight, qkv_bias, None, None, None, False, 0.0,
+                      proj_weight, proj_bias, None, need_weights, None, average_attn_weights, False, dtype)
+
+
+def transformer_encoder_layer_fwd(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias,
+                                  use_gelu, norm_first, eps, norm_weight_1, norm_bias_1, norm_weight_2,
+                                  norm_bias_2, ffn_weight_1, ffn_bias_1, ffn_weight_2, ffn_bias_2, mask=None,
+                                  mask_type=None):
+    """``torch._transformer_encoder_layer_fwd``, the fused fast path of
+    ``nn.TransformerEncoderLayer`` (batch first, in inference), written with traceable
+    ops. Without a mask only."""
+    dtype = _batched_self_attention_inputs(src, mask, proj_weight)
+
+    def attend(x):
+        return _attention(x, x, x, embed_dim, num_heads, qkv_weight, qkv_bias, None, None, None, False, 0.0,
+                          proj_weight, proj_bias, None, False, None, True, False, dtype)[0]
+
+    def feed_forward(x):
+        hidden = F.linear(x, ffn_weight_1, ffn_bias_1)
+        return F.linear(F.gelu(hidden) if use_gelu else F.relu(hidden), ffn_weight_2, ffn_bias_2)
+
+    def norm1(x):
+        return F.layer_norm(x, (embed_dim,), norm_weight_1, norm_bias_1, eps)
+
+    def norm2(x):
+        return F.layer_norm(x, (embed_dim,), norm_weight_2, norm_bias_2, eps)
+
+    x = src
+    if norm_first:
+        x = x + attend(norm1(x))
+        return x + feed_forward(norm2(x))
+    x = norm1(x + attend(x))
+    return norm2(x + feed_forward(x))
+
+
+def _batch_first(query, key, value):
+    """Sequence-first query, key and value made batch first; one transpose for what is
+    one value (self-attention stays recognizable)."""
+    q = query.transpose(0, 1)
+    k = q if key is query else key.transpose(0, 1)
+    v = q if value is query else k if value is key else value.transpose(0, 1)
+    return q, k, v
+
+
+def _dtype(t) -> torch.dtype:
+    """The dtype of a tensor that may be traced."""
+    if isinstance(t, torch.Tensor):
+        return t.dtype
+    meta = t.tracer.example_meta(t) if isinstance(t, torch.fx.Proxy) and hasattr(t.tracer, "example_meta") else None
+    if meta is None:
+        raise TypeError("the dtype of the output projection is not known while tracing")
+    return meta.dtype
+
+
+def _attention(query, key, value, e: int, h: int, in_proj_weight, in_proj_bias, separate, bias_k, bias_v,
+               add_zero_attn: bool, dropout_p: float, out_weight, out_bias, key_padding_mask, need_weights: bool,
+               attn_mask, average_attn_weights: bool, is_causal: bool, dtype):
+    """Multi-head attention on batched, batch-first inputs: the in-projection (packed in
+    ``in_proj_weight``, or ``separate`` (q, k, v) weights), learned and zero extra keys,
+    SDPA over ``h`` heads and the out-projection. (out, weights or None)."""
+    d = e // h
+    if separate is None:
+        if query is key and key is value:
+            q, k, v = F.linear(query, in_proj_weight, in_proj_bias).chunk(3, dim=-1)
+        else:
+            q = F.linear(query, in_proj_weight, in_proj_bias)[..., :e]
+            k = F.linear(key, in_proj_weight, in_proj_bias)[..., e:2 * e]
+            v = F.linear(value, in_proj_weight, in_proj_bias)[..., 2 * e:]
+    else:
+        q, k, v = (F.linear(x, w) for x, w in zip((query, key, value), separate))
+        if in_proj_bias is not None:
+            q, k, v = q + in_proj_bias[:e], k + in_proj_bias[e:2 * e], v + in_proj_bias[2 * e:]
     b, n = q.shape[0], q.shape[1]
-    if m.bias_k is not None:  # add_bias_kv: one more key and value, learned, that every query sees
-        k = torch.cat([k, m.bias_k.expand(b, 1, e)], dim=1)
-        v = torch.cat([v, m.bias_v.expand(b, 1, e)], dim=1)
+    if bias_k is not None:  # add_bias_kv: one more key and value, learned, that every query sees
+        k = torch.cat([k, bias_k.expand(b, 1, e)], dim=1)
+        v = torch.cat([v, bias_v.expand(b, 1, e)], dim=1)
         attn_mask, key_padding_mask = _attend_one_more(attn_mask), _attend_one_more(key_padding_mask)
     s = k.shape[1]
     q = q.reshape(b, n, h, d).transpose(1, 2)
     k = k.reshape(b, s, h, d).transpose(1, 2)
     v = v.reshape(b, s, h, d).transpose(1, 2)
-    if m.add_zero_attn:  # and one more of zeros (zeros_like: they are zeros in every channel)
+    if add_zero_attn:  # and one more of zeros (zeros_like: they are zeros in every channel)
         k = torch.cat([k, torch.zeros_like(k[:, :, :1])], dim=2)
         v = torch.cat([v, torch.zeros_like(v[:, :, :1])], dim=2)
         attn_mask, key_padding_mask = _attend_one_more(attn_mask), _attend_one_more(key_padding_mask)
         s = s + 1
-    mask, additive = sdpa_mask(attn_mask, key_padding_mask, b, h, n, s, m.out_proj.weight.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=m.dropout if m.training else 0.0,
+    mask, additive = sdpa_mask(attn_mask, key_padding_mask, b, h, n, s, dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                          is_causal=is_causal and mask is None, scale=d ** -0.5)
-    out = F.linear(out.transpose(1, 2).reshape(b, n, e), m.out_proj.weight, m.out_proj.bias)
+    out = F.linear(out.transpose(1, 2).reshape(b, n, e), out_weight, out_bias)
     weights = None
     if need_weights:
         scores = (q @ k.transpose(-2, -1)) * (d ** -0.5)
@@ -131,10 +271,6 @@ def multihead_attention(m: nn.MultiheadAttention, query, key, value, key_padding
         weights = scores.softmax(dim=-1)
         if average_attn_weights:
             weights = weights.mean(dim=1)
-    if unbatched:
-        return out.squeeze(0), (weights.squeeze(0) if weights is not None else None)
-    if not m.batch_first:
-        out = out.transpose(0, 1)
     return out, weights
 
 
@@ -245,3 +381,16 @@ def decomposition(m: nn.Module, kwargs: dict[str, Any]):
     if type(m) is nn.Transformer:
         return transformer
     return None
+
+
+def function_decomposition(target: Any):
+    """The traceable replacement for a call of the function ``target``, or None. It raises
+    :class:`NotDecomposable` (before tracing any op) for a call it does not reproduce."""
+    return _FUNCTIONS.get(target) if callable(target) else None
+
+
+_FUNCTIONS: dict[Any, Any] = {
+    F.multi_head_attention_forward: multi_head_attention_forward,
+    torch._native_multi_head_attention: native_multi_head_attention,
+    torch._transformer_encoder_layer_fwd: transformer_encoder_layer_fwd,
+}

@@ -448,3 +448,125 @@ def test_unbatched_attention_input_is_decomposed_on_a_second_trace():
         result, _ = prune_and_verify(Unbatched(weights).eval(), (torch.randn(5, 12), pad), ratio=0.5)
         assert result.frontend == "fx" and not result.groups.barriers
         assert result.module.get_parameter("inp.weight").shape[0] == 8
+
+
+# -- torch's functional and fused attention, as Dynamo's graphs hold them ---------------
+def _mha_args(e=16, h=4, separate=False, bias_kv=False):
+    g = torch.Generator().manual_seed(1)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.3
+
+    return dict(embed_dim_to_check=e, num_heads=h, in_proj_weight=None if separate else rand(3 * e, e),
+                in_proj_bias=rand(3 * e), bias_k=rand(1, 1, e) if bias_kv else None,
+                bias_v=rand(1, 1, e) if bias_kv else None, add_zero_attn=False, dropout_p=0.0,
+                out_proj_weight=rand(e, e), out_proj_bias=rand(e), training=False,
+                use_separate_proj_weight=separate, q_proj_weight=rand(e, e) if separate else None,
+                k_proj_weight=rand(e, 12) if separate else None, v_proj_weight=rand(e, 12) if separate else None)
+
+
+def _causal(n, additive):
+    upper = torch.ones(n, n, dtype=torch.bool).triu(1)
+    return torch.zeros(n, n).masked_fill(upper, float("-inf")) if additive else upper
+
+
+FUNCTIONAL = {  # name: (query shape, key/value shape or None for self-attention, argument changes)
+    "self": ((5, 2, 16), None, {}),
+    "unbatched": ((5, 16), None, {}),
+    "cross": ((5, 2, 16), (7, 2, 16), {}),
+    "separate_kv_dims": ((5, 2, 16), (7, 2, 12), {"separate": True}),
+    "bias_kv_zero_attn": ((5, 2, 16), None, {"bias_kv": True, "add_zero_attn": True}),
+    "bool_mask_weights": ((5, 2, 16), None, {"attn_mask": _causal(5, False), "need_weights": True}),
+    "additive_3d_mask_per_head_weights": ((5, 2, 16), None, {
+        "attn_mask": torch.randn(8, 5, 5), "need_weights": True, "average_attn_weights": False}),
+    "padding_and_mask": ((5, 2, 16), None, {"attn_mask": _causal(5, False),
+                                            "key_padding_mask": torch.tensor([[0, 0, 0, 1, 1], [0] * 5]).bool()}),
+    "causal_hint": ((5, 2, 16), None, {"attn_mask": _causal(5, False), "is_causal": True, "need_weights": False}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONAL))
+def test_functional_multi_head_attention_decomposition_matches_torch(name):
+    from fxprune.decompose import multi_head_attention_forward
+
+    q_shape, kv_shape, change = FUNCTIONAL[name]
+    change = dict(change)
+    args = _mha_args(separate=change.pop("separate", False), bias_kv=change.pop("bias_kv", False))
+    args.update(change)
+    torch.manual_seed(0)
+    q = torch.randn(q_shape)
+    k = v = q if kv_shape is None else torch.randn(kv_shape)
+    if kv_shape is not None:
+        v = torch.randn(kv_shape)
+    want = F.multi_head_attention_forward(q, k, v, **args)
+    got = multi_head_attention_forward(q, k, v, **args)
+    assert torch.allclose(got[0], want[0], atol=1e-5) and want[0].abs().max() > 1e-2
+    if args.get("need_weights", True):
+        assert got[1].shape == want[1].shape and torch.allclose(got[1], want[1], atol=1e-5)
+
+
+def test_fused_fast_paths_decompose_to_the_same_values():
+    from fxprune.decompose import native_multi_head_attention, transformer_encoder_layer_fwd
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    a = _mha_args()
+    weights = (a["in_proj_weight"], a["in_proj_bias"], a["out_proj_weight"], a["out_proj_bias"])
+    for need in (True, False):
+        want = torch._native_multi_head_attention(x, x, x, 16, 4, *weights, None, need)
+        got = native_multi_head_attention(x, x, x, 16, 4, *weights, None, need)
+        assert torch.allclose(got[0], want[0], atol=1e-5) and (not need or torch.allclose(got[1], want[1], atol=1e-5))
+    norms = (torch.rand(16) + 0.5, torch.randn(16) * 0.1, torch.rand(16) + 0.5, torch.randn(16) * 0.1)
+    ffn = (torch.randn(32, 16) * 0.3, torch.randn(32) * 0.1, torch.randn(16, 32) * 0.3, torch.randn(16) * 0.1)
+    for gelu in (False, True):
+        for norm_first in (False, True):
+            want = torch._transformer_encoder_layer_fwd(x, 16, 4, *weights, gelu, norm_first, 1e-5, *norms, *ffn)
+            got = transformer_encoder_layer_fwd(x, 16, 4, *weights, gelu, norm_first, 1e-5, *norms, *ffn)
+            assert torch.allclose(got, want, atol=1e-5), (gelu, norm_first)
+
+
+class FunctionalAttention(nn.Module):
+    """Attention written against F.multi_head_attention_forward, sequence first."""
+
+    def __init__(self, static_kv=False):
+        super().__init__()
+        self.inp, self.out = nn.Linear(12, 16), nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 3))
+        self.in_proj_weight = nn.Parameter(torch.randn(48, 16) * 0.3)
+        self.in_proj_bias = nn.Parameter(torch.randn(48) * 0.1)
+        self.proj = nn.Linear(16, 16)
+        self.static_kv = static_kv
+
+    def forward(self, x):
+        h = self.inp(x)
+        static = x.new_zeros(x.shape[1] * 4, x.shape[0], 4) if self.static_kv else None
+        y, _ = F.multi_head_attention_forward(h, h, h, 16, 4, self.in_proj_weight, self.in_proj_bias, None, None,
+                                              False, 0.0, self.proj.weight, self.proj.bias, training=False,
+                                              need_weights=False, static_k=static, static_v=static)
+        return self.out(y + h)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "graph"])
+def test_functional_attention_in_a_traced_or_given_graph_prunes_its_heads(frontend):
+    torch.manual_seed(0)
+    model, x = FunctionalAttention().eval(), torch.randn(5, 2, 12)
+    if frontend == "graph":  # a GraphModule that holds the call whole, as Dynamo hands one over
+        model = torch.fx.symbolic_trace(model)
+        assert any(n.target is F.multi_head_attention_forward for n in model.graph.nodes)
+    result, _ = prune_and_verify(model, x, ratio=0.5, healthy=False)
+    assert not result.groups.barriers
+    gm = result.module
+    assert not any(n.target is F.multi_head_attention_forward for n in gm.graph.nodes)
+    assert gm.get_parameter("in_proj_weight").shape[0] < 48
+    # self-attention projects once, whatever the layout
+    assert sum(n.op == "call_function" and n.target is F.linear and "in_proj_weight" in str(n.args[1])
+               for n in gm.graph.nodes) == 1
+
+
+def test_functional_attention_it_cannot_decompose_is_pinned_with_its_reason():
+    torch.manual_seed(0)
+    model, x = torch.fx.symbolic_trace(FunctionalAttention(static_kv=True).eval()), torch.randn(5, 2, 12)
+    result, _ = prune_and_verify(model, x, ratio=0.5, healthy=False)
+    assert any("multi_head_attention_forward" in b for b in result.groups.barriers), result.groups.barriers
+    assert any(n.target is F.multi_head_attention_forward for n in result.module.graph.nodes)
+    assert result.module.get_parameter("in_proj_weight").shape == (48, 16)
+    assert result.module.get_parameter("out.0.weight").shape[0] < 24  # the rest still prunes

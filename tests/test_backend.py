@@ -267,6 +267,41 @@ def test_pruning_mode_transformer_inductor():
     assert len(be.records) == 1 and not close(y2, y)
 
 
+class AttentionModules(nn.Module):
+    """nn.MultiheadAttention and nn.TransformerEncoderLayer: Dynamo hands their functional
+    form (F.multi_head_attention_forward) or fused fast path (batch first, in inference:
+    torch._transformer_encoder_layer_fwd) to the backend."""
+
+    def __init__(self, batch_first):
+        super().__init__()
+        self.embed, self.norm = nn.Linear(8, 32), nn.LayerNorm(32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+        self.layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        x = self.embed(x)
+        h = self.norm(x)
+        return self.head(self.layer(x + self.attn(h, h, h, need_weights=False)[0]))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_pruning_mode_attention_modules_prune_their_heads_as_fxprune_prune_does(batch_first):
+    torch.manual_seed(0)
+    model = AttentionModules(batch_first).eval()
+    x = torch.randn((3, 5, 8) if batch_first else (5, 3, 8))
+    be = fxprune.backend(ratio=0.5, then="eager", strict=True)
+    y = run(torch.compile(model, backend=be, fullgraph=True), x)
+    (record,) = be.records
+    assert_pruned_and_verified(record)
+    assert not record.result.groups.barriers, record.result.groups.barriers
+    opaque = ("multi_head_attention", "_transformer_encoder_layer_fwd")
+    assert not any(any(name in str(n.target) for name in opaque) for n in record.module.graph.nodes)
+    with torch.no_grad():
+        assert close(y, fxprune.prune(model, x, ratio=0.5).module(x), rtol=1e-4)
+    assert_varies(y[:, 0] if batch_first else y[0])
+
+
 def test_recompiles_give_the_same_plan():
     model, x = resnet()
     plans, outputs = [], []

@@ -3,7 +3,10 @@
 ``torch.fx`` keeps ``torch.nn`` modules whole, and the forwards of
 ``nn.MultiheadAttention`` and the ``nn.Transformer*`` layers are not traceable; the
 tracer calls their functional decompositions instead (unless the user asked for the
-module to stay a leaf), so their heads are prunable. A decomposition whose ops depend on
+module to stay a leaf), so their heads are prunable. Calls of the functions
+:func:`fxprune.decompose.function_decomposition` knows (``F.multi_head_attention_forward``,
+which is what Dynamo's graphs hold of an ``nn.MultiheadAttention``) are traced through
+the same way, or recorded whole where the decomposition declines. A decomposition whose ops depend on
 the rank or dtype of a traced value (an attention mask) reads them with
 :meth:`DecomposingTracer.example_meta`; ``careful`` says whether it may also read ranks
 where a cheaper guess usually holds (an attention query is batched).
@@ -11,14 +14,15 @@ where a cheaper guess usually holds (an attention query is batched).
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
 
-from ..decompose import decomposition
-from ..meta import TensorMeta
+from ..decompose import NotDecomposable, decomposition, function_decomposition
+from ..meta import TensorMeta, tensor_meta
 
 
 class DecomposingTracer(torch.fx.Tracer):
@@ -66,7 +70,89 @@ class DecomposingTracer(torch.fx.Tracer):
             return replacement(m, *args, **kwargs)  # traced through, made analyzable
         return self.call_whole_module(m, forward, args, kwargs)
 
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        replacement = function_decomposition(target) if kind == "call_function" else None
+        if replacement is not None:
+            try:
+                return replacement(*args, **kwargs)  # traced through, made analyzable
+            except NotDecomposable:
+                pass  # recorded whole: the analysis pins what it cannot see through
+        return super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+
     def call_whole_module(self, m, forward, args, kwargs):
         """A call of ``m`` that is not decomposed: ``torch.fx``'s (a leaf module becomes one
         node, any other is traced through)."""
         return super().call_module(m, forward, args, kwargs)
+
+
+class _GraphTracer(DecomposingTracer):
+    """Traces decompositions into an existing graph, at its insertion point; ranks and
+    dtypes come from the shapes propagated on the graph's nodes."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__(example_inputs=(), careful=True)
+        self.graph, self.root = gm.graph, gm
+
+    def run_to(self, target: torch.fx.Node) -> TensorMeta | None:
+        return tensor_meta(target)
+
+
+def decompose_calls(gm: torch.fx.GraphModule) -> int:
+    """Replace, in place, the calls in ``gm``'s graph of functions that
+    :func:`fxprune.decompose.function_decomposition` knows by their decompositions, where
+    the decomposition reproduces the call (a call returning a tuple: where each use of
+    its result is an item of it). Needs shapes propagated; returns the number of calls
+    replaced (``gm`` is recompiled if any)."""
+    graph, done = gm.graph, 0
+    for node in list(graph.nodes):
+        replacement = function_decomposition(node.target) if node.op == "call_function" else None
+        if replacement is None:
+            continue
+        tracer, before = _GraphTracer(gm), set(graph.nodes)
+        proxies: dict[torch.fx.Node, torch.fx.Proxy] = {}
+
+        def as_proxy(n: torch.fx.Node) -> torch.fx.Proxy:  # one per node: `query is key` holds
+            return proxies.setdefault(n, torch.fx.Proxy(n, tracer))
+
+        try:
+            with graph.inserting_before(node):
+                out = replacement(*torch.fx.node.map_arg(node.args, as_proxy),
+                                  **torch.fx.node.map_arg(node.kwargs, as_proxy))
+        except NotDecomposable:
+            out = None
+        added = [n for n in graph.nodes if n not in before]
+        if not _substitute(node, out):
+            for n in reversed(added):  # declined: the call stays whole
+                graph.erase_node(n)
+            continue
+        for n in reversed(added):  # what the call's users did not need (the weights not asked for)
+            if not n.users and not n.is_impure():
+                graph.erase_node(n)
+        done += 1
+    if done:
+        gm.recompile()
+    return done
+
+
+def _substitute(node: torch.fx.Node, out: Any) -> bool:
+    """Make the users of ``node`` use ``out`` (a Proxy, or a tuple of Proxies or None) and
+    erase ``node``; False, changing nothing, where ``out`` cannot stand for it."""
+    graph = node.graph
+    if isinstance(out, torch.fx.Proxy):
+        node.replace_all_uses_with(out.node)
+        graph.erase_node(node)
+        return True
+    if not isinstance(out, tuple):
+        return False
+    users = list(node.users)
+    for u in users:
+        if u.target is not operator.getitem or not isinstance(u.args[1], int) or u.args[1] >= len(out) \
+                or out[u.args[1]] is None and u.users:
+            return False
+    for u in users:
+        item = out[u.args[1]]
+        if item is not None:
+            u.replace_all_uses_with(item.node)
+        graph.erase_node(u)
+    graph.erase_node(node)
+    return True

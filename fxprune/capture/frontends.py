@@ -23,6 +23,7 @@ from .._util import as_tuple
 from ..errors import InputError, TraceError
 from ..meta import FRONTEND_KEY, LIFTED_KEY, copy_pytree_specs, has_meta
 from ..passes_base import Pass, PruneState, register_pass
+from .decompositions import decompose_calls
 from .graphs import copy_graph
 from .shapes import propagate_shapes
 from .state import state_restored
@@ -97,6 +98,8 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
         copy_pytree_specs(model, gm)
         inputs = _lift_parameter_placeholders(gm, inputs)
         propagate_shapes(gm, inputs)
+        if decompose_calls(gm):  # F.multi_head_attention_forward in a graph from Dynamo
+            propagate_shapes(gm, inputs)
         gm.meta[FRONTEND_KEY] = "graph"
         return gm
     with hf.capture_settings(model) as notes:  # a Hugging Face model: use_cache=False, noted
