@@ -57,7 +57,10 @@ def table() -> str:
              "Each row is a rule with what its op spec declares (`fxprune/rules/registry.py`; specs",
              "are declared in the family's file under `fxprune/rules/`): a rewrite hook, a shape",
              "shortcut (capture computes the output shape without running the kernel) and a FLOP",
-             "count (for the kernels the shortcut skips).", "",
+             "count (for the kernels the shortcut skips). Besides the ops listed, a torch function",
+             "or method whose ATen op is tagged `pointwise` (`torch.frac`) takes the pointwise rule,",
+             "and ATen's Python bindings (`torch._C._nn.pad`, which Dynamo's graphs call) take",
+             "their ATen op's rule.", "",
              "| family | rule | rewrite hook | shape shortcut | FLOP count | ops |", "|---|---|---|---|---|---|"]
     for (family, rule, rewrite, shape, flops), keys in sorted(by_rule.items()):
         marks = " | ".join("yes" if flag else "" for flag in (rewrite, shape, flops))

@@ -171,6 +171,8 @@ def lookup(node: torch.fx.Node, root: torch.nn.Module) -> Rule | None:
             rule = _aten_rule(node.target)
         elif rule is None and getattr(node.target, "__module__", None) in _TORCH_NAMESPACES:
             rule = _pointwise_twin(getattr(node.target, "__name__", ""))
+        elif rule is None and getattr(node.target, "__module__", None) in _BINDING_NAMESPACES:
+            rule = _binding_rule(getattr(node.target, "__name__", ""))
         return rule
     if node.op == "call_method":
         method = attr_target(node)  # a method name
@@ -189,6 +191,22 @@ def lookup(node: torch.fx.Node, root: torch.nn.Module) -> Rule | None:
 
 # where torch's Python functions of ATen ops live (torch.frac, torch.special.erfcx)
 _TORCH_NAMESPACES = frozenset({"torch", "torch._C._VariableFunctions", "torch._C._special", "torch.special"})
+
+
+# where torch keeps the Python bindings of ATen ops that torch.nn.functional and
+# torch.fft/linalg wrap (torch._C._nn.pad): Dynamo's graphs call them directly
+_BINDING_NAMESPACES = frozenset({"torch._C._nn", "torch._C._fft", "torch._C._linalg"})
+
+
+def _binding_rule(name: str) -> Rule | None:
+    """The rule of a binding of an ATen op (``torch._C._nn.pad``): its op's, the binding
+    taking the arguments of the op's schema."""
+    packet = getattr(torch.ops.aten, name, None) if name and not name.startswith("_") else None
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return None
+    names = packet.overloads()  # type: ignore[no-untyped-call]
+    overload = getattr(packet, "default" if "default" in names else names[0], None) if names else None
+    return _aten_rule(overload) if isinstance(overload, torch._ops.OpOverload) else None
 
 
 # ATen's aliases of elementwise ops, which carry no tags of their own
