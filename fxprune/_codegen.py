@@ -265,7 +265,10 @@ def _bind_globals(w: _Writer, globals_: dict, src: str) -> None:
         if name in RESERVED:
             raise SaveError(f"the forward code uses a global named {name!r}, which the "
                             "saved module reserves; rename that function")
-        if obj is type(None):
+        portable = getattr(obj, "__fxprune_source__", None)
+        if isinstance(portable, str):  # a function of fxprune's graphs, written out in full
+            w.bindings.append(portable.format(name=name))
+        elif obj is type(None):
             w.bindings.append(f"{name} = type(None)")
         elif obj is None or isinstance(obj, (bool, int, float, str)):
             w.bindings.append(f"{name} = {literal(obj)}")

@@ -694,3 +694,67 @@ def test_factories_with_traced_varargs_sizes_are_traced_and_read_their_sizes_at_
     made = [n.target for n in result.module.graph.nodes if n.op == "call_function"]
     assert {torch.ones, torch.zeros, torch.empty, torch.rand, torch.randn} <= set(made)
     assert result.module(torch.randn(5, 3, 4, 4)).shape == (5, 4, 4, 4)  # the sizes are read at run time
+
+
+class _OptionalMask(nn.Module):
+    """An optional mask input, used only when given."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x, mask=None):
+        h = torch.relu(self.conv1(x))
+        if mask is not None:
+            h = h.masked_fill(mask, 0.0)
+        return self.conv2(h)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_an_input_given_as_none_is_traced_absent_and_a_value_there_is_an_error(frontend, tmp_path):
+    import pickle
+
+    from fxprune.errors import InputError
+
+    torch.manual_seed(0)
+    model, x = _OptionalMask().eval(), torch.randn(2, 3, 6, 6)
+    result, _ = prune_and_verify(model, (x, None), ratio=0.5, frontend=frontend)
+    assert result.frontend == frontend
+    pruned = pickle.loads(pickle.dumps(result.module))
+    assert pruned.get_parameter("conv1.weight").shape[0] == 4
+    with torch.no_grad():
+        assert pruned(x, None).shape == model(x).shape
+        with pytest.raises(InputError, match="'mask' was None in the example inputs"):
+            pruned(x, torch.zeros(2, 4, 6, 6, dtype=torch.bool))  # ignored silently before
+    fxprune.save(result, tmp_path / "saved")  # the saved folder, which imports no fxprune, checks it too
+    loaded = fxprune.load(tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(loaded(x, None), pruned(x, None))
+        with pytest.raises(ValueError, match="'mask' was None in the example inputs"):
+            loaded(x, torch.zeros(2, 4, 6, 6, dtype=torch.bool))
+
+
+class _FillValueOfTheDtype(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+
+    def forward(self, x):
+        scores = self.proj(x)
+        keep = x.shape[-1] // 2
+        fill = torch.finfo(scores.dtype).min  # a mask's fill value, as Hugging Face models write it
+        return scores[..., :keep].softmax(-1), torch.full_like(scores[..., keep:], fill)
+
+
+def test_a_followed_trace_reads_finfo_of_a_traced_dtype():
+    from fxprune.capture.tracer import symbolic_trace
+
+    model, x = _FillValueOfTheDtype().eval(), torch.randn(2, 6)
+    finfo = torch.finfo
+    gm = symbolic_trace(model, example_inputs=(x,), follow=True)
+    assert torch.finfo is finfo  # put back after the trace
+    with torch.no_grad():
+        for got, want in zip(gm(x), model(x)):
+            assert torch.equal(got, want)
+    with pytest.raises(fxprune.errors.TraceError, match="finfo"):  # without example values: torch's error
+        symbolic_trace(model)

@@ -158,8 +158,8 @@ MORE = {  # other attention layouts: fused qkv (GPT-NeoX), partial rotary (Phi),
 
 
 # where the followed symbolic trace stops and torch.export captures the model: Mixtral's
-# routing (item assignment at data-dependent indices), T5's mask checks
-FRONTEND = {"mixtral": "export", "t5": "export"}
+# routing (item assignment at data-dependent indices)
+FRONTEND = {"mixtral": "export"}
 
 
 @pytest.mark.parametrize("name", sorted(MORE))

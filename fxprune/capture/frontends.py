@@ -24,7 +24,7 @@ from ..errors import InputError, TraceError
 from ..meta import FRONTEND_KEY, LIFTED_KEY, copy_pytree_specs, has_meta
 from ..passes_base import Pass, PruneState, register_pass
 from .decompositions import decompose_calls
-from .graphs import copy_graph
+from .graphs import copy_graph, guard_none_inputs
 from .shapes import propagate_shapes
 from .state import state_restored
 from .torch_export import export_capture
@@ -104,6 +104,7 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
         return gm
     with hf.capture_settings(model) as notes:  # a Hugging Face model: use_cache=False, noted
         gm = _trace_module(model, inputs, leaf_modules, concrete_args, frontend)
+    guard_none_inputs(gm, inputs)
     if notes:
         gm.meta[hf.NOTES_KEY] = tuple(notes)
     return gm

@@ -192,6 +192,32 @@ def _factories_take_traced_sizes() -> Any:
             setattr(torch, name, factory)
 
 
+def _reading_traced_dtype(info: Any) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if args and isinstance(args[0], torch.fx.Proxy) and isinstance(args[0].tracer, Tracer):
+            known = args[0].tracer.shape_value(args[0])
+            if isinstance(known, torch.dtype):
+                return info(known, *args[1:], **kwargs)
+        return info(*args, **kwargs)
+    call.__name__, call.__qualname__, call.__doc__ = info.__name__, info.__qualname__, info.__doc__
+    return call
+
+
+@contextlib.contextmanager
+def _type_infos_take_traced_dtypes() -> Any:
+    """While tracing: ``torch.finfo(x.dtype)`` (a mask's fill value) reads the dtype on the
+    example values where the tracer follows them, as torch.export specializes it (torch's
+    ``finfo`` and ``iinfo`` take no traced value)."""
+    saved = {name: getattr(torch, name) for name in ("finfo", "iinfo")}
+    try:
+        for name, info in saved.items():
+            setattr(torch, name, _reading_traced_dtype(info))
+        yield
+    finally:
+        for name, info in saved.items():
+            setattr(torch, name, info)
+
+
 _UNKNOWN = object()  # a traced value not followed (no example values, or one that failed)
 FOLLOW_BYTES = 1 << 30  # example values held while following a trace; beyond, it goes on on meta
 # what reading a tensor's shape looks like in a traced graph: attributes and methods whose
@@ -246,7 +272,7 @@ class Tracer(DecomposingTracer):
         self._on_meta, self._held = False, 0
         self._shadows: dict[str, nn.Module] = {}
         try:
-            with _factories_take_traced_sizes():
+            with _factories_take_traced_sizes(), _type_infos_take_traced_dtypes():
                 graph = super().trace(root, concrete_args)
         finally:
             self._instructions = {}
@@ -438,7 +464,8 @@ class Tracer(DecomposingTracer):
         named after the undecorated forward's parameters; and an output that is a pytree
         node of its own class (a ``ModelOutput``) is returned as that class again."""
         if not self.follow:
-            return super().create_args_for_root(root_fn, is_module, concrete_args)
+            fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+            return fn, self._none_inputs(args, is_module)
         import inspect
 
         import torch.utils._pytree as pytree
@@ -453,7 +480,8 @@ class Tracer(DecomposingTracer):
         if star is not None:  # forward(x, *args): the other example inputs fill *args
             names += [f"{star}_{i}" for i in range(len(self.example_inputs) - len(names))]
         if len(names) < len(self.example_inputs) or concrete_args:
-            return super().create_args_for_root(root_fn, is_module, concrete_args)
+            fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+            return fn, self._none_inputs(args, is_module)
         args = [self.root] if is_module else []
         args += [self.create_proxy("placeholder", names[i], (), {}) for i in range(len(self.example_inputs))]
         in_spec = pytree.tree_flatten(tuple(args[1 if is_module else 0:]))[1]
@@ -468,7 +496,21 @@ class Tracer(DecomposingTracer):
                 torch.fx.graph._PyTreeInfo(names[:len(self.example_inputs)], in_spec, out_spec))
             return leaves
 
-        return fn, args
+        return fn, self._none_inputs(args, is_module)
+
+    def _none_inputs(self, args: Any, is_module: bool) -> Any:
+        """The forward's arguments with None where the example input is None (an optional
+        mask not given): the forward sees what it is called with, its ``if mask is not
+        None`` branches not taken; the placeholder stays, checked by the front end
+        (``expect_none``)."""
+        if not self.example_inputs or not isinstance(args, (list, tuple)):
+            return args
+        out, first = list(args), 1 if is_module else 0
+        for i, x in enumerate(self.example_inputs):
+            k = first + i
+            if x is None and k < len(out) and isinstance(out[k], torch.fx.Proxy) and out[k].node.op == "placeholder":
+                out[k] = None
+        return type(args)(out) if isinstance(args, tuple) else out
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
