@@ -688,6 +688,41 @@ def test_constants_made_in_forward_are_sized_by_what_they_meet(frontend):
         assert result.module(torch.randn(3, 3, 5, 5)).shape == (3, 2, 5, 5)
 
 
+class CountedConstants(nn.Module):
+    """Constants whose width is a stream's channel count read at run time: added to that
+    stream, and (``cross``) to another stream of the same width."""
+
+    def __init__(self, cross=False):
+        super().__init__()
+        self.cross = cross
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        a, b = F.relu(self.a(x)), F.relu(self.b(x))
+        a = a + torch.zeros(a.shape[0], a.shape[1], 1, 1) + a.new_ones(a.shape[0], a.size(1), 1, 1) \
+            + torch.full((1, a.shape[1], 1, 1), 0.5)
+        if self.cross:  # sized by a, meeting b: a and b must keep the same channels
+            b = b + torch.zeros(1, a.shape[1], 1, 1)
+        return self.head(torch.cat([a, b], 1))
+
+
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_constants_sized_by_a_channel_count_read_at_run_time_follow_those_channels(frontend, cross):
+    # they were constants of a fixed width: whatever they met was pinned
+    torch.manual_seed(0)
+    result, v = prune_and_verify(CountedConstants(cross), torch.randn(2, 3, 6, 6), ratio=0.5, frontend=frontend)
+    assert not result.groups.barriers and v.exact_groups >= 1
+    m = result.module
+    assert m.get_parameter("a.weight").shape[0] == 4 and m.get_parameter("b.weight").shape[0] == 4
+    if cross and frontend == "fx":  # (export writes the literal width: sized by what it meets)
+        assert len({g.id for g in result.groups.groups if any(p.startswith(("a.", "b.")) for p in
+                                                               (mem.path for mem in g.members))}) == 1
+    if frontend == "fx":
+        assert m(torch.randn(3, 3, 5, 5)).shape == (3, 2, 5, 5)
+
+
 def test_a_constant_that_meets_no_channel_is_kept():
     class Net(nn.Module):  # a count made in forward: halving it would change the model
         def __init__(self):

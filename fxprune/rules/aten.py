@@ -19,13 +19,14 @@ from __future__ import annotations
 from typing import Any
 
 import sys
+from operator import getitem as _getitem
 
 import torch
 import torch.fx
 
 from . import contract, conv, indexing, pointwise
 from ..errors import Unsupported
-from ..labels import const_like
+from ..labels import channel_dim, const_like
 from ..meta import get_meta
 from .context import AnalysisContext, RewriteContext, attr_target, get_tensor, op_name, weight_operand
 from .registry import register, register_op_name
@@ -204,6 +205,9 @@ def factory(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     of = _shape_read(size)
     if of is not None and ctx.labels(of) is not None and ctx.meta(of).shape == meta.shape:
         return ctx.labels(of)
+    read = _channel_count_read(ctx, size, meta.ndim)
+    if read is not None:
+        return read
     if meta.ndim == 0 or size is None or isinstance(size, torch.fx.Node):  # computed in forward: kept
         return ctx.const_output()
     # only dims of a literal size: one read at run time (a batch or sequence length)
@@ -212,6 +216,42 @@ def factory(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     if max(literal, default=1) == 1:
         return ctx.const_output()
     return ctx.free_labels(node, tuple(literal), f"constant {node.name}")
+
+
+def _channel_count_read(ctx: AnalysisContext, size: Any, ndim: int) -> torch.Tensor | None:
+    """Labels for a constant with one size read at run time from a tensor's channel count
+    (``torch.zeros(n, h.shape[1], 1)``): that tensor's channel positions along that dim,
+    since the count follows them in the pruned model by itself; None otherwise (also
+    beside a literal size above 1, whose positions are free)."""
+    if not isinstance(size, (list, tuple)) or len(size) != ndim:
+        return None
+    found = []
+    for d, v in enumerate(size):
+        if isinstance(v, int) and v > 1:
+            return None
+        x, k = _count_of(v)
+        labels = ctx.labels(x)
+        if labels is not None and isinstance(k, int) and k % labels.ndim == channel_dim(labels):
+            found.append((d, labels))
+    if len(found) != 1:
+        return None
+    d, labels = found[0]
+    return labels.reshape([-1 if i == d else 1 for i in range(ndim)])
+
+
+def _count_of(v: Any) -> tuple[Any, Any]:
+    """(tensor, dim) where ``v`` reads one size of a tensor (``x.shape[k]``,
+    ``x.size()[k]``, ``x.size(k)``, ``aten.sym_size(x, k)``), else (None, None)."""
+    if not isinstance(v, torch.fx.Node) or not v.args:
+        return None, None
+    if v.op == "call_function" and v.target is _getitem and len(v.args) == 2:
+        of = _shape_read(v.args[0])
+        return (of, v.args[1]) if of is not None else (None, None)
+    if v.op == "call_method" and v.target == "size" and len(v.args) == 2:
+        return v.args[0], v.args[1]
+    if v.op == "call_function" and v.target is getattr(aten.sym_size, "int", None) and len(v.args) == 2:
+        return v.args[0], v.args[1]
+    return None, None
 
 
 def _size_arg(node: torch.fx.Node) -> tuple[Any, tuple[str, int]]:
@@ -250,7 +290,7 @@ def rewrite_factory(r: RewriteContext, old: torch.fx.Node, new: torch.fx.Node) -
     given: Any = new.kwargs["size"] if how == "kw" else new.args[at] if how == "packed" else new.args[at:]
     sizes = list(given)
     for k, (a, b) in enumerate(zip(before, after)):
-        if a != b:
+        if a != b and not isinstance(sizes[k], torch.fx.Node):  # a count read at run time follows by itself
             sizes[k] = b
     if how == "kw":
         new.kwargs = {**new.kwargs, "size": sizes}
