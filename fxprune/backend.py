@@ -278,7 +278,8 @@ _TRAINING_ARG = {"batch_norm": "training", "dropout": "training", "dropout1d": "
 
 
 def _training_node(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
-    """A node that runs in training mode (batch statistics, dropout), if any."""
+    """A node that runs in training mode (dropout, batch statistics that update running
+    ones), if any."""
     from torch.fx.operator_schemas import normalize_function
 
     for node in gm.graph.nodes:
@@ -295,6 +296,9 @@ def _training_node(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
             norm = None
         kwargs = norm.kwargs if norm is not None else node.kwargs
         training = kwargs.get(_TRAINING_ARG[name], kwargs.get("train", False))
+        if name == "batch_norm" and norm is not None and kwargs.get("running_mean") is None \
+                and kwargs.get("running_var") is None:
+            continue  # no statistics to update: a normalization by the batch's own (weight standardization)
         if training is not False:
             return node
     return None

@@ -408,6 +408,30 @@ def test_training_mode_falls_through_or_raises_with_strict():
         torch.compile(model, backend=strict, fullgraph=True)(x)
 
 
+class StdConv2d(nn.Conv2d):
+    """Weight standardization as normalizer-free networks write it: F.batch_norm in
+    training mode on the weight, with no running statistics (timm's ScaledStdConv2d)."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                         eps=1e-5).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_batch_norm_without_running_statistics_is_no_training_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(StdConv2d(3, 8, 3, padding=1), nn.ReLU(), StdConv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    be = fxprune.backend(ratio=0.5, then="eager", strict=True)
+    y = run(torch.compile(model, backend=be, fullgraph=True), x)
+    (record,) = be.records
+    assert_pruned_and_verified(record)  # was refused: "the graph runs in training mode"
+    with torch.no_grad():
+        assert close(y, fxprune.prune(model, x, ratio=0.5).module(x), rtol=1e-4)
+    assert_varies(y)
+
+
 def test_graph_with_nothing_to_prune_is_compiled_unpruned():
     def f(x):
         return torch.sin(x) * 2 + 1
