@@ -363,3 +363,30 @@ def test_prelu_with_a_slope_computed_in_the_graph():
     groups = fxprune.analyze(Net(), torch.randn(2, 3, 6, 6))
     assert [g.size for g in groups.prunable] == [8]
     prune_and_verify(Net(), torch.randn(2, 3, 6, 6), ratio=0.5)
+
+
+@pytest.mark.parametrize("method", ["long", "int", "short", "byte", "char", "bool", "float", "half", "double"])
+def test_dtype_conversion_methods_keep_every_position(method):
+    from tests.helpers.rule_harness import run_rule
+
+    r = run_rule(method, torch.randn(2, 6, 3))
+    assert not r.barriers and not r.pinned and r.output == r.inputs[0]
+
+
+class CountsChannels(nn.Module):
+    """A channel stream turned into integer counts and back (a quantized histogram)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = (F.relu(self.a(x)) * 4).long()
+        return self.b(h.float() + h.bool().float())
+
+
+def test_a_stream_through_integer_conversions_prunes():
+    torch.manual_seed(0)
+    result, v = prune_and_verify(CountsChannels().eval(), torch.randn(4, 5), ratio=0.5)
+    assert not result.groups.barriers and v.exact_groups == 1
+    assert result.module.get_parameter("a.weight").shape[0] == 4

@@ -267,7 +267,8 @@ register(nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.A
          nn.FeatureAlphaDropout, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
          torch.clone, torch.detach, torch.zeros_like, torch.ones_like, torch.empty_like,
          torch.full_like, "contiguous", "clone", "detach", "to", "float", "half",
-         "double", "bfloat16", "type", "type_as", "cpu", "cuda", "requires_grad_",
+         "double", "bfloat16", "long", "int", "short", "byte", "char", "bool", "type", "type_as", "cpu",
+         "cuda", "requires_grad_",
          *_stochastic_depth_targets(), shape=first_input_shape)(first_input)
 
 register(F.normalize)(normalize)
