@@ -302,6 +302,25 @@ def test_pruning_mode_attention_modules_prune_their_heads_as_fxprune_prune_does(
     assert_varies(y[:, 0] if batch_first else y[0])
 
 
+def test_pruning_mode_hf_decoder_returning_its_cache():
+    # the cache starts as torch.tensor([]) and keys are concatenated to it: the cat rule
+    # failed on that; the cache's keys and values are outputs, so they keep their channels
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    be = fxprune.backend(ratio=0.5, then="eager", strict=True)
+    with torch.no_grad():
+        out = torch.compile(model, backend=be)(ids)
+    assert out.past_key_values is not None
+    (record,) = be.records
+    assert_pruned_and_verified(record)
+    assert not record.result.groups.barriers, record.result.groups.barriers
+    assert_varies(out.logits[:, -1])
+
+
 def test_recompiles_give_the_same_plan():
     model, x = resnet()
     plans, outputs = [], []

@@ -767,3 +767,31 @@ def test_a_channel_read_for_its_shape_only_does_not_pin(frontend):
                                expect_removed=False)
     assert kept.module.get_parameter("c.weight").shape[0] == 16
     assert any("integer index into a channel dim" in r for g in kept.groups.groups for r in g.pinned_reasons)
+
+
+def test_cat_leaves_out_an_empty_1d_tensor_as_torch_does():
+    # a Hugging Face DynamicCache starts as torch.tensor([]) and concatenates keys to it
+    from tests.helpers.rule_harness import run_rule
+
+    x = torch.randn(2, 4, 5, 6)
+    r = run_rule(torch.cat, [torch.empty(0), x], kwargs={"dim": -2})
+    assert not r.barriers and r.output == r.inputs[1]
+
+
+class GrowingCache(nn.Module):
+    """Keys appended to an empty cache, as a decoder's first step does."""
+
+    def __init__(self):
+        super().__init__()
+        self.k, self.out = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        keys = torch.cat([x.new_zeros(0), F.relu(self.k(x))], dim=-2)
+        return self.out(keys)
+
+
+def test_keys_appended_to_an_empty_cache_prune():
+    torch.manual_seed(0)
+    result, v = prune_and_verify(GrowingCache().eval(), torch.randn(2, 5, 6), ratio=0.5)
+    assert not result.groups.barriers and v.exact_groups == 1
+    assert result.module.get_parameter("k.weight").shape[0] == 4

@@ -38,13 +38,16 @@ register("unbind", torch.unbind, *aten_ops("unbind"))(unbind)
 
 def cat(ctx: AnalysisContext, node: torch.fx.Node) -> Any:
     """cat/stack: the inputs' labels side by side along ``dim`` (stack: along a new dim).
-    torch.concatenate and torch.concat also take the dim as ``axis``."""
+    torch.concatenate and torch.concat also take the dim as ``axis``. cat leaves out a 1-d
+    empty input beside tensors of other ranks, as torch does."""
     a = ctx.named_args(("tensors", "dim"))
     tensors = a["tensors"]
     dim = ctx.value(a["dim"] if "dim" in a else a.get("axis", 0))
     ndim = ctx.meta(node).ndim
     stack = node.target is torch.stack or getattr(node.target, "overloadpacket", None) is torch.ops.aten.stack
     d = None if stack else dim % ndim
+    if d is not None and ndim != 1:  # torch skips 1-d empty tensors (a cache's initial torch.tensor([]))
+        tensors = [t for t in tensors if ctx.meta(t).shape != (0,)]
     ls = [ctx.labels_or_const(t) for t in tensors]
     if d is None:
         return torch.stack([l.expand(ctx.meta(t).shape) for l, t in zip(ls, tensors)], dim)
