@@ -171,6 +171,7 @@ _VARARG_FACTORIES = ("ones", "zeros", "empty", "rand", "randn")
 
 
 def _packing_sizes(factory: Any) -> Any:
+    """``torch.ones(n, 3)`` with a traced ``n`` calls ``torch.ones((n, 3))``."""
     def call(*size: Any, **kwargs: Any) -> Any:
         if len(size) > 1 and isinstance(size[0], torch.fx.Proxy):
             return factory(size, **kwargs)
@@ -179,20 +180,10 @@ def _packing_sizes(factory: Any) -> Any:
     return call
 
 
-@contextlib.contextmanager
-def _factories_take_traced_sizes() -> Any:
-    """While tracing: ``torch.ones(n, 3)`` with a traced ``n`` calls ``torch.ones((n, 3))``."""
-    saved = {name: getattr(torch, name) for name in _VARARG_FACTORIES}
-    try:
-        for name, factory in saved.items():
-            setattr(torch, name, _packing_sizes(factory))
-        yield
-    finally:
-        for name, factory in saved.items():
-            setattr(torch, name, factory)
-
-
 def _reading_traced_dtype(info: Any) -> Any:
+    """``torch.finfo(x.dtype)`` (a mask's fill value) reads the dtype on the example values
+    where the tracer follows them, as torch.export specializes it (torch's ``finfo`` and
+    ``iinfo`` take no traced value)."""
     def call(*args: Any, **kwargs: Any) -> Any:
         if args and isinstance(args[0], torch.fx.Proxy) and isinstance(args[0].tracer, Tracer):
             known = args[0].tracer.shape_value(args[0])
@@ -204,18 +195,17 @@ def _reading_traced_dtype(info: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _type_infos_take_traced_dtypes() -> Any:
-    """While tracing: ``torch.finfo(x.dtype)`` (a mask's fill value) reads the dtype on the
-    example values where the tracer follows them, as torch.export specializes it (torch's
-    ``finfo`` and ``iinfo`` take no traced value)."""
-    saved = {name: getattr(torch, name) for name in ("finfo", "iinfo")}
+def _torch_functions_wrapped(names: tuple[str, ...], wrap: Any) -> Any:
+    """While tracing: ``torch.<name>`` for each of ``names`` is ``wrap(torch.<name>)``, put
+    back afterwards."""
+    saved = {name: getattr(torch, name) for name in names}
     try:
-        for name, info in saved.items():
-            setattr(torch, name, _reading_traced_dtype(info))
+        for name, fn in saved.items():
+            setattr(torch, name, wrap(fn))
         yield
     finally:
-        for name, info in saved.items():
-            setattr(torch, name, info)
+        for name, fn in saved.items():
+            setattr(torch, name, fn)
 
 
 _UNKNOWN = object()  # a traced value not followed (no example values, or one that failed)
@@ -272,7 +262,8 @@ class Tracer(DecomposingTracer):
         self._on_meta, self._held = False, 0
         self._shadows: dict[str, nn.Module] = {}
         try:
-            with _factories_take_traced_sizes(), _type_infos_take_traced_dtypes():
+            with _torch_functions_wrapped(_VARARG_FACTORIES, _packing_sizes), \
+                    _torch_functions_wrapped(("finfo", "iinfo"), _reading_traced_dtype):
                 graph = super().trace(root, concrete_args)
         finally:
             self._instructions = {}
