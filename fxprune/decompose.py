@@ -30,15 +30,22 @@ def mha_supported(m: nn.Module) -> bool:
     return type(m) is nn.MultiheadAttention
 
 
-def _describe(t, what: str) -> tuple[int, bool]:
-    """(rank, whether floating point) of a tensor that may be traced."""
+def _rank_and_dtype(t, what: str) -> tuple[int, torch.dtype]:
+    """(rank, dtype) of a tensor that may be traced (then read on the example inputs);
+    a TypeError where they are not known."""
     if isinstance(t, torch.Tensor):
-        return t.dim(), t.is_floating_point()
+        return t.dim(), t.dtype
     meta = t.tracer.example_meta(t) if isinstance(t, torch.fx.Proxy) and hasattr(t.tracer, "example_meta") else None
     if meta is None:
         raise TypeError(f"the rank and dtype of the {what} are not known while tracing (they decide how "
                         f"it is applied); torch.export captures such calls")
-    return len(meta.shape), meta.dtype.is_floating_point
+    return len(meta.shape), meta.dtype
+
+
+def _describe(t, what: str) -> tuple[int, bool]:
+    """(rank, whether floating point) of a tensor that may be traced."""
+    rank, dtype = _rank_and_dtype(t, what)
+    return rank, dtype.is_floating_point
 
 
 def _careful(t) -> bool:
@@ -129,7 +136,7 @@ def multi_head_attention_forward(query, key, value, embed_dim_to_check, num_head
         for mask, what in ((attn_mask, "attention mask"), (key_padding_mask, "key padding mask")):
             if mask is not None:
                 _describe(mask, what)
-        dtype = _dtype(out_proj_weight)
+        dtype = _rank_and_dtype(out_proj_weight, "output projection")[1]
     except TypeError as exc:
         raise NotDecomposable(str(exc)) from exc
     if not isinstance(embed_dim_to_check, int) or not isinstance(num_heads, int):
@@ -160,7 +167,7 @@ def _batched_self_attention_inputs(query, mask, dtype_of) -> torch.dtype:
     if mask is not None:
         raise NotDecomposable("a fused attention fast path with a mask is not decomposed")
     try:
-        rank, dtype = _describe(query, "query")[0], _dtype(dtype_of)
+        rank, dtype = _describe(query, "query")[0], _rank_and_dtype(dtype_of, "output projection")[1]
     except TypeError as exc:
         raise NotDecomposable(str(exc)) from exc
     if rank != 3:
@@ -215,16 +222,6 @@ def _batch_first(query, key, value):
     k = q if key is query else key.transpose(0, 1)
     v = q if value is query else k if value is key else value.transpose(0, 1)
     return q, k, v
-
-
-def _dtype(t) -> torch.dtype:
-    """The dtype of a tensor that may be traced."""
-    if isinstance(t, torch.Tensor):
-        return t.dtype
-    meta = t.tracer.example_meta(t) if isinstance(t, torch.fx.Proxy) and hasattr(t.tracer, "example_meta") else None
-    if meta is None:
-        raise TypeError("the dtype of the output projection is not known while tracing")
-    return meta.dtype
 
 
 def _attention(query, key, value, e: int, h: int, in_proj_weight, in_proj_bias, separate, bias_k, bias_v,
@@ -386,7 +383,7 @@ def decomposition(m: nn.Module, kwargs: dict[str, Any]):
 def function_decomposition(target: Any):
     """The traceable replacement for a call of the function ``target``, or None. It raises
     :class:`NotDecomposable` (before tracing any op) for a call it does not reproduce."""
-    return _FUNCTIONS.get(target) if callable(target) else None
+    return _FUNCTIONS.get(target)
 
 
 _FUNCTIONS: dict[Any, Any] = {

@@ -103,12 +103,12 @@ def decompose_calls(gm: torch.fx.GraphModule) -> int:
     the decomposition reproduces the call (a call returning a tuple: where each use of
     its result is an item of it). Needs shapes propagated; returns the number of calls
     replaced (``gm`` is recompiled if any)."""
-    graph, done = gm.graph, 0
+    graph, done, tracer = gm.graph, 0, _GraphTracer(gm)
     for node in list(graph.nodes):
         replacement = function_decomposition(node.target) if node.op == "call_function" else None
         if replacement is None:
             continue
-        tracer, before = _GraphTracer(gm), set(graph.nodes)
+        before = node.prev  # the decomposition goes between it and the call
         proxies: dict[torch.fx.Node, torch.fx.Proxy] = {}
 
         def as_proxy(n: torch.fx.Node) -> torch.fx.Proxy:  # one per node: `query is key` holds
@@ -120,7 +120,10 @@ def decompose_calls(gm: torch.fx.GraphModule) -> int:
                                   **torch.fx.node.map_arg(node.kwargs, as_proxy))
         except NotDecomposable:
             out = None
-        added = [n for n in graph.nodes if n not in before]
+        added, cur = [], before.next
+        while cur is not node:
+            added.append(cur)
+            cur = cur.next
         if not _substitute(node, out):
             for n in reversed(added):  # declined: the call stays whole
                 graph.erase_node(n)
