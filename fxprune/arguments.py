@@ -78,6 +78,12 @@ class CallArgs:
     order: tuple[str, ...]  # the parameters in order: positional argument i binds order[i]
     keyword: dict[str, str]  # a name that differs from the callee's keyword -> that keyword
 
+    def slot(self, name: str, n_positional: int) -> tuple[int | None, str]:
+        """Where a call with ``n_positional`` positional arguments passes ``name``: (its
+        position, or None when it is not among them; the keyword it would take)."""
+        pos = self.order.index(name) if name in self.order else n_positional
+        return (pos if pos < n_positional else None), self.keyword.get(name, name)
+
 
 def bind_args(node: torch.fx.Node, names: Sequence[str] = (), module: type | None = None,
               where: str | None = None) -> CallArgs:
@@ -121,12 +127,8 @@ def bind_args(node: torch.fx.Node, names: Sequence[str] = (), module: type | Non
 def replace_arg(node: torch.fx.Node, call: CallArgs, name: str, value: Any) -> None:
     """Set argument ``name`` of ``node`` (bound as ``call``) to ``value``: where the call
     passed it, by position or by keyword; as a keyword when it was left to its default."""
-    keyword = call.keyword.get(name, name)
-    if keyword in node.kwargs:
-        node.kwargs = {**node.kwargs, keyword: value}
-        return
-    pos = call.order.index(name) if name in call.order else len(node.args)
-    if pos < len(node.args):
+    pos, keyword = call.slot(name, len(node.args))
+    if pos is not None and keyword not in node.kwargs:
         node.args = (*node.args[:pos], value, *node.args[pos + 1:])
     else:
         node.kwargs = {**node.kwargs, keyword: value}

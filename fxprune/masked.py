@@ -62,19 +62,14 @@ class MaskedCall:
     def arg(self, name: str, default: Any = None) -> Any:
         """The evaluated argument ``name`` (see :func:`fxprune.arguments.bind_args`), or
         ``default`` where the call left it out."""
-        call = self._bound()
-        pos = call.order.index(name) if name in call.order else len(self.args)
-        if pos < len(self.args):
-            return self.args[pos]
-        return self.kwargs.get(call.keyword.get(name, name), default)
+        pos, keyword = self._bound().slot(name, len(self.args))
+        return self.args[pos] if pos is not None else self.kwargs.get(keyword, default)
 
     def with_arg(self, args: list, kwargs: dict, name: str, value: Any) -> None:
         """Set argument ``name`` in ``args``/``kwargs`` (a copy of the evaluated ones) where
         the node passed it; an argument left out stays out."""
-        call = self._bound()
-        pos = call.order.index(name) if name in call.order else len(args)
-        keyword = call.keyword.get(name, name)
-        if pos < len(args):
+        pos, keyword = self._bound().slot(name, len(args))
+        if pos is not None:
             args[pos] = value
         elif keyword in kwargs:
             kwargs[keyword] = value
