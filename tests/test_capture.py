@@ -732,29 +732,3 @@ def test_an_input_given_as_none_is_traced_absent_and_a_value_there_is_an_error(f
         assert torch.equal(loaded(x, None), pruned(x, None))
         with pytest.raises(ValueError, match="'mask' was None in the example inputs"):
             loaded(x, torch.zeros(2, 4, 6, 6, dtype=torch.bool))
-
-
-class _FillValueOfTheDtype(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(6, 6)
-
-    def forward(self, x):
-        scores = self.proj(x)
-        keep = x.shape[-1] // 2
-        fill = torch.finfo(scores.dtype).min  # a mask's fill value, as Hugging Face models write it
-        return scores[..., :keep].softmax(-1), torch.full_like(scores[..., keep:], fill)
-
-
-def test_a_followed_trace_reads_finfo_of_a_traced_dtype():
-    from fxprune.capture.tracer import symbolic_trace
-
-    model, x = _FillValueOfTheDtype().eval(), torch.randn(2, 6)
-    finfo = torch.finfo
-    gm = symbolic_trace(model, example_inputs=(x,), follow=True)
-    assert torch.finfo is finfo  # put back after the trace
-    with torch.no_grad():
-        for got, want in zip(gm(x), model(x)):
-            assert torch.equal(got, want)
-    with pytest.raises(fxprune.errors.TraceError, match="finfo"):  # without example values: torch's error
-        symbolic_trace(model)

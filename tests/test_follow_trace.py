@@ -137,3 +137,27 @@ def test_a_value_shaped_op_after_a_layer_gets_no_shape_from_stand_in_values():
         h = model.lin(x)
         assert got is None or got.shape == tuple(h[h > 0].shape)
         torch.testing.assert_close(gm(x)[0], model(x)[0])
+
+
+class FillValueOfTheDtype(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+
+    def forward(self, x):
+        scores = self.proj(x)
+        keep = x.shape[-1] // 2
+        fill = torch.finfo(scores.dtype).min  # a mask's fill value, as Hugging Face models write it
+        return scores[..., :keep].softmax(-1), torch.full_like(scores[..., keep:], fill)
+
+
+def test_a_followed_trace_reads_finfo_of_a_traced_dtype():
+    model, x = FillValueOfTheDtype().eval(), torch.randn(2, 6)
+    finfo = torch.finfo
+    gm = symbolic_trace(model, example_inputs=(x,), follow=True)
+    assert torch.finfo is finfo  # put back after the trace
+    with torch.no_grad():
+        for got, want in zip(gm(x), model(x)):
+            assert torch.equal(got, want)
+    with pytest.raises(TraceError, match="finfo"):  # without example values: torch's error
+        symbolic_trace(model)
